@@ -1,0 +1,240 @@
+"""Token permutation for mixture-of-experts layers, and the grouped matmul the experts run on.
+
+The algorithm, as named functions:
+
+1. :func:`plan_dispatch`: stable sort of the router's assignments by (expert, group), each
+   assignment's position within its expert and group, the capacity mask, tokens per expert.
+2. gather: ``x[plan.token]`` gives the kept tokens in expert-major order.
+3. :func:`grouped_linear`: each expert's rows times that expert's weight matrix, with one of
+   three interchangeable backends (``grouped_mm``, ``padded`` batched matmul, ``loop``).
+4. :func:`combine`: scale by the gates and add back into token order; tokens that no expert
+   kept (dropped by capacity, or padding) get exactly zero.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+BACKENDS = ("auto", "grouped_mm", "padded", "loop")
+
+
+# ----------------------------------------------------------------------------- planning
+
+
+@dataclass
+class DispatchPlan:
+    """Which assignments the experts process, in expert-major order, and how many per expert."""
+
+    assignment: Tensor  # [M] indices into the router's flat assignment list, sorted by expert
+    token: Tensor  # [M] token index of each kept assignment
+    gate: Tensor  # [M] float32 gate of each kept assignment
+    tokens_per_expert: Tensor  # [N] int64, after capacity
+    demand_per_expert: Tensor  # [N] int64, before capacity
+    routed: Tensor  # scalar int64: assignments of real (unmasked) tokens
+    num_experts: int
+    _cache: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def dropped(self) -> Tensor:
+        return self.routed - self.tokens_per_expert.sum()
+
+    def counts_list(self) -> list[int]:
+        """Tokens per expert on the host (one device sync, cached)."""
+        if "counts" not in self._cache:
+            self._cache["counts"] = self.tokens_per_expert.tolist()
+        return self._cache["counts"]
+
+    def offsets(self) -> Tensor:
+        """int32 cumulative ends of each expert's rows, the ``offs`` of ``grouped_mm``."""
+        if "offsets" not in self._cache:
+            self._cache["offsets"] = torch.cumsum(self.tokens_per_expert, 0).to(torch.int32)
+        return self._cache["offsets"]
+
+    def padded_slots(self) -> tuple[Tensor, int]:
+        """Slot of each row in an ``[N, C]`` padded layout, and ``C`` (the largest expert batch)."""
+        if "padded" not in self._cache:
+            counts = self.tokens_per_expert
+            width = max(self.counts_list(), default=0)
+            expert_of_row = torch.repeat_interleave(torch.arange(self.num_experts, device=counts.device), counts)
+            starts = torch.cumsum(counts, 0) - counts
+            position = torch.arange(expert_of_row.numel(), device=counts.device) - starts[expert_of_row]
+            self._cache["padded"] = (expert_of_row * width + position, width)
+        return self._cache["padded"]
+
+
+def plan_dispatch(
+    token: Tensor, expert: Tensor, gate: Tensor, *, num_experts: int, num_groups: int, tokens_per_group: int,
+    capacity: int | None,
+) -> DispatchPlan:
+    """Sort assignments by expert, keep the first ``capacity`` of each expert in each group.
+
+    ``token``/``expert``/``gate`` are the router's flat assignments in priority order; ``expert ==
+    num_experts`` means "not routed". ``capacity=None`` keeps everything (dropless).
+    """
+    group = torch.div(token, tokens_per_group, rounding_mode="floor")
+    key = expert * num_groups + group  # expert-major, then group; priority order kept by the stable sort
+    sorted_key, order = torch.sort(key, stable=True)
+    segment_sizes = torch.bincount(key, minlength=(num_experts + 1) * num_groups)
+    segment_starts = torch.cumsum(segment_sizes, 0) - segment_sizes
+    position = torch.arange(key.numel(), device=key.device) - segment_starts[sorted_key]
+
+    routed_sizes = segment_sizes[: num_experts * num_groups].view(num_experts, num_groups)
+    keep = sorted_key < num_experts * num_groups
+    if capacity is None:
+        kept_sizes = routed_sizes
+    else:
+        keep &= position < capacity
+        kept_sizes = routed_sizes.clamp(max=capacity)
+    assignment = order[keep]
+    return DispatchPlan(
+        assignment=assignment,
+        token=token[assignment],
+        gate=gate[assignment],
+        tokens_per_expert=kept_sizes.sum(1),
+        demand_per_expert=routed_sizes.sum(1),
+        routed=routed_sizes.sum(),
+        num_experts=num_experts,
+    )
+
+
+def combine(expert_out: Tensor, plan: DispatchPlan, num_tokens: int) -> Tensor:
+    """Gate-weighted sum of each token's expert outputs, in token order; unprocessed tokens are 0."""
+    weighted = expert_out * plan.gate.to(expert_out.dtype).unsqueeze(-1)
+    out = expert_out.new_zeros(num_tokens, expert_out.shape[-1])
+    return out.index_add_(0, plan.token, weighted)
+
+
+# ----------------------------------------------------------------------------- grouped matmul
+
+
+class _LoopGroupedLinear(torch.autograd.Function):
+    """Per-expert matmuls over contiguous row slices of a stacked weight ``[E, K, N]``.
+
+    Autograd through ``w[e]`` inside a Python loop would materialise a full-size zero gradient per
+    expert (cost grows with E^2), and ``unbind`` re-stacks one at the end. Here backward writes each
+    expert's weight gradient straight into its slice of one preallocated ``[E, K, N]`` tensor.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, counts: list[int]) -> Tensor:
+        out = x.new_empty(x.shape[0], weight.shape[2])
+        start = 0
+        for e, count in enumerate(counts):
+            if count:
+                torch.mm(x[start : start + count], weight[e], out=out[start : start + count])
+            start += count
+        ctx.save_for_backward(x, weight)
+        ctx.counts = counts
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        x, weight = ctx.saved_tensors
+        grad_out = grad_out.contiguous()
+        grad_x = torch.empty_like(x) if ctx.needs_input_grad[0] else None
+        grad_w = torch.empty_like(weight) if ctx.needs_input_grad[1] else None
+        start = 0
+        for e, count in enumerate(ctx.counts):
+            rows = slice(start, start + count)
+            if grad_x is not None and count:
+                torch.mm(grad_out[rows], weight[e].t(), out=grad_x[rows])
+            if grad_w is not None:
+                if count:
+                    torch.mm(x[rows].t(), grad_out[rows], out=grad_w[e])
+                else:
+                    grad_w[e].zero_()
+            start += count
+        return grad_x, grad_w, None
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the incoming gradient contiguous (grouped_mm's backward
+    rejects expanded, zero-stride gradients such as the one ``.sum()`` produces)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        return grad.contiguous()
+
+
+def _loop(x: Tensor, weight: Tensor, plan: DispatchPlan) -> Tensor:
+    return _LoopGroupedLinear.apply(x, weight, plan.counts_list())
+
+
+def _padded(x: Tensor, weight: Tensor, plan: DispatchPlan) -> Tensor:
+    slots, width = plan.padded_slots()
+    num_experts, k, n = weight.shape
+    padded = x.new_zeros(num_experts * width, k).index_copy(0, slots, x)
+    out = torch.bmm(padded.view(num_experts, width, k), weight)
+    return out.view(num_experts * width, n).index_select(0, slots)
+
+
+def _grouped_mm(x: Tensor, weight: Tensor, plan: DispatchPlan) -> Tensor:
+    return _ContiguousGrad.apply(F.grouped_mm(x, weight, offs=plan.offsets()))
+
+
+_IMPLEMENTATIONS = {"loop": _loop, "padded": _padded, "grouped_mm": _grouped_mm}
+
+
+@functools.cache
+def grouped_mm_available(device_type: str, dtype: torch.dtype) -> bool:
+    """Feature detection: does this PyTorch run ``F.grouped_mm`` forward and backward here?"""
+    if not hasattr(F, "grouped_mm"):
+        return False
+    try:
+        x = torch.randn(8, 16, device=device_type, dtype=dtype, requires_grad=True)
+        w = torch.randn(2, 16, 16, device=device_type, dtype=dtype, requires_grad=True)
+        offs = torch.tensor([3, 8], device=device_type, dtype=torch.int32)
+        out = F.grouped_mm(x, w, offs=offs)
+        out.backward(torch.ones_like(out))  # a contiguous gradient: see _ContiguousGrad
+        return True
+    except (RuntimeError, NotImplementedError, TypeError, AssertionError):
+        return False
+
+
+def grouped_mm_valid(x: Tensor, weight: Tensor) -> bool:
+    """grouped_mm needs row strides that are multiples of 16 bytes, and a supported device/dtype."""
+    size = x.element_size()
+    aligned = (weight.shape[1] * size) % 16 == 0 and (weight.shape[2] * size) % 16 == 0
+    return aligned and x.dtype == weight.dtype and grouped_mm_available(x.device.type, x.dtype)
+
+
+def resolve_backend(backend: str, x: Tensor, weight: Tensor) -> str:
+    """The backend to run: the requested one, or for ``auto`` the fastest valid one measured
+    (``benchmarks/moe_layer.py``): ``loop`` on CPU, ``grouped_mm`` (else ``padded``) on GPUs."""
+    if backend == "auto":
+        if x.device.type == "cpu":
+            return "loop"
+        return "grouped_mm" if grouped_mm_valid(x, weight) else "padded"
+    if backend == "grouped_mm" and not grouped_mm_valid(x, weight):
+        raise ValueError(
+            f"backend='grouped_mm' is not usable for {x.dtype} on {x.device.type} with weight shape "
+            f"{tuple(weight.shape)} (needs torch.nn.functional.grouped_mm and 16-byte aligned rows); "
+            "use backend='auto'"
+        )
+    return backend
+
+
+def grouped_linear(x: Tensor, weight: Tensor, plan: DispatchPlan, backend: str = "auto") -> Tensor:
+    """``out[rows of expert e] = x[rows of expert e] @ weight[e]`` for rows sorted by expert.
+
+    ``x``: ``[M, K]``, ``weight``: ``[E, K, N]``. Under autocast the matmuls run in the autocast
+    dtype, like ``nn.Linear`` would.
+    """
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        x, weight = x.to(dtype), weight.to(dtype)
+    elif x.dtype != weight.dtype:
+        x = x.to(weight.dtype)
+    name = resolve_backend(backend, x, weight)
+    with torch.autocast(device_type=device_type, enabled=False):
+        return _IMPLEMENTATIONS[name](x, weight, plan)

@@ -1,0 +1,240 @@
+"""``SwitchMoE``: router + dispatch + experts, the sparse feed-forward layer of a Switch Transformer.
+
+One call, top to bottom (DESIGN.md section 2)::
+
+    x [..., d]  --flatten, split into routing groups-->  [G, S, d]
+    router      -> float32 logits/probs, each token's choice(s) and gate, in priority order
+    capacity    -> slots per expert and group (train / eval factor, absolute, or dropless)
+    plan        -> stable sort by expert, positions, capacity mask           (dispatch.plan_dispatch)
+    experts     -> gather kept tokens, grouped FFN                           (experts.Experts)
+    combine     -> gate-weighted add back in token order, dropped tokens = 0 (dispatch.combine)
+    aux         -> this layer's load-balancing loss, z-loss and statistics
+
+Routing groups: by default the whole local batch is one group; ``group_size`` splits the tokens
+into groups of that many; an absolute ``expert_capacity`` (Hugging Face compatibility) makes every
+sequence (the next-to-last dim of ``x``) its own group, as HF counts capacity per sequence.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from switchformer.dispatch import BACKENDS, combine, plan_dispatch
+from switchformer.experts import ACTIVATIONS, Experts
+from switchformer.routing import (
+    PRIORITIES,
+    ROUTINGS,
+    AuxLossFreeRouter,
+    ExpertChoiceRouter,
+    TokenChoiceRouter,
+    expert_capacity,
+    load_balancing_loss,
+    router_entropy_and_confidence,
+    router_z_loss,
+)
+
+
+@dataclass
+class MoEAux:
+    """What one MoE layer call reports besides its output.
+
+    ``aux_loss`` and ``z_loss`` are differentiable scalars (the layer's own, unscaled by any
+    coefficient). Counts are per expert: ``tokens_per_expert`` after capacity (what the experts
+    processed), ``demand_per_expert`` before it (what the router asked for). For top-k, counts and
+    the dropped fraction are over (token, expert) assignments.
+    """
+
+    aux_loss: Tensor
+    z_loss: Tensor
+    tokens_per_expert: Tensor
+    demand_per_expert: Tensor
+    router_entropy: Tensor
+    router_confidence: Tensor
+    routed: Tensor
+    dropped: Tensor
+    capacity: int | None
+
+    @property
+    def dropped_fraction(self) -> float:
+        """Share of routed assignments that no expert processed (over capacity), in [0, 1]."""
+        routed = int(self.routed)
+        return float(self.dropped) / routed if routed else 0.0
+
+
+def _check(condition: bool, field: str, message: str) -> None:
+    if not condition:
+        raise ValueError(f"{field}: {message}")
+
+
+class SwitchMoE(nn.Module):
+    """Sparse mixture-of-experts feed-forward layer; ``layer(x) -> (y, aux)``, ``y`` shaped like ``x``.
+
+    Args mirror the Switch paper and Hugging Face's SwitchTransformers config: ``top_k`` experts per
+    token, ``capacity_factor`` for training and ``eval_capacity_factor`` for eval (``None``:
+    dropless), ``min_capacity``, an absolute per-sequence ``expert_capacity`` (overrides the factors),
+    ``group_size`` (routing groups), ``routing`` (``token_choice``, ``expert_choice``,
+    ``aux_loss_free``), ``priority`` (``position`` or ``router_prob``), ``jitter_eps``
+    (multiplicative router-input noise in training), ``expert_dropout``, ``init_scale`` (paper: 0.1),
+    ``backend`` of the grouped matmul (``auto``, ``grouped_mm``, ``padded``, ``loop``) and ``causal``
+    (the layer sits in a decoder; forbids routers that look ahead).
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        d_ff: int,
+        num_experts: int,
+        *,
+        top_k: int = 1,
+        capacity_factor: float | None = 1.25,
+        eval_capacity_factor: float | None = 2.0,
+        min_capacity: int = 4,
+        expert_capacity: int | None = None,
+        group_size: int | None = None,
+        routing: str = "token_choice",
+        normalize_gates: bool = False,
+        priority: str = "position",
+        activation: str = "relu",
+        expert_dropout: float = 0.0,
+        jitter_eps: float = 0.0,
+        init_scale: float = 0.1,
+        bias_update_rate: float = 1e-3,
+        backend: str = "auto",
+        causal: bool = False,
+    ):
+        super().__init__()
+        _check(d_model >= 1, "d_model", f"must be >= 1, got {d_model}")
+        _check(d_ff >= 1, "d_ff", f"must be >= 1, got {d_ff}")
+        _check(num_experts >= 1, "num_experts", f"must be >= 1, got {num_experts}")
+        _check(1 <= top_k <= num_experts, "top_k", f"must be in [1, num_experts={num_experts}], got {top_k}")
+        for name, factor in (("capacity_factor", capacity_factor), ("eval_capacity_factor", eval_capacity_factor)):
+            _check(factor is None or factor > 0, name, f"must be > 0 or None (dropless), got {factor}")
+        _check(min_capacity >= 0, "min_capacity", f"must be >= 0, got {min_capacity}")
+        _check(expert_capacity is None or expert_capacity >= 1, "expert_capacity", f"must be >= 1, got {expert_capacity}")
+        _check(group_size is None or group_size >= 1, "group_size", f"must be >= 1, got {group_size}")
+        _check(routing in ROUTINGS, "routing", f"unknown {routing!r}; choose one of {ROUTINGS}")
+        _check(priority in PRIORITIES, "priority", f"unknown {priority!r}; choose one of {PRIORITIES}")
+        _check(activation in ACTIVATIONS, "activation", f"unknown {activation!r}; choose one of {sorted(ACTIVATIONS)}")
+        _check(0 <= expert_dropout < 1, "expert_dropout", f"must be in [0, 1), got {expert_dropout}")
+        _check(0 <= jitter_eps < 1, "jitter_eps", f"must be in [0, 1), got {jitter_eps}")
+        _check(init_scale > 0, "init_scale", f"must be > 0, got {init_scale}")
+        _check(backend in BACKENDS, "backend", f"unknown {backend!r}; choose one of {BACKENDS}")
+        if routing == "expert_choice":
+            _check(not causal, "routing", "expert_choice looks at later tokens to choose; it cannot be used causally")
+            _check(
+                capacity_factor is not None and eval_capacity_factor is not None,
+                "capacity_factor",
+                "expert_choice needs a capacity factor for training and eval (it cannot be dropless)",
+            )
+        if causal and priority == "router_prob":
+            raise ValueError("priority: 'router_prob' ranks tokens using later positions; it cannot be used causally")
+
+        self.d_model, self.d_ff, self.num_experts, self.top_k = d_model, d_ff, num_experts, top_k
+        self.capacity_factor = capacity_factor
+        self.eval_capacity_factor = eval_capacity_factor
+        self.min_capacity = min_capacity
+        self.expert_capacity = expert_capacity
+        self.group_size = group_size
+        self.routing = routing
+        self.causal = causal
+
+        router_kwargs = dict(jitter_eps=jitter_eps, init_scale=init_scale)
+        if routing == "expert_choice":
+            self.router = ExpertChoiceRouter(d_model, num_experts, **router_kwargs)
+        else:
+            router_kwargs.update(top_k=top_k, normalize_gates=normalize_gates, priority=priority)
+            if routing == "aux_loss_free":
+                self.router = AuxLossFreeRouter(d_model, num_experts, bias_update_rate=bias_update_rate, **router_kwargs)
+            else:
+                self.router = TokenChoiceRouter(d_model, num_experts, **router_kwargs)
+        self.experts = Experts(
+            num_experts, d_model, d_ff, activation=activation, dropout=expert_dropout,
+            init_scale=init_scale, backend=backend,
+        )
+
+    # -- helpers -----------------------------------------------------------------------------
+
+    def routing_groups(self, x: Tensor) -> tuple[int, int]:
+        """(number of groups, tokens per group) for input ``x`` of shape ``[..., d_model]``."""
+        num_tokens = x.numel() // self.d_model
+        if self.expert_capacity is not None:
+            seq = x.shape[-2] if x.dim() >= 3 else num_tokens
+            return num_tokens // max(seq, 1), seq
+        if self.group_size is not None:
+            if num_tokens % self.group_size:
+                raise ValueError(
+                    f"group_size: {num_tokens} tokens do not split into routing groups of {self.group_size}"
+                )
+            return num_tokens // self.group_size, self.group_size
+        return 1, num_tokens
+
+    def capacity(self, tokens_per_group: int) -> int | None:
+        """Slots per expert and routing group in the current mode; ``None`` means dropless."""
+        if self.expert_capacity is not None:
+            return self.expert_capacity
+        factor = self.capacity_factor if self.training else self.eval_capacity_factor
+        if factor is None:
+            return None
+        return expert_capacity(tokens_per_group, self.num_experts, factor, self.top_k, self.min_capacity)
+
+    # -- forward -----------------------------------------------------------------------------
+
+    def forward(self, x: Tensor, token_mask: Tensor | None = None) -> tuple[Tensor, MoEAux]:
+        """Route, compute and combine. ``token_mask`` (shape ``x.shape[:-1]``, bool): False marks
+        padding, which is not routed, gets zero output and is left out of the losses and statistics."""
+        if x.shape[-1] != self.d_model:
+            raise ValueError(f"input: last dim must be d_model={self.d_model}, got shape {tuple(x.shape)}")
+        if token_mask is not None and token_mask.shape != x.shape[:-1]:
+            raise ValueError(f"token_mask: shape {tuple(token_mask.shape)} does not match input {tuple(x.shape[:-1])}")
+        num_groups, group_len = self.routing_groups(x)
+        flat = x.reshape(num_groups * group_len, self.d_model)
+        mask = None if token_mask is None else token_mask.reshape(num_groups, group_len).bool()
+        capacity = self.capacity(group_len)
+
+        routing = self.router(flat.view(num_groups, group_len, self.d_model), mask, capacity)
+        plan = plan_dispatch(
+            routing.token, routing.expert, routing.gate, num_experts=self.num_experts,
+            num_groups=num_groups, tokens_per_group=group_len,
+            capacity=None if self.routing == "expert_choice" else capacity,
+        )
+        expert_out = self.experts(flat.index_select(0, plan.token), plan)
+        y = combine(expert_out, plan, flat.shape[0])
+        if not torch.is_autocast_enabled(x.device.type):
+            y = y.to(x.dtype)  # under autocast keep the compute dtype, as nn.Linear would
+
+        if routing.expert_index is None:  # expert choice is balanced by construction
+            aux_loss = routing.probs.new_zeros(())
+        else:
+            aux_loss = load_balancing_loss(routing.probs, routing.expert_index, mask)
+        entropy, confidence = router_entropy_and_confidence(routing.probs, mask)
+        aux = MoEAux(
+            aux_loss=aux_loss,
+            z_loss=router_z_loss(routing.logits, mask),
+            tokens_per_expert=plan.tokens_per_expert,
+            demand_per_expert=plan.demand_per_expert,
+            router_entropy=entropy,
+            router_confidence=confidence,
+            routed=plan.routed,
+            dropped=plan.dropped,
+            capacity=capacity,
+        )
+        return y.view(x.shape), aux
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_experts={self.num_experts}, top_k={self.top_k}, routing={self.routing!r}, "
+            f"capacity_factor={self.capacity_factor}, eval_capacity_factor={self.eval_capacity_factor}, "
+            f"expert_capacity={self.expert_capacity}, group_size={self.group_size}"
+        )
+
+
+def num_active_expert_params(layer: SwitchMoE) -> int:
+    """Expert parameters one token uses (k experts) plus the router."""
+    per_expert = (layer.experts.w_in.numel() + layer.experts.w_out.numel()) // layer.num_experts
+    return layer.top_k * per_expert + layer.router.weight.numel()
+
+
+__all__ = ["SwitchMoE", "MoEAux", "num_active_expert_params"]
