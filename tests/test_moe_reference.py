@@ -141,3 +141,24 @@ def test_aux_loss_free_bias_moves_towards_balance():
     layer.eval()
     routing = layer.router(x.view(1, 256, 8), None, None)
     torch.testing.assert_close(routing.gate, routing.probs.view(256, 4).gather(1, routing.expert.view(256, 1)).view(-1))
+
+
+def test_recycled_gradient_buffers_never_alias_live_gradients():
+    torch.manual_seed(0)
+    layer = SwitchMoE(8, 16, 4, backend="loop", capacity_factor=None)
+    x = torch.randn(20, 8)
+    layer(x)[0].sum().backward()
+    kept = layer.experts.w_in.grad
+    kept_copy = kept.clone()
+    layer.zero_grad(set_to_none=True)
+    layer(2 * x)[0].sum().backward()
+    assert torch.equal(kept, kept_copy)  # a gradient the caller holds is never overwritten
+    assert kept.data_ptr() != layer.experts.w_in.grad.data_ptr()
+    del kept
+    layer.zero_grad(set_to_none=True)
+    buffer_ptr = layer.experts.w_in._switchformer_grad_buffer.data_ptr()
+    layer(x)[0].sum().backward()
+    assert layer.experts.w_in.grad.data_ptr() == buffer_ptr  # reused once nothing else holds it
+    torch.testing.assert_close(layer.experts.w_in.grad, kept_copy)
+    layer(x)[0].sum().backward()  # accumulation into a live .grad stays correct
+    torch.testing.assert_close(layer.experts.w_in.grad, 2 * kept_copy)

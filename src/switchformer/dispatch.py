@@ -130,6 +130,7 @@ class _LoopGroupedLinear(torch.autograd.Function):
             start += count
         ctx.save_for_backward(x, weight)
         ctx.counts = counts
+        ctx.weight_is_leaf = weight.is_leaf
         return out
 
     @staticmethod
@@ -137,7 +138,9 @@ class _LoopGroupedLinear(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         grad_out = grad_out.contiguous()
         grad_x = torch.empty_like(x) if ctx.needs_input_grad[0] else None
-        grad_w = torch.empty_like(weight) if ctx.needs_input_grad[1] else None
+        grad_w = None
+        if ctx.needs_input_grad[1]:
+            grad_w = recycled_grad_buffer(weight) if ctx.weight_is_leaf else torch.empty_like(weight)
         start = 0
         for e, count in enumerate(ctx.counts):
             rows = slice(start, start + count)
@@ -150,6 +153,45 @@ class _LoopGroupedLinear(torch.autograd.Function):
                     grad_w[e].zero_()
             start += count
         return grad_x, grad_w, None
+
+
+def _storage_refs(t: Tensor) -> int:
+    return torch._C._storage_Use_Count(t.untyped_storage()._cdata)
+
+
+def _detect_storage_refcount() -> int | None:
+    try:
+        return _storage_refs(torch.empty(1))
+    except (AttributeError, RuntimeError, TypeError):
+        return None
+
+
+_UNSHARED_STORAGE_REFS = _detect_storage_refcount()
+
+
+def recycled_grad_buffer(weight: Tensor) -> Tensor:
+    """A gradient buffer for a stacked leaf weight, reused across steps when nothing else holds it.
+
+    A fresh ``[E, K, N]`` gradient is a new multi-hundred-MiB allocation every backward; on CPU,
+    where PyTorch has no caching allocator, its pages then fault in one by one, which measured here
+    cost as much as computing the gradient. We keep the last buffer on the weight and hand out a
+    fresh *view* of it (autograd adopts that view as ``weight.grad`` without copying). It is reused
+    only when no tensor but ours refers to its storage: not ``weight.grad`` (still accumulating),
+    not a gradient a caller kept. Otherwise a new buffer is made, so results never alias.
+    """
+    buffer = getattr(weight, "_switchformer_grad_buffer", None)
+    reusable = (
+        _UNSHARED_STORAGE_REFS is not None
+        and buffer is not None
+        and buffer.shape == weight.shape
+        and buffer.dtype == weight.dtype
+        and buffer.device == weight.device
+        and _storage_refs(buffer) == _UNSHARED_STORAGE_REFS
+    )
+    if not reusable:
+        buffer = torch.empty_like(weight, memory_format=torch.contiguous_format)
+        weight._switchformer_grad_buffer = buffer
+    return buffer.view(buffer.shape)
 
 
 class _ContiguousGrad(torch.autograd.Function):
@@ -202,6 +244,8 @@ def grouped_mm_available(device_type: str, dtype: torch.dtype) -> bool:
 
 def grouped_mm_valid(x: Tensor, weight: Tensor) -> bool:
     """grouped_mm needs row strides that are multiples of 16 bytes, and a supported device/dtype."""
+    if torch.compiler.is_compiling() and x.dtype != torch.bfloat16:
+        return False  # torch 2.13's fake-tensor kernel of grouped_mm accepts bf16 only
     size = x.element_size()
     aligned = (weight.shape[1] * size) % 16 == 0 and (weight.shape[2] * size) % 16 == 0
     return aligned and x.dtype == weight.dtype and grouped_mm_available(x.device.type, x.dtype)
