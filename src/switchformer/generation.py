@@ -1,0 +1,279 @@
+"""Text generation with a key/value cache: greedy, sampling (temperature, top-k, top-p),
+repetition penalty, beam search for the encoder-decoder, EOS handling and streaming.
+
+Routing at inference: by default every Switch layer runs *dropless* while generating, so no token
+is ever dropped and a batch gives the same tokens as its rows one by one. ``routing="eval"`` keeps
+the model's own eval capacity (Hugging Face's per-sequence ``expert_capacity``, for parity).
+The choice is logged on the ``switchformer`` logger.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from switchformer.moe import SwitchMoE
+
+log = logging.getLogger("switchformer")
+ROUTING_MODES = ("dropless", "eval")
+
+
+@dataclass
+class SamplingConfig:
+    max_new_tokens: int = 20
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    eos_token_id: int | None = None
+    pad_token_id: int = 0
+    generator: torch.Generator | None = None
+
+    def __post_init__(self):
+        if self.max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens: must be >= 0, got {self.max_new_tokens}")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature: must be > 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k: must be >= 0, got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p: must be in (0, 1], got {self.top_p}")
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty: must be > 0, got {self.repetition_penalty}")
+
+
+@contextlib.contextmanager
+def inference_routing(model: torch.nn.Module, routing: str = "dropless"):
+    """Run the model's Switch layers dropless (default) or with their eval capacity."""
+    if routing not in ROUTING_MODES:
+        raise ValueError(f"routing: unknown {routing!r}; choose one of {ROUTING_MODES}")
+    layers = [m for m in model.modules() if isinstance(m, SwitchMoE)]
+    saved = [(m.eval_capacity_factor, m.expert_capacity) for m in layers]
+    if layers:
+        log.info("generation routing: %s", "dropless (no token is dropped)" if routing == "dropless"
+                 else "eval capacity (tokens over capacity are dropped)")
+    try:
+        if routing == "dropless":
+            for m in layers:
+                if m.routing != "expert_choice":
+                    m.eval_capacity_factor, m.expert_capacity = None, None
+        yield
+    finally:
+        for m, (factor, capacity) in zip(layers, saved):
+            m.eval_capacity_factor, m.expert_capacity = factor, capacity
+
+
+def process_logits(logits: Tensor, generated: Tensor, cfg: SamplingConfig) -> Tensor:
+    """Repetition penalty (CTRL / HF convention), temperature, top-k and top-p filtering."""
+    logits = logits.float()
+    if cfg.repetition_penalty != 1.0 and generated.numel():
+        seen = logits.gather(1, generated)
+        seen = torch.where(seen < 0, seen * cfg.repetition_penalty, seen / cfg.repetition_penalty)
+        logits = logits.scatter(1, generated, seen)
+    if not cfg.do_sample:
+        return logits
+    logits = logits / cfg.temperature
+    if cfg.top_k:
+        kth = torch.topk(logits, min(cfg.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if cfg.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        remove = cumulative - sorted_logits.softmax(-1) >= cfg.top_p  # keep the smallest set reaching top_p
+        logits = logits.masked_fill(remove.scatter(1, order, remove), float("-inf"))
+    return logits
+
+
+def choose(logits: Tensor, cfg: SamplingConfig) -> Tensor:
+    if not cfg.do_sample:
+        return logits.argmax(-1)
+    return torch.multinomial(logits.softmax(-1), 1, generator=cfg.generator).squeeze(1)
+
+
+# ----------------------------------------------------------------------------- encoder-decoder
+
+
+def _seq2seq_steps(model, input_ids, attention_mask, cfg: SamplingConfig) -> Iterator[Tensor]:
+    """Yields the next token of every row, one step at a time (finished rows yield padding)."""
+    memory = model.encode(input_ids, attention_mask)
+    cache = model.new_cache(memory, attention_mask, cfg.max_new_tokens + 1)
+    batch = input_ids.shape[0]
+    generated = torch.full((batch, 1), model.config.decoder_start_token_id, dtype=torch.long, device=input_ids.device)
+    finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
+    step_input = generated
+    for _ in range(cfg.max_new_tokens):
+        h = model.decode(step_input, memory, attention_mask, cache=cache)
+        logits = process_logits(model.project(h[:, -1]), generated, cfg)
+        token = choose(logits, cfg).masked_fill(finished, cfg.pad_token_id)
+        generated = torch.cat([generated, token[:, None]], 1)
+        yield token
+        if cfg.eos_token_id is not None:
+            finished |= token == cfg.eos_token_id
+            if bool(finished.all()):
+                return
+        step_input = token[:, None]
+
+
+def _sampling_config(model, kwargs) -> SamplingConfig:
+    kwargs.setdefault("eos_token_id", model.config.eos_token_id)
+    kwargs.setdefault("pad_token_id", model.config.pad_token_id)
+    return SamplingConfig(**kwargs)
+
+
+@torch.no_grad()
+def generate_seq2seq(
+    model, input_ids: Tensor, attention_mask: Tensor | None = None, *, num_beams: int = 1,
+    length_penalty: float = 1.0, routing: str = "dropless", streamer: Callable[[Tensor], None] | None = None,
+    **sampling,
+) -> Tensor:
+    """Decoder tokens ``[batch, 1 + new]``, starting with ``decoder_start_token_id`` (as HF)."""
+    cfg = _sampling_config(model, sampling)
+    was_training = model.training
+    model.eval()
+    try:
+        with inference_routing(model, routing):
+            if num_beams > 1:
+                if cfg.do_sample:
+                    raise ValueError("num_beams: beam search is deterministic; do not combine it with do_sample")
+                return beam_search(model, input_ids, attention_mask, cfg, num_beams, length_penalty)
+            start = torch.full((input_ids.shape[0], 1), model.config.decoder_start_token_id, dtype=torch.long,
+                               device=input_ids.device)
+            tokens = [start]
+            for token in _seq2seq_steps(model, input_ids, attention_mask, cfg):
+                tokens.append(token[:, None])
+                if streamer is not None:
+                    streamer(token)
+            return torch.cat(tokens, 1)
+    finally:
+        model.train(was_training)
+
+
+def stream_seq2seq(model, input_ids, attention_mask=None, *, routing: str = "dropless", **sampling) -> Iterator[Tensor]:
+    """Iterator over the new tokens ``[batch]`` of each step, as soon as each is chosen."""
+    cfg = _sampling_config(model, sampling)
+    model.eval()
+    with torch.no_grad(), inference_routing(model, routing):
+        yield from _seq2seq_steps(model, input_ids, attention_mask, cfg)
+
+
+def beam_search(model, input_ids, attention_mask, cfg: SamplingConfig, num_beams: int, length_penalty: float) -> Tensor:
+    """Standard beam search: keep the ``num_beams`` best partial sequences by summed log-probability;
+    a sequence ending in EOS is scored ``sum_logprob / length ** length_penalty``; a batch row stops
+    when its best live beam can no longer beat its worst finished one."""
+    batch, device = input_ids.shape[0], input_ids.device
+    expand = torch.arange(batch, device=device).repeat_interleave(num_beams)
+    memory = model.encode(input_ids, attention_mask).index_select(0, expand)
+    mask = None if attention_mask is None else attention_mask.index_select(0, expand)
+    cache = model.new_cache(memory, mask, cfg.max_new_tokens + 1)
+    sequences = torch.full((batch * num_beams, 1), model.config.decoder_start_token_id, dtype=torch.long, device=device)
+    scores = torch.full((batch, num_beams), float("-inf"), device=device)
+    scores[:, 0] = 0.0
+    finished: list[list[tuple[float, Tensor]]] = [[] for _ in range(batch)]
+    done = [False] * batch
+    for step in range(cfg.max_new_tokens):
+        h = model.decode(sequences[:, -1:], memory, mask, cache=cache)
+        logits = process_logits(model.project(h[:, -1]), sequences, cfg)
+        vocab = logits.shape[-1]
+        candidates = (scores.view(-1, 1) + logits.log_softmax(-1)).view(batch, num_beams * vocab)
+        top_scores, top_index = candidates.topk(2 * num_beams, dim=-1)
+        next_beams, next_tokens, next_scores = [], [], []
+        for b in range(batch):
+            chosen = []
+            for score, index in zip(top_scores[b].tolist(), top_index[b].tolist()):
+                beam, token = divmod(index, vocab)
+                row = b * num_beams + beam
+                if done[b]:
+                    chosen.append((row, cfg.pad_token_id, float("-inf")))
+                elif cfg.eos_token_id is not None and token == cfg.eos_token_id:
+                    length = sequences.shape[1]  # generated tokens incl. EOS, excl. the start token
+                    hyp = torch.cat([sequences[row], sequences.new_tensor([token])])
+                    finished[b].append((score / length**length_penalty, hyp))
+                else:
+                    chosen.append((row, token, score))
+                if len(chosen) == num_beams:
+                    break
+            finished[b] = sorted(finished[b], key=lambda item: -item[0])[:num_beams]
+            if not done[b] and len(finished[b]) == num_beams:
+                best_live = max(s for _, _, s in chosen) / (sequences.shape[1]) ** length_penalty
+                done[b] = best_live <= finished[b][-1][0]
+            for row, token, score in chosen:
+                next_beams.append(row)
+                next_tokens.append(token)
+                next_scores.append(score)
+        order = torch.tensor(next_beams, device=device)
+        sequences = torch.cat([sequences.index_select(0, order), torch.tensor(next_tokens, device=device)[:, None]], 1)
+        scores = torch.tensor(next_scores, device=device).view(batch, num_beams)
+        cache.reorder(order)
+        if all(done):
+            break
+    results = []
+    for b in range(batch):
+        pool = list(finished[b])
+        for k in range(num_beams):
+            if torch.isfinite(scores[b, k]):
+                row = sequences[b * num_beams + k]
+                pool.append((scores[b, k].item() / (row.numel() - 1) ** length_penalty, row))
+        results.append(max(pool, key=lambda item: item[0])[1])
+    width = max(r.numel() for r in results)
+    out = torch.full((batch, width), cfg.pad_token_id, dtype=torch.long, device=device)
+    for b, r in enumerate(results):
+        out[b, : r.numel()] = r
+    return out
+
+
+# ----------------------------------------------------------------------------- decoder-only
+
+
+def _causal_steps(model, input_ids, attention_mask, cfg: SamplingConfig) -> Iterator[Tensor]:
+    batch = input_ids.shape[0]
+    cache = model.new_cache(batch, input_ids.shape[1] + cfg.max_new_tokens)
+    h, _ = model.hidden_states(input_ids, attention_mask, cache=cache)
+    generated = input_ids
+    if attention_mask is not None:
+        generated = input_ids.masked_fill(~attention_mask.bool(), cfg.pad_token_id)
+    finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
+    for _ in range(cfg.max_new_tokens):
+        logits = process_logits(model.project(h[:, -1]), generated, cfg)
+        token = choose(logits, cfg).masked_fill(finished, cfg.pad_token_id)
+        generated = torch.cat([generated, token[:, None]], 1)
+        yield token
+        if cfg.eos_token_id is not None:
+            finished |= token == cfg.eos_token_id
+            if bool(finished.all()):
+                return
+        h, _ = model.hidden_states(token[:, None], None, cache=cache)
+
+
+@torch.no_grad()
+def generate_causal(
+    model, input_ids: Tensor, attention_mask: Tensor | None = None, *, routing: str = "dropless",
+    streamer: Callable[[Tensor], None] | None = None, **sampling,
+) -> Tensor:
+    """Prompt plus new tokens, ``[batch, prompt + new]``. Prompts of different lengths are
+    left-padded, with ``attention_mask`` marking the real tokens."""
+    cfg = _sampling_config(model, sampling)
+    was_training = model.training
+    model.eval()
+    try:
+        with inference_routing(model, routing):
+            tokens = [input_ids]
+            for token in _causal_steps(model, input_ids, attention_mask, cfg):
+                tokens.append(token[:, None])
+                if streamer is not None:
+                    streamer(token)
+            return torch.cat(tokens, 1)
+    finally:
+        model.train(was_training)
+
+
+def stream_causal(model, input_ids, attention_mask=None, *, routing: str = "dropless", **sampling) -> Iterator[Tensor]:
+    cfg = _sampling_config(model, sampling)
+    model.eval()
+    with torch.no_grad(), inference_routing(model, routing):
+        yield from _causal_steps(model, input_ids, attention_mask, cfg)

@@ -1,0 +1,45 @@
+"""Parameter and FLOP accounting: total parameters, parameters a token uses, FLOPs per token."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from switchformer.models.common import DenseFFN
+from switchformer.moe import SwitchMoE
+
+
+def _expert_params(layer: SwitchMoE) -> int:
+    return (layer.experts.w_in.numel() + layer.experts.w_out.numel()) // layer.num_experts
+
+
+def parameter_counts(model: nn.Module, context_len: int | None = None) -> dict[str, int]:
+    """``total``: every parameter. ``active``: those one token uses (k of E experts per sparse layer;
+    embeddings counted once). ``flops_per_token``: forward matmul FLOPs of one token, 2 per
+    multiply-add, attention over ``context_len`` keys (default: ``max_seq_len`` for SwitchLM, 512
+    for SwitchT5); for the encoder-decoder, the mean of one encoder and one decoder token."""
+    from switchformer.models.lm import LMAttention, SwitchLM
+    from switchformer.models.t5 import SwitchT5, T5Attention
+
+    total = sum(p.numel() for p in model.parameters())
+    inactive = sum((m.num_experts - m.top_k) * _expert_params(m) for m in model.modules() if isinstance(m, SwitchMoE))
+    config = model.config
+    if context_len is None:
+        context_len = config.max_seq_len if isinstance(model, SwitchLM) else 512
+
+    flops = 0
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            flops += 2 * module.in_features * module.out_features
+        elif isinstance(module, DenseFFN):
+            flops += 2 * (module.w_in.numel() + module.w_out.numel())
+        elif isinstance(module, SwitchMoE):
+            flops += 2 * (module.top_k * _expert_params(module) + module.router.weight.numel())
+        if isinstance(module, T5Attention):
+            flops += 2 * 2 * context_len * module.num_heads * module.d_kv  # scores and weighted values
+        elif isinstance(module, LMAttention):
+            flops += 2 * 2 * context_len * module.num_heads * module.head_dim
+    if config.tie_word_embeddings:
+        flops += 2 * config.vocab_size * config.d_model  # the output projection reuses the embedding
+    if isinstance(model, SwitchT5):
+        flops //= 2
+    return {"total": total, "active": total - inactive, "flops_per_token": flops}

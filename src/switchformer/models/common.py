@@ -1,0 +1,142 @@
+"""Pieces both model families share: norms, the dense FFN, the sparse-or-dense feed-forward slot,
+the model output, router-loss bookkeeping and input checks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from switchformer.experts import ACTIVATIONS, apply_activation
+from switchformer.init import scaled_trunc_normal_
+from switchformer.moe import MoEAux, SwitchMoE
+
+
+class RMSNorm(nn.Module):
+    """T5's layer norm: scale only, no mean subtraction, no bias; statistics in float32."""
+
+    def __init__(self, d_model: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(d_model))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        variance = x.float().pow(2).mean(-1, keepdim=True)
+        x = x * torch.rsqrt(variance + self.eps)
+        if self.weight.dtype in (torch.float16, torch.bfloat16):
+            x = x.to(self.weight.dtype)
+        return self.weight * x
+
+
+class DenseFFN(nn.Module):
+    """One feed-forward network, the same math as one expert: ``w_out(act(w_in x))``."""
+
+    def __init__(self, d_model: int, d_ff: int, activation: str = "relu", dropout: float = 0.0, init_scale: float = 1.0):
+        super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation: unknown {activation!r}; choose one of {sorted(ACTIVATIONS)}")
+        gated = ACTIVATIONS[activation][1]
+        self.activation = activation
+        self.w_in = nn.Parameter(torch.empty(d_model, d_ff * (2 if gated else 1)))
+        self.w_out = nn.Parameter(torch.empty(d_ff, d_model))
+        self.dropout = nn.Dropout(dropout)
+        scaled_trunc_normal_(self.w_in, fan_in=d_model, scale=init_scale)
+        scaled_trunc_normal_(self.w_out, fan_in=d_ff, scale=init_scale)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.dropout(apply_activation(x @ self.w_in, self.activation)) @ self.w_out
+
+
+class FeedForward(nn.Module):
+    """The FFN slot of a block: a dense FFN or a Switch layer. Returns ``(y, aux or None)``."""
+
+    def __init__(self, d_model: int, d_ff: int, *, sparse: bool, activation: str, dropout: float, moe_kwargs: dict):
+        super().__init__()
+        self.sparse = sparse
+        if sparse:
+            self.mlp = SwitchMoE(d_model, d_ff, activation=activation, **moe_kwargs)
+        else:
+            self.mlp = DenseFFN(d_model, d_ff, activation, dropout, init_scale=moe_kwargs.get("init_scale", 1.0))
+
+    def forward(self, x: Tensor, token_mask: Tensor | None) -> tuple[Tensor, MoEAux | None]:
+        if self.sparse:
+            return self.mlp(x, token_mask=token_mask)
+        return self.mlp(x), None
+
+
+def is_sparse_layer(index: int, sparse_step: int) -> bool:
+    """Hugging Face's layout: every layer for step 1, layers with ``i % step == 1`` otherwise, none for 0."""
+    if sparse_step <= 0:
+        return False
+    return sparse_step == 1 or index % sparse_step == 1
+
+
+@dataclass
+class RouterStats:
+    """Per sparse layer: its name and what the layer reported."""
+
+    layers: list[tuple[str, MoEAux]] = field(default_factory=list)
+
+    def add(self, name: str, aux: MoEAux | None) -> None:
+        if aux is not None:
+            self.layers.append((name, aux))
+
+    def mean(self, attribute: str, prefix: str = "") -> Tensor | None:
+        values = [getattr(aux, attribute) for name, aux in self.layers if name.startswith(prefix)]
+        return torch.stack(values).mean() if values else None
+
+    def summary(self) -> dict[str, dict[str, float]]:
+        """Plain numbers per layer, for logs: dropped fraction, entropy, load imbalance."""
+        out = {}
+        for name, aux in self.layers:
+            counts = aux.tokens_per_expert.float()
+            out[name] = {
+                "dropped_fraction": aux.dropped_fraction,
+                "router_entropy": float(aux.router_entropy),
+                "max_load_over_mean": float(counts.max() / counts.mean().clamp_min(1e-9)),
+            }
+        return out
+
+
+@dataclass
+class ModelOutput:
+    logits: Tensor
+    loss: Tensor | None = None
+    ce_loss: Tensor | None = None
+    aux_loss: Tensor | None = None
+    z_loss: Tensor | None = None
+    router_stats: RouterStats | None = None
+    encoder_hidden_states: Tensor | None = None
+    cache: object | None = None
+
+
+def combined_router_losses(stats: RouterStats, stacks: tuple[str, ...]) -> tuple[Tensor | None, Tensor | None]:
+    """Each layer's own losses, averaged over the sparse layers of a stack, summed over stacks.
+
+    Averaging within a stack equals Hugging Face's z-loss (its logits are pooled over layers with
+    equal token counts); the aux loss stays per layer, so imbalances in different layers never
+    cancel as they do in HF's pooled version.
+    """
+    aux, z = None, None
+    for stack in stacks:
+        stack_aux, stack_z = stats.mean("aux_loss", stack), stats.mean("z_loss", stack)
+        if stack_aux is not None:
+            aux = stack_aux if aux is None else aux + stack_aux
+            z = stack_z if z is None else z + stack_z
+    return aux, z
+
+
+def check_token_ids(name: str, ids: Tensor, vocab_size: int) -> None:
+    if ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
+        raise ValueError(f"{name}: token ids must be an integer tensor, got {ids.dtype}")
+    if ids.dim() != 2:
+        raise ValueError(f"{name}: expected shape [batch, sequence], got {tuple(ids.shape)}")
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
+        bad = ids[(ids < 0) | (ids >= vocab_size)][0].item()
+        raise ValueError(f"{name}: token id {bad} is outside the vocabulary [0, {vocab_size})")
+
+
+def check_mask(name: str, mask: Tensor | None, ids: Tensor) -> None:
+    if mask is not None and mask.shape != ids.shape:
+        raise ValueError(f"{name}: shape {tuple(mask.shape)} does not match the token ids {tuple(ids.shape)}")

@@ -1,0 +1,289 @@
+"""``SwitchLM``: a decoder-only Switch language model for generation and chat.
+
+Pre-norm blocks with RMSNorm, rotary position embeddings, ``scaled_dot_product_attention``, a
+SwiGLU (or GELU) FFN that is a causal Switch layer every ``sparse_step`` layers, tied embeddings.
+``sparse_step=0`` is the dense baseline built from the same code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from switchformer.experts import ACTIVATIONS
+from switchformer.init import scaled_trunc_normal_
+from switchformer.models.common import FeedForward, RMSNorm, RouterStats, check_mask, check_token_ids, is_sparse_layer
+from switchformer.models.t5 import finish_output
+from switchformer.moe import SwitchMoE
+from switchformer.routing import ROUTINGS
+
+
+@dataclass
+class SwitchLMConfig:
+    vocab_size: int = 32000
+    d_model: int = 512
+    num_layers: int = 8
+    num_heads: int = 8
+    d_ff: int = 1408
+    activation: str = "swiglu"
+    max_seq_len: int = 1024
+    rope_theta: float = 10000.0
+    dropout_rate: float = 0.0
+    layer_norm_epsilon: float = 1e-6
+    tie_word_embeddings: bool = True
+    num_experts: int = 8
+    sparse_step: int = 2  # 0: dense baseline
+    top_k: int = 1
+    routing: str = "token_choice"
+    capacity_factor: float | None = 1.25
+    eval_capacity_factor: float | None = 2.0
+    min_capacity: int = 4
+    router_jitter_noise: float = 0.0
+    expert_dropout: float = 0.0
+    router_aux_loss_coef: float = 0.01
+    router_z_loss_coef: float = 0.001
+    init_scale: float = 0.1
+    pad_token_id: int = 0
+    eos_token_id: int | None = None
+
+    def __post_init__(self):
+        for name in ("vocab_size", "d_model", "num_heads", "d_ff", "max_seq_len"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        for name in ("num_layers", "sparse_step"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)}")
+        if self.d_model % self.num_heads or (self.d_model // self.num_heads) % 2:
+            raise ValueError(f"num_heads: d_model={self.d_model} must split into an even head size over "
+                             f"{self.num_heads} heads")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation: unknown {self.activation!r}; choose one of {sorted(ACTIVATIONS)}")
+        if self.routing not in ROUTINGS:
+            raise ValueError(f"routing: unknown {self.routing!r}; choose one of {ROUTINGS}")
+        if not 0 <= self.dropout_rate < 1:
+            raise ValueError(f"dropout_rate: must be in [0, 1), got {self.dropout_rate}")
+
+    @property
+    def has_sparse_layers(self) -> bool:
+        return any(self.sparse_layers())
+
+    def sparse_layers(self) -> list[bool]:
+        return [is_sparse_layer(i, self.sparse_step) for i in range(self.num_layers)]
+
+    def moe_kwargs(self) -> dict:
+        return dict(
+            num_experts=self.num_experts, top_k=self.top_k, routing=self.routing,
+            capacity_factor=self.capacity_factor, eval_capacity_factor=self.eval_capacity_factor,
+            min_capacity=self.min_capacity, jitter_eps=self.router_jitter_noise,
+            expert_dropout=self.expert_dropout, init_scale=self.init_scale, causal=True,
+        )
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> SwitchLMConfig:
+        unknown = sorted(set(data) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ValueError(f"config: unknown fields {unknown}")
+        return cls(**data)
+
+
+# ----------------------------------------------------------------------------- rotary embedding
+
+
+def rope_tables(max_len: int, head_dim: int, theta: float) -> tuple[Tensor, Tensor]:
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """``x``: ``[B, H, S, Dh]``; ``cos``/``sin``: ``[B, 1, S, Dh/2]`` (rotate-half convention)."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(x.dtype)
+
+
+# ----------------------------------------------------------------------------- cache
+
+
+class LMCache:
+    """Static key/value buffers per layer, the key-validity mask (left padding) and next positions."""
+
+    def __init__(self, batch: int, config: SwitchLMConfig, max_length: int, device, dtype):
+        head_dim = config.d_model // config.num_heads
+        shape = (batch, config.num_heads, max_length, head_dim)
+        self.kv = [(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
+                   for _ in range(config.num_layers)]
+        self.key_valid = torch.zeros(batch, max_length, dtype=torch.bool, device=device)
+        self.length = 0
+        self.next_position = torch.zeros(batch, dtype=torch.long, device=device)
+
+    @property
+    def capacity(self) -> int:
+        return self.key_valid.shape[1]
+
+    def append(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        end = self.length + k.shape[2]
+        keys, values = self.kv[layer]
+        keys[:, :, self.length:end] = k
+        values[:, :, self.length:end] = v
+        return keys[:, :, :end], values[:, :, :end]
+
+
+# ----------------------------------------------------------------------------- blocks
+
+
+class LMAttention(nn.Module):
+    def __init__(self, config: SwitchLMConfig):
+        super().__init__()
+        self.num_heads = config.num_heads
+        self.head_dim = config.d_model // config.num_heads
+        self.qkv = nn.Linear(config.d_model, 3 * config.d_model, bias=False)
+        self.o = nn.Linear(config.d_model, config.d_model, bias=False)
+        self.dropout = config.dropout_rate
+
+    def forward(self, x, cos, sin, mask: Tensor | None, cache: LMCache | None = None, layer: int = 0) -> Tensor:
+        batch, seq, _ = x.shape
+        q, k, v = self.qkv(x).view(batch, seq, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.append(layer, k, v)
+        dropout = self.dropout if self.training else 0.0
+        if mask is None:
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+        return self.o(out.transpose(1, 2).reshape(batch, seq, -1))
+
+
+class LMBlock(nn.Module):
+    def __init__(self, config: SwitchLMConfig, sparse: bool):
+        super().__init__()
+        self.attn_norm = RMSNorm(config.d_model, config.layer_norm_epsilon)
+        self.attn = LMAttention(config)
+        self.ffn_norm = RMSNorm(config.d_model, config.layer_norm_epsilon)
+        self.ffn = FeedForward(
+            config.d_model, config.d_ff, sparse=sparse, activation=config.activation, dropout=config.dropout_rate,
+            moe_kwargs=config.moe_kwargs() if sparse else {"init_scale": config.init_scale},
+        )
+        self.dropout = nn.Dropout(config.dropout_rate)
+
+    def forward(self, h, cos, sin, mask, token_mask, cache=None, layer=0):
+        h = h + self.dropout(self.attn(self.attn_norm(h), cos, sin, mask, cache, layer))
+        y, aux = self.ffn(self.ffn_norm(h), token_mask)
+        return h + self.dropout(y), aux
+
+
+class SwitchLM(nn.Module):
+    """Decoder-only Switch LM. ``model(input_ids, attention_mask=None, labels=None)``; ``labels``
+    are the input ids themselves (shifted inside), ``-100`` to ignore positions."""
+
+    def __init__(self, config: SwitchLMConfig):
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.d_model)
+        self.blocks = nn.ModuleList(LMBlock(config, sparse) for sparse in config.sparse_layers())
+        self.final_norm = RMSNorm(config.d_model, config.layer_norm_epsilon)
+        self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.dropout = nn.Dropout(config.dropout_rate)
+        cos, sin = rope_tables(config.max_seq_len, config.d_model // config.num_heads, config.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        s = self.config.init_scale
+        scaled_trunc_normal_(self.embed.weight, fan_in=1, scale=s)
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                scaled_trunc_normal_(module.weight, fan_in=module.in_features, scale=s)
+
+    def sparse_layers(self) -> list[SwitchMoE]:
+        return [block.ffn.mlp for block in self.blocks if block.ffn.sparse]
+
+    def hidden_states(self, input_ids, attention_mask=None, cache: LMCache | None = None, stats=None):
+        check_token_ids("input_ids", input_ids, self.config.vocab_size)
+        batch, seq = input_ids.shape
+        stats = RouterStats() if stats is None else stats
+        if cache is None:
+            check_mask("attention_mask", attention_mask, input_ids)
+            if seq > self.config.max_seq_len:
+                raise ValueError(f"input_ids: sequence length {seq} exceeds max_seq_len={self.config.max_seq_len}")
+            if attention_mask is None:
+                positions = torch.arange(seq, device=input_ids.device).expand(batch, seq)
+                mask = None
+            else:
+                valid = attention_mask.bool()
+                positions = (valid.long().cumsum(1) - 1).clamp_min(0)
+                mask = self._attention_mask(valid, 0, seq)
+            token_mask = None if attention_mask is None else attention_mask.bool()
+        else:
+            valid = torch.ones(batch, seq, dtype=torch.bool, device=input_ids.device)
+            if attention_mask is not None:
+                valid = attention_mask[:, -seq:].bool()
+            end = cache.length + seq
+            if end > cache.capacity:
+                raise ValueError(f"cache: {end} positions exceed the cache size {cache.capacity}")
+            cache.key_valid[:, cache.length:end] = valid
+            positions = cache.next_position[:, None] + (valid.long().cumsum(1) - 1).clamp_min(0)
+            if int(positions.max()) >= self.config.max_seq_len:
+                raise ValueError(f"input_ids: position {int(positions.max())} exceeds max_seq_len={self.config.max_seq_len}")
+            cache.next_position = cache.next_position + valid.long().sum(1)
+            mask = self._attention_mask(cache.key_valid[:, :end], cache.length, seq)
+            token_mask = valid if not bool(valid.all()) else None
+        cos = self.rope_cos[positions].unsqueeze(1)
+        sin = self.rope_sin[positions].unsqueeze(1)
+        h = self.dropout(self.embed(input_ids))
+        for i, block in enumerate(self.blocks):
+            h, aux = block(h, cos, sin, mask, token_mask, cache, i)
+            stats.add(f"layers.{i}", aux)
+        if cache is not None:
+            cache.length += seq
+        return self.final_norm(h), stats
+
+    @staticmethod
+    def _attention_mask(key_valid: Tensor, offset: int, query_len: int) -> Tensor:
+        """``[B, 1, q, k]`` bool: causal, valid keys only, and each query always sees itself (so
+        padding rows never attend to nothing, which would put NaNs into the cache)."""
+        key_len = key_valid.shape[1]
+        query_pos = torch.arange(offset, offset + query_len, device=key_valid.device)[:, None]
+        key_pos = torch.arange(key_len, device=key_valid.device)[None, :]
+        allowed = (key_pos <= query_pos) & key_valid[:, None, :]
+        allowed = allowed | (key_pos == query_pos)
+        return allowed.unsqueeze(1)
+
+    def project(self, h: Tensor) -> Tensor:
+        return h @ self.embed.weight.t() if self.lm_head is None else self.lm_head(h)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, labels: Tensor | None = None,
+                decoder_input_ids: Tensor | None = None):
+        if decoder_input_ids is not None:
+            raise ValueError("decoder_input_ids: SwitchLM is decoder-only; pass input_ids")
+        if labels is not None and labels.shape != input_ids.shape:
+            raise ValueError(f"labels: shape {tuple(labels.shape)} does not match input_ids {tuple(input_ids.shape)}")
+        h, stats = self.hidden_states(input_ids, attention_mask)
+        logits = self.project(h)
+        if labels is not None and attention_mask is not None:
+            labels = labels.masked_fill(~attention_mask.bool(), -100)
+        return finish_output(self.config, logits, labels, stats, ("layers",), shift=True)
+
+    def new_cache(self, batch: int, max_length: int, device=None, dtype=None) -> LMCache:
+        device = device or self.embed.weight.device
+        return LMCache(batch, self.config, max_length, device, dtype or self.embed.weight.dtype)
+
+    @torch.no_grad()
+    def generate(self, input_ids: Tensor, attention_mask: Tensor | None = None, **kwargs) -> Tensor:
+        """Cached decoding of left-padded prompts; see :func:`switchformer.generation.generate_causal`."""
+        from switchformer.generation import generate_causal
+
+        return generate_causal(self, input_ids, attention_mask, **kwargs)
+
+    def num_parameters(self) -> dict[str, int]:
+        from switchformer.models.accounting import parameter_counts
+
+        return parameter_counts(self)

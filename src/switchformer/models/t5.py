@@ -1,0 +1,440 @@
+"""``SwitchT5``: the T5-style encoder-decoder of the Switch paper.
+
+Mathematically identical to Hugging Face's ``SwitchTransformersForConditionalGeneration`` (and,
+with no sparse layers, to ``T5ForConditionalGeneration``): pre-norm blocks with T5's RMS norm,
+unscaled attention with a bucketed relative position bias computed in the first layer and shared
+by the others, no biases anywhere, tied embeddings with ``d_model ** -0.5`` output scaling, and a
+Switch layer in place of the FFN every ``sparse_step`` layers (HF's layout).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields, replace
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from switchformer.experts import ACTIVATIONS
+from switchformer.init import scaled_trunc_normal_
+from switchformer.models.common import (
+    FeedForward,
+    ModelOutput,
+    RMSNorm,
+    RouterStats,
+    check_mask,
+    check_token_ids,
+    combined_router_losses,
+    is_sparse_layer,
+)
+
+
+@dataclass
+class SwitchT5Config:
+    vocab_size: int = 32128
+    d_model: int = 768
+    d_kv: int = 64
+    d_ff: int = 3072
+    num_layers: int = 12
+    num_decoder_layers: int | None = None  # None: same as num_layers
+    num_heads: int = 12
+    relative_attention_num_buckets: int = 32
+    relative_attention_max_distance: int = 128
+    dropout_rate: float = 0.1
+    layer_norm_epsilon: float = 1e-6
+    activation: str = "relu"
+    tie_word_embeddings: bool = True
+    # sparsity (encoder_sparse_step = decoder_sparse_step = 0 gives the dense T5 baseline)
+    num_experts: int = 8
+    encoder_sparse_step: int = 2
+    decoder_sparse_step: int = 2
+    top_k: int = 1
+    capacity_factor: float | None = 1.25
+    eval_capacity_factor: float | None = 2.0
+    min_capacity: int = 4
+    expert_capacity: int | None = None  # absolute, per sequence (HF); overrides the factors
+    router_jitter_noise: float = 0.01
+    expert_dropout: float | None = None  # None: dropout_rate, as in HF
+    router_aux_loss_coef: float = 0.01
+    router_z_loss_coef: float = 0.001
+    init_scale: float = 0.1
+    pad_token_id: int = 0
+    eos_token_id: int = 1
+    decoder_start_token_id: int = 0
+
+    def __post_init__(self):
+        if self.num_decoder_layers is None:
+            self.num_decoder_layers = self.num_layers
+        self.validate()
+
+    def validate(self) -> None:
+        positive = ("vocab_size", "d_model", "d_kv", "d_ff", "num_heads", "relative_attention_num_buckets",
+                    "relative_attention_max_distance")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        for name in ("num_layers", "num_decoder_layers", "encoder_sparse_step", "decoder_sparse_step"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation: unknown {self.activation!r}; choose one of {sorted(ACTIVATIONS)}")
+        if not 0 <= self.dropout_rate < 1:
+            raise ValueError(f"dropout_rate: must be in [0, 1), got {self.dropout_rate}")
+        if self.has_sparse_layers and self.num_experts < 1:
+            raise ValueError(f"num_experts: must be >= 1, got {self.num_experts}")
+
+    @property
+    def has_sparse_layers(self) -> bool:
+        return any(self.sparse_layers("encoder")) or any(self.sparse_layers("decoder"))
+
+    def sparse_layers(self, stack: str) -> list[bool]:
+        if stack == "encoder":
+            return [is_sparse_layer(i, self.encoder_sparse_step) for i in range(self.num_layers)]
+        return [is_sparse_layer(i, self.decoder_sparse_step) for i in range(self.num_decoder_layers)]
+
+    def moe_kwargs(self, causal: bool) -> dict:
+        return dict(
+            num_experts=self.num_experts, top_k=self.top_k, capacity_factor=self.capacity_factor,
+            eval_capacity_factor=self.eval_capacity_factor, min_capacity=self.min_capacity,
+            expert_capacity=self.expert_capacity, jitter_eps=self.router_jitter_noise,
+            expert_dropout=self.dropout_rate if self.expert_dropout is None else self.expert_dropout,
+            init_scale=self.init_scale, causal=causal,
+        )
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> SwitchT5Config:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"config: unknown fields {unknown}")
+        return cls(**data)
+
+
+def dense_twin_config(config):
+    """The FLOP-matched dense model: the same config with every sparse FFN replaced by one
+    expert-sized dense FFN (top-1 routing only; top-k would need k times wider FFNs)."""
+    if config.top_k != 1:
+        raise ValueError("top_k: a FLOP-matched dense twin is defined here for top-1 routing only")
+    if isinstance(config, SwitchT5Config):
+        return replace(config, encoder_sparse_step=0, decoder_sparse_step=0)
+    return replace(config, sparse_step=0)
+
+
+# ----------------------------------------------------------------------------- attention
+
+
+def relative_position_bucket(relative_position: Tensor, bidirectional: bool, num_buckets: int, max_distance: int) -> Tensor:
+    """T5's bucketing of ``memory_position - query_position``: exact buckets for small distances,
+    logarithmic ones up to ``max_distance``, one bucket beyond; separate halves per direction when
+    bidirectional, only the past otherwise."""
+    buckets = torch.zeros_like(relative_position)
+    if bidirectional:
+        num_buckets //= 2
+        buckets = buckets + (relative_position > 0).long() * num_buckets
+        distance = relative_position.abs()
+    else:
+        distance = (-relative_position).clamp_min(0)
+    max_exact = num_buckets // 2
+    is_small = distance < max_exact
+    log_ratio = torch.log(distance.float() / max_exact) / math.log(max_distance / max_exact)
+    large = (max_exact + (log_ratio * (num_buckets - max_exact)).long()).clamp_max(num_buckets - 1)
+    return buckets + torch.where(is_small, distance, large)
+
+
+class T5Attention(nn.Module):
+    """Multi-head attention without query scaling (T5 folds it into the init); the additive bias
+    carries the relative positions and the mask."""
+
+    def __init__(self, config: SwitchT5Config, *, has_relative_bias: bool, bidirectional: bool):
+        super().__init__()
+        self.num_heads, self.d_kv = config.num_heads, config.d_kv
+        inner = config.num_heads * config.d_kv
+        self.q = nn.Linear(config.d_model, inner, bias=False)
+        self.k = nn.Linear(config.d_model, inner, bias=False)
+        self.v = nn.Linear(config.d_model, inner, bias=False)
+        self.o = nn.Linear(inner, config.d_model, bias=False)
+        self.dropout = config.dropout_rate
+        self.bidirectional = bidirectional
+        self.num_buckets = config.relative_attention_num_buckets
+        self.max_distance = config.relative_attention_max_distance
+        self.relative_attention_bias = nn.Embedding(self.num_buckets, self.num_heads) if has_relative_bias else None
+
+    def position_bias(self, query_len: int, key_len: int, offset: int = 0) -> Tensor:
+        """``[1, heads, query_len, key_len]``; queries start at position ``offset`` (cached decoding)."""
+        device = self.relative_attention_bias.weight.device
+        context = torch.arange(offset, offset + query_len, device=device)[:, None]
+        memory = torch.arange(key_len, device=device)[None, :]
+        bucket = relative_position_bucket(memory - context, self.bidirectional, self.num_buckets, self.max_distance)
+        return self.relative_attention_bias(bucket).permute(2, 0, 1).unsqueeze(0)
+
+    def split_heads(self, x: Tensor) -> Tensor:
+        return x.view(x.shape[0], x.shape[1], self.num_heads, self.d_kv).transpose(1, 2)
+
+    def project_kv(self, source: Tensor) -> tuple[Tensor, Tensor]:
+        return self.split_heads(self.k(source)), self.split_heads(self.v(source))
+
+    def forward(self, x: Tensor, bias: Tensor | None, kv: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        q = self.split_heads(self.q(x))
+        k, v = kv if kv is not None else self.project_kv(x)
+        if bias is not None:
+            bias = bias.to(q.dtype)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=bias, dropout_p=self.dropout if self.training else 0.0, scale=1.0
+        )
+        return self.o(out.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1))
+
+
+# ----------------------------------------------------------------------------- cache
+
+
+class DecoderCache:
+    """Static key/value buffers for cached decoding: self-attention per layer (filled as tokens
+    come) and cross-attention per layer (computed once from the encoder output)."""
+
+    def __init__(self, self_kv: list[tuple[Tensor, Tensor]], cross_kv: list[tuple[Tensor, Tensor]], cross_bias: Tensor):
+        self.self_kv = self_kv
+        self.cross_kv = cross_kv
+        self.cross_bias = cross_bias
+        self.length = 0
+
+    @property
+    def capacity(self) -> int:
+        return self.self_kv[0][0].shape[2] if self.self_kv else 0
+
+    def append(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        end = self.length + k.shape[2]
+        if end > self.capacity:
+            raise ValueError(f"cache: {end} decoder positions exceed the cache size {self.capacity}")
+        keys, values = self.self_kv[layer]
+        keys[:, :, self.length:end] = k
+        values[:, :, self.length:end] = v
+        return keys[:, :, :end], values[:, :, :end]
+
+    def reorder(self, index: Tensor) -> None:
+        """Keep the batch rows ``index`` (beam search)."""
+        self.self_kv = [(k.index_select(0, index), v.index_select(0, index)) for k, v in self.self_kv]
+        self.cross_kv = [(k.index_select(0, index), v.index_select(0, index)) for k, v in self.cross_kv]
+        self.cross_bias = self.cross_bias.index_select(0, index)
+
+
+# ----------------------------------------------------------------------------- blocks and stacks
+
+
+class T5Block(nn.Module):
+    def __init__(self, config: SwitchT5Config, *, decoder: bool, first: bool, sparse: bool):
+        super().__init__()
+        self.attn_norm = RMSNorm(config.d_model, config.layer_norm_epsilon)
+        self.attn = T5Attention(config, has_relative_bias=first, bidirectional=not decoder)
+        if decoder:
+            self.cross_norm = RMSNorm(config.d_model, config.layer_norm_epsilon)
+            self.cross_attn = T5Attention(config, has_relative_bias=False, bidirectional=True)
+        self.ffn_norm = RMSNorm(config.d_model, config.layer_norm_epsilon)
+        self.ffn = FeedForward(
+            config.d_model, config.d_ff, sparse=sparse, activation=config.activation, dropout=config.dropout_rate,
+            moe_kwargs=config.moe_kwargs(causal=decoder) if sparse else {"init_scale": config.init_scale},
+        )
+        self.dropout = nn.Dropout(config.dropout_rate)
+
+    def forward(self, h, bias, token_mask, *, layer=0, cache=None, memory=None, memory_bias=None):
+        normed = self.attn_norm(h)
+        kv = None
+        if cache is not None:
+            kv = cache.append(layer, *self.attn.project_kv(normed))
+        h = h + self.dropout(self.attn(normed, bias, kv))
+        if memory is not None or cache is not None:
+            cross_kv = cache.cross_kv[layer] if cache is not None else self.cross_attn.project_kv(memory)
+            h = h + self.dropout(self.cross_attn(self.cross_norm(h), memory_bias, cross_kv))
+        y, aux = self.ffn(self.ffn_norm(h), token_mask)
+        return h + self.dropout(y), aux
+
+
+class T5Stack(nn.Module):
+    def __init__(self, config: SwitchT5Config, *, decoder: bool):
+        super().__init__()
+        self.name = "decoder" if decoder else "encoder"
+        self.decoder = decoder
+        sparse = config.sparse_layers(self.name)
+        self.blocks = nn.ModuleList(
+            T5Block(config, decoder=decoder, first=i == 0, sparse=s) for i, s in enumerate(sparse)
+        )
+        self.final_norm = RMSNorm(config.d_model, config.layer_norm_epsilon)
+        self.dropout = nn.Dropout(config.dropout_rate)
+
+    def forward(self, h, bias, token_mask, stats: RouterStats, *, cache=None, memory=None, memory_bias=None):
+        h = self.dropout(h)
+        for i, block in enumerate(self.blocks):
+            h, aux = block(h, bias, token_mask, layer=i, cache=cache, memory=memory, memory_bias=memory_bias)
+            stats.add(f"{self.name}.{i}", aux)
+        return self.dropout(self.final_norm(h))
+
+
+def padding_bias(mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    """``[B, 1, 1, S]`` additive bias: 0 where ``mask`` is true, the dtype's minimum elsewhere."""
+    if mask is None:
+        return None
+    return (1.0 - mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
+
+
+# ----------------------------------------------------------------------------- model
+
+
+class SwitchT5(nn.Module):
+    """Encoder-decoder Switch Transformer. ``model(input_ids, attention_mask, decoder_input_ids,
+    labels)`` returns a :class:`ModelOutput` (``.logits``, ``.loss``, ``.aux_loss``, ``.z_loss``,
+    ``.router_stats``). With ``labels`` and no ``decoder_input_ids``, the decoder input is the
+    labels shifted right (``decoder_start_token_id`` first, ``-100`` replaced by padding)."""
+
+    def __init__(self, config: SwitchT5Config):
+        super().__init__()
+        self.config = config
+        self.shared = nn.Embedding(config.vocab_size, config.d_model)
+        self.encoder = T5Stack(config, decoder=False)
+        self.decoder = T5Stack(config, decoder=True)
+        self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Truncated normal with the paper's reduced scale for every dense weight (the Switch layers
+        initialise themselves the same way); norms start at one."""
+        s = self.config.init_scale
+        scaled_trunc_normal_(self.shared.weight, fan_in=1, scale=s)
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                scaled_trunc_normal_(module.weight, fan_in=module.in_features, scale=s)
+            elif isinstance(module, T5Attention) and module.relative_attention_bias is not None:
+                scaled_trunc_normal_(module.relative_attention_bias.weight, fan_in=self.config.d_model, scale=s)
+
+    # -- pieces ------------------------------------------------------------------------------
+
+    def shift_right(self, labels: Tensor) -> Tensor:
+        shifted = labels.new_full(labels.shape, self.config.decoder_start_token_id)
+        shifted[:, 1:] = labels[:, :-1]
+        return shifted.masked_fill(shifted == -100, self.config.pad_token_id)
+
+    def encode(self, input_ids: Tensor, attention_mask: Tensor | None = None, stats: RouterStats | None = None) -> Tensor:
+        check_token_ids("input_ids", input_ids, self.config.vocab_size)
+        check_mask("attention_mask", attention_mask, input_ids)
+        stats = RouterStats() if stats is None else stats
+        h = self.shared(input_ids)
+        seq = input_ids.shape[1]
+        bias = self.encoder.blocks[0].attn.position_bias(seq, seq) if len(self.encoder.blocks) else None
+        mask_bias = padding_bias(attention_mask, h.dtype if bias is None else bias.dtype)
+        if mask_bias is not None:
+            bias = mask_bias if bias is None else bias + mask_bias
+        token_mask = None if attention_mask is None else attention_mask.bool()
+        return self.encoder(h, bias, token_mask, stats)
+
+    def decoder_self_bias(self, query_len: int, key_len: int, offset: int, mask: Tensor | None, dtype) -> Tensor:
+        bias = self.decoder.blocks[0].attn.position_bias(query_len, key_len, offset).to(dtype)
+        positions = torch.arange(offset, offset + query_len, device=bias.device)[:, None]
+        future = torch.arange(key_len, device=bias.device)[None, :] > positions
+        bias = bias.masked_fill(future, torch.finfo(dtype).min)
+        mask_bias = padding_bias(mask, dtype)
+        return bias if mask_bias is None else bias + mask_bias
+
+    def decode(self, decoder_input_ids, memory, memory_mask=None, decoder_attention_mask=None, cache=None, stats=None,
+               route_mask=None):
+        check_token_ids("decoder_input_ids", decoder_input_ids, self.config.vocab_size)
+        check_mask("decoder_attention_mask", decoder_attention_mask, decoder_input_ids)
+        stats = RouterStats() if stats is None else stats
+        h = self.shared(decoder_input_ids)
+        query_len = decoder_input_ids.shape[1]
+        offset = cache.length if cache is not None else 0
+        self_mask = decoder_attention_mask
+        bias = self.decoder_self_bias(query_len, offset + query_len, offset, self_mask, h.dtype)
+        if cache is not None:
+            memory_bias = cache.cross_bias
+        else:
+            memory_bias = padding_bias(memory_mask, h.dtype)
+        if route_mask is None and decoder_attention_mask is not None:
+            route_mask = decoder_attention_mask[:, -query_len:]
+        token_mask = None if route_mask is None else route_mask.bool()
+        out = self.decoder(h, bias, token_mask, stats, cache=cache, memory=memory, memory_bias=memory_bias)
+        if cache is not None:
+            cache.length += query_len
+        return out
+
+    def project(self, h: Tensor) -> Tensor:
+        if self.lm_head is None:
+            return (h * self.config.d_model**-0.5) @ self.shared.weight.t()
+        return self.lm_head(h)
+
+    def new_cache(self, memory: Tensor, memory_mask: Tensor | None, max_length: int) -> DecoderCache:
+        batch = memory.shape[0]
+        heads, d_kv = self.config.num_heads, self.config.d_kv
+        shape = (batch, heads, max_length, d_kv)
+        self_kv = [(memory.new_zeros(shape), memory.new_zeros(shape)) for _ in self.decoder.blocks]
+        cross_kv = [block.cross_attn.project_kv(memory) for block in self.decoder.blocks]
+        cross_bias = padding_bias(memory_mask, memory.dtype)
+        if cross_bias is None:
+            cross_bias = memory.new_zeros(batch, 1, 1, memory.shape[1])
+        return DecoderCache(self_kv, cross_kv, cross_bias)
+
+    # -- forward -----------------------------------------------------------------------------
+
+    def forward(
+        self,
+        input_ids: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        decoder_input_ids: Tensor | None = None,
+        labels: Tensor | None = None,
+        decoder_attention_mask: Tensor | None = None,
+        encoder_hidden_states: Tensor | None = None,
+    ) -> ModelOutput:
+        stats = RouterStats()
+        if encoder_hidden_states is None:
+            if input_ids is None:
+                raise ValueError("input_ids: required unless encoder_hidden_states is given")
+            encoder_hidden_states = self.encode(input_ids, attention_mask, stats)
+        if decoder_input_ids is None:
+            if labels is None:
+                raise ValueError("decoder_input_ids: give decoder_input_ids or labels")
+            decoder_input_ids = self.shift_right(labels)
+        if labels is not None and labels.shape != decoder_input_ids.shape:
+            raise ValueError(f"labels: shape {tuple(labels.shape)} does not match decoder_input_ids "
+                             f"{tuple(decoder_input_ids.shape)}")
+        route_mask = None
+        if decoder_attention_mask is None and labels is not None:
+            # Padding known only from the labels is attended to, as in HF (it only ever follows
+            # the real tokens), but it takes no expert capacity and stays out of router losses.
+            route_mask = labels != -100
+        h = self.decode(decoder_input_ids, encoder_hidden_states, attention_mask, decoder_attention_mask,
+                        stats=stats, route_mask=route_mask)
+        logits = self.project(h)
+        return finish_output(self.config, logits, labels, stats, ("encoder", "decoder"), encoder_hidden_states)
+
+    @torch.no_grad()
+    def generate(self, input_ids: Tensor, attention_mask: Tensor | None = None, **kwargs) -> Tensor:
+        """Cached decoding: greedy, sampling (temperature, top-k, top-p), repetition penalty or beam
+        search (``num_beams``); see :func:`switchformer.generation.generate_seq2seq`."""
+        from switchformer.generation import generate_seq2seq
+
+        return generate_seq2seq(self, input_ids, attention_mask, **kwargs)
+
+    def num_parameters(self) -> dict[str, int]:
+        from switchformer.models.accounting import parameter_counts
+
+        return parameter_counts(self)
+
+
+def finish_output(config, logits, labels, stats, stacks, encoder_hidden_states=None, shift=False) -> ModelOutput:
+    """Cross-entropy over non-ignored labels (-100) plus the router losses with their coefficients."""
+    aux, z = combined_router_losses(stats, stacks)
+    ce = None
+    loss = None
+    if labels is not None:
+        if shift:
+            logits_for_loss, labels = logits[:, :-1], labels[:, 1:]
+        else:
+            logits_for_loss = logits
+        ce = F.cross_entropy(logits_for_loss.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=-100)
+        loss = ce
+        if aux is not None:
+            loss = loss + config.router_aux_loss_coef * aux + config.router_z_loss_coef * z
+    return ModelOutput(logits=logits, loss=loss, ce_loss=ce, aux_loss=aux, z_loss=z, router_stats=stats,
+                       encoder_hidden_states=encoder_hidden_states)
