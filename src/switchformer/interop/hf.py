@@ -47,7 +47,8 @@ def config_from_hf(hf: dict) -> SwitchT5Config:
         relative_attention_num_buckets=hf.get("relative_attention_num_buckets", 32),
         relative_attention_max_distance=hf.get("relative_attention_max_distance", 128),
         dropout_rate=hf.get("dropout_rate", 0.1), layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-6),
-        tie_word_embeddings=hf.get("tie_word_embeddings", True),
+        # transformers >= 5 always ties T5's weights and records the output scaling separately
+        tie_word_embeddings=hf.get("scale_decoder_outputs", hf.get("tie_word_embeddings", True)),
         pad_token_id=hf.get("pad_token_id", 0) if hf.get("pad_token_id") is not None else 0,
         eos_token_id=_first(hf.get("eos_token_id", 1)),
         decoder_start_token_id=hf.get("decoder_start_token_id") if hf.get("decoder_start_token_id") is not None
@@ -178,18 +179,26 @@ def state_dict_from_hf(hf_state: dict[str, Tensor], config: SwitchT5Config, flav
     """Convert HF weights to ours; missing or unexpected keys (or wrong shapes) raise, listing them."""
     pairs = _key_pairs(config, flavour)
     expected = {key for _, keys, _ in pairs for key in keys}
-    missing = sorted(expected - hf_state.keys())
+    present = set(hf_state) | ({"lm_head.weight"} if "shared.weight" in hf_state else set())
+    missing = sorted(expected - present)
     unexpected = sorted(k for k in hf_state.keys() - expected if k not in _TIED_ALIASES
                         and not (k == "lm_head.weight" and config.tie_word_embeddings))
     if missing or unexpected:
         raise ValueError(f"checkpoint: keys do not match the config: missing {missing[:20]}"
                          f"{' ...' if len(missing) > 20 else ''} ({len(missing)}), unexpected {unexpected[:20]}"
                          f"{' ...' if len(unexpected) > 20 else ''} ({len(unexpected)})")
+    if not config.tie_word_embeddings and "lm_head.weight" not in hf_state:
+        hf_state = dict(hf_state, **{"lm_head.weight": hf_state["shared.weight"]})  # tied in memory, unscaled
+    if config.tie_word_embeddings and "lm_head.weight" in hf_state and not torch.equal(
+        hf_state["lm_head.weight"], hf_state["shared.weight"]
+    ):
+        raise ValueError("checkpoint: lm_head.weight differs from shared.weight but the config ties them")
     state = {}
     for ours, keys, how in pairs:
         tensors = [hf_state[k] for k in keys]
         if how == "copy":
-            state[ours] = tensors[0]
+            # an untied head must own its memory even where HF ties it in memory
+            state[ours] = tensors[0].clone() if ours == "lm_head.weight" else tensors[0]
         elif how == "t":
             state[ours] = tensors[0].t().contiguous()
         elif how == "gated":
