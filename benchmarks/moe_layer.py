@@ -40,8 +40,12 @@ def hf_layer(d_model, d_ff, num_experts, capacity):
     except ImportError:
         return None
     config = transformers.SwitchTransformersConfig(
-        d_model=d_model, d_ff=d_ff, num_experts=num_experts, expert_capacity=capacity,
-        router_jitter_noise=0.0, dropout_rate=0.0,
+        d_model=d_model,
+        d_ff=d_ff,
+        num_experts=num_experts,
+        expert_capacity=capacity,
+        router_jitter_noise=0.0,
+        dropout_rate=0.0,
     )
     return SwitchTransformersSparseMLP(config)
 
@@ -70,7 +74,9 @@ def bench_size(tokens, d_model, d_ff, num_experts, args, device, dtype):
     backends = ["auto", "loop", "padded", "grouped_mm"]
     for backend in backends:
         layer = SwitchMoE(d_model, d_ff, num_experts, capacity_factor=args.capacity_factor, backend=backend)
-        if backend == "grouped_mm" and not grouped_mm_valid(torch.empty(1, dtype=dtype, device=device), layer.experts.w_in.to(device, dtype)):
+        if backend == "grouped_mm" and not grouped_mm_valid(
+            torch.empty(1, dtype=dtype, device=device), layer.experts.w_in.to(device, dtype)
+        ):
             continue
         candidates[f"switch[{backend}]"] = layer
     capacity = candidates["switch[auto]"].train().capacity(tokens)
@@ -88,7 +94,7 @@ def bench_size(tokens, d_model, d_ff, num_experts, args, device, dtype):
             step(candidates[name], x, grad_out, device)
     times = {name: [] for name in names}
     for r in range(args.repeats):
-        order = names[r % len(names):] + names[: r % len(names)]  # rotate to spread drift evenly
+        order = names[r % len(names) :] + names[: r % len(names)]  # rotate to spread drift evenly
         for name in order:
             times[name].append(step(candidates[name], x, grad_out, device))
     return {name: statistics.median(ts) for name, ts in times.items()}, capacity
@@ -114,9 +120,11 @@ def main():
     if args.threads:
         torch.set_num_threads(args.threads)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
-    print(f"torch {torch.__version__}, {device}, {args.dtype}, threads {torch.get_num_threads()}, "
-          f"d_model {args.d_model}, d_ff {args.d_ff}, capacity factor {args.capacity_factor}, top-1, "
-          f"fwd+bwd medians of {args.repeats}")
+    print(
+        f"torch {torch.__version__}, {device}, {args.dtype}, threads {torch.get_num_threads()}, "
+        f"d_model {args.d_model}, d_ff {args.d_ff}, capacity factor {args.capacity_factor}, top-1, "
+        f"fwd+bwd medians of {args.repeats}"
+    )
     print(f"| tokens | E | capacity | {'candidate':<18} | ms | / dense |")
     print("|---:|---:|---:|:---|---:|---:|")
     for tokens in args.tokens:
@@ -124,7 +132,9 @@ def main():
             medians, capacity = bench_size(tokens, args.d_model, args.d_ff, experts, args, device, dtype)
             dense = medians["dense"]
             for name, t in medians.items():
-                print(f"| {tokens} | {experts} | {capacity} | {name:<18} | {t * 1e3:.1f} | {t / dense:.2f} |", flush=True)
+                print(
+                    f"| {tokens} | {experts} | {capacity} | {name:<18} | {t * 1e3:.1f} | {t / dense:.2f} |", flush=True
+                )
 
 
 if __name__ == "__main__":

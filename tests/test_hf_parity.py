@@ -20,9 +20,15 @@ def hf_switch(seed=0, *, layers=4, sparse_step=2, experts=4, act="relu", capacit
     torch.manual_seed(seed)
     n_sparse = 0 if sparse_step == 0 else len([i for i in range(layers) if sparse_step == 1 or i % sparse_step == 1])
     config = transformers.SwitchTransformersConfig(
-        **SMALL, num_layers=layers, num_decoder_layers=layers, num_experts=experts,
-        num_sparse_encoder_layers=n_sparse, num_sparse_decoder_layers=n_sparse, expert_capacity=capacity,
-        router_jitter_noise=0.0, dense_act_fn=act,
+        **SMALL,
+        num_layers=layers,
+        num_decoder_layers=layers,
+        num_experts=experts,
+        num_sparse_encoder_layers=n_sparse,
+        num_sparse_decoder_layers=n_sparse,
+        expert_capacity=capacity,
+        router_jitter_noise=0.0,
+        dense_act_fn=act,
     )
     model = transformers.SwitchTransformersForConditionalGeneration(config).eval()
     with torch.no_grad():  # HF's init makes routers nearly uniform; spread them so routing matters
@@ -34,8 +40,9 @@ def hf_switch(seed=0, *, layers=4, sparse_step=2, experts=4, act="relu", capacit
 
 def hf_t5(seed=0, proj="relu"):
     torch.manual_seed(seed)
-    config = transformers.T5Config(**SMALL, num_layers=3, num_decoder_layers=3, feed_forward_proj=proj,
-                                   tie_word_embeddings=proj == "relu")
+    config = transformers.T5Config(
+        **SMALL, num_layers=3, num_decoder_layers=3, feed_forward_proj=proj, tie_word_embeddings=proj == "relu"
+    )
     return transformers.T5ForConditionalGeneration(config).eval()
 
 
@@ -70,8 +77,9 @@ def test_switch_logits_and_losses_match(act, sparse_step, experts):
     want, got = assert_same_forward(hf, ours)
     # z-loss: HF pools each stack's router logits; with its sparse_step == 1 bug it reports 0, so
     # compare against the z-loss of the logits HF itself returns.
-    expected_z = sum(router_z_loss(torch.cat(logits, 1)) for logits in (want.encoder_router_logits,
-                                                                         want.decoder_router_logits))
+    expected_z = sum(
+        router_z_loss(torch.cat(logits, 1)) for logits in (want.encoder_router_logits, want.decoder_router_logits)
+    )
     assert got.z_loss.item() == pytest.approx(expected_z.item(), rel=1e-5)
     if sparse_step > 1:
         assert got.z_loss.item() == pytest.approx((want.encoder_z_loss + want.decoder_z_loss).item(), rel=1e-5)
@@ -122,7 +130,9 @@ def test_round_trip_through_hf_directory_is_lossless(tmp_path):
     for name, tensor in hf.state_dict().items():
         assert torch.equal(tensor, reloaded_hf.state_dict()[name]), name
     ids, labels = inputs()
-    torch.testing.assert_close(reloaded_hf(input_ids=ids, labels=labels).logits, hf(input_ids=ids, labels=labels).logits)
+    torch.testing.assert_close(
+        reloaded_hf(input_ids=ids, labels=labels).logits, hf(input_ids=ids, labels=labels).logits
+    )
     again = from_hf(tmp_path / "exported")
     for name, tensor in ours.state_dict().items():
         assert torch.equal(tensor, again.state_dict()[name]), name

@@ -6,22 +6,42 @@ import pytest
 import torch
 
 from switchformer import SwitchLM, SwitchLMConfig, SwitchT5, SwitchT5Config, dense_twin_config
-from switchformer.generation import process_logits, SamplingConfig, stream_causal, stream_seq2seq
+from switchformer.generation import SamplingConfig, process_logits, stream_causal, stream_seq2seq
 
 
 def t5(seed=0, **overrides):
     torch.manual_seed(seed)
-    config = dict(vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, num_experts=4,
-                  encoder_sparse_step=1, decoder_sparse_step=2, dropout_rate=0.0, init_scale=1.0,
-                  router_jitter_noise=0.0)
+    config = dict(
+        vocab_size=64,
+        d_model=32,
+        d_kv=8,
+        d_ff=64,
+        num_layers=2,
+        num_heads=4,
+        num_experts=4,
+        encoder_sparse_step=1,
+        decoder_sparse_step=2,
+        dropout_rate=0.0,
+        init_scale=1.0,
+        router_jitter_noise=0.0,
+    )
     config.update(overrides)
     return SwitchT5(SwitchT5Config(**config)).eval()
 
 
 def lm(seed=0, **overrides):
     torch.manual_seed(seed)
-    config = dict(vocab_size=64, d_model=32, num_layers=3, num_heads=4, d_ff=48, num_experts=4, sparse_step=2,
-                  max_seq_len=64, init_scale=1.0)
+    config = dict(
+        vocab_size=64,
+        d_model=32,
+        num_layers=3,
+        num_heads=4,
+        d_ff=48,
+        num_experts=4,
+        sparse_step=2,
+        max_seq_len=64,
+        init_scale=1.0,
+    )
     config.update(overrides)
     return SwitchLM(SwitchLMConfig(**config)).eval()
 
@@ -39,7 +59,7 @@ def test_t5_cached_decoding_matches_full_recompute():
         full = model(ids, attention_mask=mask, decoder_input_ids=target).logits
         memory = model.encode(ids, mask)
         cache = model.new_cache(memory, mask, 6)
-        steps = [model.project(model.decode(target[:, t:t + 1], memory, mask, cache=cache)) for t in range(6)]
+        steps = [model.project(model.decode(target[:, t : t + 1], memory, mask, cache=cache)) for t in range(6)]
     torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)
 
 
@@ -52,7 +72,7 @@ def test_lm_cached_decoding_matches_full_recompute():
         h_prompt, _ = model.hidden_states(ids[:, :4], cache=cache)
         parts = [model.project(h_prompt)]
         for t in range(4, 10):
-            h, _ = model.hidden_states(ids[:, t:t + 1], cache=cache)
+            h, _ = model.hidden_states(ids[:, t : t + 1], cache=cache)
             parts.append(model.project(h))
     torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-5, rtol=1e-5)
 
@@ -80,11 +100,11 @@ def test_lm_batched_generation_with_left_padding_equals_one_by_one():
     ids = torch.zeros(3, width, dtype=torch.long)
     mask = torch.zeros(3, width, dtype=torch.long)
     for i, p in enumerate(prompts):
-        ids[i, width - len(p):], mask[i, width - len(p):] = p, 1
+        ids[i, width - len(p) :], mask[i, width - len(p) :] = p, 1
     batched = model.generate(ids, mask, max_new_tokens=12)
     for i, p in enumerate(prompts):
         single = model.generate(p[None], max_new_tokens=12)
-        assert torch.equal(batched[i, width:], single[0, len(p):])
+        assert torch.equal(batched[i, width:], single[0, len(p) :])
 
 
 def test_generation_stops_at_eos_and_pads_finished_rows():
@@ -96,7 +116,7 @@ def test_generation_stops_at_eos_and_pads_finished_rows():
     eos = new[stop]
     out = model.generate(ids, max_new_tokens=8, eos_token_id=eos)
     assert out[0, : 4 + stop + 1].tolist() == free[0, : 4 + stop + 1].tolist()
-    assert (out[0, 4 + stop + 1:] == model.config.pad_token_id).all()
+    assert (out[0, 4 + stop + 1 :] == model.config.pad_token_id).all()
 
 
 def test_streaming_yields_the_same_tokens():
@@ -139,10 +159,12 @@ def test_sampling_filters():
     g = torch.Generator().manual_seed(0)
     model = lm()
     ids = torch.randint(1, 64, (1, 3))
-    a = model.generate(ids, max_new_tokens=6, do_sample=True, temperature=0.7, top_p=0.9,
-                       generator=torch.Generator().manual_seed(5))
-    b = model.generate(ids, max_new_tokens=6, do_sample=True, temperature=0.7, top_p=0.9,
-                       generator=torch.Generator().manual_seed(5))
+    a = model.generate(
+        ids, max_new_tokens=6, do_sample=True, temperature=0.7, top_p=0.9, generator=torch.Generator().manual_seed(5)
+    )
+    b = model.generate(
+        ids, max_new_tokens=6, do_sample=True, temperature=0.7, top_p=0.9, generator=torch.Generator().manual_seed(5)
+    )
     assert torch.equal(a, b) and g is not None
 
 

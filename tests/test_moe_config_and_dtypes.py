@@ -67,7 +67,9 @@ def test_router_stays_float32_under_bf16_autocast():
     assert layer.experts.w_in.grad.dtype == torch.float32
 
 
-@pytest.mark.parametrize("backend", ["loop", "padded"] + (["grouped_mm"] if grouped_mm_available("cpu", torch.bfloat16) else []))
+@pytest.mark.parametrize(
+    "backend", ["loop", "padded"] + (["grouped_mm"] if grouped_mm_available("cpu", torch.bfloat16) else [])
+)
 def test_bf16_weights_route_in_float32(backend):
     torch.manual_seed(0)
     layer = SwitchMoE(16, 32, 4, capacity_factor=None, backend=backend)

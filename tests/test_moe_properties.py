@@ -44,7 +44,9 @@ def run(case, backend="loop"):
     routing_groups, group_len = layer.routing_groups(x)
     capacity = layer.capacity(group_len)
     routing = layer.router(
-        x.reshape(routing_groups, group_len, 8), None if mask is None else mask.reshape(routing_groups, group_len), capacity
+        x.reshape(routing_groups, group_len, 8),
+        None if mask is None else mask.reshape(routing_groups, group_len),
+        capacity,
     )
     y, aux = layer(x, token_mask=mask)
     layer.group_len = group_len

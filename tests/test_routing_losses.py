@@ -71,7 +71,8 @@ def test_load_balancing_loss_masks_padding():
     mask[0, 6:] = False
     got = load_balancing_loss(probs, index, mask)
     want = (
-        reference_load_balancing_loss(probs[0:1, :6], index[0:1, :6]) + reference_load_balancing_loss(probs[1:], index[1:])
+        reference_load_balancing_loss(probs[0:1, :6], index[0:1, :6])
+        + reference_load_balancing_loss(probs[1:], index[1:])
     ) / 2
     assert got.item() == pytest.approx(want, rel=1e-5)
 

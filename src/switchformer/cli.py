@@ -16,8 +16,10 @@ def _info(args: argparse.Namespace) -> int:
         layer = SwitchMoE(args.d_model, args.d_ff, args.num_experts, top_k=args.top_k, activation=args.activation)
     total = sum(p.numel() for p in layer.parameters())
     active = num_active_expert_params(layer)
-    print(f"SwitchMoE: d_model {args.d_model}, d_ff {args.d_ff}, {args.num_experts} experts, top-{args.top_k}, "
-          f"{args.activation}")
+    print(
+        f"SwitchMoE: d_model {args.d_model}, d_ff {args.d_ff}, {args.num_experts} experts, top-{args.top_k}, "
+        f"{args.activation}"
+    )
     print(f"  parameters: {total:,} total, {active:,} active per token")
     print(f"  matmul FLOPs per token (forward): {2 * active:,}")
     return 0
@@ -28,7 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
     info = sub.add_parser(
-        "info", help="parameters and FLOPs of a Switch layer",
+        "info",
+        help="parameters and FLOPs of a Switch layer",
         epilog="example: switchformer info --d-model 768 --d-ff 3072 --num-experts 128",
     )
     info.add_argument("--d-model", type=int, default=768)

@@ -68,7 +68,13 @@ class DispatchPlan:
 
 
 def plan_dispatch(
-    token: Tensor, expert: Tensor, gate: Tensor, *, num_experts: int, num_groups: int, tokens_per_group: int,
+    token: Tensor,
+    expert: Tensor,
+    gate: Tensor,
+    *,
+    num_experts: int,
+    num_groups: int,
+    tokens_per_group: int,
     capacity: int | None,
 ) -> DispatchPlan:
     """Sort assignments by expert, keep the first ``capacity`` of each expert in each group.

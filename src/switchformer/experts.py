@@ -78,4 +78,3 @@ class Experts(nn.Module):
             f"num_experts={self.num_experts}, d_model={self.d_model}, d_ff={self.d_ff}, "
             f"activation={self.activation!r}, backend={self.backend!r}"
         )
-

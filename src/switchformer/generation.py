@@ -56,8 +56,12 @@ def inference_routing(model: torch.nn.Module, routing: str = "dropless"):
     layers = [m for m in model.modules() if isinstance(m, SwitchMoE)]
     saved = [(m.eval_capacity_factor, m.expert_capacity) for m in layers]
     if layers:
-        log.info("generation routing: %s", "dropless (no token is dropped)" if routing == "dropless"
-                 else "eval capacity (tokens over capacity are dropped)")
+        log.info(
+            "generation routing: %s",
+            "dropless (no token is dropped)"
+            if routing == "dropless"
+            else "eval capacity (tokens over capacity are dropped)",
+        )
     try:
         if routing == "dropless":
             for m in layers:
@@ -128,8 +132,14 @@ def _sampling_config(model, kwargs) -> SamplingConfig:
 
 @torch.no_grad()
 def generate_seq2seq(
-    model, input_ids: Tensor, attention_mask: Tensor | None = None, *, num_beams: int = 1,
-    length_penalty: float = 1.0, routing: str = "dropless", streamer: Callable[[Tensor], None] | None = None,
+    model,
+    input_ids: Tensor,
+    attention_mask: Tensor | None = None,
+    *,
+    num_beams: int = 1,
+    length_penalty: float = 1.0,
+    routing: str = "dropless",
+    streamer: Callable[[Tensor], None] | None = None,
     **sampling,
 ) -> Tensor:
     """Decoder tokens ``[batch, 1 + new]``, starting with ``decoder_start_token_id`` (as HF)."""
@@ -142,8 +152,9 @@ def generate_seq2seq(
                 if cfg.do_sample:
                     raise ValueError("num_beams: beam search is deterministic; do not combine it with do_sample")
                 return beam_search(model, input_ids, attention_mask, cfg, num_beams, length_penalty)
-            start = torch.full((input_ids.shape[0], 1), model.config.decoder_start_token_id, dtype=torch.long,
-                               device=input_ids.device)
+            start = torch.full(
+                (input_ids.shape[0], 1), model.config.decoder_start_token_id, dtype=torch.long, device=input_ids.device
+            )
             tokens = [start]
             for token in _seq2seq_steps(model, input_ids, attention_mask, cfg):
                 tokens.append(token[:, None])
@@ -176,7 +187,7 @@ def beam_search(model, input_ids, attention_mask, cfg: SamplingConfig, num_beams
     scores[:, 0] = 0.0
     finished: list[list[tuple[float, Tensor]]] = [[] for _ in range(batch)]
     done = [False] * batch
-    for step in range(cfg.max_new_tokens):
+    for _ in range(cfg.max_new_tokens):
         h = model.decode(sequences[:, -1:], memory, mask, cache=cache)
         logits = process_logits(model.project(h[:, -1]), sequences, cfg)
         vocab = logits.shape[-1]
@@ -252,8 +263,13 @@ def _causal_steps(model, input_ids, attention_mask, cfg: SamplingConfig) -> Iter
 
 @torch.no_grad()
 def generate_causal(
-    model, input_ids: Tensor, attention_mask: Tensor | None = None, *, routing: str = "dropless",
-    streamer: Callable[[Tensor], None] | None = None, **sampling,
+    model,
+    input_ids: Tensor,
+    attention_mask: Tensor | None = None,
+    *,
+    routing: str = "dropless",
+    streamer: Callable[[Tensor], None] | None = None,
+    **sampling,
 ) -> Tensor:
     """Prompt plus new tokens, ``[batch, prompt + new]``. Prompts of different lengths are
     left-padded, with ``attention_mask`` marking the real tokens."""

@@ -17,18 +17,19 @@ sequence (the next-to-last dim of ``x``) its own group, as HF counts capacity pe
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import functools
 
 import torch
 from torch import Tensor, nn
 
-from switchformer.dispatch import BACKENDS, combine, plan_dispatch
+from switchformer.dispatch import BACKENDS, DispatchPlan, combine, plan_dispatch
 from switchformer.experts import ACTIVATIONS, Experts
 from switchformer.routing import (
     PRIORITIES,
     ROUTINGS,
     AuxLossFreeRouter,
     ExpertChoiceRouter,
+    Routing,
     TokenChoiceRouter,
     expert_capacity,
     load_balancing_loss,
@@ -37,25 +38,48 @@ from switchformer.routing import (
 )
 
 
-@dataclass
 class MoEAux:
     """What one MoE layer call reports besides its output.
 
     ``aux_loss`` and ``z_loss`` are differentiable scalars (the layer's own, unscaled by any
     coefficient). Counts are per expert: ``tokens_per_expert`` after capacity (what the experts
     processed), ``demand_per_expert`` before it (what the router asked for). For top-k, counts and
-    the dropped fraction are over (token, expert) assignments.
+    the dropped fraction are over (token, expert) assignments. Losses and router statistics are
+    computed on first access, so inference that never reads them does not pay for them.
     """
 
-    aux_loss: Tensor
-    z_loss: Tensor
-    tokens_per_expert: Tensor
-    demand_per_expert: Tensor
-    router_entropy: Tensor
-    router_confidence: Tensor
-    routed: Tensor
-    dropped: Tensor
-    capacity: int | None
+    def __init__(self, routing: Routing, plan: DispatchPlan, token_mask: Tensor | None, capacity: int | None):
+        self._routing, self._mask = routing, token_mask
+        self.tokens_per_expert: Tensor = plan.tokens_per_expert
+        self.demand_per_expert: Tensor = plan.demand_per_expert
+        self.routed: Tensor = plan.routed
+        self.dropped: Tensor = plan.dropped
+        self.capacity = capacity
+
+    @functools.cached_property
+    def aux_loss(self) -> Tensor:
+        routing = self._routing
+        if routing.expert_index is None:  # expert choice is balanced by construction
+            return routing.probs.new_zeros(())
+        return load_balancing_loss(routing.probs, routing.expert_index, self._mask)
+
+    @functools.cached_property
+    def z_loss(self) -> Tensor:
+        return router_z_loss(self._routing.logits, self._mask)
+
+    @functools.cached_property
+    def _entropy_and_confidence(self) -> tuple[Tensor, Tensor]:
+        return router_entropy_and_confidence(self._routing.probs, self._mask)
+
+    @property
+    def router_entropy(self) -> Tensor:
+        """Mean entropy of the router's distribution over experts (nats)."""
+        return self._entropy_and_confidence[0]
+
+    @property
+    def router_confidence(self) -> Tensor:
+        """Mean probability of each token's top expert."""
+        return self._entropy_and_confidence[1]
 
     @property
     def dropped_fraction(self) -> float:
@@ -113,7 +137,9 @@ class SwitchMoE(nn.Module):
         for name, factor in (("capacity_factor", capacity_factor), ("eval_capacity_factor", eval_capacity_factor)):
             _check(factor is None or factor > 0, name, f"must be > 0 or None (dropless), got {factor}")
         _check(min_capacity >= 0, "min_capacity", f"must be >= 0, got {min_capacity}")
-        _check(expert_capacity is None or expert_capacity >= 1, "expert_capacity", f"must be >= 1, got {expert_capacity}")
+        _check(
+            expert_capacity is None or expert_capacity >= 1, "expert_capacity", f"must be >= 1, got {expert_capacity}"
+        )
         _check(group_size is None or group_size >= 1, "group_size", f"must be >= 1, got {group_size}")
         _check(routing in ROUTINGS, "routing", f"unknown {routing!r}; choose one of {ROUTINGS}")
         _check(priority in PRIORITIES, "priority", f"unknown {priority!r}; choose one of {PRIORITIES}")
@@ -147,12 +173,19 @@ class SwitchMoE(nn.Module):
         else:
             router_kwargs.update(top_k=top_k, normalize_gates=normalize_gates, priority=priority)
             if routing == "aux_loss_free":
-                self.router = AuxLossFreeRouter(d_model, num_experts, bias_update_rate=bias_update_rate, **router_kwargs)
+                self.router = AuxLossFreeRouter(
+                    d_model, num_experts, bias_update_rate=bias_update_rate, **router_kwargs
+                )
             else:
                 self.router = TokenChoiceRouter(d_model, num_experts, **router_kwargs)
         self.experts = Experts(
-            num_experts, d_model, d_ff, activation=activation, dropout=expert_dropout,
-            init_scale=init_scale, backend=backend,
+            num_experts,
+            d_model,
+            d_ff,
+            activation=activation,
+            dropout=expert_dropout,
+            init_scale=init_scale,
+            backend=backend,
         )
 
     # -- helpers -----------------------------------------------------------------------------
@@ -196,8 +229,12 @@ class SwitchMoE(nn.Module):
 
         routing = self.router(flat.view(num_groups, group_len, self.d_model), mask, capacity)
         plan = plan_dispatch(
-            routing.token, routing.expert, routing.gate, num_experts=self.num_experts,
-            num_groups=num_groups, tokens_per_group=group_len,
+            routing.token,
+            routing.expert,
+            routing.gate,
+            num_experts=self.num_experts,
+            num_groups=num_groups,
+            tokens_per_group=group_len,
             capacity=None if self.routing == "expert_choice" else capacity,
         )
         expert_out = self.experts(flat.index_select(0, plan.token), plan)
@@ -205,22 +242,7 @@ class SwitchMoE(nn.Module):
         if not torch.is_autocast_enabled(x.device.type):
             y = y.to(x.dtype)  # under autocast keep the compute dtype, as nn.Linear would
 
-        if routing.expert_index is None:  # expert choice is balanced by construction
-            aux_loss = routing.probs.new_zeros(())
-        else:
-            aux_loss = load_balancing_loss(routing.probs, routing.expert_index, mask)
-        entropy, confidence = router_entropy_and_confidence(routing.probs, mask)
-        aux = MoEAux(
-            aux_loss=aux_loss,
-            z_loss=router_z_loss(routing.logits, mask),
-            tokens_per_expert=plan.tokens_per_expert,
-            demand_per_expert=plan.demand_per_expert,
-            router_entropy=entropy,
-            router_confidence=confidence,
-            routed=plan.routed,
-            dropped=plan.dropped,
-            capacity=capacity,
-        )
+        aux = MoEAux(routing, plan, mask, capacity)
         return y.view(x.shape), aux
 
     def extra_repr(self) -> str:

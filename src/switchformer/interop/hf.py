@@ -24,8 +24,14 @@ from switchformer.models.t5 import SwitchT5, SwitchT5Config
 log = logging.getLogger("switchformer")
 
 # HF activation names -> ours (non-gated)
-_HF_ACTIVATIONS = {"relu": "relu", "gelu": "gelu", "gelu_new": "gelu_new", "gelu_pytorch_tanh": "gelu_new",
-                   "silu": "silu", "swish": "silu"}
+_HF_ACTIVATIONS = {
+    "relu": "relu",
+    "gelu": "gelu",
+    "gelu_new": "gelu_new",
+    "gelu_pytorch_tanh": "gelu_new",
+    "silu": "silu",
+    "swish": "silu",
+}
 _TIED_ALIASES = ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight")
 
 
@@ -41,17 +47,23 @@ def config_from_hf(hf: dict) -> SwitchT5Config:
     """Our config from a HF ``config.json`` dict (``switch_transformers`` or ``t5``)."""
     model_type = hf.get("model_type")
     common = dict(
-        vocab_size=hf["vocab_size"], d_model=hf["d_model"], d_kv=hf["d_kv"], d_ff=hf["d_ff"],
-        num_layers=hf["num_layers"], num_decoder_layers=hf.get("num_decoder_layers") or hf["num_layers"],
+        vocab_size=hf["vocab_size"],
+        d_model=hf["d_model"],
+        d_kv=hf["d_kv"],
+        d_ff=hf["d_ff"],
+        num_layers=hf["num_layers"],
+        num_decoder_layers=hf.get("num_decoder_layers") or hf["num_layers"],
         num_heads=hf["num_heads"],
         relative_attention_num_buckets=hf.get("relative_attention_num_buckets", 32),
         relative_attention_max_distance=hf.get("relative_attention_max_distance", 128),
-        dropout_rate=hf.get("dropout_rate", 0.1), layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-6),
+        dropout_rate=hf.get("dropout_rate", 0.1),
+        layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-6),
         # transformers >= 5 always ties T5's weights and records the output scaling separately
         tie_word_embeddings=hf.get("scale_decoder_outputs", hf.get("tie_word_embeddings", True)),
         pad_token_id=hf.get("pad_token_id", 0) if hf.get("pad_token_id") is not None else 0,
         eos_token_id=_first(hf.get("eos_token_id", 1)),
-        decoder_start_token_id=hf.get("decoder_start_token_id") if hf.get("decoder_start_token_id") is not None
+        decoder_start_token_id=hf.get("decoder_start_token_id")
+        if hf.get("decoder_start_token_id") is not None
         else hf.get("pad_token_id", 0) or 0,
     )
     if model_type == "switch_transformers":
@@ -60,12 +72,16 @@ def config_from_hf(hf: dict) -> SwitchT5Config:
             raise ValueError(f"config.json: dense_act_fn {act!r} is not supported (known: {sorted(_HF_ACTIVATIONS)})")
         num_dec = common["num_decoder_layers"]
         return SwitchT5Config(
-            **common, activation=_HF_ACTIVATIONS[act], num_experts=hf["num_experts"],
+            **common,
+            activation=_HF_ACTIVATIONS[act],
+            num_experts=hf["num_experts"],
             encoder_sparse_step=_hf_sparse_step(hf["num_layers"], hf.get("num_sparse_encoder_layers", 3)),
             decoder_sparse_step=_hf_sparse_step(num_dec, hf.get("num_sparse_decoder_layers", 3)),
-            expert_capacity=hf.get("expert_capacity", 64), router_jitter_noise=hf.get("router_jitter_noise", 0.01),
+            expert_capacity=hf.get("expert_capacity", 64),
+            router_jitter_noise=hf.get("router_jitter_noise", 0.01),
             router_aux_loss_coef=hf.get("router_aux_loss_coef", 0.001),
-            router_z_loss_coef=hf.get("router_z_loss_coef", 0.001), init_scale=hf.get("initializer_factor", 1.0),
+            router_z_loss_coef=hf.get("router_z_loss_coef", 0.001),
+            init_scale=hf.get("initializer_factor", 1.0),
         )
     if model_type == "t5":
         proj = hf.get("feed_forward_proj", "relu")
@@ -80,8 +96,13 @@ def config_from_hf(hf: dict) -> SwitchT5Config:
             if ours not in gated_names:
                 raise ValueError(f"config.json: feed_forward_proj {proj!r} is not supported")
             ours = gated_names[ours]
-        return SwitchT5Config(**common, activation=ours, encoder_sparse_step=0, decoder_sparse_step=0,
-                              init_scale=hf.get("initializer_factor", 1.0))
+        return SwitchT5Config(
+            **common,
+            activation=ours,
+            encoder_sparse_step=0,
+            decoder_sparse_step=0,
+            init_scale=hf.get("initializer_factor", 1.0),
+        )
     raise ValueError(f"config.json: model_type {model_type!r} is neither 'switch_transformers' nor 't5'")
 
 
@@ -92,13 +113,22 @@ def _first(value):
 def config_to_hf(config: SwitchT5Config) -> dict:
     """HF ``config.json`` dict: ``switch_transformers`` if the model has sparse layers, else ``t5``."""
     common = dict(
-        vocab_size=config.vocab_size, d_model=config.d_model, d_kv=config.d_kv, d_ff=config.d_ff,
-        num_layers=config.num_layers, num_decoder_layers=config.num_decoder_layers, num_heads=config.num_heads,
+        vocab_size=config.vocab_size,
+        d_model=config.d_model,
+        d_kv=config.d_kv,
+        d_ff=config.d_ff,
+        num_layers=config.num_layers,
+        num_decoder_layers=config.num_decoder_layers,
+        num_heads=config.num_heads,
         relative_attention_num_buckets=config.relative_attention_num_buckets,
-        relative_attention_max_distance=config.relative_attention_max_distance, dropout_rate=config.dropout_rate,
-        layer_norm_epsilon=config.layer_norm_epsilon, tie_word_embeddings=config.tie_word_embeddings,
-        pad_token_id=config.pad_token_id, eos_token_id=config.eos_token_id,
-        decoder_start_token_id=config.decoder_start_token_id, is_encoder_decoder=True,
+        relative_attention_max_distance=config.relative_attention_max_distance,
+        dropout_rate=config.dropout_rate,
+        layer_norm_epsilon=config.layer_norm_epsilon,
+        tie_word_embeddings=config.tie_word_embeddings,
+        pad_token_id=config.pad_token_id,
+        eos_token_id=config.eos_token_id,
+        decoder_start_token_id=config.decoder_start_token_id,
+        is_encoder_decoder=True,
     )
     if not config.has_sparse_layers:
         gated = {"gated-gelu": "gated-gelu", "swiglu": "gated-silu"}
@@ -106,30 +136,47 @@ def config_to_hf(config: SwitchT5Config) -> dict:
         proj = gated.get(config.activation) or plain[config.activation]
         return dict(common, model_type="t5", architectures=["T5ForConditionalGeneration"], feed_forward_proj=proj)
     if config.activation not in ("relu", "gelu", "gelu_new", "silu"):
-        raise ValueError(f"activation: Hugging Face SwitchTransformers has no gated FFN; cannot export {config.activation!r}")
+        raise ValueError(
+            f"activation: Hugging Face SwitchTransformers has no gated FFN; cannot export {config.activation!r}"
+        )
     if config.top_k != 1:
         raise ValueError("top_k: Hugging Face SwitchTransformers routes top-1 only")
     sparse = {}
-    for stack, layers, step in (("encoder", config.num_layers, config.encoder_sparse_step),
-                                ("decoder", config.num_decoder_layers, config.decoder_sparse_step)):
+    for stack, layers, step in (
+        ("encoder", config.num_layers, config.encoder_sparse_step),
+        ("decoder", config.num_decoder_layers, config.decoder_sparse_step),
+    ):
         count = sum(is_sparse_layer(i, step) for i in range(layers))
         hf_layout = [is_sparse_layer(i, _hf_sparse_step(layers, count)) for i in range(layers)]
         if hf_layout != [is_sparse_layer(i, step) for i in range(layers)]:
-            raise ValueError(f"{stack}_sparse_step: the sparse layout of step {step} over {layers} layers "
-                             "cannot be expressed in Hugging Face's config")
+            raise ValueError(
+                f"{stack}_sparse_step: the sparse layout of step {step} over {layers} layers "
+                "cannot be expressed in Hugging Face's config"
+            )
         sparse[stack] = count
     capacity = config.expert_capacity
     if capacity is None:
         capacity = 64
-        log.warning("to_hf: Hugging Face uses an absolute per-sequence expert_capacity; writing %d "
-                    "(this model routes with capacity factors)", capacity)
+        log.warning(
+            "to_hf: Hugging Face uses an absolute per-sequence expert_capacity; writing %d "
+            "(this model routes with capacity factors)",
+            capacity,
+        )
     return dict(
-        common, model_type="switch_transformers", architectures=["SwitchTransformersForConditionalGeneration"],
-        num_experts=config.num_experts, num_sparse_encoder_layers=sparse["encoder"],
-        num_sparse_decoder_layers=sparse["decoder"], expert_capacity=capacity,
-        router_jitter_noise=config.router_jitter_noise, router_aux_loss_coef=config.router_aux_loss_coef,
-        router_z_loss_coef=config.router_z_loss_coef, dense_act_fn=config.activation, router_bias=False,
-        router_dtype="float32", initializer_factor=config.init_scale,
+        common,
+        model_type="switch_transformers",
+        architectures=["SwitchTransformersForConditionalGeneration"],
+        num_experts=config.num_experts,
+        num_sparse_encoder_layers=sparse["encoder"],
+        num_sparse_decoder_layers=sparse["decoder"],
+        expert_capacity=capacity,
+        router_jitter_noise=config.router_jitter_noise,
+        router_aux_loss_coef=config.router_aux_loss_coef,
+        router_z_loss_coef=config.router_z_loss_coef,
+        dense_act_fn=config.activation,
+        router_bias=False,
+        router_dtype="float32",
+        initializer_factor=config.init_scale,
     )
 
 
@@ -151,12 +198,19 @@ def _key_pairs(config: SwitchT5Config, flavour: str) -> list[tuple[str, list[str
             for name in "qkvo":
                 pairs.append((f"{ours}.attn.{name}.weight", [f"{hf}.0.SelfAttention.{name}.weight"], "copy"))
             if i == 0:
-                pairs.append((f"{ours}.attn.relative_attention_bias.weight",
-                              [f"{hf}.0.SelfAttention.relative_attention_bias.weight"], "copy"))
+                pairs.append(
+                    (
+                        f"{ours}.attn.relative_attention_bias.weight",
+                        [f"{hf}.0.SelfAttention.relative_attention_bias.weight"],
+                        "copy",
+                    )
+                )
             if decoder:
                 pairs.append((f"{ours}.cross_norm.weight", [f"{hf}.1.layer_norm.weight"], "copy"))
                 for name in "qkvo":
-                    pairs.append((f"{ours}.cross_attn.{name}.weight", [f"{hf}.1.EncDecAttention.{name}.weight"], "copy"))
+                    pairs.append(
+                        (f"{ours}.cross_attn.{name}.weight", [f"{hf}.1.EncDecAttention.{name}.weight"], "copy")
+                    )
             pairs.append((f"{ours}.ffn_norm.weight", [f"{hf}.{ff}.layer_norm.weight"], "copy"))
             if sparse:
                 mlp = f"{hf}.{ff}.mlp"
@@ -181,16 +235,23 @@ def state_dict_from_hf(hf_state: dict[str, Tensor], config: SwitchT5Config, flav
     expected = {key for _, keys, _ in pairs for key in keys}
     present = set(hf_state) | ({"lm_head.weight"} if "shared.weight" in hf_state else set())
     missing = sorted(expected - present)
-    unexpected = sorted(k for k in hf_state.keys() - expected if k not in _TIED_ALIASES
-                        and not (k == "lm_head.weight" and config.tie_word_embeddings))
+    unexpected = sorted(
+        k
+        for k in hf_state.keys() - expected
+        if k not in _TIED_ALIASES and not (k == "lm_head.weight" and config.tie_word_embeddings)
+    )
     if missing or unexpected:
-        raise ValueError(f"checkpoint: keys do not match the config: missing {missing[:20]}"
-                         f"{' ...' if len(missing) > 20 else ''} ({len(missing)}), unexpected {unexpected[:20]}"
-                         f"{' ...' if len(unexpected) > 20 else ''} ({len(unexpected)})")
+        raise ValueError(
+            f"checkpoint: keys do not match the config: missing {missing[:20]}"
+            f"{' ...' if len(missing) > 20 else ''} ({len(missing)}), unexpected {unexpected[:20]}"
+            f"{' ...' if len(unexpected) > 20 else ''} ({len(unexpected)})"
+        )
     if not config.tie_word_embeddings and "lm_head.weight" not in hf_state:
         hf_state = dict(hf_state, **{"lm_head.weight": hf_state["shared.weight"]})  # tied in memory, unscaled
-    if config.tie_word_embeddings and "lm_head.weight" in hf_state and not torch.equal(
-        hf_state["lm_head.weight"], hf_state["shared.weight"]
+    if (
+        config.tie_word_embeddings
+        and "lm_head.weight" in hf_state
+        and not torch.equal(hf_state["lm_head.weight"], hf_state["shared.weight"])
     ):
         raise ValueError("checkpoint: lm_head.weight differs from shared.weight but the config ties them")
     state = {}
@@ -233,8 +294,10 @@ def _load_directory_weights(path: Path) -> dict[str, Tensor]:
 
     if (path / "model.safetensors").exists():
         return load_file(str(path / "model.safetensors"))
-    for index_name, loader in (("model.safetensors.index.json", lambda f: load_file(str(f))),
-                               ("pytorch_model.bin.index.json", _load_bin)):
+    for index_name, loader in (
+        ("model.safetensors.index.json", lambda f: load_file(str(f))),
+        ("pytorch_model.bin.index.json", _load_bin),
+    ):
         index = path / index_name
         if index.exists():
             shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))

@@ -4,4 +4,12 @@ from switchformer.models.common import ModelOutput, RouterStats
 from switchformer.models.lm import SwitchLM, SwitchLMConfig
 from switchformer.models.t5 import SwitchT5, SwitchT5Config, dense_twin_config
 
-__all__ = ["ModelOutput", "RouterStats", "SwitchLM", "SwitchLMConfig", "SwitchT5", "SwitchT5Config", "dense_twin_config"]
+__all__ = [
+    "ModelOutput",
+    "RouterStats",
+    "SwitchLM",
+    "SwitchLMConfig",
+    "SwitchT5",
+    "SwitchT5Config",
+    "dense_twin_config",
+]

@@ -32,7 +32,9 @@ class RMSNorm(nn.Module):
 class DenseFFN(nn.Module):
     """One feed-forward network, the same math as one expert: ``w_out(act(w_in x))``."""
 
-    def __init__(self, d_model: int, d_ff: int, activation: str = "relu", dropout: float = 0.0, init_scale: float = 1.0):
+    def __init__(
+        self, d_model: int, d_ff: int, activation: str = "relu", dropout: float = 0.0, init_scale: float = 1.0
+    ):
         super().__init__()
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation: unknown {activation!r}; choose one of {sorted(ACTIVATIONS)}")

@@ -57,8 +57,9 @@ class SwitchLMConfig:
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)}")
         if self.d_model % self.num_heads or (self.d_model // self.num_heads) % 2:
-            raise ValueError(f"num_heads: d_model={self.d_model} must split into an even head size over "
-                             f"{self.num_heads} heads")
+            raise ValueError(
+                f"num_heads: d_model={self.d_model} must split into an even head size over {self.num_heads} heads"
+            )
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"activation: unknown {self.activation!r}; choose one of {sorted(ACTIVATIONS)}")
         if self.routing not in ROUTINGS:
@@ -75,10 +76,16 @@ class SwitchLMConfig:
 
     def moe_kwargs(self) -> dict:
         return dict(
-            num_experts=self.num_experts, top_k=self.top_k, routing=self.routing,
-            capacity_factor=self.capacity_factor, eval_capacity_factor=self.eval_capacity_factor,
-            min_capacity=self.min_capacity, jitter_eps=self.router_jitter_noise,
-            expert_dropout=self.expert_dropout, init_scale=self.init_scale, causal=True,
+            num_experts=self.num_experts,
+            top_k=self.top_k,
+            routing=self.routing,
+            capacity_factor=self.capacity_factor,
+            eval_capacity_factor=self.eval_capacity_factor,
+            min_capacity=self.min_capacity,
+            jitter_eps=self.router_jitter_noise,
+            expert_dropout=self.expert_dropout,
+            init_scale=self.init_scale,
+            causal=True,
         )
 
     def to_dict(self) -> dict:
@@ -116,8 +123,10 @@ class LMCache:
     def __init__(self, batch: int, config: SwitchLMConfig, max_length: int, device, dtype):
         head_dim = config.d_model // config.num_heads
         shape = (batch, config.num_heads, max_length, head_dim)
-        self.kv = [(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
-                   for _ in range(config.num_layers)]
+        self.kv = [
+            (torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
+            for _ in range(config.num_layers)
+        ]
         self.key_valid = torch.zeros(batch, max_length, dtype=torch.bool, device=device)
         self.length = 0
         self.next_position = torch.zeros(batch, dtype=torch.long, device=device)
@@ -129,8 +138,8 @@ class LMCache:
     def append(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         end = self.length + k.shape[2]
         keys, values = self.kv[layer]
-        keys[:, :, self.length:end] = k
-        values[:, :, self.length:end] = v
+        keys[:, :, self.length : end] = k
+        values[:, :, self.length : end] = v
         return keys[:, :, :end], values[:, :, :end]
 
 
@@ -167,7 +176,11 @@ class LMBlock(nn.Module):
         self.attn = LMAttention(config)
         self.ffn_norm = RMSNorm(config.d_model, config.layer_norm_epsilon)
         self.ffn = FeedForward(
-            config.d_model, config.d_ff, sparse=sparse, activation=config.activation, dropout=config.dropout_rate,
+            config.d_model,
+            config.d_ff,
+            sparse=sparse,
+            activation=config.activation,
+            dropout=config.dropout_rate,
             moe_kwargs=config.moe_kwargs() if sparse else {"init_scale": config.init_scale},
         )
         self.dropout = nn.Dropout(config.dropout_rate)
@@ -229,10 +242,12 @@ class SwitchLM(nn.Module):
             end = cache.length + seq
             if end > cache.capacity:
                 raise ValueError(f"cache: {end} positions exceed the cache size {cache.capacity}")
-            cache.key_valid[:, cache.length:end] = valid
+            cache.key_valid[:, cache.length : end] = valid
             positions = cache.next_position[:, None] + (valid.long().cumsum(1) - 1).clamp_min(0)
             if int(positions.max()) >= self.config.max_seq_len:
-                raise ValueError(f"input_ids: position {int(positions.max())} exceeds max_seq_len={self.config.max_seq_len}")
+                raise ValueError(
+                    f"input_ids: position {int(positions.max())} exceeds max_seq_len={self.config.max_seq_len}"
+                )
             cache.next_position = cache.next_position + valid.long().sum(1)
             mask = self._attention_mask(cache.key_valid[:, :end], cache.length, seq)
             token_mask = valid if not bool(valid.all()) else None
@@ -260,8 +275,13 @@ class SwitchLM(nn.Module):
     def project(self, h: Tensor) -> Tensor:
         return h @ self.embed.weight.t() if self.lm_head is None else self.lm_head(h)
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, labels: Tensor | None = None,
-                decoder_input_ids: Tensor | None = None):
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        labels: Tensor | None = None,
+        decoder_input_ids: Tensor | None = None,
+    ):
         if decoder_input_ids is not None:
             raise ValueError("decoder_input_ids: SwitchLM is decoder-only; pass input_ids")
         if labels is not None and labels.shape != input_ids.shape:

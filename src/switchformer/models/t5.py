@@ -69,8 +69,15 @@ class SwitchT5Config:
         self.validate()
 
     def validate(self) -> None:
-        positive = ("vocab_size", "d_model", "d_kv", "d_ff", "num_heads", "relative_attention_num_buckets",
-                    "relative_attention_max_distance")
+        positive = (
+            "vocab_size",
+            "d_model",
+            "d_kv",
+            "d_ff",
+            "num_heads",
+            "relative_attention_num_buckets",
+            "relative_attention_max_distance",
+        )
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
@@ -95,11 +102,16 @@ class SwitchT5Config:
 
     def moe_kwargs(self, causal: bool) -> dict:
         return dict(
-            num_experts=self.num_experts, top_k=self.top_k, capacity_factor=self.capacity_factor,
-            eval_capacity_factor=self.eval_capacity_factor, min_capacity=self.min_capacity,
-            expert_capacity=self.expert_capacity, jitter_eps=self.router_jitter_noise,
+            num_experts=self.num_experts,
+            top_k=self.top_k,
+            capacity_factor=self.capacity_factor,
+            eval_capacity_factor=self.eval_capacity_factor,
+            min_capacity=self.min_capacity,
+            expert_capacity=self.expert_capacity,
+            jitter_eps=self.router_jitter_noise,
             expert_dropout=self.dropout_rate if self.expert_dropout is None else self.expert_dropout,
-            init_scale=self.init_scale, causal=causal,
+            init_scale=self.init_scale,
+            causal=causal,
         )
 
     def to_dict(self) -> dict:
@@ -127,7 +139,9 @@ def dense_twin_config(config):
 # ----------------------------------------------------------------------------- attention
 
 
-def relative_position_bucket(relative_position: Tensor, bidirectional: bool, num_buckets: int, max_distance: int) -> Tensor:
+def relative_position_bucket(
+    relative_position: Tensor, bidirectional: bool, num_buckets: int, max_distance: int
+) -> Tensor:
     """T5's bucketing of ``memory_position - query_position``: exact buckets for small distances,
     logarithmic ones up to ``max_distance``, one bucket beyond; separate halves per direction when
     bidirectional, only the past otherwise."""
@@ -210,8 +224,8 @@ class DecoderCache:
         if end > self.capacity:
             raise ValueError(f"cache: {end} decoder positions exceed the cache size {self.capacity}")
         keys, values = self.self_kv[layer]
-        keys[:, :, self.length:end] = k
-        values[:, :, self.length:end] = v
+        keys[:, :, self.length : end] = k
+        values[:, :, self.length : end] = v
         return keys[:, :, :end], values[:, :, :end]
 
     def reorder(self, index: Tensor) -> None:
@@ -234,7 +248,11 @@ class T5Block(nn.Module):
             self.cross_attn = T5Attention(config, has_relative_bias=False, bidirectional=True)
         self.ffn_norm = RMSNorm(config.d_model, config.layer_norm_epsilon)
         self.ffn = FeedForward(
-            config.d_model, config.d_ff, sparse=sparse, activation=config.activation, dropout=config.dropout_rate,
+            config.d_model,
+            config.d_ff,
+            sparse=sparse,
+            activation=config.activation,
+            dropout=config.dropout_rate,
             moe_kwargs=config.moe_kwargs(causal=decoder) if sparse else {"init_scale": config.init_scale},
         )
         self.dropout = nn.Dropout(config.dropout_rate)
@@ -316,7 +334,9 @@ class SwitchT5(nn.Module):
         shifted[:, 1:] = labels[:, :-1]
         return shifted.masked_fill(shifted == -100, self.config.pad_token_id)
 
-    def encode(self, input_ids: Tensor, attention_mask: Tensor | None = None, stats: RouterStats | None = None) -> Tensor:
+    def encode(
+        self, input_ids: Tensor, attention_mask: Tensor | None = None, stats: RouterStats | None = None
+    ) -> Tensor:
         check_token_ids("input_ids", input_ids, self.config.vocab_size)
         check_mask("attention_mask", attention_mask, input_ids)
         stats = RouterStats() if stats is None else stats
@@ -337,8 +357,16 @@ class SwitchT5(nn.Module):
         mask_bias = padding_bias(mask, dtype)
         return bias if mask_bias is None else bias + mask_bias
 
-    def decode(self, decoder_input_ids, memory, memory_mask=None, decoder_attention_mask=None, cache=None, stats=None,
-               route_mask=None):
+    def decode(
+        self,
+        decoder_input_ids,
+        memory,
+        memory_mask=None,
+        decoder_attention_mask=None,
+        cache=None,
+        stats=None,
+        route_mask=None,
+    ):
         check_token_ids("decoder_input_ids", decoder_input_ids, self.config.vocab_size)
         check_mask("decoder_attention_mask", decoder_attention_mask, decoder_input_ids)
         stats = RouterStats() if stats is None else stats
@@ -396,15 +424,22 @@ class SwitchT5(nn.Module):
                 raise ValueError("decoder_input_ids: give decoder_input_ids or labels")
             decoder_input_ids = self.shift_right(labels)
         if labels is not None and labels.shape != decoder_input_ids.shape:
-            raise ValueError(f"labels: shape {tuple(labels.shape)} does not match decoder_input_ids "
-                             f"{tuple(decoder_input_ids.shape)}")
+            raise ValueError(
+                f"labels: shape {tuple(labels.shape)} does not match decoder_input_ids {tuple(decoder_input_ids.shape)}"
+            )
         route_mask = None
         if decoder_attention_mask is None and labels is not None:
             # Padding known only from the labels is attended to, as in HF (it only ever follows
             # the real tokens), but it takes no expert capacity and stays out of router losses.
             route_mask = labels != -100
-        h = self.decode(decoder_input_ids, encoder_hidden_states, attention_mask, decoder_attention_mask,
-                        stats=stats, route_mask=route_mask)
+        h = self.decode(
+            decoder_input_ids,
+            encoder_hidden_states,
+            attention_mask,
+            decoder_attention_mask,
+            stats=stats,
+            route_mask=route_mask,
+        )
         logits = self.project(h)
         return finish_output(self.config, logits, labels, stats, ("encoder", "decoder"), encoder_hidden_states)
 
@@ -432,9 +467,18 @@ def finish_output(config, logits, labels, stats, stacks, encoder_hidden_states=N
             logits_for_loss, labels = logits[:, :-1], labels[:, 1:]
         else:
             logits_for_loss = logits
-        ce = F.cross_entropy(logits_for_loss.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=-100)
+        ce = F.cross_entropy(
+            logits_for_loss.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=-100
+        )
         loss = ce
         if aux is not None:
             loss = loss + config.router_aux_loss_coef * aux + config.router_z_loss_coef * z
-    return ModelOutput(logits=logits, loss=loss, ce_loss=ce, aux_loss=aux, z_loss=z, router_stats=stats,
-                       encoder_hidden_states=encoder_hidden_states)
+    return ModelOutput(
+        logits=logits,
+        loss=loss,
+        ce_loss=ce,
+        aux_loss=aux,
+        z_loss=z,
+        router_stats=stats,
+        encoder_hidden_states=encoder_hidden_states,
+    )

@@ -1,0 +1,149 @@
+"""SwitchT5 against Hugging Face's SwitchTransformersForConditionalGeneration on the same weights.
+
+Training step (forward, backward, AdamW) throughput and greedy generation speed, interleaved in one
+process, medians; outputs are checked to be identical (logits within 1e-4, same generated tokens).
+
+    python benchmarks/vs_transformers.py
+    python benchmarks/vs_transformers.py --experts 8 --steps 5 --gen-repeats 3   # quicker
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from switchformer.interop.hf import from_hf
+from switchformer.runtime import reuse_freed_memory
+
+
+def hf_model(experts: int, vocab: int, seed: int = 0):
+    import transformers
+
+    torch.manual_seed(seed)
+    config = transformers.SwitchTransformersConfig(
+        vocab_size=vocab,
+        d_model=256,
+        d_kv=64,
+        d_ff=1024,
+        num_layers=4,
+        num_decoder_layers=4,
+        num_heads=4,
+        num_experts=experts,
+        num_sparse_encoder_layers=2,
+        num_sparse_decoder_layers=2,
+        expert_capacity=64,
+        router_jitter_noise=0.0,
+        dropout_rate=0.0,
+        decoder_start_token_id=0,
+        eos_token_id=1,
+    )
+    return transformers.SwitchTransformersForConditionalGeneration(config)
+
+
+def train_step(model, optimizer, batch, is_hf):
+    optimizer.zero_grad(set_to_none=True)
+    start = time.perf_counter()
+    if is_hf:
+        out = model(input_ids=batch["ids"], labels=batch["labels"], output_router_logits=True)
+    else:
+        out = model(batch["ids"], labels=batch["labels"])
+    out.loss.backward()
+    optimizer.step()
+    return time.perf_counter() - start
+
+
+def generate(model, ids, new_tokens, is_hf):
+    start = time.perf_counter()
+    with torch.no_grad():
+        if is_hf:
+            out = model.generate(input_ids=ids, max_new_tokens=new_tokens, do_sample=False, num_beams=1)
+        else:
+            out = model.generate(ids, max_new_tokens=new_tokens, routing="eval")
+    return time.perf_counter() - start, out
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--experts", type=int, nargs="+", default=[8, 64])
+    parser.add_argument("--vocab", type=int, default=8192)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=7)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--gen-repeats", type=int, default=5)
+    parser.add_argument("--reuse-freed-memory", action="store_true")
+    args = parser.parse_args()
+    if args.reuse_freed_memory:
+        reuse_freed_memory()
+    print(
+        f"torch {torch.__version__}, threads {torch.get_num_threads()}, d_model 256, 4+4 layers, d_ff 1024, "
+        f"4 heads, vocab {args.vocab}, sparse every other layer, batch {args.batch} x {args.seq}"
+    )
+    print("| E | measure | HF | switchformer | speed-up |")
+    print("|---:|:---|---:|---:|---:|")
+    for experts in args.experts:
+        hf = hf_model(experts, args.vocab).train()
+        ours = from_hf(hf).train()
+        g = torch.Generator().manual_seed(1)
+        batch = {
+            "ids": torch.randint(2, args.vocab, (args.batch, args.seq), generator=g),
+            "labels": torch.randint(2, args.vocab, (args.batch, args.seq), generator=g),
+        }
+        with torch.no_grad():
+            hf.eval(), ours.eval()
+            diff = (
+                (
+                    hf(input_ids=batch["ids"], labels=batch["labels"]).logits
+                    - ours(batch["ids"], labels=batch["labels"]).logits
+                )
+                .abs()
+                .max()
+                .item()
+            )
+            hf.train(), ours.train()
+        assert diff < 1e-4, f"logits differ by {diff}"
+        optimizers = {
+            "hf": torch.optim.AdamW(hf.parameters(), lr=1e-4),
+            "ours": torch.optim.AdamW(ours.parameters(), lr=1e-4),
+        }
+        models = {"hf": hf, "ours": ours}
+        times = {"hf": [], "ours": []}
+        for step in range(args.steps + 1):
+            for name in ("hf", "ours") if step % 2 else ("ours", "hf"):
+                t = train_step(models[name], optimizers[name], batch, name == "hf")
+                if step:  # the first step warms up allocators and caches
+                    times[name].append(t)
+        hf_t, our_t = statistics.median(times["hf"]), statistics.median(times["ours"])
+        tokens = args.batch * args.seq * 2
+        print(
+            f"| {experts} | training tokens/s (fwd+bwd+AdamW) | {tokens / hf_t:,.0f} | {tokens / our_t:,.0f} | "
+            f"{hf_t / our_t:.2f}x |",
+            flush=True,
+        )
+
+        hf.eval(), ours.eval()
+        for gen_batch in (1, args.batch):
+            ids = batch["ids"][:gen_batch, :64]
+            times = {"hf": [], "ours": []}
+            outputs = {}
+            for rep in range(args.gen_repeats + 1):
+                for name in ("hf", "ours") if rep % 2 else ("ours", "hf"):
+                    t, out = generate(models[name], ids, args.new_tokens, name == "hf")
+                    outputs[name] = out
+                    if rep:
+                        times[name].append(t)
+            same = torch.equal(outputs["hf"], outputs["ours"])
+            new = outputs["ours"].shape[1] - 1
+            hf_t, our_t = statistics.median(times["hf"]), statistics.median(times["ours"])
+            print(
+                f"| {experts} | greedy tokens/s, batch {gen_batch}, {new} new{'' if same else ' (OUTPUTS DIFFER)'} | "
+                f"{gen_batch * new / hf_t:,.0f} | {gen_batch * new / our_t:,.0f} | {hf_t / our_t:.2f}x |",
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    main()
