@@ -209,8 +209,15 @@ class DecoderCache:
     """Static key/value buffers for cached decoding: self-attention per layer (filled as tokens
     come) and cross-attention per layer (computed once from the encoder output)."""
 
-    def __init__(self, self_kv: list[tuple[Tensor, Tensor]], cross_kv: list[tuple[Tensor, Tensor]], cross_bias: Tensor):
+    def __init__(
+        self,
+        self_kv: list[tuple[Tensor, Tensor]],
+        cross_kv: list[tuple[Tensor, Tensor]],
+        cross_bias: Tensor,
+        self_bias: Tensor,
+    ):
         self.self_kv = self_kv
+        self.self_bias = self_bias
         self.cross_kv = cross_kv
         self.cross_bias = cross_bias
         self.length = 0
@@ -373,8 +380,10 @@ class SwitchT5(nn.Module):
         h = self.shared(decoder_input_ids)
         query_len = decoder_input_ids.shape[1]
         offset = cache.length if cache is not None else 0
-        self_mask = decoder_attention_mask
-        bias = self.decoder_self_bias(query_len, offset + query_len, offset, self_mask, h.dtype)
+        if cache is not None and decoder_attention_mask is None:
+            bias = cache.self_bias[:, :, offset : offset + query_len, : offset + query_len]
+        else:
+            bias = self.decoder_self_bias(query_len, offset + query_len, offset, decoder_attention_mask, h.dtype)
         if cache is not None:
             memory_bias = cache.cross_bias
         else:
@@ -401,7 +410,9 @@ class SwitchT5(nn.Module):
         cross_bias = padding_bias(memory_mask, memory.dtype)
         if cross_bias is None:
             cross_bias = memory.new_zeros(batch, 1, 1, memory.shape[1])
-        return DecoderCache(self_kv, cross_kv, cross_bias)
+        # position bias and causal mask for every (query, key) pair the cache can hold, computed once
+        self_bias = self.decoder_self_bias(max_length, max_length, 0, None, memory.dtype)
+        return DecoderCache(self_kv, cross_kv, cross_bias, self_bias)
 
     # -- forward -----------------------------------------------------------------------------
 
