@@ -280,11 +280,12 @@ def grouped_linear(x: Tensor, weight: Tensor, plan: DispatchPlan, backend: str =
     dtype, like ``nn.Linear`` would.
     """
     device_type = x.device.type
-    if torch.is_autocast_enabled(device_type):
-        dtype = torch.get_autocast_dtype(device_type)
-        x, weight = x.to(dtype), weight.to(dtype)
-    elif x.dtype != weight.dtype:
-        x = x.to(weight.dtype)
+    if not torch.is_autocast_enabled(device_type):
+        if x.dtype != weight.dtype:
+            x = x.to(weight.dtype)
+        return _IMPLEMENTATIONS[resolve_backend(backend, x, weight)](x, weight, plan)
+    dtype = torch.get_autocast_dtype(device_type)
+    x, weight = x.to(dtype), weight.to(dtype)
     name = resolve_backend(backend, x, weight)
     with torch.autocast(device_type=device_type, enabled=False):
         return _IMPLEMENTATIONS[name](x, weight, plan)

@@ -119,12 +119,17 @@ class Router(nn.Module):
         scaled_trunc_normal_(self.weight, fan_in=self.weight.shape[1], scale=self.init_scale)
 
     def compute_logits(self, x: Tensor) -> Tensor:
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            h = x.float()
-            if self.training and self.jitter_eps > 0:
-                # Out of place: the experts must see the clean input (HF once jittered in place).
-                h = h * torch.empty_like(h).uniform_(1.0 - self.jitter_eps, 1.0 + self.jitter_eps)
-            return F.linear(h, self.weight.float())
+        if torch.is_autocast_enabled(x.device.type):
+            with torch.autocast(device_type=x.device.type, enabled=False):
+                return self._float32_logits(x)
+        return self._float32_logits(x)
+
+    def _float32_logits(self, x: Tensor) -> Tensor:
+        h = x.float()
+        if self.training and self.jitter_eps > 0:
+            # Out of place: the experts must see the clean input (HF once jittered in place).
+            h = h * torch.empty_like(h).uniform_(1.0 - self.jitter_eps, 1.0 + self.jitter_eps)
+        return F.linear(h, self.weight.float())
 
     def forward(self, x: Tensor, token_mask: Tensor | None, capacity: int | None) -> Routing:
         raise NotImplementedError
