@@ -1,12 +1,308 @@
-"""The ``switchformer`` command."""
+"""The ``switchformer`` command: train | eval | generate | compare | convert | info | report."""
 
 from __future__ import annotations
 
 import argparse
+import json
+import logging
 import sys
+import time
+from pathlib import Path
+
+EPILOGS = {
+    "train": """examples:
+  switchformer train                                   # tiny preset on the embedded corpus (a few minutes)
+  switchformer train --preset tiny --max-steps 200 --run-name quick
+  switchformer train --data notes/ --set vocab_size=8000 --set num_experts=16
+  switchformer train --config my.toml --model t5       # T5 span corruption
+  switchformer train --resume runs/quick               # continue exactly where it stopped
+  torchrun is not needed for one process.""",
+    "eval": "example:\n  switchformer eval runs/quick",
+    "generate": """examples:
+  switchformer generate runs/quick --prompt "The object"
+  echo "Return the" | switchformer generate runs/quick --temperature 0.7 --top-p 0.9""",
+    "compare": """examples:
+  switchformer compare                       # Switch vs its FLOP-matched dense twin (compare preset)
+  switchformer compare --max-steps 200 --set num_experts=8""",
+    "convert": """examples:
+  switchformer convert path/to/hf-switch-dir native-run/      # Hugging Face -> switchformer
+  switchformer convert runs/t5-run hf-export/                 # switchformer (T5) -> Hugging Face""",
+    "info": """examples:
+  switchformer info runs/quick
+  switchformer info --preset compare
+  switchformer info --d-model 768 --d-ff 3072 --num-experts 128       # one Switch layer""",
+    "report": "example:\n  switchformer report runs/quick    # writes loss.png, expert_load.png, dropped_fraction.png",
+}
 
 
-def _info(args: argparse.Namespace) -> int:
+# ----------------------------------------------------------------------------- helpers
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", default=None, help="tiny (default), test or compare")
+    p.add_argument("--config", help="a .toml, .yaml or .json file of settings")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one setting")
+    p.add_argument("--model", choices=["lm", "t5"], help="model family")
+    p.add_argument("--data", nargs="+", help="text files or folders, .jsonl, .arrow/.parquet (default: embedded)")
+    p.add_argument("--max-steps", type=int)
+    p.add_argument("--out-dir", help="parent folder of runs (default: runs)")
+    p.add_argument("--run-name")
+    p.add_argument("--device", help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _config_from_args(args, default_preset: str):
+    from switchformer.train.config import build_config
+
+    overrides = {
+        "model": args.model,
+        "data": args.data,
+        "max_steps": args.max_steps,
+        "out_dir": args.out_dir,
+        "run_name": args.run_name,
+    }
+    return build_config(args.preset or default_preset, args.config, overrides, args.set)
+
+
+def _run_dir(config) -> Path:
+    name = config.run_name or f"{config.model}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return Path(config.out_dir) / name
+
+
+def load_run(source: str | Path):
+    """(model, tokenizer, train config) from a run directory (latest checkpoint) or one checkpoint."""
+    from switchformer.data.tokenizer import load_tokenizer
+    from switchformer.models import SwitchLM, SwitchLMConfig, SwitchT5, SwitchT5Config
+    from switchformer.train.checkpoint import latest_checkpoint, load_model_weights
+    from switchformer.train.config import TrainConfig
+
+    path = Path(source)
+    run_dir = path.parent.parent if (path / "state.json").exists() else path
+    config_file = run_dir / "config.json"
+    if not config_file.exists():
+        raise FileNotFoundError(f"{config_file}: not found (expected a switchformer run directory)")
+    saved = json.loads(config_file.read_text())
+    train = TrainConfig(**saved["train"])
+    if train.model == "lm":
+        model = SwitchLM(SwitchLMConfig.from_dict(saved["model"]))
+    else:
+        model = SwitchT5(SwitchT5Config.from_dict(saved["model"]))
+    weights = path if (path / "state.json").exists() else latest_checkpoint(run_dir)
+    if weights is None:
+        weights = run_dir / "model.safetensors"  # a converted or consolidated run
+    load_model_weights(model, weights)
+    return model.eval(), load_tokenizer(run_dir), train
+
+
+def _print_summary(summary: dict) -> None:
+    print(
+        f"\nvalidation loss {summary['eval_loss']:.4f}, perplexity {summary['perplexity']:.2f} "
+        f"after {summary['step']} steps"
+    )
+    params = summary["parameters"]
+    print(
+        f"parameters: {params['total']:,} total, {params['active']:,} active per token, "
+        f"{params['flops_per_token']:,} FLOPs per token"
+    )
+    if summary["routing"]:
+        print("routing (validation, eval capacity):")
+        for name, r in summary["routing"].items():
+            print(
+                f"  {name}: max/mean expert load {r['max_load_over_mean']:.2f}, dropped {r['dropped_fraction']:.1%}, "
+                f"router entropy {r['router_entropy']:.2f} nats"
+            )
+    print(f"sample: {summary['sample']!r}")
+    print(f"run directory: {summary['run_dir']}")
+
+
+# ----------------------------------------------------------------------------- commands
+
+
+def cmd_train(args) -> int:
+    from switchformer.train.config import TrainConfig
+    from switchformer.train.trainer import Trainer
+
+    if args.resume:
+        run_dir = Path(args.resume)
+        config_file = run_dir / "config.json"
+        if not config_file.exists():
+            raise FileNotFoundError(f"{config_file}: not found; --resume takes a run directory")
+        values = json.loads(config_file.read_text())["train"]
+        if args.max_steps:
+            values["max_steps"] = args.max_steps
+        config = TrainConfig(**values)
+    else:
+        config = _config_from_args(args, "tiny")
+        run_dir = _run_dir(config)
+        if (run_dir / "checkpoints").exists():
+            raise FileExistsError(f"{run_dir}: already holds a run; use --resume {run_dir} or another --run-name")
+    print(
+        f"training {config.model} ({config.num_experts} experts every {config.sparse_step} layers"
+        f"{'' if config.sparse_step else ': dense'}) for {config.max_steps} steps -> {run_dir}",
+        flush=True,
+    )
+    trainer = Trainer(config, run_dir, resume=bool(args.resume), progress=not args.no_progress, device=args.device)
+    summary = trainer.train()
+    _print_summary(summary)
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from switchformer.train.trainer import Trainer
+
+    model, _, config = load_run(args.run)
+    run_dir = Path(args.run)
+    if args.data:
+        config.data = args.data
+    trainer = Trainer(
+        config,
+        run_dir if (run_dir / "config.json").exists() else run_dir.parent.parent,
+        progress=False,
+        device=args.device,
+    )
+    trainer.model.load_state_dict(model.state_dict())
+    result = trainer.evaluate(args.batches)
+    print(
+        json.dumps(
+            {
+                "eval_loss": result.loss,
+                "perplexity": result.perplexity,
+                "tokens": result.tokens,
+                "routing": result.routing,
+            },
+            indent=2,
+        )
+    )
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from switchformer.train.trainer import generate_text
+
+    model, tokenizer, _ = load_run(args.run)
+    prompt = args.prompt if args.prompt is not None else sys.stdin.read()
+    if not prompt.strip() and args.prompt is None:
+        raise ValueError("prompt: give --prompt or text on standard input")
+    produced: list[int] = []
+    printed = ""
+
+    def stream(token):  # print each new piece of text as soon as its token is chosen
+        nonlocal printed
+        produced.append(int(token[0]))
+        text = tokenizer.decode(produced, skip_special_tokens=True)
+        if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+            sys.stdout.write(text[len(printed) :])
+            sys.stdout.flush()
+            printed = text
+
+    sys.stdout.write(prompt)
+    generate_text(
+        model,
+        tokenizer,
+        prompt,
+        args.max_new_tokens,
+        seed=args.seed,
+        do_sample=not args.greedy,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        repetition_penalty=args.repetition_penalty,
+        streamer=stream,
+    )
+    sys.stdout.write("\n")
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from switchformer.train.compare import format_table, run_compare
+
+    config = _config_from_args(args, "compare")
+    out_dir = Path(config.out_dir) / (config.run_name or f"compare-{time.strftime('%Y%m%d-%H%M%S')}")
+    result = run_compare(config, out_dir, progress=not args.no_progress, device=args.device)
+    table = format_table(result)
+    (out_dir / "compare.md").write_text(table + "\n")
+    print(table)
+    print(f"plot: {result['plot']}")
+    return 0
+
+
+def cmd_convert(args) -> int:
+    from safetensors.torch import save_file
+
+    from switchformer.interop.hf import from_hf, to_hf
+    from switchformer.train.checkpoint import write_json_atomic
+    from switchformer.train.config import TrainConfig
+
+    source, target = Path(args.source), Path(args.target)
+    config_file = source / "config.json"
+    if not config_file.exists():
+        raise FileNotFoundError(f"{config_file}: not found")
+    data = json.loads(config_file.read_text())
+    if "model_type" in data:  # Hugging Face -> native run directory
+        model = from_hf(source)
+        target.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(target / "model.safetensors"))
+        c = model.config
+        train = TrainConfig(
+            model="t5",
+            d_model=c.d_model,
+            num_layers=c.num_layers,
+            num_heads=c.num_heads,
+            d_ff=c.d_ff,
+            vocab_size=c.vocab_size,
+            num_experts=c.num_experts,
+            sparse_step=c.encoder_sparse_step,
+            activation=c.activation,
+        )
+        write_json_atomic(target / "config.json", {"train": train.to_dict(), "model": c.to_dict()})
+        for name in ("tokenizer.json",):
+            if (source / name).exists():
+                (target / name).write_bytes((source / name).read_bytes())
+        print(f"wrote switchformer model to {target}")
+    else:
+        model, _, train = load_run(source)
+        if train.model != "t5":
+            raise ValueError(f"{source}: only encoder-decoder (t5) models have a Hugging Face format")
+        to_hf(model, target)
+        if (source / "tokenizer.json").exists():
+            (target / "tokenizer.json").write_bytes((source / "tokenizer.json").read_bytes())
+        print(f"wrote Hugging Face model to {target}")
+    return 0
+
+
+def cmd_info(args) -> int:
+    import torch
+
+    if args.source:
+        model, _, train = load_run(args.source)
+        title = f"{args.source}: {train.model}"
+    elif args.preset:
+        from switchformer.train.config import build_config
+        from switchformer.train.trainer import build_model
+
+        train = build_config(args.preset)
+        with torch.device("meta"):
+            model = build_model(train, train.vocab_size)
+        title = f"preset {args.preset}: {train.model}"
+    else:
+        return _layer_info(args)
+    counts = model.num_parameters()
+    config = model.config
+    print(title)
+    print(f"  d_model {config.d_model}, d_ff {config.d_ff}, heads {config.num_heads}, vocab {config.vocab_size}")
+    layout = (
+        config.sparse_layers()
+        if hasattr(config, "sparse_step")
+        else config.sparse_layers("encoder") + config.sparse_layers("decoder")
+    )
+    print("  layers: " + " ".join("S" if s else "d" for s in layout) + "   (S: Switch layer, d: dense FFN)")
+    print(f"  experts per Switch layer: {config.num_experts}, top-{config.top_k}")
+    print(f"  parameters: {counts['total']:,} total, {counts['active']:,} active per token")
+    print(f"  forward FLOPs per token: {counts['flops_per_token']:,}")
+    return 0
+
+
+def _layer_info(args) -> int:
     import torch
 
     from switchformer import SwitchMoE
@@ -25,32 +321,94 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from switchformer.train.plots import plot_run
+
+    for path in plot_run(Path(args.run)):
+        print(f"wrote {path}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- parser
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="switchformer", description="Switch Transformers in PyTorch.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log more")
     sub = parser.add_subparsers(dest="command", required=True)
-    info = sub.add_parser(
-        "info",
-        help="parameters and FLOPs of a Switch layer",
-        epilog="example: switchformer info --d-model 768 --d-ff 3072 --num-experts 128",
-    )
-    info.add_argument("--d-model", type=int, default=768)
-    info.add_argument("--d-ff", type=int, default=3072)
-    info.add_argument("--num-experts", type=int, default=8)
-    info.add_argument("--top-k", type=int, default=1)
-    info.add_argument("--activation", default="relu")
-    info.set_defaults(func=_info)
+
+    def command(name, help_text, func):
+        p = sub.add_parser(
+            name,
+            help=help_text,
+            description=help_text,
+            epilog=EPILOGS[name],
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        p.set_defaults(func=func)
+        return p
+
+    p = command("train", "train a Switch model (default: the tiny preset on the embedded corpus)", cmd_train)
+    _add_config_args(p)
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its latest checkpoint")
+
+    p = command("eval", "validation loss, perplexity and routing statistics of a run", cmd_eval)
+    p.add_argument("run", help="run directory or checkpoint")
+    p.add_argument("--data", nargs="+", help="evaluate on other files (default: the run's validation split)")
+    p.add_argument("--batches", type=int, help="number of validation batches")
+    p.add_argument("--device")
+
+    p = command("generate", "generate text from a trained run, streaming tokens", cmd_generate)
+    p.add_argument("run", help="run directory or checkpoint")
+    p.add_argument("--prompt", help="prompt text (default: standard input)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--repetition-penalty", type=float, default=1.1)
+    p.add_argument("--greedy", action="store_true", help="no sampling")
+    p.add_argument("--seed", type=int, default=0)
+
+    p = command("compare", "train a Switch model and its FLOP-matched dense twin; table and plot", cmd_compare)
+    _add_config_args(p)
+
+    p = command("convert", "convert between Hugging Face and switchformer formats", cmd_convert)
+    p.add_argument("source")
+    p.add_argument("target")
+
+    p = command("info", "layout, parameters, active parameters and FLOPs per token", cmd_info)
+    p.add_argument("source", nargs="?", help="run directory or checkpoint")
+    p.add_argument("--preset")
+    p.add_argument("--d-model", type=int, default=768)
+    p.add_argument("--d-ff", type=int, default=3072)
+    p.add_argument("--num-experts", type=int, default=8)
+    p.add_argument("--top-k", type=int, default=1)
+    p.add_argument("--activation", default="relu")
+
+    p = command("report", "PNG plots of a run: losses, expert load, dropped tokens", cmd_report)
+    p.add_argument("run", help="run directory")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as err:
+    except KeyboardInterrupt:
+        print("switchformer: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # one clear line; the traceback with --debug
         if args.debug:
             raise
-        print(f"switchformer: error: {err}", file=sys.stderr)
+        from switchformer.train.trainer import TrainingError
+
+        known = (ValueError, FileNotFoundError, FileExistsError, TrainingError, OSError)
+        prefix = "" if isinstance(err, known) else f"{type(err).__name__}: "
+        print(f"switchformer: error: {prefix}{err}", file=sys.stderr)
         return 2
 
 

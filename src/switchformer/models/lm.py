@@ -66,6 +66,11 @@ class SwitchLMConfig:
             raise ValueError(f"routing: unknown {self.routing!r}; choose one of {ROUTINGS}")
         if not 0 <= self.dropout_rate < 1:
             raise ValueError(f"dropout_rate: must be in [0, 1), got {self.dropout_rate}")
+        if self.has_sparse_layers:
+            if self.num_experts < 1:
+                raise ValueError(f"num_experts: must be >= 1, got {self.num_experts}")
+            if not 1 <= self.top_k <= self.num_experts:
+                raise ValueError(f"top_k: must be in [1, num_experts={self.num_experts}], got {self.top_k}")
 
     @property
     def has_sparse_layers(self) -> bool:

@@ -1,0 +1,1 @@
+"""Data: the embedded corpus, user files, tokenizers and training objectives."""

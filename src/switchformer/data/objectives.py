@@ -1,0 +1,90 @@
+"""Training objectives: packed causal LM sequences, T5 span corruption, supervised pairs.
+
+All are plain functions from token ids to tensors, deterministic given their ``numpy``-free
+``torch.Generator``, so a data position plus a seed reproduces every batch exactly.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def pack_causal(documents: list[list[int]], seq_len: int, eos_id: int) -> Tensor:
+    """Concatenate documents, each followed by EOS, and cut into rows of ``seq_len + 1`` tokens
+    (inputs are ``row[:-1]``, targets ``row[1:]``; the model shifts inside, so rows are used whole)."""
+    stream = [t for doc in documents for t in (*doc, eos_id)]
+    rows = len(stream) // seq_len
+    if rows < 1:
+        raise ValueError(f"seq_len: {len(stream)} tokens cannot fill one sequence of {seq_len}")
+    return torch.tensor(stream[: rows * seq_len], dtype=torch.long).view(rows, seq_len)
+
+
+def random_spans(length: int, noise_density: float, mean_span: float, generator: torch.Generator) -> Tensor:
+    """Bool mask of ``length`` with ``round(length * noise_density)`` noise tokens in about
+    ``noise / mean_span`` spans, interleaved with non-noise spans (T5's ``random_spans_noise_mask``)."""
+    num_noise = min(max(int(round(length * noise_density)), 1), length - 1)
+    num_spans = max(int(round(num_noise / mean_span)), 1)
+    num_spans = min(num_spans, num_noise, length - num_noise)
+
+    def segment(total: int, parts: int) -> list[int]:
+        # a random composition of `total` into `parts` positive integers
+        cuts = torch.randperm(total - 1, generator=generator)[: parts - 1].add(1).sort().values.tolist()
+        bounds = [0, *cuts, total]
+        return [b - a for a, b in zip(bounds[:-1], bounds[1:])]
+
+    noise_lengths = segment(num_noise, num_spans)
+    keep_lengths = segment(length - num_noise, num_spans)
+    mask = []
+    for keep, noise in zip(keep_lengths, noise_lengths):
+        mask += [False] * keep + [True] * noise
+    return torch.tensor(mask, dtype=torch.bool)
+
+
+def span_corruption(
+    tokens: list[int],
+    sentinels: list[int],
+    eos_id: int,
+    generator: torch.Generator,
+    noise_density: float = 0.15,
+    mean_span: float = 3.0,
+) -> tuple[list[int], list[int]]:
+    """T5's objective: each noise span in the input becomes one sentinel; the target lists each
+    sentinel followed by the tokens it replaced, then EOS."""
+    mask = random_spans(len(tokens), noise_density, mean_span, generator).tolist()
+    source, target = [], []
+    span = -1
+    for i, (token, noisy) in enumerate(zip(tokens, mask)):
+        if noisy:
+            if i == 0 or not mask[i - 1]:
+                span += 1
+                if span >= len(sentinels):
+                    raise ValueError(f"sentinels: {len(sentinels)} are too few for the noise spans of this sequence")
+                source.append(sentinels[span])
+                target.append(sentinels[span])
+            target.append(token)
+        else:
+            source.append(token)
+    return source + [eos_id], target + [eos_id]
+
+
+def span_corruption_lengths(input_len: int, noise_density: float = 0.15, mean_span: float = 3.0) -> tuple[int, int]:
+    """Encoder and decoder lengths that a raw chunk of ``input_len`` tokens produces."""
+    noise = int(round(input_len * noise_density))
+    spans = max(int(round(noise / mean_span)), 1)
+    return input_len - noise + spans + 1, noise + spans + 1
+
+
+def pad_batch(rows: list[list[int]], pad_id: int, width: int | None = None, value: int | None = None) -> Tensor:
+    width = width or max(len(r) for r in rows)
+    out = torch.full((len(rows), width), pad_id if value is None else value, dtype=torch.long)
+    for i, row in enumerate(rows):
+        row = row[:width]
+        out[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+    return out
+
+
+def epoch_order(num_items: int, seed: int, epoch: int) -> Tensor:
+    """The shuffled order of one epoch: a function of (seed, epoch) only, so resuming is exact."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(num_items, generator=g)

@@ -1,0 +1,65 @@
+"""Tokenizers with Hugging Face ``tokenizers``: train byte-level BPE or Unigram on the training
+text (with T5's special tokens and sentinels for span corruption), save and load ``tokenizer.json``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+PAD, EOS, UNK = "<pad>", "</s>", "<unk>"
+
+
+def sentinel(i: int) -> str:
+    return f"<extra_id_{i}>"
+
+
+def train_tokenizer(texts: list[str], vocab_size: int = 4096, kind: str = "bpe", num_sentinels: int = 100):
+    """A tokenizer with ``<pad>`` = 0, ``</s>`` = 1, ``<unk>`` = 2 (T5's ids), then the sentinels."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+    if vocab_size < 256 + 3 + num_sentinels and kind == "bpe":
+        raise ValueError(f"vocab_size: byte-level BPE needs at least {256 + 3 + num_sentinels}, got {vocab_size}")
+    specials = [PAD, EOS, UNK] + [sentinel(i) for i in range(num_sentinels)]
+    if kind == "bpe":
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            special_tokens=specials,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        )
+    elif kind == "unigram":
+        tok = Tokenizer(models.Unigram())
+        tok.normalizer = normalizers.NFKC()
+        tok.pre_tokenizer = pre_tokenizers.Metaspace()
+        tok.decoder = decoders.Metaspace()
+        trainer = trainers.UnigramTrainer(
+            vocab_size=vocab_size, special_tokens=specials, unk_token=UNK, show_progress=False
+        )
+    else:
+        raise ValueError(f"tokenizer: unknown kind {kind!r}; choose 'bpe' or 'unigram'")
+    tok.train_from_iterator(texts, trainer=trainer)
+    return tok
+
+
+def load_tokenizer(path: str | Path):
+    from tokenizers import Tokenizer
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / "tokenizer.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: tokenizer file not found")
+    return Tokenizer.from_file(str(path))
+
+
+def special_ids(tok) -> dict[str, int | None]:
+    return {"pad": tok.token_to_id(PAD), "eos": tok.token_to_id(EOS), "unk": tok.token_to_id(UNK)}
+
+
+def sentinel_ids(tok) -> list[int]:
+    ids = []
+    while (i := tok.token_to_id(sentinel(len(ids)))) is not None:
+        ids.append(i)
+    return ids

@@ -1,0 +1,1 @@
+"""Training: configuration, data preparation, the loop, checkpoints and plots."""

@@ -1,0 +1,94 @@
+"""Checkpoints: a directory per step, written atomically, loaded without unpickling code.
+
+``checkpoints/step_000100/`` holds ``model.safetensors``, ``optimizer.pt`` (tensors and numbers
+only, read back with ``weights_only=True``) and ``state.json`` (step, RNG state, counters). It is
+written under a temporary name and renamed into place, so a crash mid-save leaves the previous
+checkpoint as the latest complete one. The run directory also holds ``config.json`` (how to
+rebuild the model) and ``tokenizer.json``.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+CHECKPOINT_PREFIX = "step_"
+
+
+def write_json_atomic(path: Path, data) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+
+
+def save_checkpoint(run_dir: Path, step: int, model, optimizer, extra: dict, keep_last: int) -> Path:
+    root = run_dir / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"{CHECKPOINT_PREFIX}{step:07d}"
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{final.name}."))
+    try:
+        save_file(model_state(model), str(tmp / "model.safetensors"))
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        state = dict(extra, step=step, rng=base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode())
+        (tmp / "state.json").write_text(json.dumps(state, indent=2))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for old in list_checkpoints(run_dir)[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (temporary, half-written directories are ignored)."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.exists():
+        return []
+    return sorted(
+        p for p in root.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX) and (p / "state.json").exists()
+    )
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    found = list_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def load_model_weights(model: torch.nn.Module, path: Path) -> None:
+    file = path / "model.safetensors" if path.is_dir() else path
+    if not file.exists():
+        raise FileNotFoundError(f"{file}: model weights not found")
+    state = load_file(str(file))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(
+            f"{file}: weights do not match the model config: missing {sorted(missing)[:20]}, "
+            f"unexpected {sorted(unexpected)[:20]}"
+        )
+
+
+def load_checkpoint(path: Path, model, optimizer) -> dict:
+    """Restore model, optimizer and RNG; returns ``state.json``."""
+    load_model_weights(model, path)
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
+    state = json.loads((path / "state.json").read_text())
+    rng = torch.frombuffer(bytearray(base64.b64decode(state["rng"])), dtype=torch.uint8)
+    torch.set_rng_state(rng)
+    return state

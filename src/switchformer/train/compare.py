@@ -1,0 +1,92 @@
+"""``switchformer compare``: a Switch model against its FLOP-matched dense twin, same data and tokens."""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+from switchformer.train.config import TrainConfig
+from switchformer.train.plots import plot_compare
+from switchformer.train.trainer import Trainer
+
+
+def steps_to_reach(records: list[dict], target: float) -> tuple[float | None, float | None]:
+    """First (step, time) at which validation loss reaches ``target``, linearly interpolated
+    between evaluations; ``(None, None)`` if it never does."""
+    evals = [r for r in records if "eval_loss" in r]
+    previous = None
+    for record in evals:
+        if record["eval_loss"] <= target:
+            if previous is None or previous["eval_loss"] == record["eval_loss"]:
+                return float(record["step"]), float(record["time"])
+            frac = (previous["eval_loss"] - target) / (previous["eval_loss"] - record["eval_loss"])
+            step = previous["step"] + frac * (record["step"] - previous["step"])
+            time = previous["time"] + frac * (record["time"] - previous["time"])
+            return step, time
+        previous = record
+    return None, None
+
+
+def run_compare(config: TrainConfig, out_dir: Path, progress: bool = True, device: str | None = None) -> dict:
+    if config.sparse_step == 0:
+        raise ValueError("sparse_step: compare needs a sparse model (sparse_step >= 1)")
+    if config.top_k != 1:
+        raise ValueError("top_k: compare builds a FLOP-matched dense twin for top-1 routing")
+    out_dir = Path(out_dir)
+    runs = {"switch": config, "dense": replace(config, sparse_step=0)}
+    results = {}
+    for name, run_config in runs.items():
+        run_dir = out_dir / name
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if name == "dense":  # the same tokens for both: reuse the tokenizer the first run trained
+            shutil.copy(out_dir / "switch" / "tokenizer.json", run_dir / "tokenizer.json")
+        trainer = Trainer(run_config, run_dir, progress=progress, device=device)
+        summary = trainer.train()
+        records = trainer.history
+        results[name] = {"summary": summary, "records": records, "time": max(r.get("time", 0.0) for r in records)}
+    target = results["dense"]["summary"]["eval_loss"]
+    rows = []
+    for name, result in results.items():
+        step, time = steps_to_reach(result["records"], target)
+        params = result["summary"]["parameters"]
+        rows.append(
+            {
+                "model": name,
+                "total_params": params["total"],
+                "active_params": params["active"],
+                "flops_per_token": params["flops_per_token"],
+                "final_eval_loss": result["summary"]["eval_loss"],
+                "steps_to_dense_loss": step,
+                "time_to_dense_loss": time,
+                "wall_time": result["time"],
+            }
+        )
+    dense_row, switch_row = rows[1], rows[0]
+    speedup = None
+    if switch_row["steps_to_dense_loss"]:
+        speedup = dense_row["steps_to_dense_loss"] / switch_row["steps_to_dense_loss"]
+    plot = plot_compare({name: r["records"] for name, r in results.items()}, out_dir / "compare.png")
+    return {"rows": rows, "speedup_steps": speedup, "target_loss": target, "plot": str(plot)}
+
+
+def format_table(result: dict) -> str:
+    lines = [
+        "| model | params (total) | params (active) | FLOPs/token | final val loss | steps to dense loss "
+        "| time to dense loss | wall time |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in result["rows"]:
+        steps = "never" if r["steps_to_dense_loss"] is None else f"{r['steps_to_dense_loss']:.0f}"
+        time = "never" if r["time_to_dense_loss"] is None else f"{r['time_to_dense_loss']:.0f} s"
+        lines.append(
+            f"| {r['model']} | {r['total_params']:,} | {r['active_params']:,} | {r['flops_per_token']:,} | "
+            f"{r['final_eval_loss']:.4f} | {steps} | {time} | {r['wall_time']:.0f} s |"
+        )
+    speed = result["speedup_steps"]
+    lines.append("")
+    lines.append(
+        "speed-up in steps to the dense model's final validation loss: "
+        + ("Switch never reached it" if speed is None else f"{speed:.2f}x")
+    )
+    return "\n".join(lines)

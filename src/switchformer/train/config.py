@@ -1,0 +1,293 @@
+"""Training configuration: one flat dataclass, presets, TOML/YAML files and ``key=value`` overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+from switchformer.models import SwitchLMConfig, SwitchT5Config
+
+
+@dataclass
+class TrainConfig:
+    # model
+    model: str = "lm"  # "lm" (SwitchLM) or "t5" (SwitchT5)
+    d_model: int = 128
+    num_layers: int = 4
+    num_heads: int = 4
+    d_ff: int = 512
+    activation: str | None = None  # default: swiglu for lm, relu for t5
+    num_experts: int = 8
+    sparse_step: int = 2  # 0: the dense baseline
+    top_k: int = 1
+    routing: str = "token_choice"
+    capacity_factor: float | None = 1.25
+    eval_capacity_factor: float | None = 2.0
+    router_jitter_noise: float = 0.0
+    expert_dropout: float = 0.0
+    dropout: float = 0.0
+    aux_loss_coef: float = 0.01
+    z_loss_coef: float = 0.001
+    init_scale: float = 0.1
+    # data
+    data: list[str] = field(default_factory=list)  # files or folders; empty: the embedded corpus
+    corpus: str = "docs"  # embedded corpus: "docs" or "docs+source"
+    objective: str | None = None  # "causal" (lm), "span_corruption" (t5), "seq2seq" (t5 on pairs)
+    tokenizer: str | None = None  # an existing tokenizer.json; else one is trained and saved with the run
+    tokenizer_kind: str = "bpe"
+    vocab_size: int = 4096
+    seq_len: int = 128
+    batch_size: int = 16
+    validation_fraction: float = 0.1
+    # optimisation
+    optimizer: str = "adamw"  # or "adafactor"
+    lr: float = 3e-3
+    weight_decay: float = 0.01
+    beta2: float = 0.95
+    schedule: str = "cosine"  # "cosine", "inverse_sqrt" or "constant" (after warmup)
+    warmup_steps: int = 50
+    max_steps: int = 600
+    grad_accum: int = 1
+    grad_clip: float = 1.0
+    precision: str = "auto"  # "auto" (bf16 autocast on GPUs that support it), "fp32", "bf16"
+    seed: int = 0
+    # bookkeeping
+    out_dir: str = "runs"
+    run_name: str | None = None
+    log_every: int = 10
+    eval_every: int = 200
+    eval_batches: int = 20
+    checkpoint_every: int = 200
+    keep_last: int = 2
+    max_bad_steps: int = 5
+    tensorboard: bool = False
+    sample_prompt: str = "The "
+    sample_tokens: int = 48
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        choices = {
+            "model": ("lm", "t5"),
+            "optimizer": ("adamw", "adafactor"),
+            "schedule": ("cosine", "inverse_sqrt", "constant"),
+            "precision": ("auto", "fp32", "bf16"),
+            "tokenizer_kind": ("bpe", "unigram"),
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name}: unknown {getattr(self, name)!r}; choose one of {allowed}")
+        if self.objective not in (None, "causal", "span_corruption", "seq2seq"):
+            raise ValueError(f"objective: unknown {self.objective!r}")
+        if self.model == "lm" and self.objective not in (None, "causal"):
+            raise ValueError(f"objective: the lm model trains with 'causal', not {self.objective!r}")
+        if self.model == "t5" and self.objective == "causal":
+            raise ValueError("objective: the t5 model trains with 'span_corruption' or 'seq2seq'")
+        positive = (
+            "d_model",
+            "num_heads",
+            "d_ff",
+            "vocab_size",
+            "seq_len",
+            "batch_size",
+            "max_steps",
+            "grad_accum",
+            "log_every",
+            "eval_every",
+            "eval_batches",
+            "checkpoint_every",
+            "keep_last",
+            "max_bad_steps",
+        )
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        for name in ("lr", "grad_clip"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name}: must be > 0, got {getattr(self, name)}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps: must be >= 0, got {self.warmup_steps}")
+        self.model_config()  # the model's own checks, with the field names they share
+
+    @property
+    def resolved_objective(self) -> str:
+        return self.objective or ("causal" if self.model == "lm" else "span_corruption")
+
+    def model_config(self, vocab_size: int | None = None):
+        vocab = vocab_size or self.vocab_size
+        common = dict(
+            vocab_size=vocab,
+            d_model=self.d_model,
+            num_heads=self.num_heads,
+            d_ff=self.d_ff,
+            num_experts=self.num_experts,
+            top_k=self.top_k,
+            capacity_factor=self.capacity_factor,
+            eval_capacity_factor=self.eval_capacity_factor,
+            router_jitter_noise=self.router_jitter_noise,
+            router_aux_loss_coef=self.aux_loss_coef,
+            router_z_loss_coef=self.z_loss_coef,
+            init_scale=self.init_scale,
+            dropout_rate=self.dropout,
+            pad_token_id=0,
+            eos_token_id=1,
+        )
+        if self.model == "lm":
+            return SwitchLMConfig(
+                **common,
+                num_layers=self.num_layers,
+                activation=self.activation or "swiglu",
+                sparse_step=self.sparse_step,
+                routing=self.routing,
+                expert_dropout=self.expert_dropout,
+                max_seq_len=max(self.seq_len, 64) * 2,
+            )
+        if self.routing != "token_choice":
+            raise ValueError("routing: the t5 trainer path supports token_choice routing")
+        return SwitchT5Config(
+            **common,
+            d_kv=self.d_model // self.num_heads,
+            num_layers=self.num_layers,
+            activation=self.activation or "relu",
+            encoder_sparse_step=self.sparse_step,
+            decoder_sparse_step=self.sparse_step,
+            expert_dropout=self.expert_dropout,
+            decoder_start_token_id=0,
+        )
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+PRESETS: dict[str, dict] = {
+    # the main job: a few minutes on a 2-core CPU
+    "tiny": dict(
+        d_model=192,
+        num_layers=4,
+        num_heads=4,
+        d_ff=512,
+        num_experts=8,
+        seq_len=128,
+        batch_size=16,
+        max_steps=1000,
+        warmup_steps=50,
+        lr=3e-3,
+        eval_every=200,
+        checkpoint_every=200,
+        vocab_size=4096,
+    ),
+    # seconds: tests and smoke checks
+    "test": dict(
+        d_model=32,
+        num_layers=2,
+        num_heads=2,
+        d_ff=64,
+        num_experts=4,
+        seq_len=32,
+        batch_size=4,
+        max_steps=12,
+        warmup_steps=2,
+        eval_every=6,
+        eval_batches=2,
+        checkpoint_every=4,
+        log_every=1,
+        vocab_size=400,
+        sample_tokens=8,
+        lr=3e-3,
+    ),
+    # the sparse-vs-dense comparison of `switchformer compare`
+    "compare": dict(
+        d_model=192,
+        num_layers=4,
+        num_heads=4,
+        d_ff=512,
+        num_experts=16,
+        sparse_step=2,
+        seq_len=128,
+        batch_size=32,
+        max_steps=800,
+        warmup_steps=80,
+        lr=3e-3,
+        eval_every=50,
+        eval_batches=20,
+        checkpoint_every=400,
+        vocab_size=4096,
+        corpus="docs",
+    ),
+}
+
+
+def _parse_value(name: str, text: str):
+    """Parse a ``--set key=value`` value with the type of the config field."""
+    hints = {f.name: str(f.type) for f in fields(TrainConfig)}
+    if name not in hints:
+        raise ValueError(f"{name}: no such config field (see `switchformer train --help`)")
+    base = hints[name].replace("| None", "").strip()
+    if "None" in hints[name] and text.lower() in ("none", "null"):
+        return None
+    if base.startswith("list"):
+        return [part for part in text.split(",") if part]
+    if base == "bool":
+        if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+            raise ValueError(f"{name}: expected true or false, got {text!r}")
+        return text.lower() in ("true", "1", "yes")
+    if base in ("int", "float"):
+        try:
+            return int(text) if base == "int" else float(text)
+        except ValueError:
+            raise ValueError(f"{name}: expected {base}, got {text!r}") from None
+    return text
+
+
+def read_config_file(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: config file not found")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".toml":
+        try:
+            import tomllib
+        except ImportError:  # Python 3.10
+            import tomli as tomllib
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as err:
+            raise ValueError(f"{path}: invalid TOML ({err})") from None
+    elif path.suffix in (".yaml", ".yml"):
+        try:
+            import yaml
+        except ImportError:
+            raise ValueError(f"{path}: YAML configs need `pip install pyyaml`") from None
+        data = yaml.safe_load(text) or {}
+    elif path.suffix == ".json":
+        data = json.loads(text)
+    else:
+        raise ValueError(f"{path}: config files are .toml, .yaml or .json")
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a table of settings at the top level")
+    return data
+
+
+def build_config(
+    preset: str = "tiny", config_file: str | None = None, overrides: dict | None = None, sets: list[str] | None = None
+) -> TrainConfig:
+    """Preset, then the config file, then ``key=value`` strings, then explicit overrides."""
+    if preset not in PRESETS:
+        raise ValueError(f"preset: unknown {preset!r}; choose one of {sorted(PRESETS)}")
+    values = dict(PRESETS[preset])
+    if config_file:
+        values.update(read_config_file(config_file))
+    for item in sets or []:
+        if "=" not in item:
+            raise ValueError(f"--set: expected key=value, got {item!r}")
+        key, text = item.split("=", 1)
+        values[key.strip()] = _parse_value(key.strip(), text.strip())
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    known = {f.name for f in fields(TrainConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"config: unknown fields {unknown}")
+    return TrainConfig(**values)

@@ -1,0 +1,106 @@
+"""PNG plots of runs: loss curves, expert load over training, dropped fraction, sparse-vs-dense."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    """Records of ``metrics.jsonl``; for steps logged twice (a resumed run), the last one wins."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no metrics (is this a run directory?)")
+    by_key = {}
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            raise ValueError(f"{path}:{number}: invalid JSON") from None
+        by_key[(record["step"], "eval_loss" in record)] = record
+    return [by_key[k] for k in sorted(by_key)]
+
+
+def plot_run(run_dir: Path) -> list[Path]:
+    plt = _pyplot()
+    run_dir = Path(run_dir)
+    records = read_metrics(run_dir)
+    train = [r for r in records if "ce_loss" in r]
+    evals = [r for r in records if "eval_loss" in r]
+    written = []
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot([r["step"] for r in train], [r["ce_loss"] for r in train], label="training cross-entropy", alpha=0.7)
+    ax.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", label="validation loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    written.append(_save(fig, run_dir / "loss.png"))
+
+    layers = sorted({name for r in evals for name in r.get("routing", {})})
+    if layers:
+        fig, axes = plt.subplots(1, len(layers), figsize=(4 * len(layers), 3.5), squeeze=False)
+        for ax, name in zip(axes[0], layers):
+            rows = [r for r in evals if name in r["routing"]]
+            loads = [r["routing"][name]["tokens_per_expert"] for r in rows]
+            shares = [[c / max(sum(load), 1) for c in load] for load in loads]
+            image = ax.imshow(
+                list(map(list, zip(*shares))),
+                aspect="auto",
+                cmap="viridis",
+                origin="lower",
+                extent=(rows[0]["step"], rows[-1]["step"], -0.5, len(shares[0]) - 0.5),
+            )
+            ax.set_title(f"{name}: share of tokens")
+            ax.set_xlabel("step")
+            ax.set_ylabel("expert")
+            fig.colorbar(image, ax=ax)
+        written.append(_save(fig, run_dir / "expert_load.png"))
+
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for name in layers:
+            rows = [r for r in evals if name in r["routing"]]
+            ax.plot([r["step"] for r in rows], [r["routing"][name]["dropped_fraction"] for r in rows], "o-", label=name)
+        ax.set_xlabel("step")
+        ax.set_ylabel("dropped fraction (eval capacity)")
+        ax.legend()
+        ax.grid(alpha=0.3)
+        written.append(_save(fig, run_dir / "dropped_fraction.png"))
+    return written
+
+
+def plot_compare(histories: dict[str, list[dict]], out: Path) -> Path:
+    """Validation loss against steps and against wall time for each named run."""
+    plt = _pyplot()
+    fig, (by_step, by_time) = plt.subplots(1, 2, figsize=(11, 4))
+    for name, records in histories.items():
+        evals = [r for r in records if "eval_loss" in r]
+        by_step.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", label=name)
+        by_time.plot([r["time"] for r in evals], [r["eval_loss"] for r in evals], "o-", label=name)
+    for ax, label in ((by_step, "step"), (by_time, "wall time (s)")):
+        ax.set_xlabel(label)
+        ax.set_ylabel("validation loss")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    return _save(fig, out)
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return path

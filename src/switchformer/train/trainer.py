@@ -1,0 +1,334 @@
+"""The training loop: optimiser and schedule, accumulation, clipping, mixed precision, evaluation
+with routing statistics, metrics, checkpoints and exact resumption.
+
+The model is built from the config and knows nothing of training; everything here wraps it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from switchformer.models import SwitchLM, SwitchT5
+from switchformer.runtime import reuse_freed_memory
+from switchformer.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, write_json_atomic
+from switchformer.train.config import TrainConfig
+from switchformer.train.data import Data, prepare_data
+
+log = logging.getLogger("switchformer")
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (for example: too many non-finite losses in a row)."""
+
+
+def build_model(config: TrainConfig, vocab_size: int) -> torch.nn.Module:
+    model_config = config.model_config(vocab_size)
+    return SwitchLM(model_config) if config.model == "lm" else SwitchT5(model_config)
+
+
+def learning_rate(config: TrainConfig, step: int) -> float:
+    """Linear warmup, then cosine decay to 10% (or inverse square root, or constant)."""
+    if config.warmup_steps and step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    if config.schedule == "constant":
+        return config.lr
+    if config.schedule == "inverse_sqrt":
+        return config.lr * math.sqrt(max(config.warmup_steps, 1) / max(step, 1))
+    progress = (step - config.warmup_steps) / max(1, config.max_steps - config.warmup_steps)
+    return config.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+
+
+def build_optimizer(config: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if config.optimizer == "adafactor":
+        return torch.optim.Adafactor(groups, lr=config.lr)
+    return torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, config.beta2))
+
+
+def autocast_context(config: TrainConfig, device: torch.device):
+    use_bf16 = config.precision == "bf16" or (
+        config.precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()
+    )
+    if use_bf16:
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@dataclass
+class EvalResult:
+    loss: float
+    perplexity: float
+    tokens: int
+    routing: dict  # per sparse layer: tokens per expert, dropped fraction, entropy
+
+    def to_dict(self) -> dict:
+        return {
+            "eval_loss": self.loss,
+            "perplexity": self.perplexity,
+            "eval_tokens": self.tokens,
+            "routing": self.routing,
+        }
+
+
+class Trainer:
+    def __init__(
+        self,
+        config: TrainConfig,
+        run_dir: Path,
+        *,
+        resume: bool = False,
+        progress: bool = True,
+        device: str | None = None,
+    ):
+        self.config = config
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.progress = progress
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if self.device.type == "cpu":
+            reuse_freed_memory()  # see runtime.py: large expert gradients are reused, not re-faulted
+        torch.manual_seed(config.seed)
+        self.data: Data = prepare_data(config, self.run_dir)
+        torch.manual_seed(config.seed)  # the same initial weights whatever data preparation consumed
+        self.model = build_model(config, self.data.vocab_size).to(self.device)
+        self.optimizer = build_optimizer(config, self.model)
+        self.step = 0
+        self.bad_steps = 0
+        self.history: list[dict] = []
+        write_json_atomic(
+            self.run_dir / "config.json", {"train": config.to_dict(), "model": self.model.config.to_dict()}
+        )
+        if resume:
+            checkpoint = latest_checkpoint(self.run_dir)
+            if checkpoint is None:
+                raise FileNotFoundError(f"{self.run_dir}: no complete checkpoint to resume from")
+            state = load_checkpoint(checkpoint, self.model, self.optimizer)
+            self.step, self.bad_steps = state["step"], state.get("bad_steps", 0)
+            log.info("resumed from %s at step %d", checkpoint, self.step)
+        self.metrics_file = (self.run_dir / "metrics.jsonl").open("a", buffering=1)
+        self.tensorboard = None
+        if config.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise ValueError("tensorboard: needs `pip install tensorboard`") from None
+            self.tensorboard = SummaryWriter(str(self.run_dir / "tensorboard"))
+
+    # -- bookkeeping -----------------------------------------------------------------------
+
+    def log_metrics(self, record: dict) -> None:
+        self.metrics_file.write(json.dumps(record) + "\n")
+        self.history.append(record)
+        if self.tensorboard is not None:
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and key != "step":
+                    self.tensorboard.add_scalar(key, value, record["step"])
+
+    def save(self) -> Path:
+        return save_checkpoint(
+            self.run_dir, self.step, self.model, self.optimizer, {"bad_steps": self.bad_steps}, self.config.keep_last
+        )
+
+    def to_device(self, batch: dict) -> dict:
+        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+
+    def forward(self, batch: dict):
+        if "labels" in batch:
+            return self.model(batch["input_ids"], attention_mask=batch.get("attention_mask"), labels=batch["labels"])
+        return self.model(batch["input_ids"], labels=batch["input_ids"])
+
+    # -- evaluation ------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def evaluate(self, max_batches: int | None = None) -> EvalResult:
+        self.model.eval()
+        valid = self.data.valid
+        batches = max_batches or self.config.eval_batches
+        total_loss, total_tokens = 0.0, 0
+        counts, dropped, entropy, seen = {}, {}, {}, 0
+        for b in range(batches):
+            index = torch.arange(b * self.config.batch_size, min((b + 1) * self.config.batch_size, len(valid)))
+            if index.numel() == 0:
+                break
+            batch = self.to_device(valid.rows(index))
+            with autocast_context(self.config, self.device):
+                out = self.forward(batch)
+            labels = batch.get("labels", batch["input_ids"][:, 1:])
+            tokens = int((labels != -100).sum()) if "labels" in batch else labels.numel()
+            total_loss += out.ce_loss.item() * tokens
+            total_tokens += tokens
+            for name, aux in out.router_stats.layers:
+                counts[name] = counts.get(name, 0) + aux.tokens_per_expert.cpu()
+                dropped[name] = dropped.get(name, 0.0) + aux.dropped_fraction
+                entropy[name] = entropy.get(name, 0.0) + float(aux.router_entropy)
+            seen += 1
+        self.model.train()
+        loss = total_loss / max(total_tokens, 1)
+        routing = {
+            name: {
+                "tokens_per_expert": counts[name].tolist(),
+                "dropped_fraction": dropped[name] / seen,
+                "router_entropy": entropy[name] / seen,
+                "max_load_over_mean": float(counts[name].max() / counts[name].float().mean().clamp_min(1e-9)),
+            }
+            for name in counts
+        }
+        return EvalResult(loss, math.exp(min(loss, 50)), total_tokens, routing)
+
+    # -- training --------------------------------------------------------------------------
+
+    def train_step(self) -> dict | None:
+        config = self.config
+        lr = learning_rate(config, self.step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        totals = {"loss": 0.0, "ce_loss": 0.0, "aux_loss": 0.0, "z_loss": 0.0}
+        tokens = 0
+        finite = True
+        for micro in range(config.grad_accum):
+            batch = self.to_device(self.data.batch(config, self.step, micro))
+            with autocast_context(config, self.device):
+                out = self.forward(batch)
+            if not torch.isfinite(out.loss):
+                finite = False
+                break
+            (out.loss / config.grad_accum).backward()
+            for key in totals:
+                value = getattr(out, key)
+                totals[key] += (float(value.detach()) if value is not None else 0.0) / config.grad_accum
+            tokens += batch["input_ids"].numel() + (batch["labels"].numel() if "labels" in batch else 0)
+        grad_norm = None
+        if finite:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.grad_clip))
+            finite = math.isfinite(grad_norm)
+        if not finite:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.bad_steps += 1
+            log.warning("step %d: non-finite loss or gradient, step skipped (%d in a row)", self.step, self.bad_steps)
+            self.log_metrics({"step": self.step + 1, "skipped": True})
+            if self.bad_steps >= config.max_bad_steps:
+                raise TrainingError(
+                    f"{self.bad_steps} non-finite losses in a row at step {self.step}; "
+                    "lower lr, raise warmup_steps or check the data"
+                )
+            self.step += 1
+            return None
+        self.bad_steps = 0
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return dict(totals, lr=lr, grad_norm=grad_norm, tokens=tokens)
+
+    def train(self) -> dict:
+        config = self.config
+        self.model.train()
+        from tqdm.auto import tqdm
+
+        bar = tqdm(
+            total=config.max_steps, initial=self.step, disable=not self.progress, unit="step", dynamic_ncols=True
+        )
+        start, window_tokens, window_start = time.perf_counter(), 0, time.perf_counter()
+        try:
+            while self.step < config.max_steps:
+                result = self.train_step()
+                bar.update(1)
+                if result is not None:
+                    window_tokens += result["tokens"]
+                    if self.step % config.log_every == 0 or self.step == config.max_steps:
+                        elapsed = time.perf_counter() - window_start
+                        record = {
+                            "step": self.step,
+                            **{k: v for k, v in result.items() if k != "tokens"},
+                            "tokens_per_s": window_tokens / max(elapsed, 1e-9),
+                            "time": time.perf_counter() - start,
+                        }
+                        self.log_metrics(record)
+                        bar.set_postfix(loss=f"{result['ce_loss']:.3f}", tok_s=f"{record['tokens_per_s']:,.0f}")
+                        window_tokens, window_start = 0, time.perf_counter()
+                if self.step % config.eval_every == 0 and self.step < config.max_steps:
+                    result_eval = self.evaluate()
+                    self.log_metrics({"step": self.step, "time": time.perf_counter() - start, **result_eval.to_dict()})
+                    bar.write(
+                        f"step {self.step}: validation loss {result_eval.loss:.4f}, "
+                        f"perplexity {result_eval.perplexity:.2f}"
+                    )
+                if self.step % config.checkpoint_every == 0 and self.step < config.max_steps:
+                    self.save()
+        finally:
+            bar.close()
+        final = self.evaluate()
+        self.log_metrics({"step": self.step, "time": time.perf_counter() - start, **final.to_dict()})
+        checkpoint = self.save()
+        summary = {
+            "step": self.step,
+            "eval_loss": final.loss,
+            "perplexity": final.perplexity,
+            "routing": final.routing,
+            "checkpoint": str(checkpoint),
+            "run_dir": str(self.run_dir),
+            "parameters": self.model.num_parameters(),
+            "sample": self.sample(),
+        }
+        write_json_atomic(self.run_dir / "summary.json", summary)
+        self.metrics_file.close()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+        return summary
+
+    @torch.no_grad()
+    def sample(self, prompt: str | None = None, max_new_tokens: int | None = None) -> str:
+        return generate_text(
+            self.model,
+            self.data.tokenizer,
+            prompt if prompt is not None else self.config.sample_prompt,
+            max_new_tokens or self.config.sample_tokens,
+            seed=self.config.seed,
+        )
+
+
+def generate_text(
+    model,
+    tokenizer,
+    prompt: str,
+    max_new_tokens: int,
+    *,
+    seed: int = 0,
+    do_sample: bool = True,
+    temperature: float = 0.8,
+    top_k: int = 0,
+    top_p: float = 0.95,
+    repetition_penalty: float = 1.1,
+    streamer=None,
+) -> str:
+    """Prompt in, continuation out, for either model family (dropless routing)."""
+    device = next(model.parameters()).device
+    ids = tokenizer.encode(prompt).ids
+    sampling = dict(
+        max_new_tokens=max_new_tokens,
+        do_sample=do_sample,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        repetition_penalty=repetition_penalty,
+        generator=torch.Generator(device=device).manual_seed(seed),
+        streamer=streamer,
+    )
+    if isinstance(model, SwitchT5):
+        sentinel = tokenizer.token_to_id("<extra_id_0>")
+        source = ids + ([sentinel] if sentinel is not None else []) + [model.config.eos_token_id]
+        out = model.generate(torch.tensor([source], device=device), **sampling)
+        return tokenizer.decode(out[0, 1:].tolist(), skip_special_tokens=True)
+    if not ids:
+        ids = [model.config.eos_token_id]
+    out = model.generate(torch.tensor([ids], device=device), **sampling)
+    return tokenizer.decode(out[0, len(ids) :].tolist(), skip_special_tokens=True)

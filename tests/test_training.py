@@ -1,0 +1,297 @@
+"""Data, objectives, trainer, checkpoints and every `switchformer` subcommand on CI-sized runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from switchformer.cli import main
+from switchformer.data.files import DataError, load_pairs, load_text
+from switchformer.data.objectives import pack_causal, random_spans, span_corruption
+from switchformer.train import checkpoint as checkpoint_module
+from switchformer.train.checkpoint import latest_checkpoint, list_checkpoints
+from switchformer.train.config import build_config
+from switchformer.train.trainer import Trainer, learning_rate
+
+TEXT = (
+    "The quick brown fox jumps over the lazy dog. Sparse experts route each token to one feed-forward network.\n"
+    "A router sends tokens to experts; capacity limits how many each expert takes. Dropped tokens skip the layer.\n"
+) * 40
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("corpus")
+    for i in range(6):
+        (folder / f"doc{i}.txt").write_text(f"Document {i}.\n" + TEXT)
+    return folder
+
+
+def quick(**overrides):
+    values = dict(max_steps=8, checkpoint_every=4, eval_every=4, log_every=1, vocab_size=400, seq_len=32)
+    values.update(overrides)
+    return build_config("test", overrides=values)
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def test_bad_data_files_are_named(tmp_path):
+    with pytest.raises(DataError, match="no such file"):
+        load_text([tmp_path / "missing.txt"])
+    (tmp_path / "empty.txt").write_text("  \n")
+    with pytest.raises(DataError, match=r"empty\.txt: file is empty"):
+        load_text([tmp_path / "empty.txt"])
+    (tmp_path / "bin.txt").write_bytes(b"abc\x00def")
+    with pytest.raises(DataError, match=r"bin\.txt: looks binary"):
+        load_text([tmp_path / "bin.txt"])
+    (tmp_path / "latin.txt").write_bytes(b"line one\nline two \xe9t\xe9\n")
+    with pytest.raises(DataError, match=r"latin\.txt:2: not valid UTF-8"):
+        load_text([tmp_path / "latin.txt"])
+    (tmp_path / "rows.jsonl").write_text('{"text": "fine"}\n{"txt": "oops"}\n')
+    with pytest.raises(DataError, match=r"rows\.jsonl:2: missing field 'text'"):
+        load_text([tmp_path / "rows.jsonl"])
+    (tmp_path / "pairs.jsonl").write_text('{"source": "a", "target": "b"}\nnot json\n')
+    with pytest.raises(DataError, match=r"pairs\.jsonl:2: invalid JSON"):
+        load_pairs([tmp_path / "pairs.jsonl"])
+    (tmp_path / "empty_dir").mkdir()
+    with pytest.raises(DataError, match="holds no files"):
+        load_text([tmp_path / "empty_dir"])
+
+
+def test_packing_and_span_corruption():
+    rows = pack_causal([[5, 6, 7], [8, 9]], 3, eos_id=1)
+    assert rows.tolist() == [[5, 6, 7], [1, 8, 9]]
+    g = torch.Generator().manual_seed(0)
+    mask = random_spans(200, 0.15, 3.0, g)
+    assert int(mask.sum()) == 30
+    tokens = list(range(200, 400))
+    source, target = span_corruption(tokens, sentinels=list(range(3, 103)), eos_id=1, generator=g)
+    assert source[-1] == 1 and target[-1] == 1
+    # undoing the corruption gives the original sequence back
+    sentinels = {s: [] for s in range(3, 103)}
+    current = None
+    for t in target[:-1]:
+        if t in sentinels:
+            current = t
+        else:
+            sentinels[current].append(t)
+    restored = [t for s in source[:-1] for t in (sentinels[s] if s in sentinels else [s])]
+    assert restored == tokens
+    assert len(target) - 1 - sum(1 for t in target if t in sentinels) == 30  # 15% of the tokens
+
+
+def test_schedule_shapes():
+    config = quick(warmup_steps=10, max_steps=100, lr=1.0)
+    assert learning_rate(config, 0) == pytest.approx(0.1)
+    assert learning_rate(config, 9) == pytest.approx(1.0)
+    assert learning_rate(config, 99) == pytest.approx(0.1, abs=0.01)
+    config.schedule = "inverse_sqrt"
+    assert learning_rate(config, 40) == pytest.approx(0.5)
+
+
+def test_config_errors_name_the_field(tmp_path):
+    with pytest.raises(ValueError, match="^preset"):
+        build_config("huge")
+    with pytest.raises(ValueError, match="^optimizer"):
+        build_config("test", overrides={"optimizer": "sgd"})
+    with pytest.raises(ValueError, match="^lrr: no such config field"):
+        build_config("test", sets=["lrr=1"])
+    with pytest.raises(ValueError, match="^num_experts"):
+        build_config("test", overrides={"num_experts": 0, "model": "lm"})
+    (tmp_path / "bad.toml").write_text("lr = [")
+    with pytest.raises(ValueError, match=r"bad\.toml: invalid TOML"):
+        build_config("test", config_file=str(tmp_path / "bad.toml"))
+    (tmp_path / "ok.toml").write_text('lr = 0.01\nmodel = "t5"\n')
+    config = build_config("test", config_file=str(tmp_path / "ok.toml"), sets=["lr=0.02"])
+    assert config.model == "t5" and config.lr == 0.02
+
+
+# ----------------------------------------------------------------------------- trainer
+
+
+@pytest.mark.parametrize("model", ["lm", "t5"])
+def test_training_runs_and_learns(tmp_path, corpus, model):
+    config = quick(model=model, data=[str(corpus)], max_steps=30, lr=1e-2, eval_every=30)
+    trainer = Trainer(config, tmp_path / "run", progress=False)
+    first = trainer.evaluate().loss
+    summary = trainer.train()
+    assert summary["eval_loss"] < first - 0.5
+    assert summary["routing"] and isinstance(summary["sample"], str)
+    assert latest_checkpoint(tmp_path / "run").name == "step_0000030"
+
+
+def test_seq2seq_pairs(tmp_path):
+    rows = [{"source": f"count {i}", "target": f"{i} {i + 1}"} for i in range(60)]
+    (tmp_path / "pairs.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    config = quick(model="t5", objective="seq2seq", data=[str(tmp_path / "pairs.jsonl")], max_steps=4)
+    summary = Trainer(config, tmp_path / "run", progress=False).train()
+    assert summary["step"] == 4
+
+
+def test_non_finite_losses_are_skipped_then_stop(tmp_path, corpus, monkeypatch):
+    config = quick(data=[str(corpus)], max_bad_steps=3)
+    trainer = Trainer(config, tmp_path / "run", progress=False)
+    original = trainer.forward
+
+    def poisoned(batch):
+        out = original(batch)
+        out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(trainer, "forward", poisoned)
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    assert trainer.train_step() is None  # skipped, weights untouched
+    assert all(torch.equal(a, b) for a, b in zip(before, trainer.model.parameters()))
+    with pytest.raises(Exception, match="3 non-finite losses in a row"):
+        trainer.train()
+
+
+def test_checkpoint_writes_are_atomic(tmp_path, corpus, monkeypatch):
+    trainer = Trainer(quick(data=[str(corpus)]), tmp_path / "run", progress=False)
+    trainer.train_step()
+    good = trainer.save()
+    trainer.train_step()
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(checkpoint_module.torch, "save", crash)
+    with pytest.raises(OSError, match="disk full"):
+        trainer.save()
+    assert list_checkpoints(tmp_path / "run") == [good]
+    assert not [p for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.startswith(".")]
+    monkeypatch.undo()
+    resumed = Trainer(trainer.config, tmp_path / "run", resume=True, progress=False)
+    assert resumed.step == 1
+
+
+def _losses(run_dir: Path) -> dict[int, float]:
+    out = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if "ce_loss" in record:
+            out[record["step"]] = record["loss"]
+    return out
+
+
+def test_killed_run_resumes_exactly(tmp_path, corpus):
+    """SIGKILL mid-run, then --resume: the losses equal those of an uninterrupted run."""
+    args = [
+        "train",
+        "--preset",
+        "test",
+        "--data",
+        str(corpus),
+        "--no-progress",
+        "--max-steps",
+        "16",
+        "--set",
+        "checkpoint_every=4",
+        "--set",
+        "log_every=1",
+        "--set",
+        "vocab_size=400",
+        "--set",
+        "router_jitter_noise=0.05",
+        "--set",
+        "dropout=0.1",
+        "--out-dir",
+        str(tmp_path),
+    ]
+    assert main(args + ["--run-name", "straight"]) == 0
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "switchformer", *args, "--run-name", "killed"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    killed_dir = tmp_path / "killed"
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        done = list_checkpoints(killed_dir)
+        if done and done[-1].name >= "step_0000008":
+            break
+        if proc.poll() is not None:
+            pytest.fail("the run ended before it could be killed")
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert main(["train", "--resume", str(killed_dir), "--no-progress"]) == 0
+    straight, resumed = _losses(tmp_path / "straight"), _losses(killed_dir)
+    assert sorted(resumed) == sorted(straight) == list(range(1, 17))
+    for step in straight:
+        assert abs(straight[step] - resumed[step]) <= 1e-6, step
+
+
+# ----------------------------------------------------------------------------- commands
+
+
+def test_every_subcommand(tmp_path, corpus, capsys):
+    run = tmp_path / "runs" / "cli"
+    base = [
+        "--preset",
+        "test",
+        "--data",
+        str(corpus),
+        "--no-progress",
+        "--out-dir",
+        str(tmp_path / "runs"),
+        "--set",
+        "vocab_size=400",
+    ]
+    assert main(["train", *base, "--run-name", "cli", "--model", "t5"]) == 0
+    out = capsys.readouterr().out
+    assert "validation loss" in out and "run directory" in out
+
+    assert main(["eval", str(run), "--batches", "2"]) == 0
+    assert "perplexity" in json.loads(capsys.readouterr().out)
+
+    assert main(["generate", str(run), "--prompt", "The fox", "--max-new-tokens", "5", "--greedy"]) == 0
+    assert capsys.readouterr().out.startswith("The fox")
+
+    assert main(["info", str(run)]) == 0
+    assert "active per token" in capsys.readouterr().out
+    assert main(["info", "--preset", "tiny"]) == 0
+    assert "layers: d S d S" in capsys.readouterr().out
+
+    assert main(["report", str(run)]) == 0
+    assert (run / "loss.png").stat().st_size > 1000 and (run / "expert_load.png").exists()
+
+    assert main(["convert", str(run), str(tmp_path / "hf")]) == 0
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["model_type"] == "switch_transformers"
+    assert main(["convert", str(tmp_path / "hf"), str(tmp_path / "native")]) == 0
+    capsys.readouterr()
+    assert main(["generate", str(tmp_path / "native"), "--prompt", "The fox", "--max-new-tokens", "5", "--greedy"]) == 0
+    converted = capsys.readouterr().out
+    assert main(["generate", str(run), "--prompt", "The fox", "--max-new-tokens", "5", "--greedy"]) == 0
+    assert capsys.readouterr().out == converted  # same model after two conversions
+
+    assert main(["compare", *base, "--run-name", "cmp", "--max-steps", "6"]) == 0
+    out = capsys.readouterr().out
+    assert "| switch |" in out and "| dense |" in out and (tmp_path / "runs" / "cmp" / "compare.png").exists()
+
+
+def test_command_errors_are_one_clear_line(tmp_path, capsys):
+    assert main(["eval", str(tmp_path / "nowhere")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("switchformer: error:") and "config.json" in err and "Traceback" not in err
+    assert main(["train", "--preset", "test", "--data", str(tmp_path / "missing.txt"), "--out-dir", str(tmp_path)]) == 2
+    assert "missing.txt: no such file" in capsys.readouterr().err
+    assert main(["train", "--set", "lr=fast", "--out-dir", str(tmp_path)]) == 2
+    assert "lr: expected float" in capsys.readouterr().err
+    assert main(["generate", str(tmp_path), "--prompt", "x"]) == 2
+    assert main(["report", str(tmp_path)]) == 2
+    assert "metrics" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    assert "examples:" in capsys.readouterr().out
