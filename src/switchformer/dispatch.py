@@ -39,6 +39,13 @@ class DispatchPlan:
     num_experts: int
     _cache: dict = field(default_factory=dict, repr=False)
 
+    @classmethod
+    def for_counts(cls, tokens_per_expert: Tensor) -> DispatchPlan:
+        """A plan for rows already grouped by expert (expert parallelism computes received tokens)."""
+        empty = tokens_per_expert.new_zeros(0)
+        total = tokens_per_expert.sum()
+        return cls(empty, empty, empty.float(), tokens_per_expert, tokens_per_expert, total, tokens_per_expert.numel())
+
     @property
     def dropped(self) -> Tensor:
         return self.routed - self.tokens_per_expert.sum()

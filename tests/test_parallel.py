@@ -1,0 +1,201 @@
+"""Expert and data parallelism on CPU with gloo over 127.0.0.1: several processes must compute what
+one process computes on the concatenated batch. Every run has a timeout, so a bug cannot hang CI."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+import time
+import traceback
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from switchformer import SwitchLM, SwitchLMConfig
+from switchformer.parallel import (
+    apply_expert_parallel,
+    check_same_config,
+    gather_full_state,
+    is_expert_parameter,
+    load_full_state,
+    make_groups,
+    reduce_gradients,
+)
+
+TIMEOUT_S = 120
+CONFIG = dict(
+    vocab_size=50,
+    d_model=16,
+    num_layers=2,
+    num_heads=2,
+    d_ff=24,
+    num_experts=4,
+    sparse_step=1,
+    max_seq_len=32,
+    capacity_factor=1.0,
+    eval_capacity_factor=1.0,
+    min_capacity=1,
+    init_scale=1.0,
+)
+BATCH_PER_RANK, SEQ = 2, 8
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank, world, port, fn, args, error_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    try:
+        dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
+        fn(rank, world, *args)
+    except BaseException:
+        Path(error_dir, f"rank{rank}.txt").write_text(traceback.format_exc())
+        raise
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_workers(fn, world, *args, tmp_path):
+    context = mp.start_processes(
+        _worker, args=(world, free_port(), fn, args, str(tmp_path)), nprocs=world, join=False, start_method="spawn"
+    )
+    deadline = time.monotonic() + TIMEOUT_S
+    try:
+        # join() returns False each time one worker exits while others still run
+        while not context.join(max(1.0, deadline - time.monotonic())):
+            if time.monotonic() > deadline:
+                pytest.fail(f"distributed workers did not finish within {TIMEOUT_S} s")
+    except mp.ProcessRaisedException:
+        pass  # the worker's own traceback is in its error file
+    finally:
+        for p in context.processes:
+            if p.is_alive():
+                p.kill()
+    errors = sorted(tmp_path.glob("rank*.txt"))
+    assert not errors, errors[0].read_text()
+
+
+def global_batch(world):
+    g = torch.Generator().manual_seed(123)
+    return torch.randint(1, CONFIG["vocab_size"], (world * BATCH_PER_RANK, SEQ), generator=g)
+
+
+def reference_model(world):
+    torch.manual_seed(0)
+    model = SwitchLM(SwitchLMConfig(**CONFIG))
+    for layer in model.sparse_layers():  # routing groups: each rank's local tokens
+        layer.group_size = BATCH_PER_RANK * SEQ
+    return model
+
+
+def sharded_model(ep):
+    torch.manual_seed(0)  # the same full init on every rank, then sliced
+    state = make_groups(ep)
+    return apply_expert_parallel(SwitchLM(SwitchLMConfig(**CONFIG)), state), state
+
+
+def reference_name(name):
+    return name.replace(".experts.local.", ".experts.")
+
+
+def _equivalence(rank, world, ep):
+    ids = global_batch(world)
+    local = ids[rank * BATCH_PER_RANK : (rank + 1) * BATCH_PER_RANK]
+    reference = reference_model(world)
+    model, state = sharded_model(ep)
+    ref_params = dict(reference.named_parameters())
+    opt_ref = torch.optim.AdamW(reference.parameters(), lr=1e-2)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for step in range(3):
+        ref_out = reference(ids, labels=ids)
+        out = model(local, labels=local)
+        rows = slice(rank * BATCH_PER_RANK, (rank + 1) * BATCH_PER_RANK)
+        torch.testing.assert_close(out.logits, ref_out.logits[rows], atol=1e-5, rtol=1e-5)
+        losses = torch.stack([out.loss.detach(), out.ce_loss.detach(), out.aux_loss.detach(), out.z_loss.detach()])
+        dist.all_reduce(losses)
+        losses /= world
+        want = torch.stack([ref_out.loss, ref_out.ce_loss, ref_out.aux_loss, ref_out.z_loss]).detach()
+        torch.testing.assert_close(losses, want, atol=1e-5, rtol=1e-5)
+        opt.zero_grad()
+        opt_ref.zero_grad()
+        ref_out.loss.backward()
+        out.loss.backward()
+        reduce_gradients(model, state)
+        for name, param in model.named_parameters():
+            ref_grad = ref_params[reference_name(name)].grad
+            if is_expert_parameter(name):
+                n = param.shape[0]
+                ref_grad = ref_grad[state.ep_rank * n : (state.ep_rank + 1) * n]
+            torch.testing.assert_close(param.grad, ref_grad, atol=1e-5, rtol=1e-4, msg=f"step {step}: {name}")
+        opt.step()
+        opt_ref.step()
+    full = gather_full_state(model, state)
+    if rank == 0:
+        for name, tensor in reference.state_dict().items():
+            torch.testing.assert_close(full[name], tensor, atol=1e-5, rtol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("world, ep", [(2, 2), (4, 2)])
+def test_expert_and_data_parallel_match_one_process(world, ep, tmp_path):
+    run_workers(_equivalence, world, ep, tmp_path=tmp_path)
+
+
+def _save_and_reshard(rank, world, ep, out_dir):
+    model, state = sharded_model(ep)
+    with torch.no_grad():
+        for p in model.parameters():  # make the weights differ from any fresh init
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(7)) * 0.01)
+    full = gather_full_state(model, state)
+    if rank == 0:
+        torch.save(full, Path(out_dir) / "full.pt")
+    dist.barrier()
+    full = torch.load(Path(out_dir) / "full.pt", weights_only=True)
+    for ep_size in (1, world):
+        if ep_size == 1:
+            target = SwitchLM(SwitchLMConfig(**CONFIG))
+            target.load_state_dict(full)
+            local_state = None
+        else:
+            target, local_state = sharded_model(ep_size)
+            load_full_state(target, full, local_state)
+        ids = global_batch(world)[:BATCH_PER_RANK]
+        got = target.eval()(ids).logits
+        want = model.eval()(ids).logits
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_save_with_ep2_load_with_ep1_and_ep4(tmp_path):
+    out = tmp_path / "ckpt"
+    out.mkdir()
+    run_workers(_save_and_reshard, 4, 2, str(out), tmp_path=tmp_path)
+
+
+def _bad_experts(rank, world):
+    with pytest.raises(ValueError, match="num_experts: 4 experts cannot be split over 3"):
+        sharded_model(3)
+
+
+def _bad_world(rank, world):
+    with pytest.raises(ValueError, match="world size 2 is not a multiple of 3"):
+        make_groups(3)
+
+
+def _mismatched_config(rank, world):
+    state = make_groups(1)
+    config = dict(CONFIG, num_experts=4 + rank)
+    with pytest.raises(ValueError, match=r"ranks \[1\] run a different configuration"):
+        check_same_config(config, state)
+
+
+@pytest.mark.parametrize("fn, world", [(_bad_experts, 3), (_bad_world, 2), (_mismatched_config, 2)])
+def test_bad_setups_fail_fast_on_every_rank(fn, world, tmp_path):
+    run_workers(fn, world, tmp_path=tmp_path)
