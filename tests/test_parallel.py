@@ -199,3 +199,83 @@ def _mismatched_config(rank, world):
 @pytest.mark.parametrize("fn, world", [(_bad_experts, 3), (_bad_world, 2), (_mismatched_config, 2)])
 def test_bad_setups_fail_fast_on_every_rank(fn, world, tmp_path):
     run_workers(fn, world, tmp_path=tmp_path)
+
+
+def test_torchrun_training_matches_one_process(tmp_path):
+    """The same command under torchrun with 2 ranks (experts split 2 ways, 2 rows each) gives the
+    losses of one process on the 4-row global batch with the same routing groups."""
+    import json
+    import subprocess
+    import sys
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("Switch layers route every token to one expert of many.\n" * 400)
+    common = [
+        "--preset",
+        "test",
+        "--data",
+        str(corpus),
+        "--no-progress",
+        "--out-dir",
+        str(tmp_path),
+        "--max-steps",
+        "6",
+        "--set",
+        "vocab_size=400",
+        "--set",
+        "group_size=32",
+        "--set",
+        "seq_len=32",
+    ]
+    one = subprocess.run(
+        [sys.executable, "-m", "switchformer", "train", *common, "--run-name", "one", "--set", "batch_size=4"],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+    )
+    assert one.returncode == 0, one.stderr
+    (tmp_path / "two").mkdir()
+    (tmp_path / "two" / "tokenizer.json").write_bytes((tmp_path / "one" / "tokenizer.json").read_bytes())
+    two = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            str(free_port()),
+            "-m",
+            "switchformer",
+            "train",
+            *common,
+            "--run-name",
+            "two",
+            "--set",
+            "batch_size=2",
+            "--expert-parallel",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+    )
+    assert two.returncode == 0, two.stderr[-3000:]
+
+    def losses(run):
+        rows = [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+        return {r["step"]: r["loss"] for r in rows if "ce_loss" in r}
+
+    a, b = losses("one"), losses("two")
+    assert sorted(a) == sorted(b) == list(range(1, 7))
+    for step in a:
+        assert abs(a[step] - b[step]) < 1e-5, (step, a[step], b[step])
+    # the consolidated checkpoint serves single-process commands
+    from switchformer.cli import load_run
+
+    model, _, _ = load_run(tmp_path / "two")
+    reference, _, _ = load_run(tmp_path / "one")
+    for name, tensor in reference.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[name], tensor, atol=1e-5, rtol=1e-4)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -16,7 +17,7 @@ EPILOGS = {
   switchformer train --data notes/ --set vocab_size=8000 --set num_experts=16
   switchformer train --config my.toml --model t5       # T5 span corruption
   switchformer train --resume runs/quick               # continue exactly where it stopped
-  torchrun is not needed for one process.""",
+  torchrun --nproc_per_node 4 -m switchformer train --expert-parallel 2   # 2-way experts x 2-way data""",
     "eval": "example:\n  switchformer eval runs/quick",
     "generate": """examples:
   switchformer generate runs/quick --prompt "The object"
@@ -133,17 +134,23 @@ def cmd_train(args) -> int:
         config = TrainConfig(**values)
     else:
         config = _config_from_args(args, "tiny")
+        distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+        if distributed and not config.run_name:
+            raise ValueError("--run-name: required under torchrun, so that every rank writes to the same run")
         run_dir = _run_dir(config)
         if (run_dir / "checkpoints").exists():
             raise FileExistsError(f"{run_dir}: already holds a run; use --resume {run_dir} or another --run-name")
-    print(
-        f"training {config.model} ({config.num_experts} experts every {config.sparse_step} layers"
-        f"{'' if config.sparse_step else ': dense'}) for {config.max_steps} steps -> {run_dir}",
-        flush=True,
-    )
+    main_rank = int(os.environ.get("RANK", "0")) == 0
+    if main_rank:
+        print(
+            f"training {config.model} ({config.num_experts} experts every {config.sparse_step} layers"
+            f"{'' if config.sparse_step else ': dense'}) for {config.max_steps} steps -> {run_dir}",
+            flush=True,
+        )
     trainer = Trainer(config, run_dir, resume=bool(args.resume), progress=not args.no_progress, device=args.device)
     summary = trainer.train()
-    _print_summary(summary)
+    if main_rank:
+        _print_summary(summary)
     return 0
 
 
@@ -352,6 +359,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("train", "train a Switch model (default: the tiny preset on the embedded corpus)", cmd_train)
     _add_config_args(p)
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its latest checkpoint")
+    p.add_argument(
+        "--expert-parallel",
+        type=int,
+        metavar="P",
+        help="under torchrun: split each layer's experts over P ranks (batch size is per rank)",
+    )
 
     p = command("eval", "validation loss, perplexity and routing statistics of a run", cmd_eval)
     p.add_argument("run", help="run directory or checkpoint")

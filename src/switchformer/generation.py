@@ -54,7 +54,7 @@ def inference_routing(model: torch.nn.Module, routing: str = "dropless"):
     if routing not in ROUTING_MODES:
         raise ValueError(f"routing: unknown {routing!r}; choose one of {ROUTING_MODES}")
     layers = [m for m in model.modules() if isinstance(m, SwitchMoE)]
-    saved = [(m.eval_capacity_factor, m.expert_capacity) for m in layers]
+    saved = [(m.eval_capacity_factor, m.expert_capacity, m.group_size) for m in layers]
     if layers:
         log.info(
             "generation routing: %s",
@@ -65,12 +65,12 @@ def inference_routing(model: torch.nn.Module, routing: str = "dropless"):
     try:
         if routing == "dropless":
             for m in layers:
-                if m.routing != "expert_choice":
-                    m.eval_capacity_factor, m.expert_capacity = None, None
+                if m.routing != "expert_choice":  # without capacity, groups do not matter either
+                    m.eval_capacity_factor, m.expert_capacity, m.group_size = None, None, None
         yield
     finally:
-        for m, (factor, capacity) in zip(layers, saved):
-            m.eval_capacity_factor, m.expert_capacity = factor, capacity
+        for m, (factor, capacity, group_size) in zip(layers, saved):
+            m.eval_capacity_factor, m.expert_capacity, m.group_size = factor, capacity, group_size
 
 
 def process_logits(logits: Tensor, generated: Tensor, cfg: SamplingConfig) -> Tensor:

@@ -9,7 +9,14 @@ from switchformer.moe import SwitchMoE
 
 
 def _expert_params(layer: SwitchMoE) -> int:
-    return (layer.experts.w_in.numel() + layer.experts.w_out.numel()) // layer.num_experts
+    experts = getattr(layer.experts, "local", layer.experts)  # an expert-parallel shard holds `local`
+    return (experts.w_in.numel() + experts.w_out.numel()) // experts.num_experts
+
+
+def _absent_expert_params(layer: SwitchMoE) -> int:
+    """Parameters of experts other ranks hold (expert parallelism), so totals are global."""
+    held = getattr(layer.experts, "local", layer.experts).num_experts
+    return (layer.num_experts - held) * _expert_params(layer)
 
 
 def parameter_counts(model: nn.Module, context_len: int | None = None) -> dict[str, int]:
@@ -20,8 +27,9 @@ def parameter_counts(model: nn.Module, context_len: int | None = None) -> dict[s
     from switchformer.models.lm import LMAttention, SwitchLM
     from switchformer.models.t5 import SwitchT5, T5Attention
 
-    total = sum(p.numel() for p in model.parameters())
-    inactive = sum((m.num_experts - m.top_k) * _expert_params(m) for m in model.modules() if isinstance(m, SwitchMoE))
+    moe_layers = [m for m in model.modules() if isinstance(m, SwitchMoE)]
+    total = sum(p.numel() for p in model.parameters()) + sum(_absent_expert_params(m) for m in moe_layers)
+    inactive = sum((m.num_experts - m.top_k) * _expert_params(m) for m in moe_layers)
     config = model.config
     if context_len is None:
         context_len = config.max_seq_len if isinstance(model, SwitchLM) else 512

@@ -41,6 +41,7 @@ class SwitchLMConfig:
     capacity_factor: float | None = 1.25
     eval_capacity_factor: float | None = 2.0
     min_capacity: int = 4
+    group_size: int | None = None  # routing group size in tokens; None: the whole local batch
     router_jitter_noise: float = 0.0
     expert_dropout: float = 0.0
     router_aux_loss_coef: float = 0.01
@@ -87,6 +88,7 @@ class SwitchLMConfig:
             capacity_factor=self.capacity_factor,
             eval_capacity_factor=self.eval_capacity_factor,
             min_capacity=self.min_capacity,
+            group_size=self.group_size,
             jitter_eps=self.router_jitter_noise,
             expert_dropout=self.expert_dropout,
             init_scale=self.init_scale,

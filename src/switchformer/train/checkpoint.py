@@ -36,22 +36,43 @@ def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_checkpoint(run_dir: Path, step: int, model, optimizer, extra: dict, keep_last: int) -> Path:
-    root = run_dir / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"{CHECKPOINT_PREFIX}{step:07d}"
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{final.name}."))
+    """One process: model, optimizer and state, renamed into place when complete."""
+    tmp = begin_checkpoint(run_dir, step)
     try:
-        save_file(model_state(model), str(tmp / "model.safetensors"))
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        state = dict(extra, step=step, rng=base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode())
-        (tmp / "state.json").write_text(json.dumps(state, indent=2))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        write_checkpoint_files(tmp, step, model_state(model), optimizer.state_dict(), extra)
+        return finish_checkpoint(tmp, keep_last)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    for old in list_checkpoints(run_dir)[:-keep_last]:
+
+
+def begin_checkpoint(run_dir: Path, step: int) -> Path:
+    """A temporary directory beside the final one (same filesystem, so the rename is atomic)."""
+    root = Path(run_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(dir=root, prefix=f".{CHECKPOINT_PREFIX}{step:07d}."))
+
+
+def write_checkpoint_files(
+    tmp: Path, step: int, weights: dict | None, optimizer_state: dict, extra: dict, optimizer_name: str = "optimizer.pt"
+) -> None:
+    """``weights``: the full (consolidated) model state, written by one process; every process of a
+    distributed run writes its own optimizer state under ``optimizer_name``."""
+    if weights is not None:
+        save_file(weights, str(tmp / "model.safetensors"))
+        rng = base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()
+        (tmp / "state.json.part").write_text(json.dumps(dict(extra, step=step, rng=rng), indent=2))
+    torch.save(optimizer_state, tmp / optimizer_name)
+
+
+def finish_checkpoint(tmp: Path, keep_last: int) -> Path:
+    """Mark complete (state.json last), rename into place, prune old checkpoints."""
+    os.replace(tmp / "state.json.part", tmp / "state.json")
+    final = tmp.parent / tmp.name[1:].rsplit(".", 1)[0]
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    for old in list_checkpoints(tmp.parent.parent)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
@@ -84,10 +105,20 @@ def load_model_weights(model: torch.nn.Module, path: Path) -> None:
         )
 
 
-def load_checkpoint(path: Path, model, optimizer) -> dict:
-    """Restore model, optimizer and RNG; returns ``state.json``."""
-    load_model_weights(model, path)
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
+def load_checkpoint(path: Path, model, optimizer, optimizer_name: str = "optimizer.pt", load_weights=None) -> dict:
+    """Restore model (``load_weights(full_state)`` for a sharded model), optimizer and RNG; returns
+    ``state.json``."""
+    if load_weights is None:
+        load_model_weights(model, path)
+    else:
+        load_weights(load_file(str(path / "model.safetensors")))
+    file = path / optimizer_name
+    if not file.exists():
+        raise FileNotFoundError(
+            f"{file}: no optimizer state for this process; resume with the number of "
+            "processes the run was saved with (model weights load into any layout)"
+        )
+    optimizer.load_state_dict(torch.load(file, map_location="cpu", weights_only=True))
     state = json.loads((path / "state.json").read_text())
     rng = torch.frombuffer(bytearray(base64.b64decode(state["rng"])), dtype=torch.uint8)
     torch.set_rng_state(rng)

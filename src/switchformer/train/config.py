@@ -25,6 +25,7 @@ class TrainConfig:
     routing: str = "token_choice"
     capacity_factor: float | None = 1.25
     eval_capacity_factor: float | None = 2.0
+    group_size: int | None = None  # routing group in tokens (lm); None: each rank's whole batch
     router_jitter_noise: float = 0.0
     expert_dropout: float = 0.0
     dropout: float = 0.0
@@ -53,6 +54,9 @@ class TrainConfig:
     grad_clip: float = 1.0
     precision: str = "auto"  # "auto" (bf16 autocast on GPUs that support it), "fp32", "bf16"
     seed: int = 0
+    # scale (under torchrun): experts split over this many ranks; batch_size is per rank
+    expert_parallel: int = 1
+    dist_timeout_s: float = 300.0
     # bookkeeping
     out_dir: str = "runs"
     run_name: str | None = None
@@ -143,6 +147,7 @@ class TrainConfig:
                 sparse_step=self.sparse_step,
                 routing=self.routing,
                 expert_dropout=self.expert_dropout,
+                group_size=self.group_size,
                 max_seq_len=max(self.seq_len, 64) * 2,
             )
         if self.routing != "token_choice":

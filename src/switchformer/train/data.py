@@ -49,11 +49,12 @@ class Data:
     tokenizer: object
     vocab_size: int
 
-    def batch(self, config: TrainConfig, step: int, micro: int) -> dict[str, Tensor]:
-        """The micro-batch of a global step: a pure function of (seed, step, micro), so a resumed
-        run sees exactly the batches an uninterrupted one would."""
+    def batch(self, config: TrainConfig, step: int, micro: int, rank: int = 0, world: int = 1) -> dict[str, Tensor]:
+        """This rank's share of the micro-batch of a global step: a pure function of (seed, step,
+        micro, rank), so a resumed run sees exactly the batches an uninterrupted one would, and
+        ``world`` ranks together see what one process with ``world`` times the batch sees."""
         n = len(self.train)
-        start = (step * config.grad_accum + micro) * config.batch_size
+        start = ((step * config.grad_accum + micro) * world + rank) * config.batch_size
         picks = []
         for j in range(start, start + config.batch_size):
             epoch, position = divmod(j, n)

@@ -10,15 +10,34 @@ import contextlib
 import json
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from switchformer.models import SwitchLM, SwitchT5
+from switchformer.parallel import (
+    apply_expert_parallel,
+    check_same_config,
+    gather_full_state,
+    init_distributed,
+    is_expert_parameter,
+    load_full_state,
+    reduce_gradients,
+)
 from switchformer.runtime import reuse_freed_memory
-from switchformer.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, write_json_atomic
+from switchformer.train.checkpoint import (
+    begin_checkpoint,
+    finish_checkpoint,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+    write_checkpoint_files,
+    write_json_atomic,
+)
 from switchformer.train.config import TrainConfig
 from switchformer.train.data import Data, prepare_data
 
@@ -53,6 +72,31 @@ def build_optimizer(config: TrainConfig, model: torch.nn.Module) -> torch.optim.
     if config.optimizer == "adafactor":
         return torch.optim.Adafactor(groups, lr=config.lr)
     return torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, config.beta2))
+
+
+def clip_grad_norm(model: torch.nn.Module, max_norm: float, parallel) -> float:
+    """Clip by the norm of the whole model's gradient; under expert parallelism the expert shards
+    of an EP group together make up each expert weight's gradient."""
+    if parallel is None:
+        return float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
+    shared_sq, expert_sq = torch.zeros(()), torch.zeros(())
+    for name, param in model.named_parameters():
+        if param.grad is None:
+            continue
+        sq = param.grad.detach().float().pow(2).sum().cpu()
+        if is_expert_parameter(name):
+            expert_sq += sq
+        else:
+            shared_sq += sq
+    expert_sq = expert_sq.to(next(model.parameters()).device)
+    dist.all_reduce(expert_sq, group=parallel.ep_group)
+    total = math.sqrt(float(shared_sq) + float(expert_sq))
+    scale = max_norm / (total + 1e-6)
+    if scale < 1:
+        for param in model.parameters():
+            if param.grad is not None:
+                param.grad.mul_(scale)
+    return total
 
 
 def autocast_context(config: TrainConfig, device: torch.device):
@@ -92,30 +136,47 @@ class Trainer:
     ):
         self.config = config
         self.run_dir = Path(run_dir)
+        self.parallel = None
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 or config.expert_parallel > 1:
+            self.parallel = init_distributed(config.expert_parallel, config.dist_timeout_s)
+            check_same_config(config.to_dict(), self.parallel)
+        self.is_main = self.parallel is None or self.parallel.is_main
+        self.rank, self.world = (0, 1) if self.parallel is None else (self.parallel.rank, self.parallel.world_size)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.progress = progress
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.progress = progress and self.is_main
+        default_device = "cpu"
+        if torch.cuda.is_available():
+            default_device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if self.parallel else "cuda"
+        self.device = torch.device(device or default_device)
         if self.device.type == "cpu":
             reuse_freed_memory()  # see runtime.py: large expert gradients are reused, not re-faulted
         torch.manual_seed(config.seed)
-        self.data: Data = prepare_data(config, self.run_dir)
+        with self.main_first():  # rank 0 trains and saves the tokenizer; the others then load it
+            self.data: Data = prepare_data(config, self.run_dir)
         torch.manual_seed(config.seed)  # the same initial weights whatever data preparation consumed
-        self.model = build_model(config, self.data.vocab_size).to(self.device)
+        self.model = build_model(config, self.data.vocab_size)
+        if self.parallel is not None:  # full seeded init on every rank, then each keeps its experts
+            apply_expert_parallel(self.model, self.parallel)
+        self.model.to(self.device)
         self.optimizer = build_optimizer(config, self.model)
         self.step = 0
         self.bad_steps = 0
         self.history: list[dict] = []
-        write_json_atomic(
-            self.run_dir / "config.json", {"train": config.to_dict(), "model": self.model.config.to_dict()}
-        )
+        if self.is_main:
+            write_json_atomic(
+                self.run_dir / "config.json", {"train": config.to_dict(), "model": self.model.config.to_dict()}
+            )
         if resume:
             checkpoint = latest_checkpoint(self.run_dir)
             if checkpoint is None:
                 raise FileNotFoundError(f"{self.run_dir}: no complete checkpoint to resume from")
-            state = load_checkpoint(checkpoint, self.model, self.optimizer)
+            loader = None
+            if self.parallel is not None:
+                loader = lambda full: load_full_state(self.model, full, self.parallel)  # noqa: E731
+            state = load_checkpoint(checkpoint, self.model, self.optimizer, self.optimizer_file, loader)
             self.step, self.bad_steps = state["step"], state.get("bad_steps", 0)
             log.info("resumed from %s at step %d", checkpoint, self.step)
-        self.metrics_file = (self.run_dir / "metrics.jsonl").open("a", buffering=1)
+        self.metrics_file = (self.run_dir / "metrics.jsonl").open("a", buffering=1) if self.is_main else None
         self.tensorboard = None
         if config.tensorboard:
             try:
@@ -126,18 +187,44 @@ class Trainer:
 
     # -- bookkeeping -----------------------------------------------------------------------
 
+    @property
+    def optimizer_file(self) -> str:
+        return "optimizer.pt" if self.parallel is None else f"optimizer-rank{self.rank}.pt"
+
+    @contextlib.contextmanager
+    def main_first(self):
+        """Rank 0 runs the block first (it may write shared files), the other ranks after it."""
+        if self.parallel is not None and not self.is_main:
+            dist.barrier()
+        yield
+        if self.parallel is not None and self.is_main:
+            dist.barrier()
+
     def log_metrics(self, record: dict) -> None:
-        self.metrics_file.write(json.dumps(record) + "\n")
         self.history.append(record)
+        if not self.is_main:
+            return
+        self.metrics_file.write(json.dumps(record) + "\n")
         if self.tensorboard is not None:
             for key, value in record.items():
                 if isinstance(value, (int, float)) and key != "step":
                     self.tensorboard.add_scalar(key, value, record["step"])
 
     def save(self) -> Path:
-        return save_checkpoint(
-            self.run_dir, self.step, self.model, self.optimizer, {"bad_steps": self.bad_steps}, self.config.keep_last
-        )
+        extra = {"bad_steps": self.bad_steps, "world_size": self.world}
+        if self.parallel is None:
+            return save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, extra, self.config.keep_last)
+        # consolidated weights from rank 0, each rank's optimizer state beside them, one rename
+        full = gather_full_state(self.model, self.parallel)
+        holder = [str(begin_checkpoint(self.run_dir, self.step)) if self.is_main else None]
+        dist.broadcast_object_list(holder, src=0)
+        tmp = Path(holder[0])
+        weights = {k: v.detach().contiguous().cpu() for k, v in full.items()} if self.is_main else None
+        write_checkpoint_files(tmp, self.step, weights, self.optimizer.state_dict(), extra, self.optimizer_file)
+        dist.barrier()
+        final = finish_checkpoint(tmp, self.config.keep_last) if self.is_main else None
+        dist.barrier()
+        return final or latest_checkpoint(self.run_dir)
 
     def to_device(self, batch: dict) -> dict:
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
@@ -196,7 +283,7 @@ class Trainer:
         tokens = 0
         finite = True
         for micro in range(config.grad_accum):
-            batch = self.to_device(self.data.batch(config, self.step, micro))
+            batch = self.to_device(self.data.batch(config, self.step, micro, self.rank, self.world))
             with autocast_context(config, self.device):
                 out = self.forward(batch)
             if not torch.isfinite(out.loss):
@@ -207,9 +294,15 @@ class Trainer:
                 value = getattr(out, key)
                 totals[key] += (float(value.detach()) if value is not None else 0.0) / config.grad_accum
             tokens += batch["input_ids"].numel() + (batch["labels"].numel() if "labels" in batch else 0)
+        if self.parallel is not None:  # every rank skips together
+            flag = torch.tensor(float(finite), device=self.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+            finite = bool(flag.item())
         grad_norm = None
         if finite:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.grad_clip))
+            if self.parallel is not None:
+                reduce_gradients(self.model, self.parallel)
+            grad_norm = clip_grad_norm(self.model, config.grad_clip, self.parallel)
             finite = math.isfinite(grad_norm)
         if not finite:
             self.optimizer.zero_grad(set_to_none=True)
@@ -224,6 +317,11 @@ class Trainer:
             self.step += 1
             return None
         self.bad_steps = 0
+        if self.parallel is not None:  # log the global batch's losses, not this rank's share
+            values = torch.tensor([totals[k] for k in totals], device=self.device)
+            dist.all_reduce(values)
+            totals = dict(zip(totals, (values / self.world).tolist()))
+            tokens *= self.world
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
@@ -279,8 +377,9 @@ class Trainer:
             "parameters": self.model.num_parameters(),
             "sample": self.sample(),
         }
-        write_json_atomic(self.run_dir / "summary.json", summary)
-        self.metrics_file.close()
+        if self.is_main:
+            write_json_atomic(self.run_dir / "summary.json", summary)
+            self.metrics_file.close()
         if self.tensorboard is not None:
             self.tensorboard.close()
         return summary
