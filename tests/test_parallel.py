@@ -196,7 +196,16 @@ def _mismatched_config(rank, world):
         check_same_config(config, state)
 
 
-@pytest.mark.parametrize("fn, world", [(_bad_experts, 3), (_bad_world, 2), (_mismatched_config, 2)])
+def _rank_dies(rank, world):
+    if rank == 1:
+        os._exit(0)  # gone without a word, mid-run
+    start = time.monotonic()
+    with pytest.raises(RuntimeError):
+        dist.all_reduce(torch.ones(4))  # the collective fails instead of hanging
+    assert time.monotonic() - start < 60
+
+
+@pytest.mark.parametrize("fn, world", [(_bad_experts, 3), (_bad_world, 2), (_mismatched_config, 2), (_rank_dies, 2)])
 def test_bad_setups_fail_fast_on_every_rank(fn, world, tmp_path):
     run_workers(fn, world, tmp_path=tmp_path)
 

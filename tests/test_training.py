@@ -295,3 +295,10 @@ def test_command_errors_are_one_clear_line(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["train", "--help"])
     assert "examples:" in capsys.readouterr().out
+
+
+def test_small_validation_split_is_used_whole(tmp_path, corpus):
+    trainer = Trainer(quick(data=[str(corpus)], eval_batches=1000), tmp_path / "run", progress=False)
+    result = trainer.evaluate()
+    labels = trainer.data.valid.tensors["input_ids"][:, 1:]
+    assert result.tokens == labels.numel()

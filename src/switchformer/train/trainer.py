@@ -244,9 +244,10 @@ class Trainer:
         total_loss, total_tokens = 0.0, 0
         counts, dropped, entropy, seen = {}, {}, {}, 0
         for b in range(batches):
-            index = torch.arange(b * self.config.batch_size, min((b + 1) * self.config.batch_size, len(valid)))
-            if index.numel() == 0:
+            start = b * self.config.batch_size
+            if start >= len(valid):  # a small validation split: use what there is
                 break
+            index = torch.arange(start, min(start + self.config.batch_size, len(valid)))
             batch = self.to_device(valid.rows(index))
             with autocast_context(self.config, self.device):
                 out = self.forward(batch)
