@@ -281,6 +281,9 @@ def test_torchrun_training_matches_one_process(tmp_path):
     assert sorted(a) == sorted(b) == list(range(1, 7))
     for step in a:
         assert abs(a[step] - b[step]) < 1e-5, (step, a[step], b[step])
+    # each rank wrote its expert shard (so the experts really were split), rank 0 the consolidated file
+    checkpoint = sorted((tmp_path / "two" / "checkpoints").iterdir())[-1]
+    assert (checkpoint / "experts-ep1-of-2.safetensors").exists() and (checkpoint / "model.safetensors").exists()
     # the consolidated checkpoint serves single-process commands
     from switchformer.cli import load_run
 

@@ -61,6 +61,7 @@ def _config_from_args(args, default_preset: str):
         "max_steps": args.max_steps,
         "out_dir": args.out_dir,
         "run_name": args.run_name,
+        "expert_parallel": getattr(args, "expert_parallel", None),
     }
     return build_config(args.preset or default_preset, args.config, overrides, args.set)
 

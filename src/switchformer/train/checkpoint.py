@@ -54,7 +54,12 @@ def begin_checkpoint(run_dir: Path, step: int) -> Path:
 
 
 def write_checkpoint_files(
-    tmp: Path, step: int, weights: dict | None, optimizer_state: dict, extra: dict, optimizer_name: str = "optimizer.pt"
+    tmp: Path,
+    step: int,
+    weights: dict | None,
+    optimizer_state: dict | None,
+    extra: dict,
+    optimizer_name: str = "optimizer.pt",
 ) -> None:
     """``weights``: the full (consolidated) model state, written by one process; every process of a
     distributed run writes its own optimizer state under ``optimizer_name``."""
@@ -62,7 +67,8 @@ def write_checkpoint_files(
         save_file(weights, str(tmp / "model.safetensors"))
         rng = base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()
         (tmp / "state.json.part").write_text(json.dumps(dict(extra, step=step, rng=rng), indent=2))
-    torch.save(optimizer_state, tmp / optimizer_name)
+    if optimizer_state is not None:
+        torch.save(optimizer_state, tmp / optimizer_name)
 
 
 def finish_checkpoint(tmp: Path, keep_last: int) -> Path:

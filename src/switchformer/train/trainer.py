@@ -22,11 +22,12 @@ from switchformer.models import SwitchLM, SwitchT5
 from switchformer.parallel import (
     apply_expert_parallel,
     check_same_config,
-    gather_full_state,
+    consolidate_shards,
     init_distributed,
     is_expert_parameter,
     load_full_state,
     reduce_gradients,
+    save_shards,
 )
 from switchformer.runtime import reuse_freed_memory
 from switchformer.train.checkpoint import (
@@ -214,15 +215,19 @@ class Trainer:
         extra = {"bad_steps": self.bad_steps, "world_size": self.world}
         if self.parallel is None:
             return save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, extra, self.config.keep_last)
-        # consolidated weights from rank 0, each rank's optimizer state beside them, one rename
-        full = gather_full_state(self.model, self.parallel)
+        # every rank writes its own part (expert shard, optimizer state), rank 0 the shared weights
+        # and then one consolidated model.safetensors for single-process eval/generate; one rename
         holder = [str(begin_checkpoint(self.run_dir, self.step)) if self.is_main else None]
         dist.broadcast_object_list(holder, src=0)
         tmp = Path(holder[0])
-        weights = {k: v.detach().contiguous().cpu() for k, v in full.items()} if self.is_main else None
-        write_checkpoint_files(tmp, self.step, weights, self.optimizer.state_dict(), extra, self.optimizer_file)
+        save_shards(self.model, self.parallel, tmp)
+        write_checkpoint_files(tmp, self.step, None, self.optimizer.state_dict(), extra, self.optimizer_file)
         dist.barrier()
-        final = finish_checkpoint(tmp, self.config.keep_last) if self.is_main else None
+        final = None
+        if self.is_main:
+            full = consolidate_shards(tmp, self.parallel.expert_parallel_size)
+            write_checkpoint_files(tmp, self.step, full, None, extra)
+            final = finish_checkpoint(tmp, self.config.keep_last)
         dist.barrier()
         return final or latest_checkpoint(self.run_dir)
 
