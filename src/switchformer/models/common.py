@@ -145,3 +145,30 @@ def check_token_ids(name: str, ids: Tensor, vocab_size: int) -> None:
 def check_mask(name: str, mask: Tensor | None, ids: Tensor) -> None:
     if mask is not None and mask.shape != ids.shape:
         raise ValueError(f"{name}: shape {tuple(mask.shape)} does not match the token ids {tuple(ids.shape)}")
+
+
+def finish_output(config, logits, labels, stats, stacks, encoder_hidden_states=None, shift=False) -> ModelOutput:
+    """Cross-entropy over non-ignored labels (-100) plus the router losses with their coefficients."""
+    aux, z = combined_router_losses(stats, stacks)
+    ce = None
+    loss = None
+    if labels is not None:
+        if shift:
+            logits_for_loss, labels = logits[:, :-1], labels[:, 1:]
+        else:
+            logits_for_loss = logits
+        ce = F.cross_entropy(
+            logits_for_loss.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=-100
+        )
+        loss = ce
+        if aux is not None:
+            loss = loss + config.router_aux_loss_coef * aux + config.router_z_loss_coef * z
+    return ModelOutput(
+        logits=logits,
+        loss=loss,
+        ce_loss=ce,
+        aux_loss=aux,
+        z_loss=z,
+        router_stats=stats,
+        encoder_hidden_states=encoder_hidden_states,
+    )

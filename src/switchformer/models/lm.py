@@ -15,8 +15,15 @@ from torch import Tensor, nn
 
 from switchformer.experts import ACTIVATIONS
 from switchformer.init import scaled_trunc_normal_
-from switchformer.models.common import FeedForward, RMSNorm, RouterStats, check_mask, check_token_ids, is_sparse_layer
-from switchformer.models.t5 import finish_output
+from switchformer.models.common import (
+    FeedForward,
+    RMSNorm,
+    RouterStats,
+    check_mask,
+    check_token_ids,
+    finish_output,
+    is_sparse_layer,
+)
 from switchformer.moe import SwitchMoE
 from switchformer.routing import ROUTINGS
 

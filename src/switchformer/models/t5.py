@@ -25,7 +25,7 @@ from switchformer.models.common import (
     RouterStats,
     check_mask,
     check_token_ids,
-    combined_router_losses,
+    finish_output,
     is_sparse_layer,
 )
 
@@ -466,30 +466,3 @@ class SwitchT5(nn.Module):
         from switchformer.models.accounting import parameter_counts
 
         return parameter_counts(self)
-
-
-def finish_output(config, logits, labels, stats, stacks, encoder_hidden_states=None, shift=False) -> ModelOutput:
-    """Cross-entropy over non-ignored labels (-100) plus the router losses with their coefficients."""
-    aux, z = combined_router_losses(stats, stacks)
-    ce = None
-    loss = None
-    if labels is not None:
-        if shift:
-            logits_for_loss, labels = logits[:, :-1], labels[:, 1:]
-        else:
-            logits_for_loss = logits
-        ce = F.cross_entropy(
-            logits_for_loss.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=-100
-        )
-        loss = ce
-        if aux is not None:
-            loss = loss + config.router_aux_loss_coef * aux + config.router_z_loss_coef * z
-    return ModelOutput(
-        logits=logits,
-        loss=loss,
-        ce_loss=ce,
-        aux_loss=aux,
-        z_loss=z,
-        router_stats=stats,
-        encoder_hidden_states=encoder_hidden_states,
-    )
