@@ -100,6 +100,28 @@ def choose(logits: Tensor, cfg: SamplingConfig) -> Tensor:
     return torch.multinomial(logits.softmax(-1), 1, generator=cfg.generator).squeeze(1)
 
 
+@contextlib.contextmanager
+def _inference(model: torch.nn.Module, routing: str):
+    """Eval mode, no autograd and the chosen routing for the duration; training mode restored after."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), inference_routing(model, routing):
+            yield
+    finally:
+        model.train(was_training)
+
+
+def _collect(first: Tensor, steps: Iterator[Tensor], streamer: Callable[[Tensor], None] | None) -> Tensor:
+    """``first`` followed by each step's tokens as a column; each step also goes to ``streamer``."""
+    tokens = [first]
+    for token in steps:
+        tokens.append(token[:, None])
+        if streamer is not None:
+            streamer(token)
+    return torch.cat(tokens, 1)
+
+
 # ----------------------------------------------------------------------------- encoder-decoder
 
 
@@ -130,7 +152,6 @@ def _sampling_config(model, kwargs) -> SamplingConfig:
     return SamplingConfig(**kwargs)
 
 
-@torch.no_grad()
 def generate_seq2seq(
     model,
     input_ids: Tensor,
@@ -144,32 +165,21 @@ def generate_seq2seq(
 ) -> Tensor:
     """Decoder tokens ``[batch, 1 + new]``, starting with ``decoder_start_token_id`` (as HF)."""
     cfg = _sampling_config(model, sampling)
-    was_training = model.training
-    model.eval()
-    try:
-        with inference_routing(model, routing):
-            if num_beams > 1:
-                if cfg.do_sample:
-                    raise ValueError("num_beams: beam search is deterministic; do not combine it with do_sample")
-                return beam_search(model, input_ids, attention_mask, cfg, num_beams, length_penalty)
-            start = torch.full(
-                (input_ids.shape[0], 1), model.config.decoder_start_token_id, dtype=torch.long, device=input_ids.device
-            )
-            tokens = [start]
-            for token in _seq2seq_steps(model, input_ids, attention_mask, cfg):
-                tokens.append(token[:, None])
-                if streamer is not None:
-                    streamer(token)
-            return torch.cat(tokens, 1)
-    finally:
-        model.train(was_training)
+    if num_beams > 1 and cfg.do_sample:
+        raise ValueError("num_beams: beam search is deterministic; do not combine it with do_sample")
+    with _inference(model, routing):
+        if num_beams > 1:
+            return beam_search(model, input_ids, attention_mask, cfg, num_beams, length_penalty)
+        start = torch.full(
+            (input_ids.shape[0], 1), model.config.decoder_start_token_id, dtype=torch.long, device=input_ids.device
+        )
+        return _collect(start, _seq2seq_steps(model, input_ids, attention_mask, cfg), streamer)
 
 
 def stream_seq2seq(model, input_ids, attention_mask=None, *, routing: str = "dropless", **sampling) -> Iterator[Tensor]:
     """Iterator over the new tokens ``[batch]`` of each step, as soon as each is chosen."""
     cfg = _sampling_config(model, sampling)
-    model.eval()
-    with torch.no_grad(), inference_routing(model, routing):
+    with _inference(model, routing):
         yield from _seq2seq_steps(model, input_ids, attention_mask, cfg)
 
 
@@ -261,7 +271,6 @@ def _causal_steps(model, input_ids, attention_mask, cfg: SamplingConfig) -> Iter
         h, _ = model.hidden_states(token[:, None], None, cache=cache)
 
 
-@torch.no_grad()
 def generate_causal(
     model,
     input_ids: Tensor,
@@ -274,22 +283,12 @@ def generate_causal(
     """Prompt plus new tokens, ``[batch, prompt + new]``. Prompts of different lengths are
     left-padded, with ``attention_mask`` marking the real tokens."""
     cfg = _sampling_config(model, sampling)
-    was_training = model.training
-    model.eval()
-    try:
-        with inference_routing(model, routing):
-            tokens = [input_ids]
-            for token in _causal_steps(model, input_ids, attention_mask, cfg):
-                tokens.append(token[:, None])
-                if streamer is not None:
-                    streamer(token)
-            return torch.cat(tokens, 1)
-    finally:
-        model.train(was_training)
+    with _inference(model, routing):
+        return _collect(input_ids, _causal_steps(model, input_ids, attention_mask, cfg), streamer)
 
 
 def stream_causal(model, input_ids, attention_mask=None, *, routing: str = "dropless", **sampling) -> Iterator[Tensor]:
+    """Iterator over the new tokens ``[batch]`` of each step, as soon as each is chosen."""
     cfg = _sampling_config(model, sampling)
-    model.eval()
-    with torch.no_grad(), inference_routing(model, routing):
+    with _inference(model, routing):
         yield from _causal_steps(model, input_ids, attention_mask, cfg)
