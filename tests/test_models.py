@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
 from switchformer import SwitchLM, SwitchLMConfig, SwitchT5, SwitchT5Config, dense_twin_config
-from switchformer.generation import SamplingConfig, process_logits, stream_causal, stream_seq2seq
+from switchformer.generation import (
+    SamplingConfig,
+    inference_routing,
+    process_logits,
+    stream_causal,
+    stream_seq2seq,
+)
 
 
 def t5(seed=0, **overrides):
@@ -55,7 +63,7 @@ def test_t5_cached_decoding_matches_full_recompute():
     mask = torch.ones_like(ids)
     mask[1, -3:] = 0
     target = torch.randint(2, 64, (2, 6))
-    with torch.no_grad():
+    with torch.no_grad(), inference_routing(model, "dropless"):  # as generation routes
         full = model(ids, attention_mask=mask, decoder_input_ids=target).logits
         memory = model.encode(ids, mask)
         cache = model.new_cache(memory, mask, 6)
@@ -66,7 +74,7 @@ def test_t5_cached_decoding_matches_full_recompute():
 def test_lm_cached_decoding_matches_full_recompute():
     model = lm()
     ids = torch.randint(1, 64, (2, 10))
-    with torch.no_grad():
+    with torch.no_grad(), inference_routing(model, "dropless"):  # as generation routes
         full = model(ids).logits
         cache = model.new_cache(2, 10)
         h_prompt, _ = model.hidden_states(ids[:, :4], cache=cache)
@@ -279,3 +287,12 @@ def test_bad_inputs_raise_clear_errors():
         SwitchT5Config(activation="tanh")
     with pytest.raises(ValueError, match="config: unknown fields"):
         SwitchT5Config.from_dict({"d_model": 8, "dmodel": 8})
+
+
+def test_lm_starts_near_uniform_prediction():
+    """At init the cross-entropy is close to ln(vocab): the tied head must not start with huge logits."""
+    torch.manual_seed(0)
+    model = SwitchLM(SwitchLMConfig(vocab_size=4096, d_model=192, num_layers=4, num_heads=4, d_ff=512))
+    ids = torch.randint(0, 4096, (4, 64))
+    ce = model(ids, labels=ids).ce_loss.item()
+    assert abs(ce - math.log(4096)) < 0.5, ce

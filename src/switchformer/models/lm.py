@@ -225,7 +225,10 @@ class SwitchLM(nn.Module):
     @torch.no_grad()
     def reset_parameters(self) -> None:
         s = self.config.init_scale
-        scaled_trunc_normal_(self.embed.weight, fan_in=1, scale=s)
+        # The tied output layer is unscaled (unlike T5's d_model ** -0.5), so embeddings start small
+        # enough that initial logits are O(1): std sqrt(s / d_model). With fan_in=1 the first steps
+        # started near cross-entropy 30 instead of ln(vocab).
+        scaled_trunc_normal_(self.embed.weight, fan_in=self.config.d_model, scale=s)
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 scaled_trunc_normal_(module.weight, fan_in=module.in_features, scale=s)
