@@ -170,17 +170,16 @@ class ExpertParallelExperts(nn.Module):
 
 
 def _rank_major_to_expert_major(counts: Tensor) -> Tensor:
-    """Row permutation taking [source rank][local expert] blocks to [local expert][source rank]."""
+    """Row permutation taking [source rank][local expert] blocks to [local expert][source rank]
+    (vectorised, on the tokens' device)."""
     p, n = counts.shape
     flat = counts.reshape(-1)
-    starts = torch.cumsum(flat, 0) - flat  # block starts in rank-major order
-    blocks = starts.view(p, n).t().reshape(-1)  # expert-major block order
+    source_starts = (torch.cumsum(flat, 0) - flat).view(p, n).t().reshape(-1)  # blocks, expert-major
     lengths = counts.t().reshape(-1)
-    return (
-        torch.cat([torch.arange(int(s), int(s) + int(length)) for s, length in zip(blocks.tolist(), lengths.tolist())])
-        if flat.sum()
-        else torch.zeros(0, dtype=torch.long)
-    )
+    block_of_row = torch.repeat_interleave(torch.arange(lengths.numel(), device=counts.device), lengths)
+    target_starts = torch.cumsum(lengths, 0) - lengths
+    offset = torch.arange(block_of_row.numel(), device=counts.device) - target_starts[block_of_row]
+    return source_starts[block_of_row] + offset
 
 
 def apply_expert_parallel(model: nn.Module, state: ParallelState) -> nn.Module:
