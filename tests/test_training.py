@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -302,3 +303,18 @@ def test_small_validation_split_is_used_whole(tmp_path, corpus):
     result = trainer.evaluate()
     labels = trainer.data.valid.tensors["input_ids"][:, 1:]
     assert result.tokens == labels.numel()
+
+
+@pytest.mark.parametrize("model", ["lm", "t5"])
+def test_bf16_autocast_training_keeps_routers_float32(tmp_path, corpus, model):
+    trainer = Trainer(
+        quick(model=model, data=[str(corpus)], precision="bf16", max_steps=3), tmp_path / "run", progress=False
+    )
+    seen = []
+    for layer in trainer.model.modules():
+        if layer.__class__.__name__ == "TokenChoiceRouter":
+            layer.register_forward_hook(lambda m, inp, out: seen.append(out.logits.dtype))
+    summary = trainer.train()
+    assert math.isfinite(summary["eval_loss"])
+    assert seen and set(seen) == {torch.float32}
+    assert all(p.dtype == torch.float32 for p in trainer.model.parameters())  # master weights stay fp32
