@@ -185,7 +185,7 @@ class Trainer:
             log.info("resumed from %s at step %d", checkpoint, self.step)
         self.metrics_file = (self.run_dir / "metrics.jsonl").open("a", buffering=1) if self.is_main else None
         self.tensorboard = None
-        if config.tensorboard:
+        if config.tensorboard and self.is_main:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
