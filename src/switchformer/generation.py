@@ -125,16 +125,11 @@ def _collect(first: Tensor, steps: Iterator[Tensor], streamer: Callable[[Tensor]
 # ----------------------------------------------------------------------------- encoder-decoder
 
 
-def _seq2seq_steps(model, input_ids, attention_mask, cfg: SamplingConfig) -> Iterator[Tensor]:
-    """Yields the next token of every row, one step at a time (finished rows yield padding)."""
-    memory = model.encode(input_ids, attention_mask)
-    cache = model.new_cache(memory, attention_mask, cfg.max_new_tokens + 1)
-    batch = input_ids.shape[0]
-    generated = torch.full((batch, 1), model.config.decoder_start_token_id, dtype=torch.long, device=input_ids.device)
-    finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
-    step_input = generated
-    for _ in range(cfg.max_new_tokens):
-        h = model.decode(step_input, memory, attention_mask, cache=cache)
+def _sample_steps(model, h: Tensor, generated: Tensor, next_hidden, cfg: SamplingConfig) -> Iterator[Tensor]:
+    """The decoding loop both families share: choose from the last hidden state, pad finished
+    rows, stop at EOS; ``next_hidden(tokens)`` feeds the chosen tokens (not after the last step)."""
+    finished = torch.zeros(generated.shape[0], dtype=torch.bool, device=generated.device)
+    for step in range(cfg.max_new_tokens):
         logits = process_logits(model.project(h[:, -1]), generated, cfg)
         token = choose(logits, cfg).masked_fill(finished, cfg.pad_token_id)
         generated = torch.cat([generated, token[:, None]], 1)
@@ -143,7 +138,22 @@ def _seq2seq_steps(model, input_ids, attention_mask, cfg: SamplingConfig) -> Ite
             finished |= token == cfg.eos_token_id
             if bool(finished.all()):
                 return
-        step_input = token[:, None]
+        if step + 1 < cfg.max_new_tokens:
+            h = next_hidden(token[:, None])
+
+
+def _seq2seq_steps(model, input_ids, attention_mask, cfg: SamplingConfig) -> Iterator[Tensor]:
+    """Yields the next token of every row, one step at a time (finished rows yield padding)."""
+    memory = model.encode(input_ids, attention_mask)
+    cache = model.new_cache(memory, attention_mask, cfg.max_new_tokens + 1)
+    start = torch.full(
+        (input_ids.shape[0], 1), model.config.decoder_start_token_id, dtype=torch.long, device=input_ids.device
+    )
+
+    def next_hidden(tokens):
+        return model.decode(tokens, memory, attention_mask, cache=cache)
+
+    yield from _sample_steps(model, next_hidden(start), start, next_hidden, cfg)
 
 
 def _sampling_config(model, kwargs) -> SamplingConfig:
@@ -252,23 +262,16 @@ def beam_search(model, input_ids, attention_mask, cfg: SamplingConfig, num_beams
 
 
 def _causal_steps(model, input_ids, attention_mask, cfg: SamplingConfig) -> Iterator[Tensor]:
-    batch = input_ids.shape[0]
-    cache = model.new_cache(batch, input_ids.shape[1] + cfg.max_new_tokens)
+    cache = model.new_cache(input_ids.shape[0], input_ids.shape[1] + cfg.max_new_tokens)
     h, _ = model.hidden_states(input_ids, attention_mask, cache=cache)
     generated = input_ids
     if attention_mask is not None:
         generated = input_ids.masked_fill(~attention_mask.bool(), cfg.pad_token_id)
-    finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
-    for _ in range(cfg.max_new_tokens):
-        logits = process_logits(model.project(h[:, -1]), generated, cfg)
-        token = choose(logits, cfg).masked_fill(finished, cfg.pad_token_id)
-        generated = torch.cat([generated, token[:, None]], 1)
-        yield token
-        if cfg.eos_token_id is not None:
-            finished |= token == cfg.eos_token_id
-            if bool(finished.all()):
-                return
-        h, _ = model.hidden_states(token[:, None], None, cache=cache)
+
+    def next_hidden(tokens):
+        return model.hidden_states(tokens, None, cache=cache)[0]
+
+    yield from _sample_steps(model, h, generated, next_hidden, cfg)
 
 
 def generate_causal(

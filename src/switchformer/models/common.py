@@ -3,6 +3,7 @@ the model output, router-loss bookkeeping and input checks."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -130,6 +131,14 @@ def combined_router_losses(stats: RouterStats, stacks: tuple[str, ...]) -> tuple
             aux = stack_aux if aux is None else aux + stack_aux
             z = stack_z if z is None else z + stack_z
     return aux, z
+
+
+def config_from_dict(cls, data: dict):
+    """A config dataclass from a dict, refusing fields it does not have (a typo is an error)."""
+    unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
+    if unknown:
+        raise ValueError(f"config: unknown fields {unknown}")
+    return cls(**data)
 
 
 def check_token_ids(name: str, ids: Tensor, vocab_size: int) -> None:

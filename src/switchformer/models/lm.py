@@ -7,7 +7,7 @@ SwiGLU (or GELU) FFN that is a causal Switch layer every ``sparse_step`` layers,
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +21,7 @@ from switchformer.models.common import (
     RouterStats,
     check_mask,
     check_token_ids,
+    config_from_dict,
     finish_output,
     is_sparse_layer,
 )
@@ -107,10 +108,7 @@ class SwitchLMConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> SwitchLMConfig:
-        unknown = sorted(set(data) - {f.name for f in fields(cls)})
-        if unknown:
-            raise ValueError(f"config: unknown fields {unknown}")
-        return cls(**data)
+        return config_from_dict(cls, data)
 
 
 # ----------------------------------------------------------------------------- rotary embedding

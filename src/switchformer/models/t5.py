@@ -10,7 +10,7 @@ Switch layer in place of the FFN every ``sparse_step`` layers (HF's layout).
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +25,7 @@ from switchformer.models.common import (
     RouterStats,
     check_mask,
     check_token_ids,
+    config_from_dict,
     finish_output,
     is_sparse_layer,
 )
@@ -119,11 +120,7 @@ class SwitchT5Config:
 
     @classmethod
     def from_dict(cls, data: dict) -> SwitchT5Config:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"config: unknown fields {unknown}")
-        return cls(**data)
+        return config_from_dict(cls, data)
 
 
 def dense_twin_config(config):
