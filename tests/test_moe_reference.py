@@ -162,3 +162,33 @@ def test_recycled_gradient_buffers_never_alias_live_gradients():
     torch.testing.assert_close(layer.experts.w_in.grad, kept_copy)
     layer(x)[0].sum().backward()  # accumulation into a live .grad stays correct
     torch.testing.assert_close(layer.experts.w_in.grad, 2 * kept_copy)
+
+
+@pytest.mark.parametrize("activation", ["relu", "swiglu"])
+def test_expert_without_tokens_gets_exactly_zero_gradient_from_a_recycled_buffer(activation):
+    torch.manual_seed(0)
+    layer = SwitchMoE(8, 16, 3, backend="loop", capacity_factor=None, activation=activation)
+    x = torch.randn(30, 8)
+    layer(x)[0].square().sum().backward()  # fills the recycled buffers with non-zero gradients
+    assert layer.experts.w_in.grad[0].abs().sum() > 0
+    layer.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        layer.router.weight[0] = -100 * layer.router.weight[1:].abs().sum(0)  # expert 0 never wins
+        x = x.abs()
+    y, aux = layer(x)
+    assert aux.tokens_per_expert[0] == 0
+    y.square().sum().backward()
+    assert torch.count_nonzero(layer.experts.w_in.grad[0]) == 0
+    assert torch.count_nonzero(layer.experts.w_out.grad[0]) == 0
+    assert torch.count_nonzero(layer.experts.w_in.grad[1:]) > 0
+
+
+def test_expert_dropout_runs_unfused_and_drops_hidden_units():
+    torch.manual_seed(0)
+    layer = SwitchMoE(8, 64, 2, backend="loop", capacity_factor=None, expert_dropout=0.5).train()
+    x = torch.randn(40, 8)
+    y1, _ = layer(x)
+    y2, _ = layer(x)
+    assert not torch.allclose(y1, y2)  # a fresh dropout mask each call
+    layer.eval()
+    torch.testing.assert_close(layer(x)[0], layer(x)[0])

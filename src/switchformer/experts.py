@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from switchformer.dispatch import DispatchPlan, grouped_linear
+from switchformer.dispatch import DispatchPlan, grouped_linear, recycled_grad_buffer, resolve_backend
 from switchformer.init import scaled_trunc_normal_
 
 _gelu_tanh = functools.partial(F.gelu, approximate="tanh")
@@ -35,6 +35,76 @@ def apply_activation(h: Tensor, activation: str) -> Tensor:
         return fn(h)
     gate, linear = h.chunk(2, dim=-1)
     return fn(gate) * linear
+
+
+class _FusedLoopFFN(torch.autograd.Function):
+    """Both matmuls and the activation of one expert after another, over contiguous row slices.
+
+    Each expert's hidden activations are used while they are still in cache, instead of one pass
+    over all rows per operation; backward likewise finishes one expert before the next and writes
+    weight gradients into stacked buffers (see ``dispatch._LoopGroupedLinear``). Saved for
+    backward: the input and one ``[M, d_ff]`` buffer: relu's output (its own derivative mask), or
+    the pre-activation of other activations, which backward re-applies one expert at a time.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, w_in: Tensor, w_out: Tensor, counts: list[int], activation: str) -> Tensor:
+        hidden = x.new_empty(x.shape[0], w_in.shape[2])
+        out = x.new_empty(x.shape[0], w_out.shape[2])
+        relu = activation == "relu"
+        start = 0
+        for e, count in enumerate(counts):
+            if count:
+                rows = slice(start, start + count)
+                h = torch.mm(x[rows], w_in[e], out=hidden[rows])
+                h = h.relu_() if relu else apply_activation(h, activation)
+                torch.mm(h, w_out[e], out=out[rows])
+            start += count
+        ctx.save_for_backward(x, w_in, w_out, hidden)
+        ctx.counts, ctx.activation = counts, activation
+        ctx.leaf = (w_in.is_leaf, w_out.is_leaf)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        x, w_in, w_out, hidden = ctx.saved_tensors
+        grad_out = grad_out.contiguous()
+        need_x, need_w_in, need_w_out = ctx.needs_input_grad[:3]
+        grad_x = torch.empty_like(x) if need_x else None
+        grad_w_in = grad_w_out = None
+        if need_w_in:
+            grad_w_in = recycled_grad_buffer(w_in) if ctx.leaf[0] else torch.empty_like(w_in)
+        if need_w_out:
+            grad_w_out = recycled_grad_buffer(w_out) if ctx.leaf[1] else torch.empty_like(w_out)
+        relu = ctx.activation == "relu"
+        start = 0
+        for e, count in enumerate(ctx.counts):
+            rows = slice(start, start + count)
+            start += count
+            if not count:
+                for grad in (grad_w_in, grad_w_out):
+                    if grad is not None:
+                        grad[e].zero_()
+                continue
+            g = grad_out[rows]
+            if relu:
+                h = hidden[rows]
+                if grad_w_out is not None:
+                    torch.mm(h.t(), g, out=grad_w_out[e])
+                grad_u = torch.mm(g, w_out[e].t())
+                torch.ops.aten.threshold_backward.grad_input(grad_u, h, 0, grad_input=grad_u)  # relu' in place
+            else:
+                with torch.enable_grad():
+                    u = hidden[rows].detach().requires_grad_()
+                    h = apply_activation(u, ctx.activation)
+                if grad_w_out is not None:
+                    torch.mm(h.detach().t(), g, out=grad_w_out[e])
+                (grad_u,) = torch.autograd.grad(h, u, torch.mm(g, w_out[e].t()))
+            if grad_w_in is not None:
+                torch.mm(x[rows].t(), grad_u, out=grad_w_in[e])
+            if grad_x is not None:
+                torch.mm(grad_u, w_in[e].t(), out=grad_x[rows])
+        return grad_x, grad_w_in, grad_w_out, None, None
 
 
 class Experts(nn.Module):
@@ -69,9 +139,28 @@ class Experts(nn.Module):
         scaled_trunc_normal_(self.w_out, fan_in=self.d_ff, scale=self.init_scale)
 
     def forward(self, x: Tensor, plan: DispatchPlan) -> Tensor:
+        if self._fused(x):
+            return self._fused_forward(x, plan)
         h = grouped_linear(x, self.w_in, plan, self.backend)
         h = self.dropout(apply_activation(h, self.activation))
         return grouped_linear(h, self.w_out, plan, self.backend)
+
+    def _fused(self, x: Tensor) -> bool:
+        """The loop backend runs each expert's whole FFN at once, unless expert dropout is active
+        (dropout needs its own mask between the matmuls)."""
+        if self.dropout.p > 0 and self.training:
+            return False
+        return resolve_backend(self.backend, x, self.w_in) == "loop"
+
+    def _fused_forward(self, x: Tensor, plan: DispatchPlan) -> Tensor:
+        w_in, w_out = self.w_in, self.w_out
+        device_type = x.device.type
+        if torch.is_autocast_enabled(device_type):
+            dtype = torch.get_autocast_dtype(device_type)
+            x, w_in, w_out = x.to(dtype), w_in.to(dtype), w_out.to(dtype)
+            with torch.autocast(device_type=device_type, enabled=False):
+                return _FusedLoopFFN.apply(x, w_in, w_out, plan.counts_list(), self.activation)
+        return _FusedLoopFFN.apply(x.to(w_in.dtype), w_in, w_out, plan.counts_list(), self.activation)
 
     def extra_repr(self) -> str:
         return (
