@@ -139,6 +139,19 @@ def test_streaming_yields_the_same_tokens():
     assert torch.equal(full[:, 6:], streamed)
 
 
+def test_generated_tokens_can_be_trained_on_and_streaming_keeps_the_callers_grad_mode():
+    model = lm().train()
+    ids = torch.randint(2, 64, (2, 6))
+    out = model.generate(ids, max_new_tokens=4)
+    assert model.training  # restored after generation
+    model(out, labels=out).loss.backward()  # not an inference tensor: autograd accepts it
+    for token in stream_causal(model, ids, max_new_tokens=3):
+        assert torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
+        assert not token.is_inference()
+    seq2seq = t5()
+    assert not seq2seq.generate(ids, max_new_tokens=3, num_beams=2).is_inference()
+
+
 def test_beam_search_finds_at_least_the_greedy_score():
     model = t5(eos_token_id=-1)
     ids = torch.randint(2, 64, (2, 6))

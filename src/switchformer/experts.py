@@ -145,6 +145,10 @@ class Experts(nn.Module):
         h = self.dropout(apply_activation(h, self.activation))
         return grouped_linear(h, self.w_out, plan, self.backend)
 
+    def forward_one(self, expert: int, x: Tensor) -> Tensor:
+        """Expert ``expert``'s FFN on a few rows ``x`` (no dispatch, no dropout: inference fast path)."""
+        return apply_activation(x.to(self.w_in.dtype) @ self.w_in[expert], self.activation) @ self.w_out[expert]
+
     def _fused(self, x: Tensor) -> bool:
         """The loop backend runs each expert's whole FFN at once, unless expert dropout is active
         (dropout needs its own mask between the matmuls)."""

@@ -101,15 +101,37 @@ def choose(logits: Tensor, cfg: SamplingConfig) -> Tensor:
 
 
 @contextlib.contextmanager
-def _inference(model: torch.nn.Module, routing: str):
-    """Eval mode, no autograd and the chosen routing for the duration; training mode restored after."""
+def _eval_routing(model: torch.nn.Module, routing: str):
+    """Eval mode and the chosen routing for the duration; training mode restored after."""
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad(), inference_routing(model, routing):
+        with inference_routing(model, routing):
             yield
     finally:
         model.train(was_training)
+
+
+def _run(model: torch.nn.Module, routing: str, fn: Callable[[], Tensor]) -> Tensor:
+    """``fn()`` in eval mode under ``torch.inference_mode`` (cheaper per op than ``no_grad``, which
+    decoding feels: it runs hundreds of small ops per token); the result is returned as an ordinary
+    tensor, so callers may feed it to training later."""
+    with _eval_routing(model, routing):
+        with torch.inference_mode():
+            result = fn()
+    return result.clone()
+
+
+def _stream(model: torch.nn.Module, routing: str, steps: Iterator[Tensor]) -> Iterator[Tensor]:
+    """Each step computed under ``inference_mode``; between steps the caller's own grad mode holds
+    (a generator must not leave a grad-mode context open across ``yield``)."""
+    with _eval_routing(model, routing):
+        while True:
+            with torch.inference_mode():
+                token = next(steps, None)
+            if token is None:
+                return
+            yield token.clone()
 
 
 def _collect(first: Tensor, steps: Iterator[Tensor], streamer: Callable[[Tensor], None] | None) -> Tensor:
@@ -177,20 +199,22 @@ def generate_seq2seq(
     cfg = _sampling_config(model, sampling)
     if num_beams > 1 and cfg.do_sample:
         raise ValueError("num_beams: beam search is deterministic; do not combine it with do_sample")
-    with _inference(model, routing):
-        if num_beams > 1:
-            return beam_search(model, input_ids, attention_mask, cfg, num_beams, length_penalty)
-        start = torch.full(
-            (input_ids.shape[0], 1), model.config.decoder_start_token_id, dtype=torch.long, device=input_ids.device
+    if num_beams > 1:
+        return _run(
+            model, routing, lambda: beam_search(model, input_ids, attention_mask, cfg, num_beams, length_penalty)
         )
-        return _collect(start, _seq2seq_steps(model, input_ids, attention_mask, cfg), streamer)
+    start = torch.full(
+        (input_ids.shape[0], 1), model.config.decoder_start_token_id, dtype=torch.long, device=input_ids.device
+    )
+    return _run(
+        model, routing, lambda: _collect(start, _seq2seq_steps(model, input_ids, attention_mask, cfg), streamer)
+    )
 
 
 def stream_seq2seq(model, input_ids, attention_mask=None, *, routing: str = "dropless", **sampling) -> Iterator[Tensor]:
     """Iterator over the new tokens ``[batch]`` of each step, as soon as each is chosen."""
     cfg = _sampling_config(model, sampling)
-    with _inference(model, routing):
-        yield from _seq2seq_steps(model, input_ids, attention_mask, cfg)
+    yield from _stream(model, routing, _seq2seq_steps(model, input_ids, attention_mask, cfg))
 
 
 def beam_search(model, input_ids, attention_mask, cfg: SamplingConfig, num_beams: int, length_penalty: float) -> Tensor:
@@ -286,12 +310,12 @@ def generate_causal(
     """Prompt plus new tokens, ``[batch, prompt + new]``. Prompts of different lengths are
     left-padded, with ``attention_mask`` marking the real tokens."""
     cfg = _sampling_config(model, sampling)
-    with _inference(model, routing):
-        return _collect(input_ids, _causal_steps(model, input_ids, attention_mask, cfg), streamer)
+    return _run(
+        model, routing, lambda: _collect(input_ids, _causal_steps(model, input_ids, attention_mask, cfg), streamer)
+    )
 
 
 def stream_causal(model, input_ids, attention_mask=None, *, routing: str = "dropless", **sampling) -> Iterator[Tensor]:
     """Iterator over the new tokens ``[batch]`` of each step, as soon as each is chosen."""
     cfg = _sampling_config(model, sampling)
-    with _inference(model, routing):
-        yield from _causal_steps(model, input_ids, attention_mask, cfg)
+    yield from _stream(model, routing, _causal_steps(model, input_ids, attention_mask, cfg))

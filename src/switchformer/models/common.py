@@ -15,6 +15,16 @@ from switchformer.init import scaled_trunc_normal_
 from switchformer.moe import MoEAux, SwitchMoE
 
 
+class Dropout(nn.Dropout):
+    """``nn.Dropout`` that returns its input untouched when inactive (eval, or p = 0) instead of
+    dispatching an identity op: decoding calls it tens of times per token."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.training and self.p > 0:
+            return F.dropout(x, self.p, True, self.inplace)
+        return x
+
+
 class RMSNorm(nn.Module):
     """T5's layer norm: scale only, no mean subtraction, no bias; statistics in float32."""
 
@@ -24,9 +34,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
-            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)  # one fused op
-        variance = x.float().pow(2).mean(-1, keepdim=True)
+        # square(), not pow(2) and not F.rms_norm: both of those measured several times slower on
+        # CPU (torch 2.13) for [8, 256, 256] inputs, with the same result.
+        variance = x.float().square().mean(-1, keepdim=True)
         x = x * torch.rsqrt(variance + self.eps)
         if self.weight.dtype in (torch.float16, torch.bfloat16):
             x = x.to(self.weight.dtype)
@@ -46,7 +56,7 @@ class DenseFFN(nn.Module):
         self.activation = activation
         self.w_in = nn.Parameter(torch.empty(d_model, d_ff * (2 if gated else 1)))
         self.w_out = nn.Parameter(torch.empty(d_ff, d_model))
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         scaled_trunc_normal_(self.w_in, fan_in=d_model, scale=init_scale)
         scaled_trunc_normal_(self.w_out, fan_in=d_ff, scale=init_scale)
 
@@ -146,7 +156,7 @@ def check_token_ids(name: str, ids: Tensor, vocab_size: int) -> None:
         raise ValueError(f"{name}: token ids must be an integer tensor, got {ids.dtype}")
     if ids.dim() != 2:
         raise ValueError(f"{name}: expected shape [batch, sequence], got {tuple(ids.shape)}")
-    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
+    if ids.numel() and not (0 <= (bounds := torch.aminmax(ids)).min and bounds.max < vocab_size):
         bad = ids[(ids < 0) | (ids >= vocab_size)][0].item()
         raise ValueError(f"{name}: token id {bad} is outside the vocabulary [0, {vocab_size})")
 

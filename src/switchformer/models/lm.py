@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from switchformer.experts import ACTIVATIONS
 from switchformer.init import scaled_trunc_normal_
 from switchformer.models.common import (
+    Dropout,
     FeedForward,
     RMSNorm,
     RouterStats,
@@ -195,7 +196,7 @@ class LMBlock(nn.Module):
             dropout=config.dropout_rate,
             moe_kwargs=config.moe_kwargs() if sparse else {"init_scale": config.init_scale},
         )
-        self.dropout = nn.Dropout(config.dropout_rate)
+        self.dropout = Dropout(config.dropout_rate)
 
     def forward(self, h, cos, sin, mask, token_mask, cache=None, layer=0):
         h = h + self.dropout(self.attn(self.attn_norm(h), cos, sin, mask, cache, layer))
@@ -214,7 +215,7 @@ class SwitchLM(nn.Module):
         self.blocks = nn.ModuleList(LMBlock(config, sparse) for sparse in config.sparse_layers())
         self.final_norm = RMSNorm(config.d_model, config.layer_norm_epsilon)
         self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.d_model, config.vocab_size, bias=False)
-        self.dropout = nn.Dropout(config.dropout_rate)
+        self.dropout = Dropout(config.dropout_rate)
         cos, sin = rope_tables(config.max_seq_len, config.d_model // config.num_heads, config.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)

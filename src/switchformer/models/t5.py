@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from switchformer.experts import ACTIVATIONS
 from switchformer.init import scaled_trunc_normal_
 from switchformer.models.common import (
+    Dropout,
     FeedForward,
     ModelOutput,
     RMSNorm,
@@ -259,7 +260,7 @@ class T5Block(nn.Module):
             dropout=config.dropout_rate,
             moe_kwargs=config.moe_kwargs(causal=decoder) if sparse else {"init_scale": config.init_scale},
         )
-        self.dropout = nn.Dropout(config.dropout_rate)
+        self.dropout = Dropout(config.dropout_rate)
 
     def forward(self, h, bias, token_mask, *, layer=0, cache=None, memory=None, memory_bias=None):
         normed = self.attn_norm(h)
@@ -284,7 +285,7 @@ class T5Stack(nn.Module):
             T5Block(config, decoder=decoder, first=i == 0, sparse=s) for i, s in enumerate(sparse)
         )
         self.final_norm = RMSNorm(config.d_model, config.layer_norm_epsilon)
-        self.dropout = nn.Dropout(config.dropout_rate)
+        self.dropout = Dropout(config.dropout_rate)
 
     def forward(self, h, bias, token_mask, stats: RouterStats, *, cache=None, memory=None, memory_bias=None):
         h = self.dropout(h)
