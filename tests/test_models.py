@@ -68,7 +68,21 @@ def test_t5_cached_decoding_matches_full_recompute():
         memory = model.encode(ids, mask)
         cache = model.new_cache(memory, mask, 6)
         steps = [model.project(model.decode(target[:, t : t + 1], memory, mask, cache=cache)) for t in range(6)]
-    torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)
+        cache = model.new_cache(memory, mask, 6)  # several positions per call, then one
+        chunks = [
+            model.decode(target[:, :4], memory, mask, cache=cache),
+            model.decode(target[:, 4:], memory, mask, cache=cache),
+        ]
+        torch.testing.assert_close(model.project(torch.cat(chunks, 1)), full, atol=1e-5, rtol=1e-5)
+        # decoding projects q, k, v with one fused copy of their weights: it must follow weight changes
+        for block in model.decoder.blocks:
+            block.attn.k.weight.mul_(1.5)  # in place: a new version
+            block.attn.v.weight = torch.nn.Parameter(block.attn.v.weight * 0.5)  # a new tensor
+        full = model(ids, attention_mask=mask, decoder_input_ids=target).logits
+        cache = model.new_cache(memory, mask, 6)
+        steps = [model.project(model.decode(target[:, t : t + 1], memory, mask, cache=cache)) for t in range(6)]
+        torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)
 
 
 def test_lm_cached_decoding_matches_full_recompute():

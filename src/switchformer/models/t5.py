@@ -174,6 +174,7 @@ class T5Attention(nn.Module):
         self.num_buckets = config.relative_attention_num_buckets
         self.max_distance = config.relative_attention_max_distance
         self.relative_attention_bias = nn.Embedding(self.num_buckets, self.num_heads) if has_relative_bias else None
+        self._qkv: tuple | None = None  # (weights, their versions, fused copy) for decoding
 
     def position_bias(self, query_len: int, key_len: int, offset: int = 0) -> Tensor:
         """``[1, heads, query_len, key_len]``; queries start at position ``offset`` (cached decoding)."""
@@ -188,6 +189,30 @@ class T5Attention(nn.Module):
 
     def project_kv(self, source: Tensor) -> tuple[Tensor, Tensor]:
         return self.split_heads(self.k(source)), self.split_heads(self.v(source))
+
+    def fused_qkv_weight(self) -> Tensor:
+        """``[d_model, 3 * inner]``: the q, k and v projections side by side, so a decoding step
+        projects with one matmul. Separate weights stay the parameters (Hugging Face's layout);
+        this copy is rebuilt whenever one of them changes (an optimizer step, a load, ``.to()``)."""
+        weights = (self.q.weight, self.k.weight, self.v.weight)
+        state = [(w._version, w.data_ptr(), w.dtype) for w in weights]
+        cached = self._qkv
+        if cached is None or any(a is not b for a, b in zip(cached[0], weights)) or cached[1] != state:
+            with torch.no_grad():
+                self._qkv = cached = (weights, state, torch.cat(weights).t().contiguous())
+        return cached[2]
+
+    def forward_cached(self, x: Tensor, bias: Tensor, cache: DecoderCache, layer: int) -> Tensor:
+        """Self-attention of new decoder positions against the cache; inference only (no autograd).
+        The same math as ``forward``, in fewer, larger ops: decoding runs it for every token."""
+        batch, length, d_model = x.shape
+        inner = self.num_heads * self.d_kv
+        qkv = torch.mm(x.reshape(batch * length, d_model), self.fused_qkv_weight())
+        q, k, v = qkv.view(batch, length, 3, self.num_heads, self.d_kv).permute(2, 0, 3, 1, 4).unbind(0)
+        k, v = cache.append(layer, k, v)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), scale=1.0)
+        out = F.linear(out.transpose(1, 2).reshape(batch * length, inner), self.o.weight)
+        return out.view(batch, length, d_model)
 
     def forward(self, x: Tensor, bias: Tensor | None, kv: tuple[Tensor, Tensor] | None = None) -> Tensor:
         q = self.split_heads(self.q(x))
@@ -264,10 +289,11 @@ class T5Block(nn.Module):
 
     def forward(self, h, bias, token_mask, *, layer=0, cache=None, memory=None, memory_bias=None):
         normed = self.attn_norm(h)
-        kv = None
-        if cache is not None:
-            kv = cache.append(layer, *self.attn.project_kv(normed))
-        h = h + self.dropout(self.attn(normed, bias, kv))
+        if cache is not None and not (torch.is_grad_enabled() or self.training):
+            h = h + self.attn.forward_cached(normed, bias, cache, layer)  # decoding: no dropout in eval
+        else:
+            kv = None if cache is None else cache.append(layer, *self.attn.project_kv(normed))
+            h = h + self.dropout(self.attn(normed, bias, kv))
         if memory is not None or cache is not None:
             cross_kv = cache.cross_kv[layer] if cache is not None else self.cross_attn.project_kv(memory)
             h = h + self.dropout(self.cross_attn(self.cross_norm(h), memory_bias, cross_kv))
