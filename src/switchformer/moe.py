@@ -38,7 +38,8 @@ from switchformer.routing import (
 )
 
 # Up to this many (token, expert) assignments, inference runs each expert directly (see
-# SwitchMoE._few_assignments); measured on CPU, the sorted path wins from about four on.
+# SwitchMoE._few_assignments). Measured on CPU (d 256, f 1024, E 8 and 64): 140 us against 270 us
+# for one token, 250 against 400 us for two; from four tokens on the two paths cost the same.
 FEW_ASSIGNMENTS = 4
 
 
