@@ -52,3 +52,11 @@ def test_few_token_path_is_taken_only_where_it_computes_the_same(monkeypatch):
     with torch.no_grad():
         layer(torch.randn(1, 1, 8))
     assert calls == [1]
+
+
+def test_empty_input_at_inference_gives_an_empty_output():
+    layer = SwitchMoE(8, 16, 4).eval()
+    with torch.no_grad():
+        y, aux = layer(torch.randn(0, 1, 8))
+    assert y.shape == (0, 1, 8)
+    assert aux.tokens_per_expert.tolist() == [0, 0, 0, 0]

@@ -261,7 +261,7 @@ class SwitchMoE(nn.Module):
         without autograd or autocast, no padding, token choice, and a capacity that cannot drop
         anything (an expert gets at most one assignment per token of a group)."""
         return (
-            flat.shape[0] * self.top_k <= FEW_ASSIGNMENTS
+            0 < flat.shape[0] * self.top_k <= FEW_ASSIGNMENTS
             and not self.training
             and not torch.is_grad_enabled()
             and mask is None
