@@ -281,6 +281,15 @@ def test_every_subcommand(tmp_path, corpus, capsys):
     out = capsys.readouterr().out
     assert "| switch |" in out and "| dense |" in out and (tmp_path / "runs" / "cmp" / "compare.png").exists()
 
+    assert main(["compare", *base, "--run-name", "cmp2", "--max-steps", "4", "--seeds", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "## seed 0" in out and "## seed 1" in out and "over 2 seeds; Switch ends lower in" in out
+    summary = [line for line in out.splitlines() if line.startswith("| 0 |") or line.startswith("| 1 |")]
+    assert len(summary) == 2 and summary[0] != summary[1]  # different seeds, different runs
+    assert (tmp_path / "runs" / "cmp2" / "seed-1" / "compare.png").exists()
+    assert main(["compare", *base, "--run-name", "cmp3", "--seeds", "0"]) == 2
+    assert "--seeds: must be >= 1" in capsys.readouterr().err
+
 
 def test_command_errors_are_one_clear_line(tmp_path, capsys):
     assert main(["eval", str(tmp_path / "nowhere")]) == 2
@@ -318,3 +327,17 @@ def test_bf16_autocast_training_keeps_routers_float32(tmp_path, corpus, model):
     assert math.isfinite(summary["eval_loss"])
     assert seen and set(seen) == {torch.float32}
     assert all(p.dtype == torch.float32 for p in trainer.model.parameters())  # master weights stay fp32
+
+
+def test_seed_summary_reports_mean_spread_and_wins():
+    from switchformer.train.compare import format_seed_summary
+
+    def result(seed, switch, dense, speedup):
+        rows = [{"model": "switch", "final_eval_loss": switch}, {"model": "dense", "final_eval_loss": dense}]
+        return {"seed": seed, "rows": rows, "speedup_steps": speedup}
+
+    text = format_seed_summary([result(0, 4.5, 4.6, 1.3), result(1, 4.7, 4.6, None), result(2, 4.4, 4.6, 2.0)])
+    assert "| 0 | 4.5000 | 4.6000 | -0.1000 | 1.30x |" in text
+    assert "| 1 | 4.7000 | 4.6000 | +0.1000 | never |" in text
+    # differences -0.1, +0.1, -0.2: mean -0.0667, sample standard deviation 0.1528
+    assert "mean -0.0667, standard deviation 0.1528 over 3 seeds; Switch ends lower in 2 of 3" in text

@@ -24,7 +24,8 @@ EPILOGS = {
   echo "Return the" | switchformer generate runs/quick --temperature 0.7 --top-p 0.9""",
     "compare": """examples:
   switchformer compare                       # Switch vs its FLOP-matched dense twin (compare preset)
-  switchformer compare --max-steps 200 --set num_experts=8""",
+  switchformer compare --max-steps 200 --set num_experts=8
+  switchformer compare --seeds 3                # three seeds: is the gap larger than the spread?""",
     "convert": """examples:
   switchformer convert path/to/hf-switch-dir native-run/      # Hugging Face -> switchformer
   switchformer convert runs/t5-run hf-export/                 # switchformer (T5) -> Hugging Face""",
@@ -222,15 +223,22 @@ def cmd_generate(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from switchformer.train.compare import format_table, run_compare
+    from switchformer.train.compare import format_seed_summary, format_table, run_compare, run_compare_seeds
 
     config = _config_from_args(args, "compare")
     out_dir = Path(config.out_dir) / (config.run_name or f"compare-{time.strftime('%Y%m%d-%H%M%S')}")
-    result = run_compare(config, out_dir, progress=not args.no_progress, device=args.device)
-    table = format_table(result)
-    (out_dir / "compare.md").write_text(table + "\n")
-    print(table)
-    print(f"plot: {result['plot']}")
+    if args.seeds == 1:
+        result = run_compare(config, out_dir, progress=not args.no_progress, device=args.device)
+        table = format_table(result)
+        (out_dir / "compare.md").write_text(table + "\n")
+        print(table)
+        print(f"plot: {result['plot']}")
+        return 0
+    results = run_compare_seeds(config, out_dir, args.seeds, progress=not args.no_progress, device=args.device)
+    parts = [f"## seed {r['seed']}\n\n{format_table(r)}\n\nplot: {r['plot']}" for r in results]
+    text = "\n\n".join([*parts, "## all seeds\n\n" + format_seed_summary(results)])
+    (out_dir / "compare.md").write_text(text + "\n")
+    print(text)
     return 0
 
 
@@ -386,6 +394,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("compare", "train a Switch model and its FLOP-matched dense twin; table and plot", cmd_compare)
     _add_config_args(p)
+    p.add_argument(
+        "--seeds", type=int, default=1, help="repeat the pair with seeds seed, seed+1, ... and summarise the spread"
+    )
 
     p = command("convert", "convert between Hugging Face and switchformer formats", cmd_convert)
     p.add_argument("source")

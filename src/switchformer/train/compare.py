@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import statistics
 from dataclasses import replace
 from pathlib import Path
 
@@ -88,5 +89,47 @@ def format_table(result: dict) -> str:
     lines.append(
         "speed-up in steps to the dense model's final validation loss: "
         + ("Switch never reached it" if speed is None else f"{speed:.2f}x")
+    )
+    return "\n".join(lines)
+
+
+def run_compare_seeds(
+    config: TrainConfig, out_dir: Path, seeds: int, progress: bool = True, device: str | None = None
+) -> list[dict]:
+    """``run_compare`` once per seed (``config.seed``, ``config.seed + 1``, ...), each pair in
+    ``out_dir/seed-<n>``: at laptop scale the gap between Switch and dense can be smaller than the
+    spread between seeds, and only several seeds tell the two apart."""
+    if seeds < 1:
+        raise ValueError(f"--seeds: must be >= 1, got {seeds}")
+    results = []
+    for offset in range(seeds):
+        seed = config.seed + offset
+        result = run_compare(replace(config, seed=seed), Path(out_dir) / f"seed-{seed}", progress, device)
+        results.append({"seed": seed, **result})
+    return results
+
+
+def format_seed_summary(results: list[dict]) -> str:
+    """One line per seed (final losses, their difference, speed-up) and the mean and spread."""
+    lines = [
+        "| seed | switch final val loss | dense final val loss | switch - dense | speed-up (steps) |",
+        "|---:|---:|---:|---:|---:|",
+    ]
+    differences = []
+    for r in results:
+        switch, dense = (next(row for row in r["rows"] if row["model"] == m) for m in ("switch", "dense"))
+        difference = switch["final_eval_loss"] - dense["final_eval_loss"]
+        differences.append(difference)
+        speed = "never" if r["speedup_steps"] is None else f"{r['speedup_steps']:.2f}x"
+        lines.append(
+            f"| {r['seed']} | {switch['final_eval_loss']:.4f} | {dense['final_eval_loss']:.4f} | "
+            f"{difference:+.4f} | {speed} |"
+        )
+    spread = statistics.stdev(differences) if len(differences) > 1 else 0.0
+    wins = sum(d < 0 for d in differences)
+    lines.append("")
+    lines.append(
+        f"switch - dense final validation loss: mean {statistics.fmean(differences):+.4f}, standard deviation "
+        f"{spread:.4f} over {len(differences)} seeds; Switch ends lower in {wins} of {len(differences)}"
     )
     return "\n".join(lines)
