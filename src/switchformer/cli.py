@@ -25,7 +25,7 @@ EPILOGS = {
     "compare": """examples:
   switchformer compare                       # Switch vs its FLOP-matched dense twin (compare preset)
   switchformer compare --max-steps 200 --set num_experts=8
-  switchformer compare --seeds 3                # three seeds: is the gap larger than the spread?""",
+  switchformer compare --seeds 3             # three seeds: is the gap larger than the spread?""",
     "convert": """examples:
   switchformer convert path/to/hf-switch-dir native-run/      # Hugging Face -> switchformer
   switchformer convert runs/t5-run hf-export/                 # switchformer (T5) -> Hugging Face""",
