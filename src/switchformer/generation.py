@@ -164,13 +164,16 @@ def _sample_steps(model, h: Tensor, generated: Tensor, next_hidden, cfg: Samplin
             h = next_hidden(token[:, None])
 
 
+def _decoder_start(model, rows: int, device) -> Tensor:
+    """``[rows, 1]`` of the decoder start token: the first decoder input and first output column."""
+    return torch.full((rows, 1), model.config.decoder_start_token_id, dtype=torch.long, device=device)
+
+
 def _seq2seq_steps(model, input_ids, attention_mask, cfg: SamplingConfig) -> Iterator[Tensor]:
     """Yields the next token of every row, one step at a time (finished rows yield padding)."""
     memory = model.encode(input_ids, attention_mask)
     cache = model.new_cache(memory, attention_mask, cfg.max_new_tokens + 1)
-    start = torch.full(
-        (input_ids.shape[0], 1), model.config.decoder_start_token_id, dtype=torch.long, device=input_ids.device
-    )
+    start = _decoder_start(model, input_ids.shape[0], input_ids.device)
 
     def next_hidden(tokens):
         return model.decode(tokens, memory, attention_mask, cache=cache)
@@ -203,9 +206,7 @@ def generate_seq2seq(
         return _run(
             model, routing, lambda: beam_search(model, input_ids, attention_mask, cfg, num_beams, length_penalty)
         )
-    start = torch.full(
-        (input_ids.shape[0], 1), model.config.decoder_start_token_id, dtype=torch.long, device=input_ids.device
-    )
+    start = _decoder_start(model, input_ids.shape[0], input_ids.device)
     return _run(
         model, routing, lambda: _collect(start, _seq2seq_steps(model, input_ids, attention_mask, cfg), streamer)
     )
@@ -226,7 +227,7 @@ def beam_search(model, input_ids, attention_mask, cfg: SamplingConfig, num_beams
     memory = model.encode(input_ids, attention_mask).index_select(0, expand)
     mask = None if attention_mask is None else attention_mask.index_select(0, expand)
     cache = model.new_cache(memory, mask, cfg.max_new_tokens + 1)
-    sequences = torch.full((batch * num_beams, 1), model.config.decoder_start_token_id, dtype=torch.long, device=device)
+    sequences = _decoder_start(model, batch * num_beams, device)
     scores = torch.full((batch, num_beams), float("-inf"), device=device)
     scores[:, 0] = 0.0
     finished: list[list[tuple[float, Tensor]]] = [[] for _ in range(batch)]
