@@ -288,8 +288,13 @@ class SwitchLM(nn.Module):
         allowed = allowed | (key_pos == query_pos)
         return allowed.unsqueeze(1)
 
+    def output_head(self, h: Tensor) -> tuple[Tensor, Tensor]:
+        """``(x, weight)`` with logits ``x @ weight.T`` (tied: the embedding matrix)."""
+        return h, self.embed.weight if self.lm_head is None else self.lm_head.weight
+
     def project(self, h: Tensor) -> Tensor:
-        return h @ self.embed.weight.t() if self.lm_head is None else self.lm_head(h)
+        x, weight = self.output_head(h)
+        return x @ weight.t()
 
     def forward(
         self,
@@ -303,10 +308,10 @@ class SwitchLM(nn.Module):
         if labels is not None and labels.shape != input_ids.shape:
             raise ValueError(f"labels: shape {tuple(labels.shape)} does not match input_ids {tuple(input_ids.shape)}")
         h, stats = self.hidden_states(input_ids, attention_mask)
-        logits = self.project(h)
         if labels is not None and attention_mask is not None:
             labels = labels.masked_fill(~attention_mask.bool(), -100)
-        return finish_output(self.config, logits, labels, stats, ("layers",), shift=True)
+        x, weight = self.output_head(h)
+        return finish_output(self.config, x, weight, labels, stats, ("layers",), shift=True)
 
     def new_cache(self, batch: int, max_length: int, device=None, dtype=None) -> LMCache:
         device = device or self.embed.weight.device
