@@ -103,3 +103,15 @@ def test_logits_are_computed_once_and_only_on_access():
     first = out.logits
     assert first is out.logits and first.shape == (2, 7, 53)
     torch.testing.assert_close(first, model(ids).logits)
+
+
+def test_deferred_logits_keep_the_forward_grad_mode():
+    model = _lm()
+    ids = torch.randint(2, 53, (2, 7))
+    with torch.no_grad():
+        out = model(ids, labels=ids)
+    logits = out.logits  # read with grad enabled, computed as in the no-grad forward
+    assert not logits.requires_grad
+    with torch.inference_mode():
+        out = model(ids, labels=ids)
+    assert not out.logits.requires_grad

@@ -211,6 +211,17 @@ def check_mask(name: str, mask: Tensor | None, ids: Tensor) -> None:
         raise ValueError(f"{name}: shape {tuple(mask.shape)} does not match the token ids {tuple(ids.shape)}")
 
 
+def _deferred_logits(x: Tensor, weight: Tensor) -> Callable[[], Tensor]:
+    """Logits computed later as they would have been now: same grad mode, no autocast."""
+    grad_enabled = torch.is_grad_enabled()
+
+    def compute() -> Tensor:
+        with torch.set_grad_enabled(grad_enabled), torch.autocast(x.device.type, enabled=False):
+            return x @ weight.t()
+
+    return compute
+
+
 def finish_output(
     config, x, weight, labels, stats, stacks, encoder_hidden_states=None, shift=False
 ) -> ModelOutput:
@@ -241,7 +252,7 @@ def finish_output(
         if aux is not None:
             loss = loss + config.router_aux_loss_coef * aux + config.router_z_loss_coef * z
     return ModelOutput(
-        logits=(lambda: x @ weight.t()) if logits is None else logits,
+        logits=_deferred_logits(x, weight) if logits is None else logits,
         loss=loss,
         ce_loss=ce,
         aux_loss=aux,

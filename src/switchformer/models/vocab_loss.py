@@ -5,7 +5,8 @@ backward fills a zero tensor of the same size, scatters the targets and runs log
 about six passes over a tensor far larger than the cache (64 MiB for 2,048 tokens and a vocabulary
 of 8,192), all for one scalar. Here each chunk of rows gets its logits, its softmax and, when a
 gradient is wanted, its gradient while the chunk is still in cache; the gradients for ``h`` and
-``weight`` are finished in forward and only scaled in backward. Nothing of vocabulary size is kept.
+``weight`` are finished in forward and only scaled in backward. Nothing of ``[tokens, vocab]`` size is
+kept.
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ from torch import Tensor
 
 IGNORE_INDEX = -100
 
-# Rows per chunk: a chunk's logits (rows x vocab floats) should fit in a core's L2 cache
-# (512 rows x 8192 x 4 bytes = 16 MiB is too much; 4 MiB measured about as fast as 1 MiB).
+# Rows per chunk: about 1M logits (4 MiB of float32; 128 rows at a vocabulary of 8192) measured
+# fastest of 1, 2, 4 and 8 MiB chunks (2,048 x 256 -> 8192, one core: 450, 417, 335, 376 ms for
+# forward and backward; unfused 515 ms).
 _CHUNK_ELEMENTS = 1 << 20
 
 
