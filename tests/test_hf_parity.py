@@ -192,7 +192,7 @@ def test_training_gradients_match(build):
     ours(ids, attention_mask=mask, labels=labels).ce_loss.backward()
     as_weights = copy.deepcopy(ours)
     with torch.no_grad():
-        for (name, p), (_, q) in zip(as_weights.named_parameters(), ours.named_parameters()):
+        for p, q in zip(as_weights.parameters(), ours.parameters()):
             p.copy_(q.grad if q.grad is not None else torch.zeros_like(q))
     ours_grads = state_dict_to_hf(as_weights)
     hf_grads = {name: p.grad for name, p in hf.named_parameters()}

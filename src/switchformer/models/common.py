@@ -222,9 +222,7 @@ def _deferred_logits(x: Tensor, weight: Tensor) -> Callable[[], Tensor]:
     return compute
 
 
-def finish_output(
-    config, x, weight, labels, stats, stacks, encoder_hidden_states=None, shift=False
-) -> ModelOutput:
+def finish_output(config, x, weight, labels, stats, stacks, encoder_hidden_states=None, shift=False) -> ModelOutput:
     """Logits ``x @ weight.T``; cross-entropy over non-ignored labels (-100) plus the router losses
     with their coefficients. ``shift``: position ``t`` predicts label ``t + 1`` (causal LM).
 
@@ -239,9 +237,7 @@ def finish_output(
         if shift:
             labels = torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), IGNORE_INDEX)], dim=1)
         fused = (
-            x.dtype == torch.float32
-            and weight.dtype == torch.float32
-            and not torch.is_autocast_enabled(x.device.type)
+            x.dtype == torch.float32 and weight.dtype == torch.float32 and not torch.is_autocast_enabled(x.device.type)
         )
         if fused:
             ce = linear_cross_entropy(x.reshape(-1, x.shape[-1]), weight, labels.reshape(-1))
