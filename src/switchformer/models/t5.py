@@ -217,23 +217,12 @@ class T5Attention(nn.Module):
     def forward(self, x: Tensor, bias: Tensor | None, kv: tuple[Tensor, Tensor] | None = None) -> Tensor:
         q = self.split_heads(self.q(x))
         k, v = kv if kv is not None else self.project_kv(x)
-        dropout = self.dropout if self.training else 0.0
-        if bias is not None and bias.requires_grad:
-            out = self._attend_learned_bias(q, k, v, bias.to(q.dtype), dropout)
-        else:
-            bias = None if bias is None else bias.to(q.dtype)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout, scale=1.0)
+        if bias is not None:
+            bias = bias.to(q.dtype)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=bias, dropout_p=self.dropout if self.training else 0.0, scale=1.0
+        )
         return self.o(out.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1))
-
-    @staticmethod
-    def _attend_learned_bias(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, dropout: float) -> Tensor:
-        """Attention whose bias is trained (the position bias). SDPA can only take such a mask on its
-        math path, which adds passes guarding rows whose keys are all ``-inf`` (isneginf, all,
-        where: 2-3% of a training step); T5's masks use the dtype's minimum, so no row needs it."""
-        scores = torch.matmul(q, k.transpose(-1, -2))
-        scores += bias  # in place: matmul's backward does not need its output
-        weights = torch.softmax(scores.float(), dim=-1).type_as(scores)
-        return torch.matmul(F.dropout(weights, dropout) if dropout else weights, v)
 
 
 # ----------------------------------------------------------------------------- cache
