@@ -17,10 +17,10 @@ import statistics
 
 import torch
 import torch.nn.functional as F
+from vs_transformers import hf_model, train_step
 
 from switchformer.interop.hf import from_hf
 from switchformer.models import common
-from vs_transformers import hf_model, train_step
 
 FUSED_LOSS = common.linear_cross_entropy
 NORM_FORWARD = common.RMSNorm.forward
