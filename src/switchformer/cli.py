@@ -25,7 +25,8 @@ EPILOGS = {
     "compare": """examples:
   switchformer compare                       # Switch vs its FLOP-matched dense twin (compare preset)
   switchformer compare --max-steps 200 --set num_experts=8
-  switchformer compare --seeds 3             # three seeds: is the gap larger than the spread?""",
+  switchformer compare --seeds 3             # three seeds: is the gap larger than the spread?
+  switchformer compare --preset compare-long # where Switch wins: small model, long run (about an hour)""",
     "convert": """examples:
   switchformer convert path/to/hf-switch-dir native-run/      # Hugging Face -> switchformer
   switchformer convert runs/t5-run hf-export/                 # switchformer (T5) -> Hugging Face""",
@@ -41,7 +42,7 @@ EPILOGS = {
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", default=None, help="tiny (default), test or compare")
+    p.add_argument("--preset", default=None, help="tiny (default), test, compare or compare-long")
     p.add_argument("--config", help="a .toml, .yaml or .json file of settings")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one setting")
     p.add_argument("--model", choices=["lm", "t5"], help="model family")
