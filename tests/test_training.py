@@ -175,13 +175,35 @@ def test_checkpoint_writes_are_atomic(tmp_path, corpus, monkeypatch):
     assert resumed.step == 1
 
 
+def test_resume_keeps_metrics_up_to_the_checkpoint_and_the_clock(tmp_path, corpus):
+    """Records logged after the checkpoint (steps to be run again) and a line cut short by the
+    kill are dropped; the kept records become the history; time goes on from the checkpoint's."""
+    run = tmp_path / "run"
+    trainer = Trainer(quick(data=[str(corpus)], log_every=1), run, progress=False)
+    trainer.train_step()
+    trainer.train_step()
+    trainer.time_offset = 100.0  # as if two steps had taken 100 s
+    trainer.save()
+    with (run / "metrics.jsonl").open("a") as f:
+        for step in (1, 2, 3):
+            f.write(json.dumps({"step": step, "loss": 1.0, "time": 50.0 * step}) + "\n")
+        f.write('{"step": 4, "lo')  # SIGKILL mid-write
+    resumed = Trainer(trainer.config, run, resume=True, progress=False)
+    assert [r["step"] for r in resumed.history] == [1, 2]
+    assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    assert resumed.time_offset == pytest.approx(100.0, abs=1.0)
+    resumed.train()
+    times = [r["time"] for r in resumed.history]
+    assert times == sorted(times) and times[-1] > 100.0
+
+
+def _train_records(run_dir: Path) -> list[dict]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if "ce_loss" in r]
+
+
 def _losses(run_dir: Path) -> dict[int, float]:
-    out = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        if "ce_loss" in record:
-            out[record["step"]] = record["loss"]
-    return out
+    return {r["step"]: r["loss"] for r in _train_records(run_dir)}
 
 
 def test_killed_run_resumes_exactly(tmp_path, corpus):
@@ -230,6 +252,9 @@ def test_killed_run_resumes_exactly(tmp_path, corpus):
     assert main(["train", "--resume", str(killed_dir), "--no-progress"]) == 0
     straight, resumed = _losses(tmp_path / "straight"), _losses(killed_dir)
     assert sorted(resumed) == sorted(straight) == list(range(1, 17))
+    records = _train_records(killed_dir)  # each step once, in order, on one clock
+    assert [r["step"] for r in records] == list(range(1, 17))
+    assert [r["time"] for r in records] == sorted(r["time"] for r in records)
     for step in straight:
         assert abs(straight[step] - resumed[step]) <= 1e-6, step
 

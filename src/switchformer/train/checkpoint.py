@@ -22,13 +22,18 @@ from safetensors.torch import load_file, save_file
 CHECKPOINT_PREFIX = "step_"
 
 
-def write_json_atomic(path: Path, data) -> None:
+def write_text_atomic(path: Path, text: str) -> None:
+    """A temporary file in the same folder, synced, then renamed over ``path``."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2)
+        f.write(text)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def write_json_atomic(path: Path, data) -> None:
+    write_text_atomic(path, json.dumps(data, indent=2))
 
 
 def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:

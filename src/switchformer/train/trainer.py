@@ -38,6 +38,7 @@ from switchformer.train.checkpoint import (
     save_checkpoint,
     write_checkpoint_files,
     write_json_atomic,
+    write_text_atomic,
 )
 from switchformer.train.config import TrainConfig
 from switchformer.train.data import Data, prepare_data
@@ -169,6 +170,8 @@ class Trainer:
         self.step = 0
         self.bad_steps = 0
         self.history: list[dict] = []
+        self.time_offset = 0.0  # training seconds before this process (a resumed run's clock goes on)
+        self._clock_start: float | None = None
         if self.is_main:
             write_json_atomic(
                 self.run_dir / "config.json", {"train": config.to_dict(), "model": self.model.config.to_dict()}
@@ -182,6 +185,8 @@ class Trainer:
                 loader = lambda full: load_full_state(self.model, full, self.parallel)  # noqa: E731
             state = load_checkpoint(checkpoint, self.model, self.optimizer, self.optimizer_file, loader)
             self.step, self.bad_steps = state["step"], state.get("bad_steps", 0)
+            self.time_offset = float(state.get("train_time", 0.0))
+            self.history = self._metrics_up_to(self.step)
             log.info("resumed from %s at step %d", checkpoint, self.step)
         self.metrics_file = (self.run_dir / "metrics.jsonl").open("a", buffering=1) if self.is_main else None
         self.tensorboard = None
@@ -217,8 +222,33 @@ class Trainer:
                 if isinstance(value, (int, float)) and key != "step":
                     self.tensorboard.add_scalar(key, value, record["step"])
 
+    def train_time(self) -> float:
+        """Seconds of training so far, across resumptions: the ``time`` of every metrics record."""
+        if self._clock_start is None:
+            return self.time_offset
+        return self.time_offset + time.perf_counter() - self._clock_start
+
+    def _metrics_up_to(self, step: int) -> list[dict]:
+        """On resume: the records of steps up to the checkpoint's, which become the history; the
+        file is rewritten without the later ones (the steps about to be run again) and without a
+        line cut short by the kill, so each step appears once and in order."""
+        path = self.run_dir / "metrics.jsonl"
+        if not path.exists():
+            return []
+        kept = []
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a write interrupted by the kill
+            if isinstance(record, dict) and record.get("step", step + 1) <= step:
+                kept.append(record)
+        if self.is_main:
+            write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
+        return kept
+
     def save(self) -> Path:
-        extra = {"bad_steps": self.bad_steps, "world_size": self.world}
+        extra = {"bad_steps": self.bad_steps, "world_size": self.world, "train_time": self.train_time()}
         if self.parallel is None:
             return save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, extra, self.config.keep_last)
         # every rank writes its own part (expert shard, optimizer state), rank 0 the shared weights
@@ -347,7 +377,8 @@ class Trainer:
         bar = tqdm(
             total=config.max_steps, initial=self.step, disable=not self.progress, unit="step", dynamic_ncols=True
         )
-        start, window_tokens, window_start = time.perf_counter(), 0, time.perf_counter()
+        self._clock_start = time.perf_counter()
+        window_tokens, window_start = 0, time.perf_counter()
         try:
             while self.step < config.max_steps:
                 result = self.train_step()
@@ -360,14 +391,14 @@ class Trainer:
                             "step": self.step,
                             **{k: v for k, v in result.items() if k != "tokens"},
                             "tokens_per_s": window_tokens / max(elapsed, 1e-9),
-                            "time": time.perf_counter() - start,
+                            "time": self.train_time(),
                         }
                         self.log_metrics(record)
                         bar.set_postfix(loss=f"{result['ce_loss']:.3f}", tok_s=f"{record['tokens_per_s']:,.0f}")
                         window_tokens, window_start = 0, time.perf_counter()
                 if self.step % config.eval_every == 0 and self.step < config.max_steps:
                     result_eval = self.evaluate()
-                    self.log_metrics({"step": self.step, "time": time.perf_counter() - start, **result_eval.to_dict()})
+                    self.log_metrics({"step": self.step, "time": self.train_time(), **result_eval.to_dict()})
                     bar.write(
                         f"step {self.step}: validation loss {result_eval.loss:.4f}, "
                         f"perplexity {result_eval.perplexity:.2f}"
@@ -377,7 +408,7 @@ class Trainer:
         finally:
             bar.close()
         final = self.evaluate()
-        self.log_metrics({"step": self.step, "time": time.perf_counter() - start, **final.to_dict()})
+        self.log_metrics({"step": self.step, "time": self.train_time(), **final.to_dict()})
         checkpoint = self.save()
         summary = {
             "step": self.step,
