@@ -289,8 +289,9 @@ def test_every_subcommand(tmp_path, corpus, capsys):
     assert "active per token" in capsys.readouterr().out
     assert main(["info", "--preset", "tiny"]) == 0
     assert "layers: d S d S" in capsys.readouterr().out
-    assert main(["info", "--preset", "compare-long"]) == 0  # 16 experts in every layer
-    assert "layers: S S S S" in capsys.readouterr().out
+    assert main(["info", "--preset", "compare-long"]) == 0  # 64 experts in every other layer
+    out = capsys.readouterr().out
+    assert "layers: d S d S" in out and "experts per Switch layer: 64" in out
 
     assert main(["report", str(run)]) == 0
     assert (run / "loss.png").stat().st_size > 1000 and (run / "expert_load.png").exists()
