@@ -55,6 +55,18 @@ def train_step(model, optimizer, batch, is_hf):
     return time.perf_counter() - start
 
 
+def interleaved_train_times(models: dict, optimizers: dict, batch: dict, steps: int) -> dict[str, list[float]]:
+    """Seconds per training step of each model (``"hf"`` and ``"ours"``), alternating which goes
+    first; the first round warms up allocators and caches and is not kept."""
+    times = {name: [] for name in models}
+    for step in range(steps + 1):
+        for name in ("hf", "ours") if step % 2 else ("ours", "hf"):
+            elapsed = train_step(models[name], optimizers[name], batch, name == "hf")
+            if step:
+                times[name].append(elapsed)
+    return times
+
+
 def generate(model, ids, new_tokens, is_hf):
     start = time.perf_counter()
     with torch.no_grad():
@@ -135,12 +147,7 @@ def main():
             "hf": torch.optim.AdamW(hf.parameters(), lr=1e-4, fused=True),
             "ours": torch.optim.AdamW(ours.parameters(), lr=1e-4, fused=True),
         }
-        times = {"hf": [], "ours": []}
-        for step in range(args.steps + 1):
-            for name in ("hf", "ours") if step % 2 else ("ours", "hf"):
-                t = train_step(models[name], optimizers[name], batch, name == "hf")
-                if step:  # the first step warms up allocators and caches
-                    times[name].append(t)
+        times = interleaved_train_times(models, optimizers, batch, args.steps)
         hf_t, our_t = statistics.median(times["hf"]), statistics.median(times["ours"])
         tokens = args.batch * args.seq * 2
         print(
