@@ -319,6 +319,30 @@ def test_every_subcommand(tmp_path, corpus, capsys):
     assert "--seeds: must be >= 1" in capsys.readouterr().err
 
 
+def test_compare_runs_the_long_regime_by_default(tmp_path, monkeypatch, capsys):
+    """`switchformer compare` with no preset trains compare-long (the issue asks that the regime
+    where Switch wins be the default); `--preset compare` is the quick check."""
+    from switchformer import cli
+    from switchformer.train import compare
+    from switchformer.train.config import PRESETS, build_config
+
+    assert set(cli.PRESET_NAMES) == set(PRESETS)  # the help text lists every preset
+    seen = []
+
+    def record(config, out_dir, **kwargs):
+        seen.append(config)
+        raise ValueError("stop before training")
+
+    monkeypatch.setattr(compare, "run_compare", record)
+    for argv in ([], ["--preset", "compare"]):
+        assert main(["compare", *argv, "--out-dir", str(tmp_path)]) == 2
+        assert "stop before training" in capsys.readouterr().err
+    long, quick = seen
+    assert long == build_config("compare-long", None, {"out_dir": str(tmp_path)})
+    assert (long.num_experts, long.max_steps, long.schedule) == (64, 6000, "inverse_sqrt")
+    assert (quick.num_experts, quick.max_steps) == (16, 800)
+
+
 def test_command_errors_are_one_clear_line(tmp_path, capsys):
     assert main(["eval", str(tmp_path / "nowhere")]) == 2
     err = capsys.readouterr().err
