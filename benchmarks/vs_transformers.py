@@ -5,6 +5,7 @@ process, medians; outputs are checked to be identical (logits within 1e-4, same 
 
     python benchmarks/vs_transformers.py
     python benchmarks/vs_transformers.py --experts 8 --steps 5 --gen-repeats 3   # quicker
+    python benchmarks/vs_transformers.py --device cuda                           # on a GPU (fp32, no TF32)
 """
 
 from __future__ import annotations
@@ -43,8 +44,16 @@ def hf_model(experts: int, vocab: int, seed: int = 0):
     return transformers.SwitchTransformersForConditionalGeneration(config)
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for queued GPU work, so that a timer reads the work itself and not its launch."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def train_step(model, optimizer, batch, is_hf):
     optimizer.zero_grad(set_to_none=True)
+    device = batch["ids"].device
+    synchronize(device)
     start = time.perf_counter()
     if is_hf:
         out = model(input_ids=batch["ids"], labels=batch["labels"], output_router_logits=True)
@@ -52,6 +61,7 @@ def train_step(model, optimizer, batch, is_hf):
         out = model(batch["ids"], labels=batch["labels"])
     out.loss.backward()
     optimizer.step()
+    synchronize(device)
     return time.perf_counter() - start
 
 
@@ -68,13 +78,21 @@ def interleaved_train_times(models: dict, optimizers: dict, batch: dict, steps: 
 
 
 def generate(model, ids, new_tokens, is_hf):
+    synchronize(ids.device)
     start = time.perf_counter()
     with torch.no_grad():
         if is_hf:
             out = model.generate(input_ids=ids, max_new_tokens=new_tokens, do_sample=False, num_beams=1)
         else:
             out = model.generate(ids, max_new_tokens=new_tokens, routing="eval")
+    synchronize(ids.device)
     return time.perf_counter() - start, out
+
+
+def _describe(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)}"
+    return f"threads {torch.get_num_threads()}"
 
 
 def main():
@@ -87,22 +105,26 @@ def main():
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--gen-repeats", type=int, default=5)
     parser.add_argument("--reuse-freed-memory", action="store_true")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
     args = parser.parse_args()
+    device = torch.device(args.device)
+    # exact fp32 on both sides: TF32 would make "identical outputs" a question of rounding
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     if args.reuse_freed_memory:
         reuse_freed_memory()
     print(
-        f"torch {torch.__version__}, threads {torch.get_num_threads()}, d_model 256, 4+4 layers, d_ff 1024, "
+        f"torch {torch.__version__}, {_describe(device)}, d_model 256, 4+4 layers, d_ff 1024, "
         f"4 heads, vocab {args.vocab}, sparse every other layer, batch {args.batch} x {args.seq}"
     )
     print("| E | measure | HF | switchformer | speed-up |")
     print("|---:|:---|---:|---:|---:|")
     for experts in args.experts:
-        hf = hf_model(experts, args.vocab).train()
-        ours = from_hf(hf).train()
+        hf = hf_model(experts, args.vocab).to(device).train()
+        ours = from_hf(hf).to(device).train()
         g = torch.Generator().manual_seed(1)
         batch = {
-            "ids": torch.randint(2, args.vocab, (args.batch, args.seq), generator=g),
-            "labels": torch.randint(2, args.vocab, (args.batch, args.seq), generator=g),
+            "ids": torch.randint(2, args.vocab, (args.batch, args.seq), generator=g).to(device),
+            "labels": torch.randint(2, args.vocab, (args.batch, args.seq), generator=g).to(device),
         }
         with torch.no_grad():
             hf.eval(), ours.eval()

@@ -1,0 +1,164 @@
+"""A short, prepared check of the CUDA path for a session lent a GPU (never part of the tests).
+
+The test suite runs on CPU; this script checks on a device what the tests cannot reach:
+
+1. parity: ``from_hf`` on the device gives Hugging Face's logits (fp32, TF32 off) and greedy tokens;
+2. MoE backends: ``grouped_mm``, ``padded`` and ``loop`` agree forward and backward, fp32 and bf16,
+   and ``auto`` picks one that runs;
+3. bf16 training: the trainer's bf16 autocast on the ``test`` preset for 30 steps (finite, falling
+   loss), with every router's logits in float32 (selective precision);
+4. speed: a few interleaved training steps and greedy generations against Hugging Face, as
+   ``vs_transformers.py`` (run that script with ``--device cuda`` for the full table).
+
+Prints one line per check and exits 1 if any failed.
+
+    python benchmarks/cuda_check.py                 # cuda (fails at once if there is none)
+    python benchmarks/cuda_check.py --device cpu    # the same checks on CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from vs_transformers import generate, hf_model, interleaved_train_times
+
+from switchformer import SwitchMoE
+from switchformer.dispatch import grouped_mm_available
+from switchformer.interop.hf import from_hf
+from switchformer.routing import Router
+from switchformer.train.config import build_config
+from switchformer.train.trainer import Trainer
+
+FAILURES: list[str] = []
+
+
+def report(name: str, ok: bool, detail: str) -> None:
+    print(f"{'ok  ' if ok else 'FAIL'} {name}: {detail}", flush=True)
+    if not ok:
+        FAILURES.append(name)
+
+
+def check_parity(device: torch.device) -> None:
+    hf = hf_model(8, 8192).to(device).eval()
+    ours = from_hf(hf).to(device).eval()
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(2, 8192, (4, 64), generator=g).to(device)
+    labels = torch.randint(2, 8192, (4, 32), generator=g).to(device)
+    with torch.no_grad():
+        diff = (hf(input_ids=ids, labels=labels).logits - ours(ids, labels=labels).logits).abs().max().item()
+    report("parity logits", diff < 1e-4, f"max abs difference {diff:.1e} (bound 1e-4)")
+    _, theirs = generate(hf, ids, 16, is_hf=True)
+    _, mine = generate(ours, ids, 16, is_hf=False)
+    report("parity greedy", torch.equal(theirs, mine), f"{mine.shape[1] - 1} new tokens for {ids.shape[0]} rows")
+
+
+def check_backends(device: torch.device) -> None:
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):  # relative to each tensor's largest entry
+        if dtype == torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            report("backends bf16", True, "skipped: no bf16 on this GPU")
+            continue
+        results = {}
+        for backend in ("loop", "padded", "grouped_mm", "auto"):
+            if backend == "grouped_mm" and not grouped_mm_available(device.type, dtype):
+                report(f"backends {dtype}", True, "grouped_mm not available here; auto falls back")
+                continue
+            torch.manual_seed(0)
+            layer = SwitchMoE(64, 128, 8, backend=backend, capacity_factor=None).to(device, dtype)
+            x = torch.randn(4, 96, 64, device=device, dtype=dtype, requires_grad=True)
+            y, aux = layer(x)
+            (y.float().square().mean() + aux.aux_loss).backward()
+            results[backend] = (y.float(), x.grad.float(), layer.experts.w_in.grad.float())
+        base = results.pop("loop")
+        worst = max(
+            ((a - b).abs().max() / a.abs().max()).item() for other in results.values() for a, b in zip(base, other)
+        )
+        report(
+            f"backends {dtype}",
+            worst < tol,
+            f"{', '.join(results)} vs loop: worst relative output/gradient difference {worst:.1e} (bound {tol})",
+        )
+
+
+def check_bf16_training(device: torch.device) -> None:
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        report("bf16 training", True, "skipped: no bf16 on this GPU")
+        return
+    config = build_config("test", None, {"max_steps": 30}, ["precision=bf16", "eval_every=30", "log_every=1"])
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = Trainer(config, Path(tmp) / "run", progress=False, device=str(device))
+        dtypes = set()
+        hooks = [
+            m.register_forward_hook(lambda _m, _i, out: dtypes.add(out.logits.dtype))
+            for m in trainer.model.modules()
+            if isinstance(m, Router)
+        ]
+        summary = trainer.train()
+        for hook in hooks:
+            hook.remove()
+        losses = [r["loss"] for r in trainer.history if "loss" in r]
+    first, last = statistics.mean(losses[:5]), statistics.mean(losses[-5:])
+    finite = all(torch.isfinite(torch.tensor(losses)).tolist())
+    report(
+        "bf16 training",
+        finite and last < first and dtypes == {torch.float32},
+        f"loss {first:.3f} -> {last:.3f} over {len(losses)} steps, router logits {sorted(map(str, dtypes))}, "
+        f"validation loss {summary['eval_loss']:.3f}",
+    )
+
+
+def check_speed(device: torch.device, steps: int) -> None:
+    for experts in (8, 64):
+        hf = hf_model(experts, 8192).to(device)
+        models = {"hf": hf, "ours": from_hf(hf).to(device)}
+        g = torch.Generator().manual_seed(1)
+        batch = {name: torch.randint(2, 8192, (8, 256), generator=g).to(device) for name in ("ids", "labels")}
+        for model in models.values():
+            model.eval()
+        for rows in (1, 8):
+            times = {"hf": [], "ours": []}
+            for rep in range(4):
+                for name in ("hf", "ours") if rep % 2 else ("ours", "hf"):
+                    seconds, _ = generate(models[name], batch["ids"][:rows, :64], 64, name == "hf")
+                    if rep:
+                        times[name].append(seconds)
+            ratio = statistics.median(times["hf"]) / statistics.median(times["ours"])
+            print(f"     E={experts} greedy batch {rows}: {ratio:.2f}x HF", flush=True)
+        for model in models.values():
+            model.train()
+        optimizers = {name: torch.optim.AdamW(m.parameters(), lr=1e-4, fused=True) for name, m in models.items()}
+        times = interleaved_train_times(models, optimizers, batch, steps)
+        hf_t, our_t = statistics.median(times["hf"]), statistics.median(times["ours"])
+        print(f"     E={experts} training step: HF {hf_t * 1e3:.1f} ms, ours {our_t * 1e3:.1f} ms, {hf_t / our_t:.2f}x")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--steps", type=int, default=10, help="training steps per model in the speed check")
+    parser.add_argument("--skip-speed", action="store_true")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("no CUDA device here; run with --device cpu to check the same code on CPU")
+        return 1
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
+    print(f"torch {torch.__version__}, {name}")
+    start = time.perf_counter()
+    check_parity(device)
+    check_backends(device)
+    check_bf16_training(device)
+    if not args.skip_speed:
+        check_speed(device, args.steps)
+    print(f"{len(FAILURES)} failed ({', '.join(FAILURES) or 'none'}) in {time.perf_counter() - start:.0f} s")
+    return 1 if FAILURES else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
