@@ -319,6 +319,26 @@ def test_every_subcommand(tmp_path, corpus, capsys):
     assert "--seeds: must be >= 1" in capsys.readouterr().err
 
 
+def test_eval_routing_dropless_processes_every_token(tmp_path, corpus, capsys):
+    """With an eval capacity so small that tokens are dropped, `eval` reports the drops and
+    `eval --routing dropless` processes every token (a different loss, no drops)."""
+    run = tmp_path / "runs" / "small-capacity"
+    base = ["--preset", "test", "--data", str(corpus), "--no-progress", "--out-dir", str(tmp_path / "runs")]
+    sets = ["--set", "vocab_size=400", "--set", "eval_capacity_factor=0.25", "--set", "num_experts=4"]
+    assert main(["train", *base, *sets, "--run-name", "small-capacity", "--max-steps", "4"]) == 0
+    capsys.readouterr()
+    reports = {}
+    for mode in ("eval", "dropless"):
+        assert main(["eval", str(run), "--batches", "2", "--routing", mode]) == 0
+        reports[mode] = json.loads(capsys.readouterr().out)
+        assert reports[mode]["routing_mode"] == mode
+    dropped = {mode: [layer["dropped_fraction"] for layer in r["routing"].values()] for mode, r in reports.items()}
+    assert all(d > 0.3 for d in dropped["eval"])  # a quarter of the fair share per expert: most tokens dropped
+    assert dropped["dropless"] == [0.0] * len(dropped["eval"])
+    assert reports["eval"]["eval_loss"] != reports["dropless"]["eval_loss"]
+    assert reports["eval"]["tokens"] == reports["dropless"]["tokens"]  # the same validation batches
+
+
 def test_compare_runs_the_long_regime_by_default(tmp_path, monkeypatch, capsys):
     """`switchformer compare` with no preset trains compare-long (the issue asks that the regime
     where Switch wins be the default); `--preset compare` is the quick check."""

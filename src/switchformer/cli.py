@@ -18,7 +18,9 @@ EPILOGS = {
   switchformer train --config my.toml --model t5       # T5 span corruption
   switchformer train --resume runs/quick               # continue exactly where it stopped
   torchrun --nproc_per_node 4 -m switchformer train --expert-parallel 2   # 2-way experts x 2-way data""",
-    "eval": "example:\n  switchformer eval runs/quick",
+    "eval": """examples:
+  switchformer eval runs/quick
+  switchformer eval runs/quick --routing dropless   # no token dropped, as generation runs the model""",
     "generate": """examples:
   switchformer generate runs/quick --prompt "The object"
   echo "Return the" | switchformer generate runs/quick --temperature 0.7 --top-p 0.9""",
@@ -165,6 +167,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    from switchformer.generation import inference_routing
     from switchformer.train.trainer import Trainer
 
     model, _, config = load_run(args.run)
@@ -178,10 +181,12 @@ def cmd_eval(args) -> int:
         device=args.device,
     )
     trainer.model.load_state_dict(model.state_dict())
-    result = trainer.evaluate(args.batches)
+    with inference_routing(trainer.model, args.routing):
+        result = trainer.evaluate(args.batches)
     print(
         json.dumps(
             {
+                "routing_mode": args.routing,
                 "eval_loss": result.loss,
                 "perplexity": result.perplexity,
                 "tokens": result.tokens,
@@ -388,6 +393,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", nargs="+", help="evaluate on other files (default: the run's validation split)")
     p.add_argument("--batches", type=int, help="number of validation batches")
     p.add_argument("--device")
+    p.add_argument(
+        "--routing",
+        choices=["eval", "dropless"],
+        default="eval",
+        help="eval: the run's eval capacity factor, tokens over it are dropped (default; what training "
+        "reported); dropless: no token dropped (as generation runs the model)",
+    )
 
     p = command("generate", "generate text from a trained run, streaming tokens", cmd_generate)
     p.add_argument("run", help="run directory or checkpoint")

@@ -57,7 +57,7 @@ def inference_routing(model: torch.nn.Module, routing: str = "dropless"):
     saved = [(m.eval_capacity_factor, m.expert_capacity, m.group_size) for m in layers]
     if layers:
         log.info(
-            "generation routing: %s",
+            "inference routing: %s",
             "dropless (no token is dropped)"
             if routing == "dropless"
             else "eval capacity (tokens over capacity are dropped)",
