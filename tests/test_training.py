@@ -308,6 +308,7 @@ def test_every_subcommand(tmp_path, corpus, capsys):
     assert main(["compare", *base, "--run-name", "cmp", "--max-steps", "6"]) == 0
     out = capsys.readouterr().out
     assert "| switch |" in out and "| dense |" in out and (tmp_path / "runs" / "cmp" / "compare.png").exists()
+    assert "Switch layers trained capacity factor 1.25, evaluated capacity factor 2" in out
 
     assert main(["compare", *base, "--run-name", "cmp2", "--max-steps", "4", "--seeds", "2"]) == 0
     out = capsys.readouterr().out

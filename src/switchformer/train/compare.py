@@ -68,7 +68,24 @@ def run_compare(config: TrainConfig, out_dir: Path, progress: bool = True, devic
     if switch_row["steps_to_dense_loss"]:
         speedup = dense_row["steps_to_dense_loss"] / switch_row["steps_to_dense_loss"]
     plot = plot_compare({name: r["records"] for name, r in results.items()}, out_dir / "compare.png")
-    return {"rows": rows, "speedup_steps": speedup, "target_loss": target, "plot": str(plot)}
+    return {
+        "rows": rows,
+        "speedup_steps": speedup,
+        "target_loss": target,
+        "plot": str(plot),
+        "switch_routing": describe_routing(config),
+    }
+
+
+def describe_routing(config: TrainConfig) -> str:
+    """How the Switch layers ran: a validation loss measured with tokens dropped is not the same
+    number as one measured dropless, so the table says which."""
+
+    def capacity(factor: float | None) -> str:
+        return "dropless" if factor is None else f"capacity factor {factor:g}"
+
+    trained, evaluated = capacity(config.capacity_factor), capacity(config.eval_capacity_factor)
+    return f"Switch layers trained {trained}, evaluated {evaluated}"
 
 
 def format_table(result: dict) -> str:
@@ -90,6 +107,8 @@ def format_table(result: dict) -> str:
         "speed-up in steps to the dense model's final validation loss: "
         + ("Switch never reached it" if speed is None else f"{speed:.2f}x")
     )
+    if "switch_routing" in result:
+        lines.append(result["switch_routing"])
     return "\n".join(lines)
 
 
