@@ -107,7 +107,7 @@ def load_run(source: str | Path):
     return model.eval(), load_tokenizer(run_dir), train
 
 
-def _print_summary(summary: dict) -> None:
+def _print_summary(summary: dict, config) -> None:
     print(
         f"\nvalidation loss {summary['eval_loss']:.4f}, perplexity {summary['perplexity']:.2f} "
         f"after {summary['step']} steps"
@@ -118,7 +118,8 @@ def _print_summary(summary: dict) -> None:
         f"{params['flops_per_token']:,} FLOPs per token"
     )
     if summary["routing"]:
-        print("routing (validation, eval capacity):")
+        factor = config.eval_capacity_factor
+        print(f"routing (validation, {'dropless' if factor is None else f'eval capacity factor {factor:g}'}):")
         for name, r in summary["routing"].items():
             print(
                 f"  {name}: max/mean expert load {r['max_load_over_mean']:.2f}, dropped {r['dropped_fraction']:.1%}, "
@@ -162,7 +163,7 @@ def cmd_train(args) -> int:
     trainer = Trainer(config, run_dir, resume=bool(args.resume), progress=not args.no_progress, device=args.device)
     summary = trainer.train()
     if main_rank:
-        _print_summary(summary)
+        _print_summary(summary, config)
     return 0
 
 
