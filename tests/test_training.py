@@ -362,7 +362,9 @@ def test_compare_runs_the_long_regime_by_default(tmp_path, monkeypatch, capsys):
     long, quick = seen
     assert long == build_config("compare-long", None, {"out_dir": str(tmp_path)})
     assert (long.num_experts, long.max_steps, long.schedule) == (64, 6000, "inverse_sqrt")
+    assert compare.describe_routing(long) == "Switch layers trained dropless, evaluated dropless"
     assert (quick.num_experts, quick.max_steps) == (16, 800)
+    assert compare.describe_routing(quick) == "Switch layers trained capacity factor 1.25, evaluated capacity factor 2"
 
 
 def test_command_errors_are_one_clear_line(tmp_path, capsys):
