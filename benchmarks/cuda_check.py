@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 import torch
-from vs_transformers import generate, hf_model, interleaved_train_times
+from vs_transformers import describe_device, generate, hf_model, interleaved_generate_times, interleaved_train_times
 
 from switchformer import SwitchMoE
 from switchformer.dispatch import grouped_mm_available
@@ -121,12 +121,7 @@ def check_speed(device: torch.device, steps: int) -> None:
         for model in models.values():
             model.eval()
         for rows in (1, 8):
-            times = {"hf": [], "ours": []}
-            for rep in range(4):
-                for name in ("hf", "ours") if rep % 2 else ("ours", "hf"):
-                    seconds, _ = generate(models[name], batch["ids"][:rows, :64], 64, name == "hf")
-                    if rep:
-                        times[name].append(seconds)
+            times, _ = interleaved_generate_times(models, batch["ids"][:rows, :64], 64, repeats=3)
             ratio = statistics.median(times["hf"]) / statistics.median(times["ours"])
             print(f"     E={experts} greedy batch {rows}: {ratio:.2f}x HF", flush=True)
         for model in models.values():
@@ -148,8 +143,7 @@ def main() -> int:
         print("no CUDA device here; run with --device cpu to check the same code on CPU")
         return 1
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
-    print(f"torch {torch.__version__}, {name}")
+    print(f"torch {torch.__version__}, {describe_device(device)}")
     start = time.perf_counter()
     check_parity(device)
     check_backends(device)

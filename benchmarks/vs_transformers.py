@@ -89,7 +89,20 @@ def generate(model, ids, new_tokens, is_hf):
     return time.perf_counter() - start, out
 
 
-def _describe(device: torch.device) -> str:
+def interleaved_generate_times(models: dict, ids, new_tokens: int, repeats: int) -> tuple[dict, dict]:
+    """Seconds per greedy generation of each model (``"hf"`` and ``"ours"``), alternating which goes
+    first, and each model's last output; the first round warms up and is not kept."""
+    times = {name: [] for name in models}
+    outputs = {}
+    for rep in range(repeats + 1):
+        for name in ("hf", "ours") if rep % 2 else ("ours", "hf"):
+            seconds, outputs[name] = generate(models[name], ids, new_tokens, name == "hf")
+            if rep:
+                times[name].append(seconds)
+    return times, outputs
+
+
+def describe_device(device: torch.device) -> str:
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)}"
     return f"threads {torch.get_num_threads()}"
@@ -113,7 +126,7 @@ def main():
     if args.reuse_freed_memory:
         reuse_freed_memory()
     print(
-        f"torch {torch.__version__}, {_describe(device)}, d_model 256, 4+4 layers, d_ff 1024, "
+        f"torch {torch.__version__}, {describe_device(device)}, d_model 256, 4+4 layers, d_ff 1024, "
         f"4 heads, vocab {args.vocab}, sparse every other layer, batch {args.batch} x {args.seq}"
     )
     print("| E | measure | HF | switchformer | speed-up |")
@@ -146,14 +159,7 @@ def main():
         hf.eval(), ours.eval()
         for gen_batch in (1, args.batch):
             ids = batch["ids"][:gen_batch, :64]
-            times = {"hf": [], "ours": []}
-            outputs = {}
-            for rep in range(args.gen_repeats + 1):
-                for name in ("hf", "ours") if rep % 2 else ("ours", "hf"):
-                    t, out = generate(models[name], ids, args.new_tokens, name == "hf")
-                    outputs[name] = out
-                    if rep:
-                        times[name].append(t)
+            times, outputs = interleaved_generate_times(models, ids, args.new_tokens, args.gen_repeats)
             same = torch.equal(outputs["hf"], outputs["ours"])
             new = outputs["ours"].shape[1] - 1
             hf_t, our_t = statistics.median(times["hf"]), statistics.median(times["ours"])

@@ -118,8 +118,10 @@ def _print_summary(summary: dict, config) -> None:
         f"{params['flops_per_token']:,} FLOPs per token"
     )
     if summary["routing"]:
+        from switchformer.train.compare import capacity_label
+
         factor = config.eval_capacity_factor
-        print(f"routing (validation, {'dropless' if factor is None else f'eval capacity factor {factor:g}'}):")
+        print(f"routing (validation, {'' if factor is None else 'eval '}{capacity_label(factor)}):")
         for name, r in summary["routing"].items():
             print(
                 f"  {name}: max/mean expert load {r['max_load_over_mean']:.2f}, dropped {r['dropped_fraction']:.1%}, "

@@ -77,14 +77,15 @@ def run_compare(config: TrainConfig, out_dir: Path, progress: bool = True, devic
     }
 
 
+def capacity_label(factor: float | None) -> str:
+    """``"dropless"`` or ``"capacity factor 1.25"``: how a capacity setting routes."""
+    return "dropless" if factor is None else f"capacity factor {factor:g}"
+
+
 def describe_routing(config: TrainConfig) -> str:
     """How the Switch layers ran: a validation loss measured with tokens dropped is not the same
     number as one measured dropless, so the table says which."""
-
-    def capacity(factor: float | None) -> str:
-        return "dropless" if factor is None else f"capacity factor {factor:g}"
-
-    trained, evaluated = capacity(config.capacity_factor), capacity(config.eval_capacity_factor)
+    trained, evaluated = capacity_label(config.capacity_factor), capacity_label(config.eval_capacity_factor)
     return f"Switch layers trained {trained}, evaluated {evaluated}"
 
 
