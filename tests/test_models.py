@@ -15,6 +15,7 @@ from switchformer.generation import (
     stream_causal,
     stream_seq2seq,
 )
+from switchformer.models.common import DerivedWeight, output_logits, transposed_copy
 
 
 def t5(seed=0, **overrides):
@@ -76,10 +77,13 @@ def test_t5_cached_decoding_matches_full_recompute():
         ]
         torch.testing.assert_close(model.project(torch.cat(chunks, 1)), full, atol=1e-5, rtol=1e-5)
         # decoding projects q, k, v with one fused copy of their weights: it must follow weight changes
+        # and the output matrix's transposed copy (a step of two rows reads through it)
         for block in model.decoder.blocks:
             block.attn.k.weight.mul_(1.5)  # in place: a new version
             block.attn.v.weight = torch.nn.Parameter(block.attn.v.weight * 0.5)  # a new tensor
+        model.shared.weight.mul_(1.25)
         full = model(ids, attention_mask=mask, decoder_input_ids=target).logits
+        memory = model.encode(ids, mask)
         cache = model.new_cache(memory, mask, 6)
         steps = [model.project(model.decode(target[:, t : t + 1], memory, mask, cache=cache)) for t in range(6)]
         torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)
@@ -96,7 +100,27 @@ def test_lm_cached_decoding_matches_full_recompute():
         for t in range(4, 10):
             h, _ = model.hidden_states(ids[:, t : t + 1], cache=cache)
             parts.append(model.project(h))
-    torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-5, rtol=1e-5)
+        model.embed.weight.mul_(0.75)  # the few-row projection's transposed copy must follow
+        torch.testing.assert_close(model.project(h), h @ model.embed.weight.t(), atol=1e-6, rtol=1e-5)
+
+
+def test_few_row_output_logits_read_a_transposed_copy_that_follows_the_weight():
+    weight = torch.randn(50, 8, dtype=torch.float64)
+    copy = DerivedWeight(transposed_copy)
+    with torch.no_grad():
+        for rows in (1, 3, 4, 5, 9):
+            x = torch.randn(rows, 8, dtype=torch.float64)
+            torch.testing.assert_close(output_logits(x, weight, copy), x @ weight.t())
+        assert copy._copy is not None and copy._copy.shape == (8, 50) and copy._copy.is_contiguous()
+        weight.mul_(-2.0)  # in place, as an optimizer step
+        torch.testing.assert_close(output_logits(x[:1], weight, copy), x[:1] @ weight.t())
+        single = weight.float()  # another tensor of another dtype, as after .to()
+        assert output_logits(x[:1].float(), single, copy).dtype == torch.float32
+    # with autograd on, the product reads the parameter itself, so its gradient arrives
+    weight.requires_grad_()
+    output_logits(torch.randn(1, 8, dtype=torch.float64), weight, copy).sum().backward()
+    assert weight.grad is not None and weight.grad.abs().sum() > 0
 
 
 # ----------------------------------------------------------------------------- batching

@@ -32,5 +32,5 @@ def test_training_path_equals_the_plain_arithmetic():
     want.backward(upstream)
     torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(norm.weight.grad, w_ref.grad, rtol=1e-5, atol=1e-5)
-    with torch.no_grad():  # inference takes the plain path, same values
+    with torch.no_grad():  # inference calls F.rms_norm: the same values, bit for bit
         assert torch.equal(norm(x), want)

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from switchformer.experts import ACTIVATIONS
 from switchformer.init import scaled_trunc_normal_
 from switchformer.models.common import (
+    DerivedWeight,
     Dropout,
     FeedForward,
     RMSNorm,
@@ -25,6 +26,8 @@ from switchformer.models.common import (
     config_from_dict,
     finish_output,
     is_sparse_layer,
+    output_logits,
+    transposed_copy,
 )
 from switchformer.moe import SwitchMoE
 from switchformer.routing import ROUTINGS
@@ -215,6 +218,7 @@ class SwitchLM(nn.Module):
         self.blocks = nn.ModuleList(LMBlock(config, sparse) for sparse in config.sparse_layers())
         self.final_norm = RMSNorm(config.d_model, config.layer_norm_epsilon)
         self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self._head_t = DerivedWeight(transposed_copy)  # the output matrix for few-row decoding steps
         self.dropout = Dropout(config.dropout_rate)
         cos, sin = rope_tables(config.max_seq_len, config.d_model // config.num_heads, config.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
@@ -294,7 +298,7 @@ class SwitchLM(nn.Module):
 
     def project(self, h: Tensor) -> Tensor:
         x, weight = self.output_head(h)
-        return x @ weight.t()
+        return output_logits(x, weight, self._head_t)
 
     def forward(
         self,

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from switchformer.experts import ACTIVATIONS
 from switchformer.init import scaled_trunc_normal_
 from switchformer.models.common import (
+    DerivedWeight,
     Dropout,
     FeedForward,
     ModelOutput,
@@ -29,6 +30,8 @@ from switchformer.models.common import (
     config_from_dict,
     finish_output,
     is_sparse_layer,
+    output_logits,
+    transposed_copy,
 )
 
 
@@ -157,6 +160,10 @@ def relative_position_bucket(
     return buckets + torch.where(is_small, distance, large)
 
 
+def _side_by_side(*weights: Tensor) -> Tensor:
+    return torch.cat(weights).t().contiguous()
+
+
 class T5Attention(nn.Module):
     """Multi-head attention without query scaling (T5 folds it into the init); the additive bias
     carries the relative positions and the mask."""
@@ -174,7 +181,7 @@ class T5Attention(nn.Module):
         self.num_buckets = config.relative_attention_num_buckets
         self.max_distance = config.relative_attention_max_distance
         self.relative_attention_bias = nn.Embedding(self.num_buckets, self.num_heads) if has_relative_bias else None
-        self._qkv: tuple | None = None  # (weights, their versions, fused copy) for decoding
+        self._fused_qkv = DerivedWeight(_side_by_side)
 
     def position_bias(self, query_len: int, key_len: int, offset: int = 0) -> Tensor:
         """``[1, heads, query_len, key_len]``; queries start at position ``offset`` (cached decoding)."""
@@ -192,15 +199,8 @@ class T5Attention(nn.Module):
 
     def fused_qkv_weight(self) -> Tensor:
         """``[d_model, 3 * inner]``: the q, k and v projections side by side, so a decoding step
-        projects with one matmul. Separate weights stay the parameters (Hugging Face's layout);
-        this copy is rebuilt whenever one of them changes (an optimizer step, a load, ``.to()``)."""
-        weights = (self.q.weight, self.k.weight, self.v.weight)
-        state = [(w._version, w.data_ptr(), w.dtype) for w in weights]
-        cached = self._qkv
-        if cached is None or any(a is not b for a, b in zip(cached[0], weights)) or cached[1] != state:
-            with torch.no_grad():
-                self._qkv = cached = (weights, state, torch.cat(weights).t().contiguous())
-        return cached[2]
+        projects with one matmul. Separate weights stay the parameters (Hugging Face's layout)."""
+        return self._fused_qkv(self.q.weight, self.k.weight, self.v.weight)
 
     def forward_cached(self, x: Tensor, bias: Tensor, cache: DecoderCache, layer: int) -> Tensor:
         """Self-attention of new decoder positions against the cache; inference only (no autograd).
@@ -344,6 +344,7 @@ class SwitchT5(nn.Module):
         self.encoder = T5Stack(config, decoder=False)
         self.decoder = T5Stack(config, decoder=True)
         self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self._head_t = DerivedWeight(transposed_copy)  # the output matrix for few-row decoding steps
         self.reset_parameters()
 
     @torch.no_grad()
@@ -428,7 +429,7 @@ class SwitchT5(nn.Module):
 
     def project(self, h: Tensor) -> Tensor:
         x, weight = self.output_head(h)
-        return x @ weight.t()
+        return output_logits(x, weight, self._head_t)
 
     def new_cache(self, memory: Tensor, memory_mask: Tensor | None, max_length: int) -> DecoderCache:
         batch = memory.shape[0]
