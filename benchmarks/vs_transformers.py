@@ -20,15 +20,15 @@ from switchformer.interop.hf import from_hf
 from switchformer.runtime import reuse_freed_memory
 
 
-def hf_model(experts: int, vocab: int, seed: int = 0):
+def hf_model(experts: int, vocab: int, seed: int = 0, d_model: int = 256, d_kv: int = 64, d_ff: int = 1024):
     import transformers
 
     torch.manual_seed(seed)
     config = transformers.SwitchTransformersConfig(
         vocab_size=vocab,
-        d_model=256,
-        d_kv=64,
-        d_ff=1024,
+        d_model=d_model,
+        d_kv=d_kv,
+        d_ff=d_ff,
         num_layers=4,
         num_decoder_layers=4,
         num_heads=4,
