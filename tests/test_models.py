@@ -116,7 +116,9 @@ def test_few_row_output_logits_read_a_transposed_copy_that_follows_the_weight():
         weight.mul_(-2.0)  # in place, as an optimizer step
         torch.testing.assert_close(output_logits(x[:1], weight, copy), x[:1] @ weight.t())
         single = weight.float()  # another tensor of another dtype, as after .to()
-        assert output_logits(x[:1].float(), single, copy).dtype == torch.float32
+        logits = output_logits(x[:1].float(), single, copy)
+        assert logits.dtype == torch.float32
+        torch.testing.assert_close(logits, x[:1].float() @ single.t())
     # with autograd on, the product reads the parameter itself, so its gradient arrives
     weight.requires_grad_()
     output_logits(torch.randn(1, 8, dtype=torch.float64), weight, copy).sum().backward()

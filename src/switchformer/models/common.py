@@ -61,7 +61,7 @@ def output_logits(x: Tensor, weight: Tensor, transposed: DerivedWeight) -> Tenso
     ``[d, vocab]`` copy of ``weight`` instead (``transposed``, built once): MKL's product of one row
     with a transposed matrix ran at half the speed (vocabulary 8,192 x 256, one row: 580 against
     280 us, two rows 965 against 640; from eight rows on both layouts take the same time).
-    Costs one more copy of the output matrix while the model generates."""
+    The model keeps that copy once it has generated (memory: one more output matrix)."""
     rows = x.numel() // x.shape[-1]
     if rows <= _FEW_ROWS and x.device.type == "cpu" and not torch.is_grad_enabled():
         return x @ transposed(weight)
