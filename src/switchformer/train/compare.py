@@ -108,8 +108,7 @@ def format_table(result: dict) -> str:
         "speed-up in steps to the dense model's final validation loss: "
         + ("Switch never reached it" if speed is None else f"{speed:.2f}x")
     )
-    if "switch_routing" in result:
-        lines.append(result["switch_routing"])
+    lines.append(result["switch_routing"])
     return "\n".join(lines)
 
 
