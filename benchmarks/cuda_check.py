@@ -85,6 +85,40 @@ def check_backends(device: torch.device) -> None:
         )
 
 
+def check_host_syncs(device: torch.device) -> None:
+    """Where a Switch layer's training step waits for the GPU (a host sync stalls the launch queue):
+    counted with ``torch.cuda.set_sync_debug_mode``, reported with the line of ours that caused it."""
+    if device.type != "cuda":
+        report("host syncs", True, "skipped: CUDA only")
+        return
+    import warnings
+
+    layer = SwitchMoE(256, 512, 8).to(device)
+    x = torch.randn(4, 128, 256, device=device, requires_grad=True)
+    for dropless in (False, True):
+        layer.capacity_factor = None if dropless else 1.25
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            layer(x)  # warm-up: backend detection may sync once
+        places: dict[str, int] = {}
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    y, aux = layer(x)
+                    loss = y.float().square().mean() + aux.aux_loss + aux.z_loss
+                loss.backward()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        for warning in caught:
+            if "synchroniz" not in str(warning.message):
+                continue
+            where = f"{warning.filename.split('/')[-1]}:{warning.lineno}"
+            places[where] = places.get(where, 0) + 1
+        label = "dropless" if dropless else "capacity 1.25"
+        report(f"host syncs ({label})", True, f"{sum(places.values())} per forward+backward at {places or 'none'}")
+
+
 def check_bf16_training(device: torch.device) -> None:
     if device.type == "cuda" and not torch.cuda.is_bf16_supported():
         report("bf16 training", True, "skipped: no bf16 on this GPU")
@@ -147,6 +181,7 @@ def main() -> int:
     start = time.perf_counter()
     check_parity(device)
     check_backends(device)
+    check_host_syncs(device)
     check_bf16_training(device)
     if not args.skip_speed:
         check_speed(device, args.steps)

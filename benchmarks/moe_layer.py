@@ -6,7 +6,13 @@ rotating order each round; we report medians and ratios to the dense FFN.
 
     python benchmarks/moe_layer.py                       # the issue's sizes, CPU, fp32
     python benchmarks/moe_layer.py --reuse-freed-memory  # with glibc keeping freed buffers (see runtime.py)
-    python benchmarks/moe_layer.py --device cuda --dtype bfloat16
+    python benchmarks/moe_layer.py --device cuda --dtype bfloat16 --d-model 768 --d-ff 3072 \
+        --tokens 32768 --experts 8 64 128                    # issue 19's GPU sizes (Switch-Base)
+
+Hugging Face's layer gets the Switch layer's router and expert weights, so both route every token to
+the same expert (checked: the largest output difference is printed). Routers stay float32 in every
+candidate (the paper's selective precision). TFLOP/s counts the top-1 matmul work of forward and
+backward, 12 * tokens * d_model * d_ff, the same for the dense FFN and every MoE candidate.
 """
 
 from __future__ import annotations
@@ -50,6 +56,15 @@ def hf_layer(d_model, d_ff, num_experts, capacity):
     return SwitchTransformersSparseMLP(config)
 
 
+def copy_into_hf(hf, layer: SwitchMoE) -> None:
+    """The Switch layer's router and experts into Hugging Face's layer: the same routing on both."""
+    with torch.no_grad():
+        hf.router.classifier.weight.copy_(layer.router.weight)
+        for e in range(layer.num_experts):
+            hf.experts[f"expert_{e}"].wi.weight.copy_(layer.experts.w_in[e].t())
+            hf.experts[f"expert_{e}"].wo.weight.copy_(layer.experts.w_out[e].t())
+
+
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -82,12 +97,22 @@ def bench_size(tokens, d_model, d_ff, num_experts, args, device, dtype):
     capacity = candidates["switch[auto]"].train().capacity(tokens)
     hf = None if args.no_hf else hf_layer(d_model, d_ff, num_experts, capacity)
     if hf is not None:
+        copy_into_hf(hf, candidates["switch[auto]"])
         candidates["hf SparseMLP"] = hf
     for m in candidates.values():
         m.to(device=device, dtype=dtype).train()
+        for router in (getattr(m, "router", None),):
+            if router is not None:
+                router.float()  # selective precision, as in training (HF's router casts itself too)
 
     x = torch.randn(1, tokens, d_model, device=device, dtype=dtype, requires_grad=True)
     grad_out = torch.randn(1, tokens, d_model, device=device, dtype=dtype)
+    hf_difference = None
+    if hf is not None:
+        with torch.no_grad():
+            ours, theirs = candidates["switch[auto]"](x)[0].float(), hf(x)
+            theirs = (theirs[0] if isinstance(theirs, tuple) else theirs).float()
+            hf_difference = ((ours - theirs).abs().max() / ours.abs().max()).item()
     names = list(candidates)
     for _ in range(args.warmup):
         for name in names:
@@ -97,7 +122,7 @@ def bench_size(tokens, d_model, d_ff, num_experts, args, device, dtype):
         order = names[r % len(names) :] + names[: r % len(names)]  # rotate to spread drift evenly
         for name in order:
             times[name].append(step(candidates[name], x, grad_out, device))
-    return {name: statistics.median(ts) for name, ts in times.items()}, capacity
+    return {name: statistics.median(ts) for name, ts in times.items()}, capacity, hf_difference
 
 
 def main():
@@ -125,15 +150,25 @@ def main():
         f"d_model {args.d_model}, d_ff {args.d_ff}, capacity factor {args.capacity_factor}, top-1, "
         f"fwd+bwd medians of {args.repeats}"
     )
-    print(f"| tokens | E | capacity | {'candidate':<18} | ms | / dense |")
-    print("|---:|---:|---:|:---|---:|---:|")
+    print(f"| tokens | E | capacity | {'candidate':<18} | ms | / dense | HF / this | TFLOP/s |")
+    print("|---:|---:|---:|:---|---:|---:|---:|---:|")
     for tokens in args.tokens:
+        flops = 12 * tokens * args.d_model * args.d_ff  # top-1: two matmuls, forward + backward
         for experts in args.experts:
-            medians, capacity = bench_size(tokens, args.d_model, args.d_ff, experts, args, device, dtype)
-            dense = medians["dense"]
+            medians, capacity, hf_difference = bench_size(tokens, args.d_model, args.d_ff, experts, args, device, dtype)
+            dense, hf = medians["dense"], medians.get("hf SparseMLP")
             for name, t in medians.items():
+                vs_hf = f"{hf / t:.2f}" if hf else ""
                 print(
-                    f"| {tokens} | {experts} | {capacity} | {name:<18} | {t * 1e3:.1f} | {t / dense:.2f} |", flush=True
+                    f"| {tokens} | {experts} | {capacity} | {name:<18} | {t * 1e3:.2f} | {t / dense:.2f} | {vs_hf} | "
+                    f"{flops / t / 1e12:.1f} |",
+                    flush=True,
+                )
+            if hf_difference is not None:
+                print(
+                    f"| {tokens} | {experts} | | (HF vs switch output, same routing: max relative "
+                    f"difference {hf_difference:.1e}) | | | | |",
+                    flush=True,
                 )
 
 
