@@ -95,7 +95,7 @@ def bench_size(tokens, d_model, d_ff, num_experts, args, device, dtype):
             continue
         candidates[f"switch[{backend}]"] = layer
     capacity = candidates["switch[auto]"].train().capacity(tokens)
-    hf = None if args.no_hf else hf_layer(d_model, d_ff, num_experts, capacity)
+    hf = None if args.no_hf else hf_layer(d_model, d_ff, num_experts, capacity or tokens)  # dropless: no cap
     if hf is not None:
         copy_into_hf(hf, candidates["switch[auto]"])
         candidates["hf SparseMLP"] = hf
@@ -112,7 +112,10 @@ def bench_size(tokens, d_model, d_ff, num_experts, args, device, dtype):
         with torch.no_grad():
             ours, theirs = candidates["switch[auto]"](x)[0].float(), hf(x)
             theirs = (theirs[0] if isinstance(theirs, tuple) else theirs).float()
-            hf_difference = ((ours - theirs).abs().max() / ours.abs().max()).item()
+            # the share of tokens whose rows agree: bf16 router probabilities (HF casts them back to
+            # the input dtype before its argmax) can tie and send a few tokens elsewhere
+            close = (ours - theirs).abs().amax(-1) <= 0.02 * ours.abs().amax()
+            hf_difference = close.float().mean().item()
     names = list(candidates)
     for _ in range(args.warmup):
         for name in names:
@@ -131,7 +134,12 @@ def main():
     parser.add_argument("--experts", type=int, nargs="+", default=[8, 64])
     parser.add_argument("--d-model", type=int, default=512)
     parser.add_argument("--d-ff", type=int, default=2048)
-    parser.add_argument("--capacity-factor", type=float, default=1.25)
+    parser.add_argument(
+        "--capacity-factor",
+        type=lambda t: None if t.lower() == "none" else float(t),
+        default=1.25,
+        help="none: dropless",
+    )
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--device", default="cpu")
@@ -166,8 +174,8 @@ def main():
                 )
             if hf_difference is not None:
                 print(
-                    f"| {tokens} | {experts} | | (HF vs switch output, same routing: max relative "
-                    f"difference {hf_difference:.1e}) | | | | |",
+                    f"| {tokens} | {experts} | | (same routing: {hf_difference:.4f} of HF's output rows "
+                    f"within 2% of ours) | | | | |",
                     flush=True,
                 )
 

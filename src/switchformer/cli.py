@@ -28,7 +28,8 @@ EPILOGS = {
   switchformer compare                    # Switch vs its FLOP-matched dense twin, compare-long preset (about an hour)
   switchformer compare --preset compare   # the quick check (about 15 minutes; within seed noise)
   switchformer compare --preset compare --max-steps 200 --set num_experts=8
-  switchformer compare --seeds 3          # three seeds: is the gap larger than the spread?""",
+  switchformer compare --seeds 3          # three seeds: is the gap larger than the spread?
+  switchformer compare --preset compare-gpu --device cuda   # d_model 512, 8 layers, 49M tokens each (one GPU)""",
     "convert": """examples:
   switchformer convert path/to/hf-switch-dir native-run/      # Hugging Face -> switchformer
   switchformer convert runs/t5-run hf-export/                 # switchformer (T5) -> Hugging Face""",
@@ -46,7 +47,7 @@ EPILOGS = {
 # (README, "A small model trained long"); the 800-step `compare` preset is the quick check.
 COMPARE_PRESET = "compare-long"
 TRAIN_PRESET = "tiny"
-PRESET_NAMES = ("tiny", "test", "compare", "compare-long")
+PRESET_NAMES = ("tiny", "test", "compare", "compare-long", "compare-gpu")
 
 
 def _add_config_args(p: argparse.ArgumentParser, default_preset: str) -> None:

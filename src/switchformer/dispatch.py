@@ -83,27 +83,34 @@ def plan_dispatch(
     num_groups: int,
     tokens_per_group: int,
     capacity: int | None,
+    all_routed: bool = False,
 ) -> DispatchPlan:
     """Sort assignments by expert, keep the first ``capacity`` of each expert in each group.
 
     ``token``/``expert``/``gate`` are the router's flat assignments in priority order; ``expert ==
     num_experts`` means "not routed". ``capacity=None`` keeps everything (dropless).
+    ``all_routed=True`` promises that no assignment is ``num_experts`` (no padding mask): a dropless
+    plan then needs no device-to-host sync at all.
     """
     group = torch.div(token, tokens_per_group, rounding_mode="floor")
     key = expert * num_groups + group  # expert-major, then group; priority order kept by the stable sort
     sorted_key, order = torch.sort(key, stable=True)
-    segment_sizes = torch.bincount(key, minlength=(num_experts + 1) * num_groups)
+    # a scatter-add rather than bincount: on CUDA bincount reads the largest key back to the host
+    # (a sync that stalls the launch queue); the number of segments is known here
+    segment_sizes = key.new_zeros((num_experts + 1) * num_groups).scatter_add_(0, key, torch.ones_like(key))
     segment_starts = torch.cumsum(segment_sizes, 0) - segment_sizes
     position = torch.arange(key.numel(), device=key.device) - segment_starts[sorted_key]
 
     routed_sizes = segment_sizes[: num_experts * num_groups].view(num_experts, num_groups)
-    keep = sorted_key < num_experts * num_groups
-    if capacity is None:
+    if capacity is None and not all_routed:
         kept_sizes = routed_sizes
+        assignment = order[sorted_key < num_experts * num_groups]
+    elif capacity is None:  # every assignment is kept: no boolean mask, whose size the host must read
+        kept_sizes = routed_sizes
+        assignment = order
     else:
-        keep &= position < capacity
         kept_sizes = routed_sizes.clamp(max=capacity)
-    assignment = order[keep]
+        assignment = order[(sorted_key < num_experts * num_groups) & (position < capacity)]
     return DispatchPlan(
         assignment=assignment,
         token=token[assignment],

@@ -244,6 +244,7 @@ class SwitchMoE(nn.Module):
             num_groups=num_groups,
             tokens_per_group=group_len,
             capacity=None if self.routing == "expert_choice" else capacity,
+            all_routed=mask is None and self.routing != "expert_choice",
         )
         expert_out = self.experts(flat.index_select(0, plan.token), plan)
         y = combine(expert_out, plan, flat.shape[0])

@@ -37,15 +37,18 @@ def run_compare(config: TrainConfig, out_dir: Path, progress: bool = True, devic
     out_dir = Path(out_dir)
     runs = {"switch": config, "dense": replace(config, sparse_step=0)}
     results = {}
+    data = None
     for name, run_config in runs.items():
         run_dir = out_dir / name
         run_dir.mkdir(parents=True, exist_ok=True)
-        if name == "dense":  # the same tokens for both: reuse the tokenizer the first run trained
+        if name == "dense":  # the same tokens for both: the tokenizer and data the first run prepared
             shutil.copy(out_dir / "switch" / "tokenizer.json", run_dir / "tokenizer.json")
-        trainer = Trainer(run_config, run_dir, progress=progress, device=device)
+        trainer = Trainer(run_config, run_dir, progress=progress, device=device, data=data)
         summary = trainer.train()
         records = trainer.history
         results[name] = {"summary": summary, "records": records, "time": max(r.get("time", 0.0) for r in records)}
+        data = trainer.data
+        del trainer  # free the Switch model's memory before the dense twin is built
     target = results["dense"]["summary"]["eval_loss"]
     rows = []
     for name, result in results.items():

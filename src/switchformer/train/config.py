@@ -7,6 +7,7 @@ import json
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from switchformer.data.corpus import CORPORA
 from switchformer.models import SwitchLMConfig, SwitchT5Config
 
 
@@ -34,7 +35,8 @@ class TrainConfig:
     init_scale: float = 0.1
     # data
     data: list[str] = field(default_factory=list)  # files or folders; empty: the embedded corpus
-    corpus: str = "docs"  # embedded corpus: "docs" or "docs+source"
+    corpus: str = "docs"  # embedded corpus: "docs", "docs+source" or "docs+packages"
+    corpus_max_mb: float | None = None  # docs+packages: at most this many MB of package source
     objective: str | None = None  # "causal" (lm), "span_corruption" (t5), "seq2seq" (t5 on pairs)
     tokenizer: str | None = None  # an existing tokenizer.json; else one is trained and saved with the run
     tokenizer_kind: str = "bpe"
@@ -80,6 +82,7 @@ class TrainConfig:
             "schedule": ("cosine", "inverse_sqrt", "constant"),
             "precision": ("auto", "fp32", "bf16"),
             "tokenizer_kind": ("bpe", "unigram"),
+            "corpus": CORPORA,
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -246,6 +249,30 @@ PRESETS["compare-long"] = {
     "checkpoint_every": 2000,
     "vocab_size": 2048,
     "corpus": "docs+source",
+}
+
+# The paper's comparison at a size a CPU cannot train (issue 19; one H200, minutes per model): the
+# compare-long recipe (64 experts every other layer, dropless, inverse-square-root decay) at
+# d_model 512 and 8 layers, 32k tokens a step, on the standard library and the installed packages'
+# source, which on a machine with PyTorch/JAX/transformers holds more tokens than a run reads.
+PRESETS["compare-gpu"] = {
+    **PRESETS["compare-long"],
+    "d_model": 512,
+    "num_layers": 8,
+    "num_heads": 8,
+    "d_ff": 2048,
+    "seq_len": 512,
+    "batch_size": 64,
+    "lr": 1e-3,
+    "warmup_steps": 200,
+    "max_steps": 1500,
+    "eval_every": 100,
+    "eval_batches": 16,
+    "checkpoint_every": 100000,
+    "vocab_size": 8192,
+    "corpus": "docs+packages",
+    "corpus_max_mb": 256.0,
+    "validation_fraction": 0.02,
 }
 
 

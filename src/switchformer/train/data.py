@@ -90,7 +90,23 @@ def _documents(config: TrainConfig) -> tuple[list, list]:
             return ["\n".join(lines[:cut])], ["\n".join(lines[cut:]) or lines[-1]]
         cut = max(1, int(len(docs) * config.validation_fraction))
         return docs[cut:], docs[:cut]
-    return split_documents(embedded_documents(config.corpus), config.validation_fraction)
+    return split_documents(embedded_documents(config.corpus, config.corpus_max_mb), config.validation_fraction)
+
+
+# Tokenizers are trained on at most this much text (the first documents, in the corpus's order):
+# byte-level BPE merges settle long before, and hundreds of MB would take minutes to count.
+TOKENIZER_SAMPLE_CHARS = 32_000_000
+
+
+def tokenizer_sample(texts: list[str], limit: int = TOKENIZER_SAMPLE_CHARS) -> list[str]:
+    """The leading texts up to ``limit`` characters (at least one text)."""
+    sample, total = [], 0
+    for text in texts:
+        if sample and total + len(text) > limit:
+            break
+        sample.append(text)
+        total += len(text)
+    return sample
 
 
 def prepare_data(config: TrainConfig, run_dir: Path) -> Data:
@@ -106,7 +122,7 @@ def prepare_data(config: TrainConfig, run_dir: Path) -> Data:
         log.info(
             "training a %s tokenizer with %d tokens on the training text", config.tokenizer_kind, config.vocab_size
         )
-        tok = train_tokenizer(texts, config.vocab_size, config.tokenizer_kind)
+        tok = train_tokenizer(tokenizer_sample(texts), config.vocab_size, config.tokenizer_kind)
         tok.save(str(tokenizer_file))
     ids = special_ids(tok)
     if ids["eos"] is None or ids["pad"] is None:

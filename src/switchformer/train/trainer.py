@@ -141,7 +141,10 @@ class Trainer:
         resume: bool = False,
         progress: bool = True,
         device: str | None = None,
+        data: Data | None = None,
     ):
+        """``data``: already prepared data for this config (``compare`` hands the Switch run's to its
+        dense twin, whose data settings are the same); the run directory must hold its tokenizer."""
         self.config = config
         self.run_dir = Path(run_dir)
         self.parallel = None
@@ -159,8 +162,11 @@ class Trainer:
         if self.device.type == "cpu":
             reuse_freed_memory()  # see runtime.py: large expert gradients are reused, not re-faulted
         torch.manual_seed(config.seed)
-        with self.main_first():  # rank 0 trains and saves the tokenizer; the others then load it
-            self.data: Data = prepare_data(config, self.run_dir)
+        if data is not None:
+            self.data: Data = data
+        else:
+            with self.main_first():  # rank 0 trains and saves the tokenizer; the others then load it
+                self.data = prepare_data(config, self.run_dir)
         torch.manual_seed(config.seed)  # the same initial weights whatever data preparation consumed
         self.model = build_model(config, self.data.vocab_size)
         if self.parallel is not None:  # full seeded init on every rank, then each keeps its experts
