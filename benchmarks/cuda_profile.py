@@ -27,7 +27,11 @@ def table(prof, rows: int = 18) -> str:
 
 
 def gpu_busy_ms(prof) -> float:
-    return sum(e.self_device_time_total for e in prof.key_averages()) / 1e3  # each kernel once
+    """Milliseconds of kernels: the device events themselves (op rows also carry their kernels'
+    time, so summing every row of ``key_averages`` counts each kernel twice)."""
+    from torch.autograd import DeviceType
+
+    return sum(e.device_time_total for e in prof.events() if e.device_type == DeviceType.CUDA) / 1e3
 
 
 def profile_layer(device: torch.device) -> None:

@@ -124,3 +124,32 @@ def test_dropless_drops_nothing(case):
     *_, y, aux = run(case)
     assert aux.dropped.item() == 0
     assert aux.tokens_per_expert.sum().item() == aux.routed.item()
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    num_experts=st.integers(1, 8),
+    num_groups=st.integers(1, 3),
+    tokens_per_group=st.integers(1, 20),
+    top_k=st.integers(1, 2),
+    seed=st.integers(0, 2**16),
+)
+def test_sync_free_dropless_plan_equals_the_masked_plan(num_experts, num_groups, tokens_per_group, top_k, seed):
+    """``all_routed=True`` skips the boolean mask (a host sync on GPUs); with every assignment routed
+    it must give the very same plan, field by field."""
+    from switchformer.dispatch import plan_dispatch
+
+    g = torch.Generator().manual_seed(seed)
+    tokens = num_groups * tokens_per_group
+    token = torch.arange(tokens).repeat_interleave(top_k)
+    expert = torch.randint(0, num_experts, (tokens * top_k,), generator=g)
+    gate = torch.rand(tokens * top_k, generator=g)
+    kwargs = dict(num_experts=num_experts, num_groups=num_groups, tokens_per_group=tokens_per_group, capacity=None)
+    masked = plan_dispatch(token, expert, gate, **kwargs)
+    sync_free = plan_dispatch(token, expert, gate, all_routed=True, **kwargs)
+    for name in ("assignment", "token", "gate", "tokens_per_expert", "demand_per_expert", "routed"):
+        assert torch.equal(getattr(masked, name), getattr(sync_free, name)), name
+    # and against a naive count per expert
+    assert sync_free.tokens_per_expert.tolist() == [int((expert == e).sum()) for e in range(num_experts)]
+    # the plan lists each expert's assignments contiguously, in priority order within a group
+    assert torch.equal(expert[sync_free.assignment], torch.sort(expert, stable=True).values)
