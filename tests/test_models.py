@@ -308,9 +308,54 @@ def test_padding_is_excluded_from_loss_and_routing():
     routed = [int(aux.routed) for _, aux in out.router_stats.layers]
     assert routed == [int(mask.sum())]
     logits = out.logits[:, :-1].reshape(-1, 64)
-    labels = ids.masked_fill(mask == 0, -100)[:, 1:].reshape(-1)
+    # naive: position t predicts t + 1 only when both are real tokens
+    scored = (mask[:, :-1] == 1) & (mask[:, 1:] == 1)
+    labels = ids[:, 1:].masked_fill(~scored, -100).reshape(-1)
     want = torch.nn.functional.cross_entropy(logits, labels, ignore_index=-100)
     assert out.ce_loss.item() == pytest.approx(want.item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("pads", [1, 4])
+def test_lm_loss_is_invariant_to_padding(side, pads):
+    """Metamorphic: a row padded on either side scores exactly the tokens of the unpadded row
+    (dropless routing, so padding cannot change any capacity)."""
+    model = lm(capacity_factor=None, eval_capacity_factor=None)
+    torch.manual_seed(1)
+    ids = torch.randint(3, 64, (1, 8))
+    pad = torch.zeros(1, pads, dtype=ids.dtype)
+    padded = torch.cat([pad, ids], 1) if side == "left" else torch.cat([ids, pad], 1)
+    mask = torch.ones_like(padded)
+    if side == "left":
+        mask[:, :pads] = 0
+    else:
+        mask[:, -pads:] = 0
+    with torch.no_grad():
+        plain = model(ids, labels=ids)
+        out = model(padded, attention_mask=mask, labels=padded)
+    assert out.ce_loss.item() == pytest.approx(plain.ce_loss.item(), rel=1e-5, abs=1e-6)
+    assert out.aux_loss.item() == pytest.approx(plain.aux_loss.item(), rel=1e-5, abs=1e-6)
+    assert [int(a.routed) for _, a in out.router_stats.layers] == [ids.numel()]
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_t5_loss_is_invariant_to_padding(side):
+    """The same for the encoder-decoder: source padding (attention_mask) and label padding (-100)."""
+    model = t5(capacity_factor=None, eval_capacity_factor=None)
+    torch.manual_seed(2)
+    src, tgt = torch.randint(3, 64, (1, 7)), torch.randint(3, 64, (1, 5))
+    pad_src, pad_tgt = torch.zeros(1, 3, dtype=src.dtype), torch.full((1, 2), -100)
+    if side == "left":
+        padded_src = torch.cat([pad_src, src], 1)
+        mask = torch.cat([torch.zeros(1, 3), torch.ones(1, 7)], 1).long()
+    else:
+        padded_src = torch.cat([src, pad_src], 1)
+        mask = torch.cat([torch.ones(1, 7), torch.zeros(1, 3)], 1).long()
+    padded_tgt = torch.cat([tgt, pad_tgt], 1)  # decoder labels are right-padded by construction
+    with torch.no_grad():
+        plain = model(src, labels=tgt)
+        out = model(padded_src, attention_mask=mask, labels=padded_tgt)
+    assert out.ce_loss.item() == pytest.approx(plain.ce_loss.item(), rel=1e-5, abs=1e-6)
 
 
 # ----------------------------------------------------------------------------- bad input

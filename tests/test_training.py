@@ -417,3 +417,60 @@ def test_seed_summary_reports_mean_spread_and_wins():
     assert "| 1 | 4.7000 | 4.6000 | +0.1000 | never |" in text
     # differences -0.1, +0.1, -0.2: mean -0.0667, sample standard deviation 0.1528
     assert "mean -0.0667, standard deviation 0.1528 over 3 seeds; Switch ends lower in 2 of 3" in text
+
+
+def _first_step_gradient(tmp_path, name, **overrides) -> dict[str, torch.Tensor]:
+    """The gradient the optimizer sees at step 0 (clipping disabled)."""
+    values = dict(max_steps=8, checkpoint_every=4, eval_every=4, log_every=1, vocab_size=400, seq_len=32)
+    values.update(grad_clip=1e9, max_steps=1, aux_loss_coef=0.0, z_loss_coef=0.0, **overrides)
+    # dropless (None can only be given as a setting): capacity would make routing depend on the split
+    config = build_config("test", overrides=values, sets=["capacity_factor=none", "eval_capacity_factor=none"])
+    assert config.capacity_factor is None
+    trainer = Trainer(config, tmp_path / name, progress=False)
+    seen = {}
+
+    def record():
+        seen.update({n: p.grad.detach().clone() for n, p in trainer.model.named_parameters() if p.grad is not None})
+
+    trainer.optimizer.step = record
+    assert trainer.train_step() is not None
+    return seen
+
+
+@pytest.mark.parametrize("objective", ["seq2seq", "span_corruption"])
+def test_gradient_is_the_same_however_the_batch_is_split_into_micro_batches(tmp_path, objective):
+    """The step's gradient is that of the mean over every label token of the global batch: a
+    1-token target must not weigh as much as a 16-token one because it sits in its own micro-batch."""
+    rows = [{"source": "held out", "target": "validation pair"}]
+    rows += [
+        {"source": "a short one", "target": "x"},
+        {"source": "a long one", "target": " ".join(f"word{i}" for i in range(16))},
+        {"source": "medium length source", "target": "three words here"},
+        {"source": "y", "target": "z z"},
+    ]
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows))
+    if objective == "span_corruption":  # uneven span-corruption targets from plain text
+        data = tmp_path / "text.txt"
+        data.write_text(TEXT[:3000])
+    common = dict(
+        model="t5",
+        objective=objective,
+        data=[str(data)],
+        d_model=16,
+        num_layers=1,
+        num_heads=2,
+        d_ff=16,
+        num_experts=2,
+        sparse_step=1,
+        precision="fp32",
+    )
+    whole = _first_step_gradient(tmp_path, "whole", batch_size=4, grad_accum=1, **common)
+    for batch_size, grad_accum in ((1, 4), (2, 2)):
+        split = _first_step_gradient(
+            tmp_path, f"split{grad_accum}", batch_size=batch_size, grad_accum=grad_accum, **common
+        )
+        assert split.keys() == whole.keys()
+        for name, grad in whole.items():
+            scale = grad.abs().max().clamp_min(1e-12)
+            assert ((split[name] - grad).abs().max() / scale).item() < 1e-4, (name, batch_size, grad_accum)

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from switchformer.experts import ACTIVATIONS, apply_activation
 from switchformer.init import scaled_trunc_normal_
-from switchformer.models.vocab_loss import IGNORE_INDEX, linear_cross_entropy
+from switchformer.models.vocab_loss import linear_cross_entropy
 from switchformer.moe import MoEAux, SwitchMoE
 
 
@@ -266,9 +266,9 @@ def _deferred_logits(x: Tensor, weight: Tensor) -> Callable[[], Tensor]:
     return compute
 
 
-def finish_output(config, x, weight, labels, stats, stacks, encoder_hidden_states=None, shift=False) -> ModelOutput:
+def finish_output(config, x, weight, labels, stats, stacks, encoder_hidden_states=None) -> ModelOutput:
     """Logits ``x @ weight.T``; cross-entropy over non-ignored labels (-100) plus the router losses
-    with their coefficients. ``shift``: position ``t`` predicts label ``t + 1`` (causal LM).
+    with their coefficients. ``labels`` are aligned with ``x`` (a causal LM shifts them first).
 
     In float32 without autocast the cross-entropy is fused with the output projection
     (:mod:`vocab_loss`) and the logits are only computed if ``.logits`` is read.
@@ -278,8 +278,6 @@ def finish_output(config, x, weight, labels, stats, stacks, encoder_hidden_state
     loss = None
     logits = None
     if labels is not None:
-        if shift:
-            labels = torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), IGNORE_INDEX)], dim=1)
         fused = (
             x.dtype == torch.float32 and weight.dtype == torch.float32 and not torch.is_autocast_enabled(x.device.type)
         )

@@ -207,6 +207,20 @@ class LMBlock(nn.Module):
         return h + self.dropout(y), aux
 
 
+def next_token_labels(labels: Tensor | None, attention_mask: Tensor | None) -> Tensor | None:
+    """Position ``t``'s target is ``labels[t + 1]``; -100 where either that target or the input at
+    ``t`` is padding (with left padding the last pad position would otherwise be scored for
+    predicting the first real token), and at the last position."""
+    if labels is None:
+        return None
+    targets = torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), -100)], dim=1)
+    if attention_mask is not None:
+        real = attention_mask.bool()
+        next_real = torch.cat([real[:, 1:], real.new_zeros(real.shape[0], 1)], dim=1)
+        targets = targets.masked_fill(~(real & next_real), -100)
+    return targets
+
+
 class SwitchLM(nn.Module):
     """Decoder-only Switch LM. ``model(input_ids, attention_mask=None, labels=None)``; ``labels``
     are the input ids themselves (shifted inside), ``-100`` to ignore positions."""
@@ -312,10 +326,8 @@ class SwitchLM(nn.Module):
         if labels is not None and labels.shape != input_ids.shape:
             raise ValueError(f"labels: shape {tuple(labels.shape)} does not match input_ids {tuple(input_ids.shape)}")
         h, stats = self.hidden_states(input_ids, attention_mask)
-        if labels is not None and attention_mask is not None:
-            labels = labels.masked_fill(~attention_mask.bool(), -100)
         x, weight = self.output_head(h)
-        return finish_output(self.config, x, weight, labels, stats, ("layers",), shift=True)
+        return finish_output(self.config, x, weight, next_token_labels(labels, attention_mask), stats, ("layers",))
 
     def new_cache(self, batch: int, max_length: int, device=None, dtype=None) -> LMCache:
         device = device or self.embed.weight.device

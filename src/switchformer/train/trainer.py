@@ -107,6 +107,19 @@ def clip_grad_norm(model: torch.nn.Module, max_norm: float, parallel) -> float:
     return total
 
 
+def scored_tokens(batch: dict) -> int:
+    """Label tokens the cross-entropy of ``batch`` averages over: ``labels`` other than -100
+    (seq2seq, span corruption), else each position whose input and next token are both real
+    (causal LM, the model's shift)."""
+    if "labels" in batch:
+        return int((batch["labels"] != -100).sum())
+    ids, mask = batch["input_ids"], batch.get("attention_mask")
+    if mask is None:
+        return ids.shape[0] * max(ids.shape[1] - 1, 0)
+    mask = mask.bool()
+    return int((mask[:, :-1] & mask[:, 1:]).sum())
+
+
 def autocast_context(config: TrainConfig, device: torch.device):
     use_bf16 = config.precision == "bf16" or (
         config.precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()
@@ -273,6 +286,21 @@ class Trainer:
         dist.barrier()
         return final or latest_checkpoint(self.run_dir)
 
+    def _router_loss(self, out) -> torch.Tensor:
+        """The router losses with the model's coefficients (zero for a dense model)."""
+        if out.aux_loss is None:
+            return torch.zeros((), device=self.device)
+        model_config = self.model.config
+        return model_config.router_aux_loss_coef * out.aux_loss + model_config.router_z_loss_coef * out.z_loss
+
+    def _global_sum(self, value: int) -> int:
+        """``value`` summed over the data-parallel ranks (itself in one process)."""
+        if self.parallel is None:
+            return value
+        total = torch.tensor(value, dtype=torch.int64, device=self.device)
+        dist.all_reduce(total)
+        return int(total.item())
+
     def to_device(self, batch: dict) -> dict:
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
@@ -330,17 +358,32 @@ class Trainer:
         totals = {"loss": 0.0, "ce_loss": 0.0, "aux_loss": 0.0, "z_loss": 0.0}
         tokens = 0
         finite = True
-        for micro in range(config.grad_accum):
-            batch = self.to_device(self.data.batch(config, self.step, micro, self.rank, self.world))
+        batches = [self.data.batch(config, self.step, m, self.rank, self.world) for m in range(config.grad_accum)]
+        scored = [scored_tokens(b) for b in batches]
+        global_scored = self._global_sum(sum(scored))
+        for micro, batch in enumerate(batches):
+            batch = self.to_device(batch)
             with autocast_context(config, self.device):
                 out = self.forward(batch)
-            if not torch.isfinite(out.loss):
+            # Cross-entropy: the mean over every scored token of the global batch (all micro-batches
+            # and ranks), whatever the split: each micro-batch's mean weighs by its token count.
+            # reduce_gradients averages over ranks, hence the factor world. Router losses: the mean
+            # over micro-batches and ranks of each micro-batch's own (they are statistics of a
+            # routing group, not sums over tokens).
+            ce_weight = scored[micro] * self.world / max(global_scored, 1)
+            loss = self._router_loss(out) / config.grad_accum
+            if scored[micro]:  # a micro-batch with no label token has a NaN mean and adds nothing
+                loss = loss + out.ce_loss * ce_weight
+            if not torch.isfinite(loss):
                 finite = False
                 break
-            (out.loss / config.grad_accum).backward()
-            for key in totals:
+            loss.backward()
+            # logged values: this rank's share, so that the mean over ranks is the global figure
+            totals["loss"] += float(loss.detach())
+            totals["ce_loss"] += float(out.ce_loss.detach()) * ce_weight if scored[micro] else 0.0
+            for key in ("aux_loss", "z_loss"):
                 value = getattr(out, key)
-                totals[key] += (float(value.detach()) if value is not None else 0.0) / config.grad_accum
+                totals[key] += float(value.detach()) / config.grad_accum if value is not None else 0.0
             tokens += batch["input_ids"].numel() + (batch["labels"].numel() if "labels" in batch else 0)
         if self.parallel is not None:  # every rank skips together
             flag = torch.tensor(float(finite), device=self.device)
