@@ -374,7 +374,8 @@ class Trainer:
             loss = self._router_loss(out) / config.grad_accum
             if scored[micro]:  # a micro-batch with no label token has a NaN mean and adds nothing
                 loss = loss + out.ce_loss * ce_weight
-            if not torch.isfinite(loss):
+            # the model's own total guards too (any non-finite term of it skips the step)
+            if not torch.isfinite(loss) or (scored[micro] and not torch.isfinite(out.loss)):
                 finite = False
                 break
             loss.backward()
