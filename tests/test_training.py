@@ -36,10 +36,10 @@ def corpus(tmp_path_factory) -> Path:
     return folder
 
 
-def quick(**overrides):
+def quick(sets: list[str] | None = None, **overrides):
     values = dict(max_steps=8, checkpoint_every=4, eval_every=4, log_every=1, vocab_size=400, seq_len=32)
     values.update(overrides)
-    return build_config("test", overrides=values)
+    return build_config("test", overrides=values, sets=sets)
 
 
 # ----------------------------------------------------------------------------- data
@@ -421,10 +421,15 @@ def test_seed_summary_reports_mean_spread_and_wins():
 
 def _first_step_gradient(tmp_path, name, **overrides) -> dict[str, torch.Tensor]:
     """The gradient the optimizer sees at step 0 (clipping disabled)."""
-    values = dict(max_steps=8, checkpoint_every=4, eval_every=4, log_every=1, vocab_size=400, seq_len=32)
-    values.update(grad_clip=1e9, max_steps=1, aux_loss_coef=0.0, z_loss_coef=0.0, **overrides)
     # dropless (None can only be given as a setting): capacity would make routing depend on the split
-    config = build_config("test", overrides=values, sets=["capacity_factor=none", "eval_capacity_factor=none"])
+    config = quick(
+        sets=["capacity_factor=none", "eval_capacity_factor=none"],
+        grad_clip=1e9,
+        max_steps=1,
+        aux_loss_coef=0.0,
+        z_loss_coef=0.0,
+        **overrides,
+    )
     assert config.capacity_factor is None
     trainer = Trainer(config, tmp_path / name, progress=False)
     seen = {}

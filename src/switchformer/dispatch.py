@@ -102,15 +102,14 @@ def plan_dispatch(
     position = torch.arange(key.numel(), device=key.device) - segment_starts[sorted_key]
 
     routed_sizes = segment_sizes[: num_experts * num_groups].view(num_experts, num_groups)
-    if capacity is None and not all_routed:
+    # keep=None: every assignment is kept, so no boolean mask (whose size the host must read)
+    keep = None if all_routed else sorted_key < num_experts * num_groups
+    if capacity is None:
         kept_sizes = routed_sizes
-        assignment = order[sorted_key < num_experts * num_groups]
-    elif capacity is None:  # every assignment is kept: no boolean mask, whose size the host must read
-        kept_sizes = routed_sizes
-        assignment = order
     else:
         kept_sizes = routed_sizes.clamp(max=capacity)
-        assignment = order[(sorted_key < num_experts * num_groups) & (position < capacity)]
+        keep = position < capacity if keep is None else keep & (position < capacity)
+    assignment = order if keep is None else order[keep]
     return DispatchPlan(
         assignment=assignment,
         token=token[assignment],

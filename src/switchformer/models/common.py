@@ -266,6 +266,11 @@ def _deferred_logits(x: Tensor, weight: Tensor) -> Callable[[], Tensor]:
     return compute
 
 
+def weighted_router_loss(config, aux: Tensor, z: Tensor) -> Tensor:
+    """``router_aux_loss_coef * aux + router_z_loss_coef * z``: what the router losses add to a loss."""
+    return config.router_aux_loss_coef * aux + config.router_z_loss_coef * z
+
+
 def finish_output(config, x, weight, labels, stats, stacks, encoder_hidden_states=None) -> ModelOutput:
     """Logits ``x @ weight.T``; cross-entropy over non-ignored labels (-100) plus the router losses
     with their coefficients. ``labels`` are aligned with ``x`` (a causal LM shifts them first).
@@ -288,7 +293,7 @@ def finish_output(config, x, weight, labels, stats, stacks, encoder_hidden_state
             ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1))
         loss = ce
         if aux is not None:
-            loss = loss + config.router_aux_loss_coef * aux + config.router_z_loss_coef * z
+            loss = loss + weighted_router_loss(config, aux, z)
     return ModelOutput(
         logits=_deferred_logits(x, weight) if logits is None else logits,
         loss=loss,

@@ -29,6 +29,7 @@ from switchformer.models.common import (
     output_logits,
     transposed_copy,
 )
+from switchformer.models.vocab_loss import IGNORE_INDEX
 from switchformer.moe import SwitchMoE
 from switchformer.routing import ROUTINGS
 
@@ -213,11 +214,11 @@ def next_token_labels(labels: Tensor | None, attention_mask: Tensor | None) -> T
     predicting the first real token), and at the last position."""
     if labels is None:
         return None
-    targets = torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), -100)], dim=1)
+    targets = torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), IGNORE_INDEX)], dim=1)
     if attention_mask is not None:
         real = attention_mask.bool()
         next_real = torch.cat([real[:, 1:], real.new_zeros(real.shape[0], 1)], dim=1)
-        targets = targets.masked_fill(~(real & next_real), -100)
+        targets = targets.masked_fill(~(real & next_real), IGNORE_INDEX)
     return targets
 
 

@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from switchformer.models import SwitchLM, SwitchT5
+from switchformer.models.common import weighted_router_loss
 from switchformer.parallel import (
     apply_expert_parallel,
     check_same_config,
@@ -290,8 +291,7 @@ class Trainer:
         """The router losses with the model's coefficients (zero for a dense model)."""
         if out.aux_loss is None:
             return torch.zeros((), device=self.device)
-        model_config = self.model.config
-        return model_config.router_aux_loss_coef * out.aux_loss + model_config.router_z_loss_coef * out.z_loss
+        return weighted_router_loss(self.model.config, out.aux_loss, out.z_loss)
 
     def _global_sum(self, value: int) -> int:
         """``value`` summed over the data-parallel ranks (itself in one process)."""
@@ -326,8 +326,7 @@ class Trainer:
             batch = self.to_device(valid.rows(index))
             with autocast_context(self.config, self.device):
                 out = self.forward(batch)
-            labels = batch.get("labels", batch["input_ids"][:, 1:])
-            tokens = int((labels != -100).sum()) if "labels" in batch else labels.numel()
+            tokens = scored_tokens(batch)
             total_loss += out.ce_loss.item() * tokens
             total_tokens += tokens
             for name, aux in out.router_stats.layers:
