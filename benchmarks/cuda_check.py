@@ -119,6 +119,24 @@ def check_host_syncs(device: torch.device) -> None:
         report(f"host syncs ({label})", True, f"{sum(places.values())} per forward+backward at {places or 'none'}")
 
 
+def check_expert_grad_layout(device: torch.device) -> None:
+    """The layout of the expert weights' gradients as the grouped kernel's backward returns them
+    (before AccumulateGrad): one that differs from the weight's makes every step copy it."""
+    if device.type != "cuda" or not grouped_mm_available("cuda", torch.bfloat16):
+        report("expert gradient layout", True, "skipped: needs grouped_mm on CUDA")
+        return
+    layer = SwitchMoE(256, 512, 8, backend="grouped_mm").to(device, torch.bfloat16)
+    x = torch.randn(4, 128, 256, device=device, dtype=torch.bfloat16)
+    y, _ = layer(x)
+    w_in, w_out = layer.experts.w_in, layer.experts.w_out
+    grads = torch.autograd.grad(y.float().square().mean(), [w_in, w_out])
+    detail = ", ".join(
+        f"{name} {tuple(w.stride())} grad {tuple(g.stride())}"
+        for name, w, g in zip(("w_in", "w_out"), (w_in, w_out), grads)
+    )
+    report("expert gradient layout", True, detail)
+
+
 def check_bf16_training(device: torch.device) -> None:
     if device.type == "cuda" and not torch.cuda.is_bf16_supported():
         report("bf16 training", True, "skipped: no bf16 on this GPU")
@@ -182,6 +200,7 @@ def main() -> int:
     check_parity(device)
     check_backends(device)
     check_host_syncs(device)
+    check_expert_grad_layout(device)
     check_bf16_training(device)
     if not args.skip_speed:
         check_speed(device, args.steps)

@@ -11,6 +11,7 @@ above its GPU time is bound by kernel launches, not arithmetic).
 
 from __future__ import annotations
 
+import argparse
 import time
 
 import torch
@@ -65,10 +66,10 @@ def profile_layer(device: torch.device) -> None:
 
 def profile_decoding(device: torch.device) -> None:
     hf = hf_model(8, 32128, device=device, **SIZES["base"])
-    model = from_hf(hf).to(device).eval()
+    model = from_hf(hf).to(device, torch.bfloat16).eval()  # bf16 weights, no autocast: how a server runs
     del hf
     ids = torch.randint(2, 32128, (1, 64), device=device)
-    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+    with torch.no_grad():
         model.generate(ids, max_new_tokens=8, routing="eval")
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
@@ -84,10 +85,15 @@ def profile_decoding(device: torch.device) -> None:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--parts", nargs="+", choices=["layer", "decoding"], default=["layer", "decoding"])
+    args = parser.parse_args()
     device = torch.device("cuda")
     print(f"torch {torch.__version__}, {torch.cuda.get_device_name(device)}")
-    profile_layer(device)
-    profile_decoding(device)
+    if "layer" in args.parts:
+        profile_layer(device)
+    if "decoding" in args.parts:
+        profile_decoding(device)
 
 
 if __name__ == "__main__":

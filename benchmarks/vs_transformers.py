@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import statistics
 import time
 
@@ -167,7 +168,7 @@ def main():
     parser.add_argument("--vocab", type=int, default=8192)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=256)
-    parser.add_argument("--steps", type=int, default=7)
+    parser.add_argument("--steps", type=int, default=7, help="timed training steps; 0: no training")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--gen-repeats", type=int, default=5)
     parser.add_argument("--reuse-freed-memory", action="store_true")
@@ -176,6 +177,13 @@ def main():
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="bfloat16: autocast")
     parser.add_argument("--gen-batches", type=int, nargs="+", default=None, help="default: 1 and --batch")
     parser.add_argument("--no-generate", action="store_true", help="time training only")
+    parser.add_argument(
+        "--gen-weights",
+        choices=["float32", "bfloat16"],
+        default="float32",
+        help="bfloat16: generate with copies of both models cast to bf16 weights and no autocast (how a "
+        "server runs), instead of float32 weights under --dtype's autocast",
+    )
     args = parser.parse_args()
     device = torch.device(args.device)
     # exact fp32 on both sides: TF32 would make "identical outputs" a question of rounding
@@ -216,10 +224,15 @@ def main():
 
         # generation first, while both hold the very same weights (training moves them apart)
         hf.eval(), ours.eval()
+        gen_models, gen_autocast = models, AUTOCAST["dtype"]
+        if args.gen_weights == "bfloat16" and not args.no_generate:
+            gen_models = {name: copy.deepcopy(m).to(torch.bfloat16) for name, m in models.items()}
+            AUTOCAST["dtype"] = None
+            print(f"| {experts} | generation below: bf16 weights, no autocast | | | |")
         for gen_batch in () if args.no_generate else args.gen_batches or (1, args.batch):
             g = torch.Generator().manual_seed(2)
             ids = torch.randint(2, args.vocab, (gen_batch, 64), generator=g).to(device)
-            times, outputs = interleaved_generate_times(models, ids, args.new_tokens, args.gen_repeats)
+            times, outputs = interleaved_generate_times(gen_models, ids, args.new_tokens, args.gen_repeats)
             same = torch.equal(outputs["hf"], outputs["ours"])
             new = outputs["ours"].shape[1] - 1
             hf_t, our_t = statistics.median(times["hf"]), statistics.median(times["ours"])
@@ -229,12 +242,18 @@ def main():
                 flush=True,
             )
 
+        AUTOCAST["dtype"] = gen_autocast
+        del gen_models
+
         # the same optimizer for both: fused AdamW (one pass per tensor), as the trainer uses
         hf.train(), ours.train()
         optimizers = {
             "hf": torch.optim.AdamW(hf.parameters(), lr=1e-4, fused=True),
             "ours": torch.optim.AdamW(ours.parameters(), lr=1e-4, fused=True),
         }
+        if args.steps < 1:
+            del models, optimizers, hf, ours
+            continue
         times = interleaved_train_times(models, optimizers, batch, args.steps)
         hf_t, our_t = statistics.median(times["hf"]), statistics.median(times["ours"])
         tokens = args.batch * args.seq * 2

@@ -10,11 +10,27 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from switchformer.experts import ACTIVATIONS, apply_activation
 from switchformer.init import scaled_trunc_normal_
 from switchformer.models.vocab_loss import linear_cross_entropy
 from switchformer.moe import MoEAux, SwitchMoE
+
+# Cached decoding's attention backends on CUDA: every SDPA backend but cuDNN's, which builds a new
+# execution plan for each new key length, and a decoding step's key length is new every step
+# (H200, Switch-Base-8 at batch 1: 73% of the host's time, about 2 ms a call; docs/gpu.md).
+_DECODING_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+def decoding_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, scale: float | None = None) -> Tensor:
+    """``F.scaled_dot_product_attention`` for cached decoding (inference, no dropout): queries
+    ``[B, H, Lq, D]`` against a cache ``[B, H, Lk, D]`` whose ``Lk`` grows by one each step. The
+    same arithmetic as plain SDPA; on CUDA it leaves out the cuDNN backend (see above)."""
+    if q.device.type != "cuda":
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)
+    with sdpa_kernel(_DECODING_BACKENDS):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)
 
 
 class Dropout(nn.Dropout):

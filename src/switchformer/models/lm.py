@@ -24,6 +24,7 @@ from switchformer.models.common import (
     check_mask,
     check_token_ids,
     config_from_dict,
+    decoding_attention,
     finish_output,
     is_sparse_layer,
     output_logits,
@@ -179,7 +180,9 @@ class LMAttention(nn.Module):
         if cache is not None:
             k, v = cache.append(layer, k, v)
         dropout = self.dropout if self.training else 0.0
-        if mask is None:
+        if cache is not None:
+            out = decoding_attention(q, k, v, mask)
+        elif mask is None:
             out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)

@@ -28,6 +28,7 @@ from switchformer.models.common import (
     check_mask,
     check_token_ids,
     config_from_dict,
+    decoding_attention,
     finish_output,
     is_sparse_layer,
     output_logits,
@@ -210,7 +211,7 @@ class T5Attention(nn.Module):
         qkv = torch.mm(x.reshape(batch * length, d_model), self.fused_qkv_weight())
         q, k, v = qkv.view(batch, length, 3, self.num_heads, self.d_kv).permute(2, 0, 3, 1, 4).unbind(0)
         k, v = cache.append(layer, k, v)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), scale=1.0)
+        out = decoding_attention(q, k, v, bias.to(q.dtype), scale=1.0)
         out = F.linear(out.transpose(1, 2).reshape(batch * length, inner), self.o.weight)
         return out.view(batch, length, d_model)
 
