@@ -128,6 +128,10 @@ def test_few_row_output_logits_read_a_transposed_copy_that_follows_the_weight():
 # ----------------------------------------------------------------------------- batching
 
 
+# Batch invariance is dropless routing's promise: with a capacity, a routing group's other rows
+# decide which tokens overflow, so a row's tokens may depend on its batch.
+
+
 def test_t5_batched_generation_with_padding_equals_one_by_one():
     model = t5(eos_token_id=-1)  # never stop early: compare every step
     prompts = [torch.randint(2, 64, (n,)) for n in (9, 5, 7)]
@@ -135,9 +139,9 @@ def test_t5_batched_generation_with_padding_equals_one_by_one():
     mask = torch.zeros(3, 9, dtype=torch.long)
     for i, p in enumerate(prompts):
         ids[i, : len(p)], mask[i, : len(p)] = p, 1
-    batched = model.generate(ids, mask, max_new_tokens=10, eos_token_id=None)
+    batched = model.generate(ids, mask, max_new_tokens=10, eos_token_id=None, routing="dropless")
     for i, p in enumerate(prompts):
-        single = model.generate(p[None], max_new_tokens=10, eos_token_id=None)
+        single = model.generate(p[None], max_new_tokens=10, eos_token_id=None, routing="dropless")
         assert torch.equal(batched[i], single[0])
 
 
@@ -149,9 +153,9 @@ def test_lm_batched_generation_with_left_padding_equals_one_by_one():
     mask = torch.zeros(3, width, dtype=torch.long)
     for i, p in enumerate(prompts):
         ids[i, width - len(p) :], mask[i, width - len(p) :] = p, 1
-    batched = model.generate(ids, mask, max_new_tokens=12)
+    batched = model.generate(ids, mask, max_new_tokens=12, routing="dropless")
     for i, p in enumerate(prompts):
-        single = model.generate(p[None], max_new_tokens=12)
+        single = model.generate(p[None], max_new_tokens=12, routing="dropless")
         assert torch.equal(batched[i, width:], single[0, len(p) :])
 
 
@@ -229,17 +233,17 @@ def test_sampling_filters():
     assert torch.equal(a, b) and g is not None
 
 
-def test_generation_is_dropless_by_default():
+def test_generation_routes_with_eval_capacity_by_default_and_dropless_on_request():
     model = t5(capacity_factor=0.1, eval_capacity_factor=0.1, min_capacity=0)
     ids = torch.randint(2, 64, (4, 16))
     seen = []
     for layer in model.modules():
         if layer.__class__.__name__ == "SwitchMoE":
             layer.register_forward_hook(lambda m, inp, out: seen.append(out[1].dropped_fraction))
-    model.generate(ids, max_new_tokens=3)
+    model.generate(ids, max_new_tokens=3, routing="dropless")
     assert seen and max(seen) == 0.0
     seen.clear()
-    model.generate(ids, max_new_tokens=3, routing="eval")
+    model.generate(ids, max_new_tokens=3)
     assert max(seen) > 0.0
 
 

@@ -20,7 +20,7 @@ EPILOGS = {
   torchrun --nproc_per_node 4 -m switchformer train --expert-parallel 2   # 2-way experts x 2-way data""",
     "eval": """examples:
   switchformer eval runs/quick
-  switchformer eval runs/quick --routing dropless   # no token dropped, as generation runs the model""",
+  switchformer eval runs/quick --routing dropless   # no token dropped""",
     "generate": """examples:
   switchformer generate runs/quick --prompt "The object"
   echo "Return the" | switchformer generate runs/quick --temperature 0.7 --top-p 0.9""",
@@ -171,7 +171,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from switchformer.generation import inference_routing
+    from switchformer.generation import inference_routing, routing_description
     from switchformer.train.trainer import Trainer
 
     model, _, config = load_run(args.run)
@@ -190,7 +190,7 @@ def cmd_eval(args) -> int:
     print(
         json.dumps(
             {
-                "routing_mode": args.routing,
+                "routing_mode": routing_description(trainer.model, args.routing),
                 "eval_loss": result.loss,
                 "perplexity": result.perplexity,
                 "tokens": result.tokens,
@@ -203,9 +203,11 @@ def cmd_eval(args) -> int:
 
 
 def cmd_generate(args) -> int:
+    from switchformer.generation import routing_description
     from switchformer.train.trainer import generate_text
 
     model, tokenizer, _ = load_run(args.run)
+    print(f"routing: {routing_description(model, args.routing)}", file=sys.stderr)
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
     if not prompt.strip() and args.prompt is None:
         raise ValueError("prompt: give --prompt or text on standard input")
@@ -233,6 +235,7 @@ def cmd_generate(args) -> int:
         top_k=args.top_k,
         top_p=args.top_p,
         repetition_penalty=args.repetition_penalty,
+        routing=args.routing,
         streamer=stream,
     )
     sys.stdout.write("\n")
@@ -402,7 +405,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["eval", "dropless"],
         default="eval",
         help="eval: the run's eval capacity factor, tokens over it are dropped (default; what training "
-        "reported); dropless: no token dropped (as generation runs the model)",
+        "reported, and how generate routes by default); dropless: no token dropped",
     )
 
     p = command("generate", "generate text from a trained run, streaming tokens", cmd_generate)
@@ -415,6 +418,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repetition-penalty", type=float, default=1.1)
     p.add_argument("--greedy", action="store_true", help="no sampling")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--routing",
+        choices=["eval", "dropless"],
+        default="eval",
+        help="eval: the run's own eval routing, as `eval` and the model's forward (default); dropless: no "
+        "token dropped (printed on standard error)",
+    )
 
     p = command("compare", "train a Switch model and its FLOP-matched dense twin; table and plot", cmd_compare)
     _add_config_args(p, COMPARE_PRESET)

@@ -1,10 +1,12 @@
 """Text generation with a key/value cache: greedy, sampling (temperature, top-k, top-p),
 repetition penalty, beam search for the encoder-decoder, EOS handling and streaming.
 
-Routing at inference: by default every Switch layer runs *dropless* while generating, so no token
-is ever dropped and a batch gives the same tokens as its rows one by one. ``routing="eval"`` keeps
-the model's own eval capacity (Hugging Face's per-sequence ``expert_capacity``, for parity).
-The choice is logged on the ``switchformer`` logger.
+Routing at inference: one routing truth per model. By default (``routing="eval"``) generation
+routes exactly as the model's forward does in eval mode, with its own configured eval routing
+(``eval_capacity_factor``, or Hugging Face's per-sequence ``expert_capacity`` for an imported
+checkpoint, so default outputs equal Hugging Face's). ``routing="dropless"`` is the explicit
+alternative: no token is ever dropped, so a batch gives the same tokens as its rows one by one. The
+choice is logged on the ``switchformer`` logger; :func:`routing_description` names it for outputs.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from torch import Tensor
 from switchformer.moe import SwitchMoE
 
 log = logging.getLogger("switchformer")
-ROUTING_MODES = ("dropless", "eval")
+ROUTING_MODES = ("eval", "dropless")
 
 
 @dataclass
@@ -48,20 +50,45 @@ class SamplingConfig:
             raise ValueError(f"repetition_penalty: must be > 0, got {self.repetition_penalty}")
 
 
-@contextlib.contextmanager
-def inference_routing(model: torch.nn.Module, routing: str = "dropless"):
-    """Run the model's Switch layers dropless (default) or with their eval capacity."""
+def routing_description(model: torch.nn.Module, routing: str = "eval") -> str:
+    """How ``routing`` makes ``model``'s Switch layers route at inference, in words, for outputs and
+    logs: ``"eval: capacity factor 2.0"``, ``"eval: expert_capacity 64 per sequence"``,
+    ``"dropless"``; ``"dense"`` for a model without Switch layers.
+
+    Raises ``ValueError`` for a ``routing`` not in :data:`ROUTING_MODES`."""
     if routing not in ROUTING_MODES:
         raise ValueError(f"routing: unknown {routing!r}; choose one of {ROUTING_MODES}")
     layers = [m for m in model.modules() if isinstance(m, SwitchMoE)]
+    if not layers:
+        return "dense"
+    if routing == "dropless":
+        return "dropless (no token dropped)"
+    kinds = []
+    for m in layers:
+        if m.routing == "expert_choice":
+            kind = f"expert choice, capacity factor {m.eval_capacity_factor:g}"
+        elif m.expert_capacity is not None:
+            kind = f"expert_capacity {m.expert_capacity} per sequence"
+        elif m.eval_capacity_factor is None:
+            kind = "dropless (eval_capacity_factor None)"
+        else:
+            kind = f"capacity factor {m.eval_capacity_factor:g}"
+        if kind not in kinds:
+            kinds.append(kind)
+    return "eval: " + "; ".join(kinds)
+
+
+@contextlib.contextmanager
+def inference_routing(model: torch.nn.Module, routing: str = "eval"):
+    """Run the model's Switch layers with their own eval routing (default: exactly as ``forward``
+    in eval mode) or dropless (``"dropless"``), restoring the layers' settings afterwards.
+
+    Raises ``ValueError`` for a ``routing`` not in :data:`ROUTING_MODES`."""
+    description = routing_description(model, routing)
+    layers = [m for m in model.modules() if isinstance(m, SwitchMoE)]
     saved = [(m.eval_capacity_factor, m.expert_capacity, m.group_size) for m in layers]
     if layers:
-        log.info(
-            "inference routing: %s",
-            "dropless (no token is dropped)"
-            if routing == "dropless"
-            else "eval capacity (tokens over capacity are dropped)",
-        )
+        log.info("inference routing: %s", description)
     try:
         if routing == "dropless":
             for m in layers:
@@ -194,7 +221,7 @@ def generate_seq2seq(
     *,
     num_beams: int = 1,
     length_penalty: float = 1.0,
-    routing: str = "dropless",
+    routing: str = "eval",
     streamer: Callable[[Tensor], None] | None = None,
     **sampling,
 ) -> Tensor:
@@ -212,7 +239,7 @@ def generate_seq2seq(
     )
 
 
-def stream_seq2seq(model, input_ids, attention_mask=None, *, routing: str = "dropless", **sampling) -> Iterator[Tensor]:
+def stream_seq2seq(model, input_ids, attention_mask=None, *, routing: str = "eval", **sampling) -> Iterator[Tensor]:
     """Iterator over the new tokens ``[batch]`` of each step, as soon as each is chosen."""
     cfg = _sampling_config(model, sampling)
     yield from _stream(model, routing, _seq2seq_steps(model, input_ids, attention_mask, cfg))
@@ -304,7 +331,7 @@ def generate_causal(
     input_ids: Tensor,
     attention_mask: Tensor | None = None,
     *,
-    routing: str = "dropless",
+    routing: str = "eval",
     streamer: Callable[[Tensor], None] | None = None,
     **sampling,
 ) -> Tensor:
@@ -316,7 +343,7 @@ def generate_causal(
     )
 
 
-def stream_causal(model, input_ids, attention_mask=None, *, routing: str = "dropless", **sampling) -> Iterator[Tensor]:
+def stream_causal(model, input_ids, attention_mask=None, *, routing: str = "eval", **sampling) -> Iterator[Tensor]:
     """Iterator over the new tokens ``[batch]`` of each step, as soon as each is chosen."""
     cfg = _sampling_config(model, sampling)
     yield from _stream(model, routing, _causal_steps(model, input_ids, attention_mask, cfg))

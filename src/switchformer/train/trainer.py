@@ -500,8 +500,10 @@ def generate_text(
     top_p: float = 0.95,
     repetition_penalty: float = 1.1,
     streamer=None,
+    routing: str = "eval",
 ) -> str:
-    """Prompt in, continuation out, for either model family (dropless routing)."""
+    """Prompt in, continuation out, for either model family; ``routing`` as in
+    :mod:`switchformer.generation` (default: the model's own eval routing)."""
     device = next(model.parameters()).device
     ids = tokenizer.encode(prompt).ids
     sampling = dict(
@@ -513,6 +515,7 @@ def generate_text(
         repetition_penalty=repetition_penalty,
         generator=torch.Generator(device=device).manual_seed(seed),
         streamer=streamer,
+        routing=routing,
     )
     if isinstance(model, SwitchT5):
         sentinel = tokenizer.token_to_id("<extra_id_0>")
