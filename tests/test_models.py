@@ -15,7 +15,7 @@ from switchformer.generation import (
     stream_causal,
     stream_seq2seq,
 )
-from switchformer.models.common import DerivedWeight, output_logits, transposed_copy
+from switchformer.models.common import DecodingScope, DerivedWeight, output_logits, transposed_copy
 
 
 def t5(seed=0, **overrides):
@@ -108,7 +108,7 @@ def test_lm_cached_decoding_matches_full_recompute():
 def test_few_row_output_logits_read_a_transposed_copy_that_follows_the_weight():
     weight = torch.randn(50, 8, dtype=torch.float64)
     copy = DerivedWeight(transposed_copy)
-    with torch.no_grad():
+    with torch.no_grad(), DecodingScope().active():
         for rows in (1, 3, 4, 5, 9):
             x = torch.randn(rows, 8, dtype=torch.float64)
             torch.testing.assert_close(output_logits(x, weight, copy), x @ weight.t())

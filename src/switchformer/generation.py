@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from switchformer.models.common import DecodingScope
 from switchformer.moe import SwitchMoE
 
 log = logging.getLogger("switchformer")
@@ -144,7 +145,7 @@ def _run(model: torch.nn.Module, routing: str, fn: Callable[[], Tensor]) -> Tens
     decoding feels: it runs hundreds of small ops per token); the result is returned as an ordinary
     tensor, so callers may feed it to training later."""
     with _eval_routing(model, routing):
-        with torch.inference_mode():
+        with torch.inference_mode(), DecodingScope().active():
             result = fn()
     return result.clone()
 
@@ -152,9 +153,10 @@ def _run(model: torch.nn.Module, routing: str, fn: Callable[[], Tensor]) -> Tens
 def _stream(model: torch.nn.Module, routing: str, steps: Iterator[Tensor]) -> Iterator[Tensor]:
     """Each step computed under ``inference_mode``; between steps the caller's own grad mode holds
     (a generator must not leave a grad-mode context open across ``yield``)."""
+    scope = DecodingScope()  # derived weights are kept across the steps of one stream
     with _eval_routing(model, routing):
         while True:
-            with torch.inference_mode():
+            with torch.inference_mode(), scope.active():
                 token = next(steps, None)
             if token is None:
                 return
@@ -221,17 +223,31 @@ def generate_seq2seq(
     *,
     num_beams: int = 1,
     length_penalty: float = 1.0,
+    early_stopping: bool | str = False,
     routing: str = "eval",
     streamer: Callable[[Tensor], None] | None = None,
     **sampling,
 ) -> Tensor:
-    """Decoder tokens ``[batch, 1 + new]``, starting with ``decoder_start_token_id`` (as HF)."""
+    """Decoder tokens ``[batch, 1 + new]``, starting with ``decoder_start_token_id`` (as HF).
+
+    ``num_beams > 1`` runs :func:`switchformer.beam.beam_search` with ``length_penalty`` and
+    ``early_stopping`` (``False``, ``True`` or ``"never"``, as Hugging Face's; what each does is
+    said there); it is deterministic, so it takes neither ``do_sample`` nor a ``streamer``. Raises
+    ``ValueError`` naming the argument for a ``num_beams`` below 1, a non-finite ``length_penalty``
+    or an unknown ``early_stopping``, whatever ``num_beams`` is."""
+    from switchformer.beam import beam_search, check_beam_arguments  # beam imports this module
+
     cfg = _sampling_config(model, sampling)
+    check_beam_arguments(num_beams, length_penalty, early_stopping)
     if num_beams > 1 and cfg.do_sample:
         raise ValueError("num_beams: beam search is deterministic; do not combine it with do_sample")
+    if num_beams > 1 and streamer is not None:
+        raise ValueError("streamer: beam search picks its tokens only at the end; it cannot stream them")
     if num_beams > 1:
         return _run(
-            model, routing, lambda: beam_search(model, input_ids, attention_mask, cfg, num_beams, length_penalty)
+            model,
+            routing,
+            lambda: beam_search(model, input_ids, attention_mask, cfg, num_beams, length_penalty, early_stopping),
         )
     start = _decoder_start(model, input_ids.shape[0], input_ids.device)
     return _run(
@@ -243,71 +259,6 @@ def stream_seq2seq(model, input_ids, attention_mask=None, *, routing: str = "eva
     """Iterator over the new tokens ``[batch]`` of each step, as soon as each is chosen."""
     cfg = _sampling_config(model, sampling)
     yield from _stream(model, routing, _seq2seq_steps(model, input_ids, attention_mask, cfg))
-
-
-def beam_search(model, input_ids, attention_mask, cfg: SamplingConfig, num_beams: int, length_penalty: float) -> Tensor:
-    """Standard beam search: keep the ``num_beams`` best partial sequences by summed log-probability;
-    a sequence ending in EOS is scored ``sum_logprob / length ** length_penalty``; a batch row stops
-    when its best live beam can no longer beat its worst finished one."""
-    batch, device = input_ids.shape[0], input_ids.device
-    expand = torch.arange(batch, device=device).repeat_interleave(num_beams)
-    memory = model.encode(input_ids, attention_mask).index_select(0, expand)
-    mask = None if attention_mask is None else attention_mask.index_select(0, expand)
-    cache = model.new_cache(memory, mask, cfg.max_new_tokens + 1)
-    sequences = _decoder_start(model, batch * num_beams, device)
-    scores = torch.full((batch, num_beams), float("-inf"), device=device)
-    scores[:, 0] = 0.0
-    finished: list[list[tuple[float, Tensor]]] = [[] for _ in range(batch)]
-    done = [False] * batch
-    for _ in range(cfg.max_new_tokens):
-        h = model.decode(sequences[:, -1:], memory, mask, cache=cache)
-        logits = process_logits(model.project(h[:, -1]), sequences, cfg)
-        vocab = logits.shape[-1]
-        candidates = (scores.view(-1, 1) + logits.log_softmax(-1)).view(batch, num_beams * vocab)
-        top_scores, top_index = candidates.topk(2 * num_beams, dim=-1)
-        next_beams, next_tokens, next_scores = [], [], []
-        for b in range(batch):
-            chosen = []
-            for score, index in zip(top_scores[b].tolist(), top_index[b].tolist()):
-                beam, token = divmod(index, vocab)
-                row = b * num_beams + beam
-                if done[b]:
-                    chosen.append((row, cfg.pad_token_id, float("-inf")))
-                elif cfg.eos_token_id is not None and token == cfg.eos_token_id:
-                    length = sequences.shape[1]  # generated tokens incl. EOS, excl. the start token
-                    hyp = torch.cat([sequences[row], sequences.new_tensor([token])])
-                    finished[b].append((score / length**length_penalty, hyp))
-                else:
-                    chosen.append((row, token, score))
-                if len(chosen) == num_beams:
-                    break
-            finished[b] = sorted(finished[b], key=lambda item: -item[0])[:num_beams]
-            if not done[b] and len(finished[b]) == num_beams:
-                best_live = max(s for _, _, s in chosen) / (sequences.shape[1]) ** length_penalty
-                done[b] = best_live <= finished[b][-1][0]
-            for row, token, score in chosen:
-                next_beams.append(row)
-                next_tokens.append(token)
-                next_scores.append(score)
-        order = torch.tensor(next_beams, device=device)
-        sequences = torch.cat([sequences.index_select(0, order), torch.tensor(next_tokens, device=device)[:, None]], 1)
-        scores = torch.tensor(next_scores, device=device).view(batch, num_beams)
-        cache.reorder(order)
-        if all(done):
-            break
-    results = []
-    for b in range(batch):
-        pool = list(finished[b])
-        for k in range(num_beams):
-            if torch.isfinite(scores[b, k]):
-                row = sequences[b * num_beams + k]
-                pool.append((scores[b, k].item() / (row.numel() - 1) ** length_penalty, row))
-        results.append(max(pool, key=lambda item: item[0])[1])
-    width = max(r.numel() for r in results)
-    out = torch.full((batch, width), cfg.pad_token_id, dtype=torch.long, device=device)
-    for b, r in enumerate(results):
-        out[b, : r.numel()] = r
-    return out
 
 
 # ----------------------------------------------------------------------------- decoder-only
