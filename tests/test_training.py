@@ -334,6 +334,9 @@ def test_eval_routing_dropless_processes_every_token(tmp_path, corpus, capsys):
         assert main(["eval", str(run), "--batches", "2", "--routing", mode]) == 0
         reports[mode] = json.loads(capsys.readouterr().out)
         assert reports[mode]["routing_mode"] == mode
+        assert reports[mode]["routing_used"] == (
+            "eval: capacity factor 0.25" if mode == "eval" else "dropless (no token dropped)"
+        )
     dropped = {mode: [layer["dropped_fraction"] for layer in r["routing"].values()] for mode, r in reports.items()}
     assert all(d > 0.3 for d in dropped["eval"])  # a quarter of the fair share per expert: most tokens dropped
     assert dropped["dropless"] == [0.0] * len(dropped["eval"])

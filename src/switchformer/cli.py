@@ -190,7 +190,8 @@ def cmd_eval(args) -> int:
     print(
         json.dumps(
             {
-                "routing_mode": routing_description(trainer.model, args.routing),
+                "routing_mode": args.routing,
+                "routing_used": routing_description(trainer.model, args.routing),
                 "eval_loss": result.loss,
                 "perplexity": result.perplexity,
                 "tokens": result.tokens,

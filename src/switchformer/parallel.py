@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from switchformer.dispatch import DispatchPlan
 from switchformer.experts import Experts
 from switchformer.moe import SwitchMoE
+from switchformer.routing import sync_bias_updates
 
 
 @dataclass
@@ -195,9 +196,20 @@ def is_expert_parameter(name: str) -> bool:
     return ".experts.local." in name or name.startswith("experts.local.")
 
 
+def _sum_over_world(t: Tensor) -> Tensor:
+    dist.all_reduce(t)
+    return t
+
+
 @torch.no_grad()
 def reduce_gradients(model: nn.Module, state: ParallelState) -> None:
-    """Sum gradients over the data-parallel ranks (experts: over their EDP group), divide by W."""
+    """Sum gradients over the data-parallel ranks (experts: over their EDP group), divide by W.
+
+    The one synchronisation point of a data-parallel step, so it also brings the state updated
+    outside autograd into agreement: the aux-loss-free routers' selection biases get one update
+    over the load summed over every rank (:func:`switchformer.routing.sync_bias_updates`), the
+    same on every replica and equal to one process on the global batch."""
+    sync_bias_updates(model, _sum_over_world)
     shared, expert = [], []
     for name, param in model.named_parameters():
         if param.grad is None:

@@ -21,6 +21,7 @@ that only the router sees.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -194,29 +195,103 @@ class TokenChoiceRouter(Router):
 
 
 class AuxLossFreeRouter(TokenChoiceRouter):
-    """Token choice with a per-expert bias added to the *selection* scores only (DeepSeek-V3).
+    """Token choice with a per-expert bias added to the *selection* scores only (DeepSeek-V3,
+    Wang et al. 2024, "Auxiliary-loss-free load balancing").
 
-    The gates stay the unbiased probabilities. After each training forward the bias moves by
-    ``bias_update_rate`` towards balance: up for experts chosen less than average, down for those
-    chosen more. The update happens under ``no_grad``; it is state, not a learned weight.
+    The gates stay the unbiased probabilities. The bias moves by ``bias_update_rate`` towards
+    balance, ``bias += rate * sign(mean(load) - load)`` with ``load`` the tokens each expert was
+    chosen by: up for experts chosen less than average, down for those chosen more. It is state
+    (a persistent float32 buffer ``expert_bias [N]``), not a learned weight, updated under
+    ``no_grad``.
+
+    When: by default after each training forward, on that forward's load. Every training forward
+    also adds its load to ``pending_load`` (not saved); :func:`sync_bias_updates` turns the loads
+    since the last sync into one update over their sum (a whole optimizer step, over every
+    micro-batch, summed over data-parallel ranks by its ``reduce``), replacing the interim local
+    updates, so every replica holds the bias of one process that saw the global batch.
+    ``defer_bias_update = True`` skips the interim updates, so micro-batches after the first also
+    route as that one process would (the trainer sets it).
     """
 
     def __init__(self, d_model: int, num_experts: int, *, bias_update_rate: float = 1e-3, **kwargs):
         super().__init__(d_model, num_experts, **kwargs)
         self.bias_update_rate = bias_update_rate
+        self.defer_bias_update = False
         self.register_buffer("expert_bias", torch.zeros(num_experts, dtype=torch.float32))
+        # since the last sync: the summed load, and the sum of the interim local updates
+        self.register_buffer("pending_load", torch.zeros(num_experts, dtype=torch.float32), persistent=False)
+        self.register_buffer("local_update", torch.zeros(num_experts, dtype=torch.float32), persistent=False)
+        # a loaded bias is the new reference: forget what was pending against the old one
+        self.register_load_state_dict_post_hook(lambda module, _: module._forget_pending())
 
     def selection_scores(self, probs: Tensor) -> Tensor:
         return probs + self.expert_bias
+
+    def bias_step(self, load: Tensor) -> Tensor:
+        """The update for ``load`` (float32 ``[N]``, tokens per expert)."""
+        return self.bias_update_rate * torch.sign(load.mean() - load)
 
     def forward(self, x: Tensor, token_mask: Tensor | None, capacity: int | None) -> Routing:
         routing = super().forward(x, token_mask, capacity)
         if self.training:
             with torch.no_grad():
-                load = torch.bincount(routing.expert, minlength=self.num_experts + 1)[: self.num_experts]
-                load = load.float()
-                self.expert_bias += self.bias_update_rate * torch.sign(load.mean() - load)
+                # slot N collects padding and dropped assignments: not a choice of any expert
+                load = torch.bincount(routing.expert, minlength=self.num_experts + 1)[: self.num_experts].float()
+                self.pending_load += load
+                if not self.defer_bias_update:
+                    step = self.bias_step(load)
+                    self.expert_bias += step
+                    self.local_update += step
         return routing
+
+    @torch.no_grad()
+    def apply_pending(self, total_load: Tensor) -> None:
+        """Replace the interim updates since the last sync by one update on ``total_load``."""
+        self.expert_bias += self.bias_step(total_load) - self.local_update  # no load: a zero step
+        self._forget_pending()
+
+    @torch.no_grad()
+    def discard_pending(self) -> None:
+        """Undo the interim updates since the last sync and forget their loads (a skipped step)."""
+        self.expert_bias -= self.local_update
+        self._forget_pending()
+
+    @torch.no_grad()
+    def _forget_pending(self) -> None:
+        self.pending_load.zero_()
+        self.local_update.zero_()
+
+
+def _aux_loss_free_routers(model: nn.Module) -> list[AuxLossFreeRouter]:
+    return [m for m in model.modules() if isinstance(m, AuxLossFreeRouter)]
+
+
+def defer_bias_updates(model: nn.Module, defer: bool = True) -> None:
+    """Make every aux-loss-free router of ``model`` wait for :func:`sync_bias_updates` (no interim
+    update between the micro-batches of a step)."""
+    for router in _aux_loss_free_routers(model):
+        router.defer_bias_update = defer
+
+
+def sync_bias_updates(model: nn.Module, reduce: Callable[[Tensor], Tensor] | None = None) -> None:
+    """Apply one selection-bias update per aux-loss-free router over the loads of every training
+    forward since the last sync. ``reduce`` sums a flat float32 tensor over data-parallel replicas
+    and returns it (``None``: this process alone); every replica then applies the same update, so
+    they stay identical and equal to one process on the global batch."""
+    routers = _aux_loss_free_routers(model)
+    if not routers:
+        return
+    loads = torch.cat([r.pending_load for r in routers])
+    if reduce is not None:
+        loads = reduce(loads)
+    for router, total in zip(routers, loads.split([r.num_experts for r in routers])):
+        router.apply_pending(total)
+
+
+def discard_bias_updates(model: nn.Module) -> None:
+    """Undo every aux-loss-free router's interim updates since the last sync (the step was skipped)."""
+    for router in _aux_loss_free_routers(model):
+        router.discard_pending()
 
 
 class ExpertChoiceRouter(Router):

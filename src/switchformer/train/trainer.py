@@ -30,6 +30,7 @@ from switchformer.parallel import (
     reduce_gradients,
     save_shards,
 )
+from switchformer.routing import defer_bias_updates, discard_bias_updates, sync_bias_updates
 from switchformer.runtime import reuse_freed_memory
 from switchformer.train.checkpoint import (
     begin_checkpoint,
@@ -183,6 +184,7 @@ class Trainer:
                 self.data = prepare_data(config, self.run_dir)
         torch.manual_seed(config.seed)  # the same initial weights whatever data preparation consumed
         self.model = build_model(config, self.data.vocab_size)
+        defer_bias_updates(self.model)  # one selection-bias update per step, over all micro-batches and ranks
         if self.parallel is not None:  # full seeded init on every rank, then each keeps its experts
             apply_expert_parallel(self.model, self.parallel)
         self.model.to(self.device)
@@ -392,10 +394,13 @@ class Trainer:
         grad_norm = None
         if finite:
             if self.parallel is not None:
-                reduce_gradients(self.model, self.parallel)
+                reduce_gradients(self.model, self.parallel)  # syncs the routers' selection biases too
+            else:
+                sync_bias_updates(self.model)
             grad_norm = clip_grad_norm(self.model, config.grad_clip, self.parallel)
             finite = math.isfinite(grad_norm)
         if not finite:
+            discard_bias_updates(self.model)
             self.optimizer.zero_grad(set_to_none=True)
             self.bad_steps += 1
             log.warning("step %d: non-finite loss or gradient, step skipped (%d in a row)", self.step, self.bad_steps)
