@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from switchformer.models.common import DecodingScope
+from switchformer.models.common import DecodingScope, check_mask, check_token_ids
 from switchformer.moe import SwitchMoE
 
 log = logging.getLogger("switchformer")
@@ -265,6 +265,8 @@ def stream_seq2seq(model, input_ids, attention_mask=None, *, routing: str = "eva
 
 
 def _causal_steps(model, input_ids, attention_mask, cfg: SamplingConfig) -> Iterator[Tensor]:
+    check_token_ids("input_ids", input_ids, model.config.vocab_size)  # before any cache is sized
+    check_mask("attention_mask", attention_mask, input_ids)
     cache = model.new_cache(input_ids.shape[0], input_ids.shape[1] + cfg.max_new_tokens)
     h, _ = model.hidden_states(input_ids, attention_mask, cache=cache)
     generated = input_ids

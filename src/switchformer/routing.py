@@ -45,8 +45,11 @@ def load_balancing_loss(router_probs: Tensor, expert_index: Tensor, token_mask: 
     capacity dropping. ``f_i`` is the fraction of tokens that chose expert ``i`` (for top-k, among its
     k choices, so ``sum_i f_i = k``); ``P_i`` is the mean router probability of expert ``i``.
     ``token_mask``: optional ``[..., T]`` bool, False for tokens (padding) left out of the loss.
+    No token at all (an empty input, or all masked) gives 0, with the graph kept.
     """
     num_experts = router_probs.shape[-1]
+    if router_probs.numel() == 0:
+        return router_probs.sum() * 0.0
     if expert_index.dim() == router_probs.dim() - 1:
         expert_index = expert_index.unsqueeze(-1)
     chosen = F.one_hot(expert_index, num_experts).amax(dim=-2).to(router_probs.dtype)  # [..., T, N]
@@ -64,10 +67,11 @@ def load_balancing_loss(router_probs: Tensor, expert_index: Tensor, token_mask: 
 
 
 def router_z_loss(router_logits: Tensor, token_mask: Tensor | None = None) -> Tensor:
-    """ST-MoE z-loss: mean over tokens of ``logsumexp(logits)^2``; ``router_logits`` is ``[..., T, N]``."""
+    """ST-MoE z-loss (Zoph et al. 2022, eq. 5): mean over tokens of ``logsumexp(logits)^2``;
+    ``router_logits`` is ``[..., T, N]``. No token at all (empty or all masked) gives 0."""
     z = torch.logsumexp(router_logits.float(), dim=-1).square()
     if token_mask is None:
-        return z.mean()
+        return z.mean() if z.numel() else z.sum() * 0.0
     weight = token_mask.to(z.dtype)
     return (z * weight).sum() / weight.sum().clamp_min(1)
 
@@ -329,6 +333,9 @@ def router_entropy_and_confidence(probs: Tensor, token_mask: Tensor | None) -> t
     """Mean entropy of the router distribution (nats) and mean top probability, over valid tokens."""
     with torch.no_grad():
         entropy = -(probs * torch.log(probs.clamp_min(1e-30))).sum(-1)
+        if probs.numel() == 0:  # no token: nothing to describe
+            zero = probs.new_zeros(())
+            return zero, zero
         confidence = probs.amax(-1)
         if token_mask is None:
             return entropy.mean(), confidence.mean()

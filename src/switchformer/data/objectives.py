@@ -15,6 +15,8 @@ def pack_causal(documents: list[list[int]], seq_len: int, eos_id: int) -> Tensor
     (inputs are ``row[:-1]``, targets ``row[1:]``; the model shifts inside, so rows are used whole)."""
     # one tensor per document, then one concatenation: a flat Python list of every token would
     # cost ~36 bytes a token (gigabytes at GPU-scale corpora)
+    if seq_len < 1:
+        raise ValueError(f"seq_len: must be >= 1, got {seq_len}")
     eos = torch.tensor([eos_id], dtype=torch.long)
     pieces = [part for doc in documents for part in (torch.tensor(doc, dtype=torch.long), eos)]
     stream = torch.cat(pieces) if pieces else eos.new_zeros(0)
@@ -24,12 +26,35 @@ def pack_causal(documents: list[list[int]], seq_len: int, eos_id: int) -> Tensor
     return stream[: rows * seq_len].view(rows, seq_len).clone()
 
 
-def random_spans(length: int, noise_density: float, mean_span: float, generator: torch.Generator) -> Tensor:
-    """Bool mask of ``length`` with ``round(length * noise_density)`` noise tokens in about
-    ``noise / mean_span`` spans, interleaved with non-noise spans (T5's ``random_spans_noise_mask``)."""
+def noise_span_counts(length: int, noise_density: float = 0.15, mean_span: float = 3.0) -> tuple[int, int]:
+    """``(noise tokens, noise spans)`` that span corruption makes of ``length`` tokens (T5's
+    ``random_spans_noise_mask``): ``round(length * noise_density)`` noise tokens, at least one and at
+    least one kept, in ``round(noise / mean_span)`` spans, at least one and no more than the kept
+    tokens can separate. Fewer than two tokens cannot hold both: no noise, ``(0, 0)``.
+
+    The one place these clamps live: :func:`random_spans` and :func:`span_corruption_lengths`
+    both read them, so predicted and produced lengths always agree.
+
+    Raises ``ValueError`` naming ``length``, ``noise_density`` or ``mean_span`` when out of range."""
+    if length < 0:
+        raise ValueError(f"length: must be >= 0, got {length}")
+    if not 0 < noise_density < 1:
+        raise ValueError(f"noise_density: must be in (0, 1), got {noise_density}")
+    if not mean_span > 0:
+        raise ValueError(f"mean_span: must be > 0, got {mean_span}")
+    if length < 2:
+        return 0, 0
     num_noise = min(max(int(round(length * noise_density)), 1), length - 1)
     num_spans = max(int(round(num_noise / mean_span)), 1)
-    num_spans = min(num_spans, num_noise, length - num_noise)
+    return num_noise, min(num_spans, num_noise, length - num_noise)
+
+
+def random_spans(length: int, noise_density: float, mean_span: float, generator: torch.Generator) -> Tensor:
+    """Bool mask of ``length`` (True = noise) with the noise tokens and spans of
+    :func:`noise_span_counts`, noise spans interleaved with kept spans, each span at least one token."""
+    num_noise, num_spans = noise_span_counts(length, noise_density, mean_span)
+    if num_spans == 0:
+        return torch.zeros(length, dtype=torch.bool)
 
     def segment(total: int, parts: int) -> list[int]:
         # a random composition of `total` into `parts` positive integers
@@ -54,7 +79,8 @@ def span_corruption(
     mean_span: float = 3.0,
 ) -> tuple[list[int], list[int]]:
     """T5's objective: each noise span in the input becomes one sentinel; the target lists each
-    sentinel followed by the tokens it replaced, then EOS."""
+    sentinel followed by the tokens it replaced, then EOS. A document of fewer than two tokens has
+    no noise: source = the tokens + EOS, target = EOS alone."""
     mask = random_spans(len(tokens), noise_density, mean_span, generator).tolist()
     source, target = [], []
     span = -1
@@ -73,9 +99,9 @@ def span_corruption(
 
 
 def span_corruption_lengths(input_len: int, noise_density: float = 0.15, mean_span: float = 3.0) -> tuple[int, int]:
-    """Encoder and decoder lengths that a raw chunk of ``input_len`` tokens produces."""
-    noise = int(round(input_len * noise_density))
-    spans = max(int(round(noise / mean_span)), 1)
+    """Encoder and decoder lengths (EOS included) that :func:`span_corruption` makes of a chunk of
+    ``input_len`` tokens: exactly, for every length (the counts come from :func:`noise_span_counts`)."""
+    noise, spans = noise_span_counts(input_len, noise_density, mean_span)
     return input_len - noise + spans + 1, noise + spans + 1
 
 

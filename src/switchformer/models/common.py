@@ -303,6 +303,8 @@ def check_token_ids(name: str, ids: Tensor, vocab_size: int) -> None:
         raise ValueError(f"{name}: token ids must be an integer tensor, got {ids.dtype}")
     if ids.dim() != 2:
         raise ValueError(f"{name}: expected shape [batch, sequence], got {tuple(ids.shape)}")
+    if ids.numel() == 0:
+        raise ValueError(f"{name}: shape {tuple(ids.shape)} holds no token (give at least one row of one token)")
     if ids.numel() and not (0 <= (bounds := torch.aminmax(ids)).min and bounds.max < vocab_size):
         bad = ids[(ids < 0) | (ids >= vocab_size)][0].item()
         raise ValueError(f"{name}: token id {bad} is outside the vocabulary [0, {vocab_size})")

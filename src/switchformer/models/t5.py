@@ -464,6 +464,9 @@ class SwitchT5(nn.Module):
         if decoder_input_ids is None:
             if labels is None:
                 raise ValueError("decoder_input_ids: give decoder_input_ids or labels")
+            if labels.dim() != 2 or labels.numel() == 0:
+                shape = tuple(labels.shape)
+                raise ValueError(f"labels: expected a non-empty [batch, sequence] tensor, got shape {shape}")
             decoder_input_ids = self.shift_right(labels)
         if labels is not None and labels.shape != decoder_input_ids.shape:
             raise ValueError(
