@@ -280,8 +280,10 @@ def test_every_subcommand(tmp_path, corpus, capsys):
     assert "validation loss" in out and "run directory" in out
     assert "routing (validation, eval capacity factor 2):" in out
 
-    assert main(["eval", str(run), "--batches", "2"]) == 0
+    assert main(["eval", str(run), "--batches", "2", "--json"]) == 0
     assert "perplexity" in json.loads(capsys.readouterr().out)
+    assert main(["eval", str(run), "--batches", "2"]) == 0
+    assert "validation loss" in capsys.readouterr().out  # the readable summary
 
     assert main(["generate", str(run), "--prompt", "The fox", "--max-new-tokens", "5", "--greedy"]) == 0
     assert capsys.readouterr().out.startswith("The fox")
@@ -294,8 +296,9 @@ def test_every_subcommand(tmp_path, corpus, capsys):
     out = capsys.readouterr().out
     assert "layers: d S d S" in out and "experts per Switch layer: 64" in out
 
-    assert main(["report", str(run)]) == 0
-    assert (run / "loss.png").stat().st_size > 1000 and (run / "expert_load.png").exists()
+    assert main(["report", str(run), "--out", str(tmp_path / "plots")]) == 0
+    assert (tmp_path / "plots" / "loss.png").stat().st_size > 1000 and (tmp_path / "plots" / "expert_load.png").exists()
+    assert not (run / "loss.png").exists()  # reading a run writes nothing into it
 
     assert main(["convert", str(run), str(tmp_path / "hf")]) == 0
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["model_type"] == "switch_transformers"
@@ -331,7 +334,7 @@ def test_eval_routing_dropless_processes_every_token(tmp_path, corpus, capsys):
     assert "routing (validation, eval capacity factor 0.25):" in capsys.readouterr().out
     reports = {}
     for mode in ("eval", "dropless"):
-        assert main(["eval", str(run), "--batches", "2", "--routing", mode]) == 0
+        assert main(["eval", str(run), "--batches", "2", "--routing", mode, "--json"]) == 0
         reports[mode] = json.loads(capsys.readouterr().out)
         assert reports[mode]["routing_mode"] == mode
         assert reports[mode]["routing_used"] == (

@@ -20,7 +20,8 @@ EPILOGS = {
   torchrun --nproc_per_node 4 -m switchformer train --expert-parallel 2   # 2-way experts x 2-way data""",
     "eval": """examples:
   switchformer eval runs/quick
-  switchformer eval runs/quick --routing dropless   # no token dropped""",
+  switchformer eval runs/quick --routing dropless   # no token dropped
+  switchformer eval runs/quick --data test.txt --json   # every document of test.txt; JSON for machines""",
     "generate": """examples:
   switchformer generate runs/quick --prompt "The object"
   echo "Return the" | switchformer generate runs/quick --temperature 0.7 --top-p 0.9""",
@@ -37,7 +38,7 @@ EPILOGS = {
   switchformer info runs/quick
   switchformer info --preset compare
   switchformer info --d-model 768 --d-ff 3072 --num-experts 128       # one Switch layer""",
-    "report": "example:\n  switchformer report runs/quick    # writes loss.png, expert_load.png, dropped_fraction.png",
+    "report": "example:\n  switchformer report runs/quick --out quick-plots   # loss, expert load, dropped fraction",
 }
 
 
@@ -65,7 +66,7 @@ def _add_config_args(p: argparse.ArgumentParser, default_preset: str) -> None:
 
 
 def _config_from_args(args, default_preset: str):
-    from switchformer.train.config import build_config
+    from switchformer.train.config import FLAG_NAMES, build_config
 
     overrides = {
         "model": args.model,
@@ -75,7 +76,7 @@ def _config_from_args(args, default_preset: str):
         "run_name": args.run_name,
         "expert_parallel": getattr(args, "expert_parallel", None),
     }
-    return build_config(args.preset or default_preset, args.config, overrides, args.set)
+    return build_config(args.preset or default_preset, args.config, overrides, args.set, FLAG_NAMES)
 
 
 def _run_dir(config) -> Path:
@@ -84,28 +85,10 @@ def _run_dir(config) -> Path:
 
 
 def load_run(source: str | Path):
-    """(model, tokenizer, train config) from a run directory (latest checkpoint) or one checkpoint."""
-    from switchformer.data.tokenizer import load_tokenizer
-    from switchformer.models import SwitchLM, SwitchLMConfig, SwitchT5, SwitchT5Config
-    from switchformer.train.checkpoint import latest_checkpoint, load_model_weights
-    from switchformer.train.config import TrainConfig
+    """(model, tokenizer, train config) of a run or checkpoint; see :mod:`switchformer.train.run`."""
+    from switchformer.train.run import load_run as _load_run
 
-    path = Path(source)
-    run_dir = path.parent.parent if (path / "state.json").exists() else path
-    config_file = run_dir / "config.json"
-    if not config_file.exists():
-        raise FileNotFoundError(f"{config_file}: not found (expected a switchformer run directory)")
-    saved = json.loads(config_file.read_text())
-    train = TrainConfig(**saved["train"])
-    if train.model == "lm":
-        model = SwitchLM(SwitchLMConfig.from_dict(saved["model"]))
-    else:
-        model = SwitchT5(SwitchT5Config.from_dict(saved["model"]))
-    weights = path if (path / "state.json").exists() else latest_checkpoint(run_dir)
-    if weights is None:
-        weights = run_dir / "model.safetensors"  # a converted or consolidated run
-    load_model_weights(model, weights)
-    return model.eval(), load_tokenizer(run_dir), train
+    return _load_run(source)
 
 
 def _print_summary(summary: dict, config) -> None:
@@ -135,19 +118,42 @@ def _print_summary(summary: dict, config) -> None:
 # ----------------------------------------------------------------------------- commands
 
 
+def _resume_settings(args):
+    """The resumed run's config: its own, with the changes the flags ask for (validated; only
+    bookkeeping and max_steps may change, see ``RESUMABLE_FIELDS``)."""
+    from switchformer.train.config import FLAG_NAMES, parse_setting, read_config_file, resolve_paths, resume_config
+    from switchformer.train.run import read_run_config
+
+    for flag, value in (("--preset", args.preset), ("--out-dir", args.out_dir), ("--run-name", args.run_name)):
+        if value is not None:
+            raise ValueError(f"{flag}: not used with --resume (the run directory is given; its settings are kept)")
+    run = read_run_config(args.resume)
+    changes, sources = {}, {}
+    if args.config:
+        from_file = read_config_file(args.config)
+        changes.update(from_file)
+        sources.update(dict.fromkeys(from_file, args.config))
+    for item in args.set:
+        if "=" not in item:
+            raise ValueError(f"--set: expected key=value, got {item!r}")
+        key, text = (part.strip() for part in item.split("=", 1))
+        changes[key], sources[key] = parse_setting(key, text), f"--set {item}"
+    flags = {"model": args.model, "data": args.data, "max_steps": args.max_steps}
+    flags["expert_parallel"] = getattr(args, "expert_parallel", None)
+    for name, value in flags.items():
+        if value is not None:
+            changes[name], sources[name] = value, FLAG_NAMES[name]
+    resolve_paths(changes)
+    return resume_config(run.train_values, str(run.file), changes, sources), run
+
+
 def cmd_train(args) -> int:
-    from switchformer.train.config import TrainConfig
     from switchformer.train.trainer import Trainer
 
+    model_values = None
     if args.resume:
-        run_dir = Path(args.resume)
-        config_file = run_dir / "config.json"
-        if not config_file.exists():
-            raise FileNotFoundError(f"{config_file}: not found; --resume takes a run directory")
-        values = json.loads(config_file.read_text())["train"]
-        if args.max_steps:
-            values["max_steps"] = args.max_steps
-        config = TrainConfig(**values)
+        config, run = _resume_settings(args)
+        run_dir, model_values = run.run_dir, run.model_values
     else:
         config = _config_from_args(args, TRAIN_PRESET)
         distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -163,7 +169,14 @@ def cmd_train(args) -> int:
             f"{'' if config.sparse_step else ': dense'}) for {config.max_steps} steps -> {run_dir}",
             flush=True,
         )
-    trainer = Trainer(config, run_dir, resume=bool(args.resume), progress=not args.no_progress, device=args.device)
+    trainer = Trainer(
+        config,
+        run_dir,
+        resume=bool(args.resume),
+        progress=not args.no_progress,
+        device=args.device,
+        model_config=model_values,
+    )
     summary = trainer.train()
     if main_rank:
         _print_summary(summary, config)
@@ -171,35 +184,10 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from switchformer.generation import inference_routing, routing_description
-    from switchformer.train.trainer import Trainer
+    from switchformer.train.evaluation import evaluate_run, format_eval
 
-    model, _, config = load_run(args.run)
-    run_dir = Path(args.run)
-    if args.data:
-        config.data = args.data
-    trainer = Trainer(
-        config,
-        run_dir if (run_dir / "config.json").exists() else run_dir.parent.parent,
-        progress=False,
-        device=args.device,
-    )
-    trainer.model.load_state_dict(model.state_dict())
-    with inference_routing(trainer.model, args.routing):
-        result = trainer.evaluate(args.batches)
-    print(
-        json.dumps(
-            {
-                "routing_mode": args.routing,
-                "routing_used": routing_description(trainer.model, args.routing),
-                "eval_loss": result.loss,
-                "perplexity": result.perplexity,
-                "tokens": result.tokens,
-                "routing": result.routing,
-            },
-            indent=2,
-        )
-    )
+    report = evaluate_run(args.run, data=args.data, batches=args.batches, routing=args.routing, device=args.device)
+    print(json.dumps(report, indent=2) if args.json else format_eval(report))
     return 0
 
 
@@ -217,6 +205,8 @@ def cmd_generate(args) -> int:
 
     def stream(token):  # print each new piece of text as soon as its token is chosen
         nonlocal printed
+        if not produced:  # the prompt once generation has really started (bad settings fail first)
+            sys.stdout.write(prompt)
         produced.append(int(token[0]))
         text = tokenizer.decode(produced, skip_special_tokens=True)
         if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
@@ -224,7 +214,6 @@ def cmd_generate(args) -> int:
             sys.stdout.flush()
             printed = text
 
-    sys.stdout.write(prompt)
     generate_text(
         model,
         tokenizer,
@@ -239,6 +228,8 @@ def cmd_generate(args) -> int:
         routing=args.routing,
         streamer=stream,
     )
+    if not produced:
+        sys.stdout.write(prompt)
     sys.stdout.write("\n")
     return 0
 
@@ -361,7 +352,9 @@ def _layer_info(args) -> int:
 def cmd_report(args) -> int:
     from switchformer.train.plots import plot_run
 
-    for path in plot_run(Path(args.run)):
+    run = Path(args.run)
+    out = Path(args.out) if args.out else Path.cwd() / f"{run.resolve().name}-report"
+    for path in plot_run(run, out):
         print(f"wrote {path}")
     return 0
 
@@ -398,8 +391,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("eval", "validation loss, perplexity and routing statistics of a run", cmd_eval)
     p.add_argument("run", help="run directory or checkpoint")
-    p.add_argument("--data", nargs="+", help="evaluate on other files (default: the run's validation split)")
-    p.add_argument("--batches", type=int, help="number of validation batches")
+    p.add_argument(
+        "--data", nargs="+", help="evaluate on every document of these files (default: the run's validation split)"
+    )
+    p.add_argument("--batches", type=int, help="number of validation batches (default: the run's eval_batches)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON (NaN as null)")
     p.add_argument("--device")
     p.add_argument(
         "--routing",
@@ -448,6 +444,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("report", "PNG plots of a run: losses, expert load, dropped tokens", cmd_report)
     p.add_argument("run", help="run directory")
+    p.add_argument("--out", help="folder for the plots (default: ./<run name>-report; never the run itself)")
     return parser
 
 

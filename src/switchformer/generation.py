@@ -267,6 +267,12 @@ def stream_seq2seq(model, input_ids, attention_mask=None, *, routing: str = "eva
 def _causal_steps(model, input_ids, attention_mask, cfg: SamplingConfig) -> Iterator[Tensor]:
     check_token_ids("input_ids", input_ids, model.config.vocab_size)  # before any cache is sized
     check_mask("attention_mask", attention_mask, input_ids)
+    limit = model.config.max_seq_len
+    if input_ids.shape[1] + cfg.max_new_tokens > limit:
+        raise ValueError(
+            f"max_new_tokens: a prompt of {input_ids.shape[1]} tokens and {cfg.max_new_tokens} new ones exceed the "
+            f"model's max_seq_len={limit} positions; ask for at most {max(limit - input_ids.shape[1], 0)}"
+        )
     cache = model.new_cache(input_ids.shape[0], input_ids.shape[1] + cfg.max_new_tokens)
     h, _ = model.hidden_states(input_ids, attention_mask, cache=cache)
     generated = input_ids

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -296,6 +297,28 @@ def config_from_dict(cls, data: dict):
     if unknown:
         raise ValueError(f"config: unknown fields {unknown}")
     return cls(**data)
+
+
+def device_memory_bytes(device: torch.device | str) -> int:
+    """Memory an allocation on ``device`` can use at most: free GPU memory, or the host's RAM."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not a POSIX host: no check
+        return 1 << 62
+
+
+def check_cache_size(nbytes: int, positions: int, device) -> None:
+    """Refuse a decoding cache larger than the device's memory before allocating it (a huge
+    ``max_new_tokens`` would otherwise ask the allocator for terabytes)."""
+    available = device_memory_bytes(device)
+    if nbytes > available:
+        raise ValueError(
+            f"max_new_tokens: a decoding cache of {positions:,} positions needs {nbytes / 2**30:,.1f} GiB, "
+            f"more than this device's memory ({available / 2**30:,.1f} GiB); ask for fewer new tokens"
+        )
 
 
 def check_token_ids(name: str, ids: Tensor, vocab_size: int) -> None:

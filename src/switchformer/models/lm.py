@@ -21,6 +21,7 @@ from switchformer.models.common import (
     FeedForward,
     RMSNorm,
     RouterStats,
+    check_cache_size,
     check_mask,
     check_token_ids,
     config_from_dict,
@@ -141,6 +142,9 @@ class LMCache:
     def __init__(self, batch: int, config: SwitchLMConfig, max_length: int, device, dtype):
         head_dim = config.d_model // config.num_heads
         shape = (batch, config.num_heads, max_length, head_dim)
+        size = torch.empty((), dtype=dtype).element_size()
+        check_cache_size(2 * config.num_layers * batch * config.num_heads * max_length * head_dim * size, max_length,
+                         device or "cpu")  # fmt: skip
         self.kv = [
             (torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
             for _ in range(config.num_layers)

@@ -25,6 +25,7 @@ from switchformer.models.common import (
     ModelOutput,
     RMSNorm,
     RouterStats,
+    check_cache_size,
     check_mask,
     check_token_ids,
     config_from_dict,
@@ -436,6 +437,9 @@ class SwitchT5(nn.Module):
         batch = memory.shape[0]
         heads, d_kv = self.config.num_heads, self.config.d_kv
         shape = (batch, heads, max_length, d_kv)
+        layers, size = len(self.decoder.blocks), memory.element_size()
+        check_cache_size((2 * layers * batch * heads * max_length * d_kv + heads * max_length**2) * size, max_length,
+                         memory.device)  # fmt: skip
         self_kv = [(memory.new_zeros(shape), memory.new_zeros(shape)) for _ in self.decoder.blocks]
         cross_kv = [block.cross_attn.project_kv(memory) for block in self.decoder.blocks]
         cross_bias = padding_bias(memory_mask, memory.dtype)

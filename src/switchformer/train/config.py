@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -73,9 +75,15 @@ class TrainConfig:
     sample_tokens: int = 48
 
     def __post_init__(self):
+        if isinstance(self.data, str):  # one path given as a string, not a list: a list of it
+            self.data = [self.data]
         self.validate()
 
     def validate(self) -> None:
+        """Types first (each field's annotation; a float must be finite, a bool is no number), then
+        ranges and choices. Raises ``ValueError`` starting with the field's name."""
+        for name, hint in _FIELD_TYPES.items():
+            _check_type(name, getattr(self, name), hint)
         choices = {
             "model": ("lm", "t5"),
             "optimizer": ("adamw", "adafactor"),
@@ -112,11 +120,27 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
-        for name in ("lr", "grad_clip"):
+        for name in ("lr", "grad_clip", "init_scale", "dist_timeout_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}: must be > 0, got {getattr(self, name)}")
-        if self.warmup_steps < 0:
-            raise ValueError(f"warmup_steps: must be >= 0, got {self.warmup_steps}")
+        for name in ("warmup_steps", "sparse_step", "num_experts", "weight_decay", "aux_loss_coef", "z_loss_coef",
+                     "router_jitter_noise", "sample_tokens", "seed"):  # fmt: skip
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)}")
+        for name in ("dropout", "expert_dropout", "router_jitter_noise"):
+            if not getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be < 1, got {getattr(self, name)}")
+        for name in ("validation_fraction", "beta2"):
+            if not 0 < getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be in (0, 1), got {getattr(self, name)}")
+        for name in ("capacity_factor", "eval_capacity_factor", "corpus_max_mb", "group_size"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ValueError(f"{name}: must be > 0 (or none), got {value}")
+        if self.expert_parallel < 1:
+            raise ValueError(f"expert_parallel: must be >= 1, got {self.expert_parallel}")
+        if any(not path for path in self.data):
+            raise ValueError(f"data: an empty path in {self.data}")
         self.model_config()  # the model's own checks, with the field names they share
 
     @property
@@ -169,6 +193,35 @@ class TrainConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+
+def _check_type(name: str, value, hint) -> None:
+    """``value`` fits the annotation ``hint`` (``int``, ``float``, ``str``, ``bool``, ``list[str]``,
+    optionally ``| None``); ints are accepted for floats, nothing else is converted."""
+    args = typing.get_args(hint)
+    if type(None) in args:
+        if value is None:
+            return
+        hint = next(a for a in args if a is not type(None))
+    if typing.get_origin(hint) is list:
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ValueError(f"{name}: expected a list of strings (or one string), got {value!r}")
+        return
+    if hint is bool:
+        ok = isinstance(value, bool)
+    elif hint is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif hint is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if ok and not math.isfinite(value):
+            raise ValueError(f"{name}: must be a finite number, got {value!r}")
+    else:
+        ok = isinstance(value, hint)
+    if not ok:
+        kind = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(hint, str(hint))
+        raise ValueError(f"{name}: expected {kind}, got {value!r} ({type(value).__name__})")
+
+
+_FIELD_TYPES = typing.get_type_hints(TrainConfig)
 
 PRESETS: dict[str, dict] = {
     # the main job: a few minutes on a 2-core CPU
@@ -276,7 +329,7 @@ PRESETS["compare-gpu"] = {
 }
 
 
-def _parse_value(name: str, text: str):
+def parse_setting(name: str, text: str):
     """Parse a ``--set key=value`` value with the type of the config field."""
     hints = {f.name: str(f.type) for f in fields(TrainConfig)}
     if name not in hints:
@@ -299,10 +352,15 @@ def _parse_value(name: str, text: str):
 
 
 def read_config_file(path: str | Path) -> dict:
+    """The settings of a ``.toml``, ``.yaml`` or ``.json`` file. Every error is one line naming the
+    file (and the line, for a syntax error)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: config file not found")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: not valid UTF-8 text (byte {err.start})") from None
     if path.suffix == ".toml":
         try:
             import tomllib
@@ -317,9 +375,18 @@ def read_config_file(path: str | Path) -> dict:
             import yaml
         except ImportError:
             raise ValueError(f"{path}: YAML configs need `pip install pyyaml`") from None
-        data = yaml.safe_load(text) or {}
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+            raise ValueError(f"{path}: invalid YAML{where}: {problem}") from None
     elif path.suffix == ".json":
-        data = json.loads(text)
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}: invalid JSON at line {err.lineno}, column {err.colno}: {err.msg}") from None
     else:
         raise ValueError(f"{path}: config files are .toml, .yaml or .json")
     if not isinstance(data, dict):
@@ -327,23 +394,113 @@ def read_config_file(path: str | Path) -> dict:
     return data
 
 
+# Where a command-line override comes from, for error messages.
+FLAG_NAMES = {
+    "model": "--model",
+    "data": "--data",
+    "max_steps": "--max-steps",
+    "out_dir": "--out-dir",
+    "run_name": "--run-name",
+    "expert_parallel": "--expert-parallel",
+}
+
+
+def config_from_sources(values: dict, sources: dict[str, str]) -> TrainConfig:
+    """``TrainConfig(**values)`` with every error naming the field and where its value came from
+    (``sources[field]``: a preset, a file, ``--set``, a flag, a run's ``config.json``)."""
+    known = {f.name for f in fields(TrainConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        where = sorted({sources.get(name, "settings") for name in unknown})
+        raise ValueError(f"{unknown[0]}: no such config field (from {', '.join(where)}; unknown: {unknown})")
+    try:
+        return TrainConfig(**values)
+    except ValueError as err:
+        message = str(err)
+        name = message.split(":", 1)[0]
+        if name in sources:
+            message = f"{message} (from {sources[name]})"
+        raise ValueError(message) from None
+
+
+def resolve_paths(values: dict) -> None:
+    """Relative data and tokenizer paths against the working directory, so that the run's
+    ``config.json`` holds paths that work from any folder (``eval``, ``--resume``)."""
+    data = values.get("data")
+    if isinstance(data, str):
+        data = [data]
+    if isinstance(data, list) and all(isinstance(p, str) and p for p in data):
+        values["data"] = [str(Path(p).expanduser().resolve()) for p in data]
+    tokenizer = values.get("tokenizer")
+    if isinstance(tokenizer, str) and tokenizer:
+        values["tokenizer"] = str(Path(tokenizer).expanduser().resolve())
+
+
 def build_config(
-    preset: str = "tiny", config_file: str | None = None, overrides: dict | None = None, sets: list[str] | None = None
+    preset: str = "tiny",
+    config_file: str | None = None,
+    overrides: dict | None = None,
+    sets: list[str] | None = None,
+    flag_names: dict[str, str] | None = None,
 ) -> TrainConfig:
-    """Preset, then the config file, then ``key=value`` strings, then explicit overrides."""
+    """Preset, then the config file, then ``key=value`` strings, then explicit overrides (flags;
+    ``flag_names`` maps their fields to the flags' names for messages). One validation of the
+    result, every error naming the field and its source; relative paths resolved."""
     if preset not in PRESETS:
         raise ValueError(f"preset: unknown {preset!r}; choose one of {sorted(PRESETS)}")
     values = dict(PRESETS[preset])
+    sources = dict.fromkeys(values, f"preset {preset}")
     if config_file:
-        values.update(read_config_file(config_file))
+        from_file = read_config_file(config_file)
+        values.update(from_file)
+        sources.update(dict.fromkeys(from_file, str(config_file)))
     for item in sets or []:
         if "=" not in item:
             raise ValueError(f"--set: expected key=value, got {item!r}")
         key, text = item.split("=", 1)
-        values[key.strip()] = _parse_value(key.strip(), text.strip())
-    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
-    known = {f.name for f in fields(TrainConfig)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ValueError(f"config: unknown fields {unknown}")
-    return TrainConfig(**values)
+        values[key.strip()] = parse_setting(key.strip(), text.strip())
+        sources[key.strip()] = f"--set {item}"
+    given = {k: v for k, v in (overrides or {}).items() if v is not None}
+    values.update(given)
+    sources.update({k: (flag_names or {}).get(k, "overrides") for k in given})
+    resolve_paths(values)
+    return config_from_sources(values, sources)
+
+
+# Settings `train --resume` may change: bookkeeping and the run's length. Anything else would make
+# the resumed run differ from the one its checkpoints belong to (model, data, optimisation).
+RESUMABLE_FIELDS = (
+    "max_steps",
+    "log_every",
+    "eval_every",
+    "eval_batches",
+    "checkpoint_every",
+    "keep_last",
+    "max_bad_steps",
+    "tensorboard",
+    "sample_prompt",
+    "sample_tokens",
+    "dist_timeout_s",
+)
+
+
+def resume_config(saved: dict, saved_source: str, changes: dict, change_sources: dict[str, str]) -> TrainConfig:
+    """The config of a resumed run: the run's own (``saved``, from ``saved_source``) with
+    ``changes`` applied. Only :data:`RESUMABLE_FIELDS` may change; any other field given with a
+    different value is refused by name (given with the same value, it is accepted)."""
+    saved_config = config_from_sources(saved, dict.fromkeys(saved, saved_source))
+    current = saved_config.to_dict()
+    known = set(current)
+    for name in changes:
+        if name not in known:
+            raise ValueError(f"{name}: no such config field (from {change_sources.get(name, 'settings')})")
+    refused = [n for n, v in changes.items() if n not in RESUMABLE_FIELDS and v != current[n]]
+    if refused:
+        name = refused[0]
+        raise ValueError(
+            f"{name}: --resume cannot change it (the run has {current[name]!r}, "
+            f"{change_sources.get(name, 'settings')} gives {changes[name]!r}); --resume may change only "
+            f"{', '.join(RESUMABLE_FIELDS)}; start a new run to change the rest"
+        )
+    values = dict(current, **changes)
+    return config_from_sources(values, dict(dict.fromkeys(current, saved_source), **change_sources))

@@ -18,7 +18,7 @@ from switchformer.data.objectives import (
     span_corruption,
     span_corruption_lengths,
 )
-from switchformer.data.tokenizer import load_tokenizer, sentinel_ids, special_ids, train_tokenizer
+from switchformer.data.tokenizer import load_tokenizer, save_tokenizer, sentinel_ids, special_ids, train_tokenizer
 from switchformer.train.config import TrainConfig
 
 log = logging.getLogger("switchformer")
@@ -116,33 +116,44 @@ def prepare_data(config: TrainConfig, run_dir: Path) -> Data:
         tok = load_tokenizer(tokenizer_file)
     elif config.tokenizer:
         tok = load_tokenizer(config.tokenizer)
-        tok.save(str(tokenizer_file))
+        save_tokenizer(tok, tokenizer_file)
     else:
         texts = [t for pair in train_docs for t in pair] if config.resolved_objective == "seq2seq" else train_docs
         log.info(
             "training a %s tokenizer with %d tokens on the training text", config.tokenizer_kind, config.vocab_size
         )
         tok = train_tokenizer(tokenizer_sample(texts), config.vocab_size, config.tokenizer_kind)
-        tok.save(str(tokenizer_file))
+        save_tokenizer(tok, tokenizer_file)
+    train = split_from_documents(tok, train_docs, config, config.seed, tokenizer_file)
+    valid = split_from_documents(tok, valid_docs, config, config.seed + 1, tokenizer_file)
+    log.info("data: %d training and %d validation rows (%s)", len(train), len(valid), config.resolved_objective)
+    return Data(train, valid, tok, tok.get_vocab_size())
+
+
+def split_from_documents(tok, docs: list, config: TrainConfig, seed: int, tokenizer_name="tokenizer") -> Split:
+    """Rows of ``config``'s objective made of ``docs`` (texts, or (source, target) pairs for
+    seq2seq) with tokenizer ``tok``; ``seed`` draws the noise spans of span corruption."""
     ids = special_ids(tok)
     if ids["eos"] is None or ids["pad"] is None:
-        raise DataError(f"{tokenizer_file}: the tokenizer needs '<pad>' and '</s>' tokens")
+        raise DataError(f"{tokenizer_name}: the tokenizer needs '<pad>' and '</s>' tokens")
     objective = config.resolved_objective
     if objective == "causal":
-        splits = [
-            Split({"input_ids": pack_causal(_encode(tok, docs), config.seq_len, ids["eos"])})
-            for docs in (train_docs, valid_docs)
-        ]
-    elif objective == "span_corruption":
-        splits = [
-            _span_corruption_split(tok, docs, config, ids, seed)
-            for docs, seed in ((train_docs, config.seed), (valid_docs, config.seed + 1))
-        ]
-    else:
-        splits = [_pairs_split(tok, pairs, config, ids) for pairs in (train_docs, valid_docs)]
-    train, valid = splits
-    log.info("data: %d training and %d validation rows (%s)", len(train), len(valid), objective)
-    return Data(train, valid, tok, tok.get_vocab_size())
+        return Split({"input_ids": pack_causal(_encode(tok, docs), config.seq_len, ids["eos"])})
+    if objective == "span_corruption":
+        return _span_corruption_split(tok, docs, config, ids, seed)
+    return _pairs_split(tok, docs, config, ids)
+
+
+def evaluation_split(config: TrainConfig, tok, data: list[str] | None = None) -> Split:
+    """What ``eval`` scores, reading only: the run's validation split (the same rows training
+    evaluated), or every document of the files ``data`` (a user's test set), in ``config``'s
+    objective."""
+    if not data:
+        return split_from_documents(tok, _documents(config)[1], config, config.seed + 1)
+    docs = load_pairs(data) if config.resolved_objective == "seq2seq" else load_text(data)
+    if not docs:
+        raise DataError(f"data: {data} hold no documents")
+    return split_from_documents(tok, docs, config, config.seed + 1)
 
 
 def _encode(tok, texts: list[str]) -> list[list[int]]:

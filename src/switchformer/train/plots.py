@@ -32,10 +32,23 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return [by_key[k] for k in sorted(by_key)]
 
 
-def plot_run(run_dir: Path) -> list[Path]:
+def _column_edges(steps: list[int]) -> list[float]:
+    """Edges of one heatmap column per evaluation, centred on its step (halfway to each
+    neighbour; a lone evaluation gets a column as wide as its step)."""
+    if len(steps) == 1:
+        half = max(steps[0], 1) / 2
+        return [steps[0] - half, steps[0] + half]
+    mids = [(a + b) / 2 for a, b in zip(steps[:-1], steps[1:])]
+    return [steps[0] - (mids[0] - steps[0]), *mids, steps[-1] + (steps[-1] - mids[-1])]
+
+
+def plot_run(run_dir: Path, out_dir: Path) -> list[Path]:
+    """Loss curves, expert load and dropped fraction of a run, written to ``out_dir`` (never into
+    the run: commands that read a run do not write into it)."""
     plt = _pyplot()
-    run_dir = Path(run_dir)
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
     records = read_metrics(run_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
     train = [r for r in records if "ce_loss" in r]
     evals = [r for r in records if "eval_loss" in r]
     written = []
@@ -47,7 +60,7 @@ def plot_run(run_dir: Path) -> list[Path]:
     ax.set_ylabel("loss (nats/token)")
     ax.legend()
     ax.grid(alpha=0.3)
-    written.append(_save(fig, run_dir / "loss.png"))
+    written.append(_save(fig, out_dir / "loss.png"))
 
     layers = sorted({name for r in evals for name in r.get("routing", {})})
     if layers:
@@ -56,18 +69,14 @@ def plot_run(run_dir: Path) -> list[Path]:
             rows = [r for r in evals if name in r["routing"]]
             loads = [r["routing"][name]["tokens_per_expert"] for r in rows]
             shares = [[c / max(sum(load), 1) for c in load] for load in loads]
-            image = ax.imshow(
-                list(map(list, zip(*shares))),
-                aspect="auto",
-                cmap="viridis",
-                origin="lower",
-                extent=(rows[0]["step"], rows[-1]["step"], -0.5, len(shares[0]) - 0.5),
-            )
+            x_edges = _column_edges([r["step"] for r in rows])
+            y_edges = [e - 0.5 for e in range(len(shares[0]) + 1)]
+            image = ax.pcolormesh(x_edges, y_edges, list(map(list, zip(*shares))), cmap="viridis")
             ax.set_title(f"{name}: share of tokens")
             ax.set_xlabel("step")
             ax.set_ylabel("expert")
             fig.colorbar(image, ax=ax)
-        written.append(_save(fig, run_dir / "expert_load.png"))
+        written.append(_save(fig, out_dir / "expert_load.png"))
 
         fig, ax = plt.subplots(figsize=(7, 4))
         for name in layers:
@@ -77,7 +86,7 @@ def plot_run(run_dir: Path) -> list[Path]:
         ax.set_ylabel("dropped fraction (eval capacity)")
         ax.legend()
         ax.grid(alpha=0.3)
-        written.append(_save(fig, run_dir / "dropped_fraction.png"))
+        written.append(_save(fig, out_dir / "dropped_fraction.png"))
     return written
 
 

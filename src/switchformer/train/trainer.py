@@ -12,7 +12,6 @@ import logging
 import math
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -44,6 +43,7 @@ from switchformer.train.checkpoint import (
 )
 from switchformer.train.config import TrainConfig
 from switchformer.train.data import Data, prepare_data
+from switchformer.train.evaluation import EvalResult, evaluate, model_forward, scored_tokens
 
 log = logging.getLogger("switchformer")
 
@@ -52,9 +52,15 @@ class TrainingError(RuntimeError):
     """Training cannot go on (for example: too many non-finite losses in a row)."""
 
 
-def build_model(config: TrainConfig, vocab_size: int) -> torch.nn.Module:
-    model_config = config.model_config(vocab_size)
-    return SwitchLM(model_config) if config.model == "lm" else SwitchT5(model_config)
+def build_model(config: TrainConfig, vocab_size: int, model_config: dict | None = None) -> torch.nn.Module:
+    """The model a fresh run asks for (``config``'s sizes), or, given ``model_config`` (a run's saved
+    ``model`` section: the one truth for a run's architecture), exactly that model."""
+    if model_config is not None:
+        from switchformer.train.run import build_model_from_dict
+
+        return build_model_from_dict(config.model, model_config, "config.json")
+    built = config.model_config(vocab_size)
+    return SwitchLM(built) if config.model == "lm" else SwitchT5(built)
 
 
 def learning_rate(config: TrainConfig, step: int) -> float:
@@ -109,19 +115,6 @@ def clip_grad_norm(model: torch.nn.Module, max_norm: float, parallel) -> float:
     return total
 
 
-def scored_tokens(batch: dict) -> int:
-    """Label tokens the cross-entropy of ``batch`` averages over: ``labels`` other than -100
-    (seq2seq, span corruption), else each position whose input and next token are both real
-    (causal LM, the model's shift)."""
-    if "labels" in batch:
-        return int((batch["labels"] != -100).sum())
-    ids, mask = batch["input_ids"], batch.get("attention_mask")
-    if mask is None:
-        return ids.shape[0] * max(ids.shape[1] - 1, 0)
-    mask = mask.bool()
-    return int((mask[:, :-1] & mask[:, 1:]).sum())
-
-
 def autocast_context(config: TrainConfig, device: torch.device):
     use_bf16 = config.precision == "bf16" or (
         config.precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()
@@ -129,22 +122,6 @@ def autocast_context(config: TrainConfig, device: torch.device):
     if use_bf16:
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
-
-
-@dataclass
-class EvalResult:
-    loss: float
-    perplexity: float
-    tokens: int
-    routing: dict  # per sparse layer: tokens per expert, dropped fraction, entropy
-
-    def to_dict(self) -> dict:
-        return {
-            "eval_loss": self.loss,
-            "perplexity": self.perplexity,
-            "eval_tokens": self.tokens,
-            "routing": self.routing,
-        }
 
 
 class Trainer:
@@ -157,9 +134,11 @@ class Trainer:
         progress: bool = True,
         device: str | None = None,
         data: Data | None = None,
+        model_config: dict | None = None,
     ):
         """``data``: already prepared data for this config (``compare`` hands the Switch run's to its
-        dense twin, whose data settings are the same); the run directory must hold its tokenizer."""
+        dense twin, whose data settings are the same); the run directory must hold its tokenizer.
+        ``model_config``: the saved ``model`` section of the run being resumed (its architecture)."""
         self.config = config
         self.run_dir = Path(run_dir)
         self.parallel = None
@@ -183,7 +162,7 @@ class Trainer:
             with self.main_first():  # rank 0 trains and saves the tokenizer; the others then load it
                 self.data = prepare_data(config, self.run_dir)
         torch.manual_seed(config.seed)  # the same initial weights whatever data preparation consumed
-        self.model = build_model(config, self.data.vocab_size)
+        self.model = build_model(config, self.data.vocab_size, model_config)
         defer_bias_updates(self.model)  # one selection-bias update per step, over all micro-batches and ranks
         if self.parallel is not None:  # full seeded init on every rank, then each keeps its experts
             apply_expert_parallel(self.model, self.parallel)
@@ -194,10 +173,6 @@ class Trainer:
         self.history: list[dict] = []
         self.time_offset = 0.0  # training seconds before this process (a resumed run's clock goes on)
         self._clock_start: float | None = None
-        if self.is_main:
-            write_json_atomic(
-                self.run_dir / "config.json", {"train": config.to_dict(), "model": self.model.config.to_dict()}
-            )
         if resume:
             checkpoint = latest_checkpoint(self.run_dir)
             if checkpoint is None:
@@ -210,6 +185,11 @@ class Trainer:
             self.time_offset = float(state.get("train_time", 0.0))
             self.history = self._metrics_up_to(self.step)
             log.info("resumed from %s at step %d", checkpoint, self.step)
+        # written once everything above succeeded: a failed start leaves the run's config as it was
+        if self.is_main:
+            write_json_atomic(
+                self.run_dir / "config.json", {"train": config.to_dict(), "model": self.model.config.to_dict()}
+            )
         self.metrics_file = (self.run_dir / "metrics.jsonl").open("a", buffering=1) if self.is_main else None
         self.tensorboard = None
         if config.tensorboard and self.is_main:
@@ -307,47 +287,12 @@ class Trainer:
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
     def forward(self, batch: dict):
-        if "labels" in batch:
-            return self.model(batch["input_ids"], attention_mask=batch.get("attention_mask"), labels=batch["labels"])
-        return self.model(batch["input_ids"], labels=batch["input_ids"])
+        return model_forward(self.model, batch)
 
     # -- evaluation ------------------------------------------------------------------------
 
-    @torch.no_grad()
     def evaluate(self, max_batches: int | None = None) -> EvalResult:
-        self.model.eval()
-        valid = self.data.valid
-        batches = max_batches or self.config.eval_batches
-        total_loss, total_tokens = 0.0, 0
-        counts, dropped, entropy, seen = {}, {}, {}, 0
-        for b in range(batches):
-            start = b * self.config.batch_size
-            if start >= len(valid):  # a small validation split: use what there is
-                break
-            index = torch.arange(start, min(start + self.config.batch_size, len(valid)))
-            batch = self.to_device(valid.rows(index))
-            with autocast_context(self.config, self.device):
-                out = self.forward(batch)
-            tokens = scored_tokens(batch)
-            total_loss += out.ce_loss.item() * tokens
-            total_tokens += tokens
-            for name, aux in out.router_stats.layers:
-                counts[name] = counts.get(name, 0) + aux.tokens_per_expert.cpu()
-                dropped[name] = dropped.get(name, 0.0) + aux.dropped_fraction
-                entropy[name] = entropy.get(name, 0.0) + float(aux.router_entropy)
-            seen += 1
-        self.model.train()
-        loss = total_loss / max(total_tokens, 1)
-        routing = {
-            name: {
-                "tokens_per_expert": counts[name].tolist(),
-                "dropped_fraction": dropped[name] / seen,
-                "router_entropy": entropy[name] / seen,
-                "max_load_over_mean": float(counts[name].max() / counts[name].float().mean().clamp_min(1e-9)),
-            }
-            for name in counts
-        }
-        return EvalResult(loss, math.exp(min(loss, 50)), total_tokens, routing)
+        return evaluate(self.model, self.data.valid, self.config, self.device, max_batches, self.forward)
 
     # -- training --------------------------------------------------------------------------
 

@@ -1,0 +1,227 @@
+"""Commands that read a run never write into it; every setting is validated once, from any source,
+with the field and the source named; --resume changes only what it may (issue 14, faults 1, 6, 7)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from switchformer.cli import main
+
+TEXT = (
+    "The quick brown fox jumps over the lazy dog. Sparse experts route each token to one feed-forward network.\n"
+    "A router sends tokens to experts; capacity limits how many each expert takes. Dropped tokens skip the layer.\n"
+) * 30
+
+
+def snapshot(folder: Path) -> dict[str, str]:
+    """Every file under ``folder`` with its content hash and mode: what a read must not change."""
+    return {
+        str(p.relative_to(folder)): f"{hashlib.sha256(p.read_bytes()).hexdigest()} {oct(p.stat().st_mode)}"
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    """A finished T5 run of four steps (kept read-only in spirit: tests copy it before damaging)."""
+    root = tmp_path_factory.mktemp("runs")
+    corpus = root / "corpus.txt"
+    corpus.write_text(TEXT)
+    args = ["train", "--preset", "test", "--model", "t5", "--data", str(corpus), "--no-progress"]
+    args += ["--out-dir", str(root), "--run-name", "run", "--max-steps", "4", "--set", "vocab_size=400"]
+    assert main(args) == 0
+    return root / "run"
+
+
+def copy_run(trained: Path, tmp_path: Path) -> Path:
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    return run
+
+
+def test_the_model_section_is_the_architecture(trained, tmp_path, capsys):
+    """Training settings describe how a fresh run was asked for; the model is rebuilt from the
+    saved model config, so a train section without (or with other) size fields changes nothing."""
+    run = copy_run(trained, tmp_path)
+    config = json.loads((run / "config.json").read_text())
+    assert main(["eval", str(run), "--json"]) == 0
+    want = json.loads(capsys.readouterr().out)["eval_loss"]
+    config["train"].pop("d_model")  # an older config without the field: the default (128) is not the model's
+    (run / "config.json").write_text(json.dumps(config))
+    assert main(["eval", str(run), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["eval_loss"] == pytest.approx(want, rel=1e-6)
+
+
+def test_every_read_command_leaves_the_run_byte_identical(trained, tmp_path, capsys):
+    run = copy_run(trained, tmp_path)
+    other = tmp_path / "other.txt"
+    other.write_text(TEXT[:2000])
+    before = snapshot(run)
+    commands = [
+        ["eval", str(run), "--batches", "1"],
+        ["eval", str(run), "--batches", "1", "--json", "--routing", "dropless"],
+        ["eval", str(run), "--data", str(other), "--json"],
+        ["generate", str(run), "--prompt", "The fox", "--max-new-tokens", "3", "--greedy"],
+        ["info", str(run)],
+        ["report", str(run), "--out", str(tmp_path / "plots")],
+        ["convert", str(run), str(tmp_path / "hf")],
+    ]
+    for command in commands:
+        assert main(command) == 0, command
+        assert snapshot(run) == before, f"{command[0]} wrote into the run"
+    capsys.readouterr()
+    # eval --data did not become the run's training data
+    assert json.loads((run / "config.json").read_text())["train"]["data"] != [str(other)]
+
+
+def test_eval_reports_the_loss_training_reported(trained, capsys):
+    summary = json.loads((trained / "summary.json").read_text())
+    assert main(["eval", str(trained), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["eval_loss"] == pytest.approx(summary["eval_loss"], rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda c: c.pop("train"), "'train' section is missing"),
+        (lambda c: c["train"].update(d_model="abc"), "d_model: expected an integer"),
+        (lambda c: c["train"].update(bogus=1), "bogus: no such config field"),
+        (lambda c: c["model"].update(d_model="abc"), "model:"),
+    ],
+)
+def test_failing_commands_on_a_damaged_config_name_it_and_write_nothing(trained, tmp_path, capsys, damage, message):
+    run = copy_run(trained, tmp_path)
+    config = json.loads((run / "config.json").read_text())
+    damage(config)
+    (run / "config.json").write_text(json.dumps(config))
+    before = snapshot(run)
+    for command in (["eval", str(run)], ["train", "--resume", str(run), "--no-progress"], ["generate", str(run)]):
+        code = main([*command, "--prompt", "x"] if command[0] == "generate" else command)
+        err = capsys.readouterr().err
+        assert code == 2, command
+        assert err.count("\n") == 1 and "config.json" in err and message in err, err
+        assert snapshot(run) == before, f"{command[0]} wrote into a run it failed on"
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--set", "lr=0.5"], "lr: --resume cannot change it"),
+        (["--set", "bogus=1"], "bogus: no such config field"),
+        (["--data", "/nonexistent/file.txt"], "data: --resume cannot change it"),
+        (["--max-steps", "65", "--set", "lr=0.5"], "lr: --resume cannot change it"),
+        (["--set", "eval_every=0"], "eval_every: must be >= 1, got 0 (from --set eval_every=0)"),
+        (["--run-name", "other"], "--run-name: not used with --resume"),
+        (["--preset", "tiny"], "--preset: not used with --resume"),
+    ],
+)
+def test_resume_refuses_what_it_may_not_change_and_writes_nothing(trained, tmp_path, capsys, flags, message):
+    run = copy_run(trained, tmp_path)
+    before = snapshot(run)
+    assert main(["train", "--resume", str(run), "--no-progress", *flags]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1, err
+    assert snapshot(run) == before
+
+
+def test_resume_may_extend_the_run_and_change_bookkeeping(trained, tmp_path, capsys):
+    run = copy_run(trained, tmp_path)
+    same_lr = json.loads((run / "config.json").read_text())["train"]["lr"]
+    flags = ["--max-steps", "6", "--set", "eval_every=3", "--set", f"lr={same_lr}"]  # the same lr is fine
+    assert main(["train", "--resume", str(run), "--no-progress", *flags]) == 0
+    saved = json.loads((run / "config.json").read_text())["train"]
+    assert saved["max_steps"] == 6 and saved["eval_every"] == 3
+    capsys.readouterr()
+
+
+# ----------------------------------------------------------------------------- settings from every source
+
+
+BAD_SETTINGS = [
+    ("lr", "inf", float("inf"), "lr: must be a finite number"),
+    ("init_scale", "-1", -1.0, "init_scale: must be > 0"),
+    ("validation_fraction", "0", 0.0, "validation_fraction: must be in (0, 1)"),
+    ("weight_decay", "-1", -1.0, "weight_decay: must be >= 0"),
+    ("aux_loss_coef", "-5", -5.0, "aux_loss_coef: must be >= 0"),
+    ("d_model", "abc", "abc", "d_model: expected an integer"),
+    ("d_model", "32.5", 32.5, "d_model: expected an integer"),
+    ("dropout", "1.5", 1.5, "dropout: must be < 1"),
+    ("capacity_factor", "0", 0.0, "capacity_factor: must be > 0"),
+]
+
+
+def write_config(path: Path, name: str, value) -> Path:
+    if path.suffix == ".json":
+        path.write_text(json.dumps({name: value}))
+    elif path.suffix == ".yaml":
+        import yaml
+
+        path.write_text(yaml.safe_dump({name: value}))
+    else:
+        text = (
+            json.dumps(value)
+            if not isinstance(value, float) or value == value and abs(value) != float("inf")
+            else ("inf" if value > 0 else "-inf")
+        )
+        path.write_text(f"{name} = {text}\n")
+    return path
+
+
+@pytest.mark.parametrize("name, text, value, message", BAD_SETTINGS)
+@pytest.mark.parametrize("source", ["--set", ".toml", ".yaml", ".json"])
+def test_bad_settings_are_refused_with_field_and_source(tmp_path, capsys, name, text, value, message, source):
+    if source == ".yaml":
+        pytest.importorskip("yaml")
+    if source == "--set":
+        flags, where = ["--set", f"{name}={text}"], f"--set {name}={text}"
+        if name == "d_model":  # --set parses by type: the parser itself names the field
+            message, where = "d_model: expected int", ""
+    else:
+        file = write_config(tmp_path / f"settings{source}", name, value)
+        flags, where = ["--config", str(file)], str(file)
+    code = main(["train", "--preset", "test", "--out-dir", str(tmp_path / "runs"), "--no-progress", *flags])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert message in err and where in err and err.count("\n") == 1, err
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())  # nothing was started
+
+
+@pytest.mark.parametrize(
+    "suffix, text, where",
+    [(".yaml", "lr: 0.1\nd_model: [1,\n", "line"), (".json", '{"lr": 0.1,,}', "line 1"), (".toml", "lr = = 1", "")],
+)
+def test_syntax_errors_name_the_file_in_one_line(tmp_path, capsys, suffix, text, where):
+    if suffix == ".yaml":
+        pytest.importorskip("yaml")
+    file = tmp_path / f"bad{suffix}"
+    file.write_text(text)
+    assert main(["train", "--preset", "test", "--config", str(file), "--out-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert str(file) in err and where in err and err.count("\n") == 1, err
+
+
+def test_a_single_data_path_string_is_one_path_and_relative_paths_are_stored_resolved(tmp_path, monkeypatch):
+    from switchformer.train.config import build_config
+
+    (tmp_path / "corpus.txt").write_text(TEXT)
+    (tmp_path / "settings.toml").write_text('data = "corpus.txt"\n')
+    monkeypatch.chdir(tmp_path)
+    config = build_config("test", config_file="settings.toml")
+    assert config.data == [str(tmp_path / "corpus.txt")]  # not a scan of "c", "o", "r", ...
+    config = build_config("test", overrides={"data": ["corpus.txt"]})
+    assert config.data == [str(tmp_path / "corpus.txt")]
+
+
+def test_eval_and_generate_refuse_bad_numbers_before_any_output(trained, capsys):
+    assert main(["eval", str(trained), "--batches", "-1"]) == 2
+    assert "--batches: must be >= 1" in capsys.readouterr().err
+    assert main(["generate", str(trained), "--prompt", "The", "--max-new-tokens", "1000000000000"]) == 2
+    captured = capsys.readouterr()
+    assert "max_new_tokens:" in captured.err and captured.out == ""  # nothing streamed before the error
