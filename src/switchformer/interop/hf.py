@@ -18,24 +18,98 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from switchformer.models.common import is_sparse_layer
 from switchformer.models.t5 import SwitchT5, SwitchT5Config
 
 log = logging.getLogger("switchformer")
 
-# HF activation names -> ours (non-gated)
+# ----------------------------------------------------------------------------- configs
+
+# HF activation names (``transformers.activations.ACT2FN``) -> ours; the same function, not a lookalike
 _HF_ACTIVATIONS = {
     "relu": "relu",
-    "gelu": "gelu",
-    "gelu_new": "gelu_new",
+    "gelu": "gelu",  # exact (erf) GELU
+    "gelu_python": "gelu",
+    "gelu_new": "gelu_new",  # tanh approximation
     "gelu_pytorch_tanh": "gelu_new",
+    "gelu_python_tanh": "gelu_new",
     "silu": "silu",
     "swish": "silu",
 }
-_TIED_ALIASES = ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight")
+# gated FFNs: ``act(x @ wi_0) * (x @ wi_1)``
+_HF_GATED_ACTIVATIONS = {"gelu_new": "gated-gelu", "silu": "swiglu"}
+
+# The fields of transformers' config classes with their defaults (``SwitchTransformersConfig``,
+# ``T5Config``; transformers 5), so a ``config.json`` that leaves one out reads as transformers reads it.
+# tests/test_hf_interop.py checks these tables against transformers' own classes.
+SWITCH_FIELDS = dict(
+    vocab_size=32128,
+    d_model=768,
+    d_kv=64,
+    d_ff=2048,
+    expert_capacity=64,
+    num_layers=12,
+    num_sparse_encoder_layers=3,
+    num_decoder_layers=12,  # not None: a Switch config without it has 12 decoder layers
+    num_sparse_decoder_layers=3,
+    num_heads=12,
+    num_experts=8,
+    router_bias=False,
+    router_jitter_noise=0.01,
+    router_dtype="float32",
+    router_ignore_padding_tokens=False,  # stored by transformers' router, never used
+    relative_attention_num_buckets=32,
+    relative_attention_max_distance=128,
+    dropout_rate=0.1,
+    layer_norm_epsilon=1e-6,
+    router_z_loss_coef=0.001,
+    router_aux_loss_coef=0.001,
+    initializer_factor=1.0,
+    dense_act_fn="relu",
+    add_router_probs=False,
+    use_cache=True,
+    pad_token_id=0,
+    eos_token_id=1,
+    bos_token_id=None,
+    tie_word_embeddings=True,
+    is_decoder=False,
+    add_cross_attention=False,
+)
+T5_FIELDS = dict(
+    vocab_size=32128,
+    d_model=512,
+    d_kv=64,
+    d_ff=2048,
+    num_layers=6,
+    num_decoder_layers=None,
+    num_heads=8,
+    relative_attention_num_buckets=32,
+    relative_attention_max_distance=128,
+    dropout_rate=0.1,
+    layer_norm_epsilon=1e-6,
+    initializer_factor=1.0,
+    feed_forward_proj="relu",
+    use_cache=True,
+    pad_token_id=0,
+    eos_token_id=1,
+    classifier_dropout=0.0,
+    is_decoder=False,
+)
+_ALIASES = {
+    "switch_transformers": {
+        "hidden_size": "d_model",
+        "num_attention_heads": "num_heads",
+        "num_hidden_layers": "num_layers",
+    },
+    "t5": {
+        "hidden_size": "d_model",
+        "num_attention_heads": "num_heads",
+        "num_hidden_layers": "num_layers",
+        "head_dim": "d_kv",
+    },
+}
 
 
-# ----------------------------------------------------------------------------- configs
+_NULLABLE = ("num_decoder_layers", "pad_token_id", "eos_token_id")  # int or null (eos: or a list)
 
 
 def _hf_sparse_step(num_layers: int, num_sparse: int) -> int:
@@ -43,67 +117,117 @@ def _hf_sparse_step(num_layers: int, num_sparse: int) -> int:
     return num_layers // num_sparse if num_sparse > 0 else num_layers
 
 
-def config_from_hf(hf: dict) -> SwitchT5Config:
-    """Our config from a HF ``config.json`` dict (``switch_transformers`` or ``t5``)."""
+def hf_config_attributes(hf: dict) -> dict:
+    """The attributes transformers' config class ends up with for a ``config.json`` dict, in its order:
+    class defaults, then the dict's own fields, then ``__post_init__``'s derived values (from the
+    fields, before aliases), then every other key of the dict, aliases (``hidden_size``, ...) mapped
+    to their fields. So an explicit ``encoder_sparse_step`` beats the one derived from
+    ``num_sparse_encoder_layers``, and T5's ``dense_act_fn``/``is_gated_act``/``scale_decoder_outputs``
+    beat those derived from ``feed_forward_proj``/``tie_word_embeddings``, as in transformers."""
     model_type = hf.get("model_type")
-    common = dict(
-        vocab_size=hf["vocab_size"],
-        d_model=hf["d_model"],
-        d_kv=hf["d_kv"],
-        d_ff=hf["d_ff"],
-        num_layers=hf["num_layers"],
-        num_decoder_layers=hf.get("num_decoder_layers") or hf["num_layers"],
-        num_heads=hf["num_heads"],
-        relative_attention_num_buckets=hf.get("relative_attention_num_buckets", 32),
-        relative_attention_max_distance=hf.get("relative_attention_max_distance", 128),
-        dropout_rate=hf.get("dropout_rate", 0.1),
-        layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-6),
-        # transformers >= 5 always ties T5's weights and records the output scaling separately
-        tie_word_embeddings=hf.get("scale_decoder_outputs", hf.get("tie_word_embeddings", True)),
-        pad_token_id=hf.get("pad_token_id", 0) if hf.get("pad_token_id") is not None else 0,
-        eos_token_id=_first(hf.get("eos_token_id", 1)),
-        decoder_start_token_id=hf.get("decoder_start_token_id")
-        if hf.get("decoder_start_token_id") is not None
-        else hf.get("pad_token_id", 0) or 0,
-    )
+    if model_type not in _ALIASES:
+        raise ValueError(f"config.json: model_type {model_type!r} is neither 'switch_transformers' nor 't5'")
+    fields = SWITCH_FIELDS if model_type == "switch_transformers" else T5_FIELDS
+    attrs = dict(fields)
+    extra = {}
+    for key, value in hf.items():
+        (attrs if key in fields else extra)[key] = value
+    for key, default in fields.items():  # transformers' @strict type checks, for what changes the math
+        value = attrs[key]
+        if isinstance(default, bool) and not isinstance(value, bool):
+            raise ValueError(f"config.json: {key} must be true or false, got {value!r}")
+        if isinstance(default, int) and not isinstance(default, bool) and key not in _NULLABLE:
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"config.json: {key} must be an integer, got {value!r}")
+    if attrs["num_decoder_layers"] is None:
+        attrs["num_decoder_layers"] = attrs["num_layers"]
     if model_type == "switch_transformers":
-        act = hf.get("dense_act_fn", "relu")
+        attrs["encoder_sparse_step"] = _hf_sparse_step(attrs["num_layers"], attrs["num_sparse_encoder_layers"])
+        attrs["decoder_sparse_step"] = _hf_sparse_step(attrs["num_decoder_layers"], attrs["num_sparse_decoder_layers"])
+    else:
+        proj = attrs["feed_forward_proj"]
+        act_info = proj.split("-") if isinstance(proj, str) else []
+        if not act_info or (len(act_info) > 1 and act_info[0] != "gated") or len(act_info) > 2:
+            raise ValueError(f"config.json: feed_forward_proj {proj!r} is neither 'ACT' nor 'gated-ACT'")
+        attrs["dense_act_fn"] = "gelu_new" if proj == "gated-gelu" else act_info[-1]
+        attrs["is_gated_act"] = act_info[0] == "gated"
+        # transformers 5 always ties T5's embeddings; the key only says whether outputs are scaled
+        attrs["scale_decoder_outputs"] = extra.pop("tie_word_embeddings", None) is not False
+        attrs["tie_word_embeddings"] = True
+    aliases = _ALIASES[model_type]
+    for key, value in extra.items():
+        attrs[aliases.get(key, key)] = value
+    return attrs
+
+
+def config_from_hf(hf: dict) -> SwitchT5Config:
+    """Our config from a HF ``config.json`` dict (``switch_transformers`` or ``t5``), read as
+    transformers reads it (see :func:`hf_config_attributes`). A field that would change the model's
+    outputs in a way :class:`SwitchT5` does not implement raises a ``ValueError`` naming it."""
+    a = hf_config_attributes(hf)
+    switch = a["model_type"] == "switch_transformers"
+    for key in ("encoder_sparse_step", "decoder_sparse_step") if switch else ():
+        if isinstance(a[key], bool) or not isinstance(a[key], int):
+            raise ValueError(f"config.json: {key} must be an integer, got {a[key]!r}")
+    pad = a["pad_token_id"] if a["pad_token_id"] is not None else 0
+    start = a.get("decoder_start_token_id")
+    common = dict(
+        vocab_size=a["vocab_size"],
+        d_model=a["d_model"],
+        d_kv=a["d_kv"],
+        d_ff=a["d_ff"],
+        num_layers=a["num_layers"],
+        num_decoder_layers=a["num_decoder_layers"],
+        num_heads=a["num_heads"],
+        relative_attention_num_buckets=a["relative_attention_num_buckets"],
+        relative_attention_max_distance=a["relative_attention_max_distance"],
+        dropout_rate=a["dropout_rate"],
+        layer_norm_epsilon=a["layer_norm_epsilon"],
+        # output scaling by d_model ** -0.5 (and, for us, one matrix for input and output embeddings)
+        tie_word_embeddings=a["tie_word_embeddings"] if switch else bool(a["scale_decoder_outputs"]),
+        pad_token_id=pad,
+        eos_token_id=_first(a["eos_token_id"]) if a["eos_token_id"] is not None else 1,
+        decoder_start_token_id=start if start is not None else pad,
+        init_scale=a["initializer_factor"],
+    )
+    if switch:
+        if a["router_bias"]:
+            raise ValueError("config.json: router_bias true is not supported (switchformer's routers have no bias)")
+        if a["router_dtype"] != "float32":
+            raise ValueError(
+                f"config.json: router_dtype {a['router_dtype']!r} is not supported "
+                "(switchformer routes in float32, the paper's selective precision)"
+            )
+        act = a["dense_act_fn"]
         if act not in _HF_ACTIVATIONS:
             raise ValueError(f"config.json: dense_act_fn {act!r} is not supported (known: {sorted(_HF_ACTIVATIONS)})")
-        num_dec = common["num_decoder_layers"]
+        # HF's stack: layer i is sparse iff step > 0 and (step == 1 or i % step == 1); so is ours
         return SwitchT5Config(
             **common,
             activation=_HF_ACTIVATIONS[act],
-            num_experts=hf["num_experts"],
-            encoder_sparse_step=_hf_sparse_step(hf["num_layers"], hf.get("num_sparse_encoder_layers", 3)),
-            decoder_sparse_step=_hf_sparse_step(num_dec, hf.get("num_sparse_decoder_layers", 3)),
-            expert_capacity=hf.get("expert_capacity", 64),
-            router_jitter_noise=hf.get("router_jitter_noise", 0.01),
-            router_aux_loss_coef=hf.get("router_aux_loss_coef", 0.001),
-            router_z_loss_coef=hf.get("router_z_loss_coef", 0.001),
-            init_scale=hf.get("initializer_factor", 1.0),
+            num_experts=a["num_experts"],
+            encoder_sparse_step=max(a["encoder_sparse_step"], 0),
+            decoder_sparse_step=max(a["decoder_sparse_step"], 0),
+            expert_capacity=a["expert_capacity"],
+            router_jitter_noise=a["router_jitter_noise"],
+            router_aux_loss_coef=a["router_aux_loss_coef"],
+            router_z_loss_coef=a["router_z_loss_coef"],
         )
-    if model_type == "t5":
-        proj = hf.get("feed_forward_proj", "relu")
-        parts = proj.split("-")
-        gated = parts[0] == "gated"
-        act = "gelu_new" if proj == "gated-gelu" else parts[-1]
-        if act not in _HF_ACTIVATIONS:
-            raise ValueError(f"config.json: feed_forward_proj {proj!r} is not supported")
-        ours = _HF_ACTIVATIONS[act]
-        if gated:
-            gated_names = {"gelu_new": "gated-gelu", "silu": "swiglu"}
-            if ours not in gated_names:
-                raise ValueError(f"config.json: feed_forward_proj {proj!r} is not supported")
-            ours = gated_names[ours]
-        return SwitchT5Config(
-            **common,
-            activation=ours,
-            encoder_sparse_step=0,
-            decoder_sparse_step=0,
-            init_scale=hf.get("initializer_factor", 1.0),
+    act = a["dense_act_fn"]
+    if act not in _HF_ACTIVATIONS:
+        raise ValueError(
+            f"config.json: feed_forward_proj {a['feed_forward_proj']!r} (dense_act_fn {act!r}) is not supported "
+            f"(known activations: {sorted(_HF_ACTIVATIONS)})"
         )
-    raise ValueError(f"config.json: model_type {model_type!r} is neither 'switch_transformers' nor 't5'")
+    ours = _HF_ACTIVATIONS[act]
+    if a["is_gated_act"]:
+        if ours not in _HF_GATED_ACTIVATIONS:
+            raise ValueError(
+                f"config.json: feed_forward_proj {a['feed_forward_proj']!r} (gated {act!r}) is not supported "
+                "(gated FFNs: gated-gelu with the tanh approximation, gated-silu)"
+            )
+        ours = _HF_GATED_ACTIVATIONS[ours]
+    return SwitchT5Config(**common, activation=ours, encoder_sparse_step=0, decoder_sparse_step=0)
 
 
 def _first(value):
@@ -141,19 +265,9 @@ def config_to_hf(config: SwitchT5Config) -> dict:
         )
     if config.top_k != 1:
         raise ValueError("top_k: Hugging Face SwitchTransformers routes top-1 only")
-    sparse = {}
-    for stack, layers, step in (
-        ("encoder", config.num_layers, config.encoder_sparse_step),
-        ("decoder", config.num_decoder_layers, config.decoder_sparse_step),
-    ):
-        count = sum(is_sparse_layer(i, step) for i in range(layers))
-        hf_layout = [is_sparse_layer(i, _hf_sparse_step(layers, count)) for i in range(layers)]
-        if hf_layout != [is_sparse_layer(i, step) for i in range(layers)]:
-            raise ValueError(
-                f"{stack}_sparse_step: the sparse layout of step {step} over {layers} layers "
-                "cannot be expressed in Hugging Face's config"
-            )
-        sparse[stack] = count
+    # transformers honours explicit sparse steps (they beat num_sparse_*_layers), so every layout of ours
+    # is expressible; the counts are written too, for readers that look at them
+    sparse = {stack: sum(config.sparse_layers(stack)) for stack in ("encoder", "decoder")}
     capacity = config.expert_capacity
     if capacity is None:
         capacity = 64
@@ -169,6 +283,8 @@ def config_to_hf(config: SwitchT5Config) -> dict:
         num_experts=config.num_experts,
         num_sparse_encoder_layers=sparse["encoder"],
         num_sparse_decoder_layers=sparse["decoder"],
+        encoder_sparse_step=config.encoder_sparse_step,
+        decoder_sparse_step=config.decoder_sparse_step,
         expert_capacity=capacity,
         router_jitter_noise=config.router_jitter_noise,
         router_aux_loss_coef=config.router_aux_loss_coef,
@@ -182,13 +298,23 @@ def config_to_hf(config: SwitchT5Config) -> dict:
 
 # ----------------------------------------------------------------------------- weights
 
+_SHARED, _ENC_EMBED, _DEC_EMBED, _LM_HEAD = (
+    "shared.weight",
+    "encoder.embed_tokens.weight",
+    "decoder.embed_tokens.weight",
+    "lm_head.weight",
+)
+_EMBEDDING_KEYS = (_SHARED, _ENC_EMBED, _DEC_EMBED, _LM_HEAD)
+# Unused by transformers' model and skipped by its loader (``_keys_to_ignore_on_load_unexpected``):
+# early T5 checkpoints hold a position bias for the first cross-attention, which T5 never applies.
+_IGNORED_KEYS = {"t5": ("decoder.block.0.layer.1.EncDecAttention.relative_attention_bias.weight",)}
+
 
 def _key_pairs(config: SwitchT5Config, flavour: str) -> list[tuple[str, list[str], str]]:
-    """(native key, HF keys, how) for every weight. ``how``: ``copy``, ``t`` (transpose),
-    ``gated`` (two HF matrices side by side), ``experts_t`` (per-expert matrices, transposed)."""
-    pairs = [("shared.weight", ["shared.weight"], "copy")]
-    if not config.tie_word_embeddings:
-        pairs.append(("lm_head.weight", ["lm_head.weight"], "copy"))
+    """(native key, HF keys, how) for every weight but the embeddings and the output head (see
+    :func:`_embeddings_from_hf`). ``how``: ``copy``, ``t`` (transpose), ``gated`` (two HF matrices
+    side by side), ``experts_t`` (per-expert matrices, transposed)."""
+    pairs = []
     for stack in ("encoder", "decoder"):
         decoder = stack == "decoder"
         ff = 2 if decoder else 1
@@ -229,37 +355,84 @@ def _key_pairs(config: SwitchT5Config, flavour: str) -> list[tuple[str, list[str
     return pairs
 
 
+def _hf_ties_embeddings(config: SwitchT5Config, flavour: str) -> bool:
+    """Whether transformers 5 ties ``encoder/decoder.embed_tokens`` and ``lm_head`` to ``shared``:
+    always for T5 (its ``tie_word_embeddings`` only scales the output), only when
+    ``tie_word_embeddings`` for SwitchTransformers (otherwise all four are separate matrices, and
+    ``shared`` feeds neither stack)."""
+    return flavour == "t5" or config.tie_word_embeddings
+
+
+def _embeddings_from_hf(hf_state: dict[str, Tensor], config: SwitchT5Config, flavour: str) -> dict[str, Tensor]:
+    """Our ``shared.weight`` (and ``lm_head.weight`` when untied) from HF's four embedding matrices,
+    resolved as transformers' loader resolves them; every one that is present must be the matrix our
+    model uses in its place, or this raises naming it."""
+    present = {k: hf_state[k] for k in _EMBEDDING_KEYS if k in hf_state}
+    if _hf_ties_embeddings(config, flavour):
+        # transformers ties each missing matrix to one that is present (the same for all of them)
+        source = present.get(_SHARED)
+        if source is None:
+            source = next(iter(present.values()), None)
+        effective = {k: present.get(k, source) for k in _EMBEDDING_KEYS}
+    else:
+        effective = dict(present)
+        if _ENC_EMBED not in present and _DEC_EMBED not in present and _SHARED in present:
+            # switchformer's to_hf wrote untied Switch models this way before it wrote the stacks' matrices
+            # (transformers 4 reads it so; transformers 5 would initialise both at random)
+            log.warning(
+                "from_hf: %s and %s are missing; using %s for both (transformers 5 would initialise them at random)",
+                _ENC_EMBED,
+                _DEC_EMBED,
+                _SHARED,
+            )
+            effective[_ENC_EMBED] = effective[_DEC_EMBED] = present[_SHARED]
+        effective.setdefault(_SHARED, effective.get(_ENC_EMBED))  # transformers' forward never reads it
+    missing = [k for k in _EMBEDDING_KEYS if effective.get(k) is None]
+    if missing:
+        raise ValueError(f"checkpoint: keys do not match the config: missing {missing} ({len(missing)})")
+    embed = effective[_ENC_EMBED]
+    if not torch.equal(effective[_DEC_EMBED], embed):
+        raise ValueError(
+            f"checkpoint: {_DEC_EMBED} differs from {_ENC_EMBED}; transformers embeds each stack's tokens "
+            "with its own matrix, switchformer's SwitchT5 with one shared matrix"
+        )
+    if not torch.equal(effective[_SHARED], embed):
+        raise ValueError(
+            f"checkpoint: {_SHARED} differs from {_ENC_EMBED} and {_DEC_EMBED}, which transformers embeds "
+            f"the tokens with; switchformer's SwitchT5 has one input embedding and cannot hold {_SHARED} as well"
+        )
+    if config.tie_word_embeddings:
+        if not torch.equal(effective[_LM_HEAD], embed):
+            raise ValueError(
+                f"checkpoint: {_LM_HEAD} differs from the input embedding ({_SHARED}) but the config ties "
+                "them (tie_word_embeddings: outputs scaled by d_model ** -0.5 through the shared matrix)"
+            )
+        return {"shared.weight": embed}
+    # an untied head must own its memory even where HF ties it in memory
+    return {"shared.weight": embed, "lm_head.weight": effective[_LM_HEAD].clone()}
+
+
 def state_dict_from_hf(hf_state: dict[str, Tensor], config: SwitchT5Config, flavour: str) -> dict[str, Tensor]:
-    """Convert HF weights to ours; missing or unexpected keys (or wrong shapes) raise, listing them."""
+    """Convert HF weights to ours. Every tensor of ``hf_state`` is used or refused: missing or
+    unexpected keys raise listing them, and so does an embedding matrix our model cannot hold."""
     pairs = _key_pairs(config, flavour)
     expected = {key for _, keys, _ in pairs for key in keys}
-    present = set(hf_state) | ({"lm_head.weight"} if "shared.weight" in hf_state else set())
-    missing = sorted(expected - present)
-    unexpected = sorted(
-        k
-        for k in hf_state.keys() - expected
-        if k not in _TIED_ALIASES and not (k == "lm_head.weight" and config.tie_word_embeddings)
-    )
+    missing = sorted(expected - set(hf_state))
+    ignored = {k for k in _IGNORED_KEYS.get(flavour, ()) if k in hf_state}
+    unexpected = sorted(hf_state.keys() - expected - set(_EMBEDDING_KEYS) - ignored)
     if missing or unexpected:
         raise ValueError(
             f"checkpoint: keys do not match the config: missing {missing[:20]}"
             f"{' ...' if len(missing) > 20 else ''} ({len(missing)}), unexpected {unexpected[:20]}"
             f"{' ...' if len(unexpected) > 20 else ''} ({len(unexpected)})"
         )
-    if not config.tie_word_embeddings and "lm_head.weight" not in hf_state:
-        hf_state = dict(hf_state, **{"lm_head.weight": hf_state["shared.weight"]})  # tied in memory, unscaled
-    if (
-        config.tie_word_embeddings
-        and "lm_head.weight" in hf_state
-        and not torch.equal(hf_state["lm_head.weight"], hf_state["shared.weight"])
-    ):
-        raise ValueError("checkpoint: lm_head.weight differs from shared.weight but the config ties them")
-    state = {}
+    if ignored:
+        log.info("from_hf: skipping %s (transformers' model has no such weight and skips it too)", sorted(ignored))
+    state = _embeddings_from_hf(hf_state, config, flavour)
     for ours, keys, how in pairs:
         tensors = [hf_state[k] for k in keys]
         if how == "copy":
-            # an untied head must own its memory even where HF ties it in memory
-            state[ours] = tensors[0].clone() if ours == "lm_head.weight" else tensors[0]
+            state[ours] = tensors[0]
         elif how == "t":
             state[ours] = tensors[0].t().contiguous()
         elif how == "gated":
@@ -270,10 +443,17 @@ def state_dict_from_hf(hf_state: dict[str, Tensor], config: SwitchT5Config, flav
 
 
 def state_dict_to_hf(model: SwitchT5) -> dict[str, Tensor]:
+    """HF's weights for ``model``: every matrix transformers' model holds that its loader does not
+    tie to another (so it loads with no missing keys); repeated matrices are separate copies."""
     config = model.config
     flavour = "switch_transformers" if config.has_sparse_layers else "t5"
     ours = model.state_dict()
-    out = {}
+    out = {_SHARED: ours["shared.weight"].contiguous()}
+    if not config.tie_word_embeddings:
+        out[_LM_HEAD] = ours["lm_head.weight"].contiguous()
+    if not _hf_ties_embeddings(config, flavour):  # untied Switch: each stack embeds with its own matrix
+        out[_ENC_EMBED] = ours["shared.weight"].detach().clone().contiguous()
+        out[_DEC_EMBED] = ours["shared.weight"].detach().clone().contiguous()
     for native, keys, how in _key_pairs(config, flavour):
         tensor = ours[native]
         if how == "copy":
