@@ -148,10 +148,12 @@ def _resume_settings(args):
 
 
 def cmd_train(args) -> int:
+    from switchformer.train.rundir import check_resumable, claim_run
     from switchformer.train.trainer import Trainer
 
     model_values = None
-    if args.resume:
+    if args.resume:  # first: a run with no complete checkpoint, or in use, is named as such
+        check_resumable(args.resume, probe_lock=os.environ.get("RANK", "0") == "0")
         config, run = _resume_settings(args)
         run_dir, model_values = run.run_dir, run.model_values
     else:
@@ -160,24 +162,29 @@ def cmd_train(args) -> int:
         if distributed and not config.run_name:
             raise ValueError("--run-name: required under torchrun, so that every rank writes to the same run")
         run_dir = _run_dir(config)
-        if (run_dir / "checkpoints").exists():
-            raise FileExistsError(f"{run_dir}: already holds a run; use --resume {run_dir} or another --run-name")
     main_rank = int(os.environ.get("RANK", "0")) == 0
+    # one writer per run directory (rank 0 locks it); under the lock, a fresh run over one holding a
+    # checkpoint is refused (--resume it) and one over a run stopped before its first starts over
+    lock = claim_run(run_dir, resume=bool(args.resume), main=main_rank)
     if main_rank:
         print(
             f"training {config.model} ({config.num_experts} experts every {config.sparse_step} layers"
             f"{'' if config.sparse_step else ': dense'}) for {config.max_steps} steps -> {run_dir}",
             flush=True,
         )
-    trainer = Trainer(
-        config,
-        run_dir,
-        resume=bool(args.resume),
-        progress=not args.no_progress,
-        device=args.device,
-        model_config=model_values,
-    )
-    summary = trainer.train()
+    try:
+        trainer = Trainer(
+            config,
+            run_dir,
+            resume=bool(args.resume),
+            progress=not args.no_progress,
+            device=args.device,
+            model_config=model_values,
+        )
+        summary = trainer.train()
+    finally:
+        if lock is not None:
+            lock.release()
     if main_rank:
         _print_summary(summary, config)
     return 0

@@ -44,14 +44,36 @@ def train_tokenizer(texts: list[str], vocab_size: int = 4096, kind: str = "bpe",
 
 
 def load_tokenizer(path: str | Path):
+    """``tokenizer.json`` (or the one in the folder ``path``), checked: a damaged or foreign file is
+    one line naming it (``RunFileError``)."""
     from tokenizers import Tokenizer
+
+    from switchformer.train.rundir import RunFileError, one_line
 
     path = Path(path)
     if path.is_dir():
         path = path / "tokenizer.json"
     if not path.exists():
         raise FileNotFoundError(f"{path}: tokenizer file not found")
-    return Tokenizer.from_file(str(path))
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise RunFileError(path, "not UTF-8 text (not a tokenizer file, or damaged)") from None
+    try:
+        tok = Tokenizer.from_str(text)
+    except Exception as err:  # the tokenizers library's parse errors are plain Exceptions
+        raise RunFileError(path, f"not a valid tokenizer file, or damaged ({one_line(err)})") from None
+    if tok.get_vocab_size() == 0:
+        raise RunFileError(path, "the tokenizer has no tokens")
+    return tok
+
+
+def save_tokenizer(tok, path: str | Path) -> None:
+    """``tok`` as ``tokenizer.json``, written atomically (a kill or a full disk leaves the previous
+    file or none, never part of one)."""
+    from switchformer.train.rundir import write_text_atomic
+
+    write_text_atomic(Path(path), tok.to_str(pretty=True))
 
 
 def special_ids(tok) -> dict[str, int | None]:

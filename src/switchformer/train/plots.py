@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+import logging
 from pathlib import Path
 
 
@@ -20,15 +20,15 @@ def read_metrics(run_dir: Path) -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():
         raise FileNotFoundError(f"{path}: no metrics (is this a run directory?)")
-    by_key = {}
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            raise ValueError(f"{path}:{number}: invalid JSON") from None
-        by_key[(record["step"], "eval_loss" in record)] = record
+    from switchformer.train.rundir import read_json_lines
+
+    records, damaged = read_json_lines(path)  # lines cut by a kill or a full disk are skipped
+    if damaged:
+        if not records:
+            raise ValueError(f"{path}: no readable record (lines {damaged[:5]} are damaged)")
+        shown = ", ".join(map(str, damaged[:5])) + (" ..." if len(damaged) > 5 else "")
+        logging.getLogger("switchformer").warning("%s: skipped %d damaged line(s): %s", path, len(damaged), shown)
+    by_key = {(record["step"], "eval_loss" in record): record for record in records}
     return [by_key[k] for k in sorted(by_key)]
 
 

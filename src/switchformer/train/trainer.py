@@ -44,6 +44,7 @@ from switchformer.train.checkpoint import (
 from switchformer.train.config import TrainConfig
 from switchformer.train.data import Data, prepare_data
 from switchformer.train.evaluation import EvalResult, evaluate, model_forward, scored_tokens
+from switchformer.train.rundir import MetricsLog, RunLock, no_checkpoint_message, remove_leftovers
 
 log = logging.getLogger("switchformer")
 
@@ -148,6 +149,10 @@ class Trainer:
         self.is_main = self.parallel is None or self.parallel.is_main
         self.rank, self.world = (0, 1) if self.parallel is None else (self.parallel.rank, self.parallel.world_size)
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._lock: RunLock | None = None  # taken before this process's first write (rank 0)
+        self._metrics: MetricsLog | None = None  # opened at the first record
+        self._metrics_fresh = not resume  # a fresh run's metrics.jsonl starts empty
+        self._saved_step: int | None = None  # the step of the checkpoint on disk that this run wrote or loaded
         self.progress = progress and self.is_main
         default_device = "cpu"
         if torch.cuda.is_available():
@@ -159,6 +164,8 @@ class Trainer:
         if data is not None:
             self.data: Data = data
         else:
+            if not (self.run_dir / "tokenizer.json").exists():
+                self._claim_run()  # prepare_data writes it
             with self.main_first():  # rank 0 trains and saves the tokenizer; the others then load it
                 self.data = prepare_data(config, self.run_dir)
         torch.manual_seed(config.seed)  # the same initial weights whatever data preparation consumed
@@ -174,23 +181,25 @@ class Trainer:
         self.time_offset = 0.0  # training seconds before this process (a resumed run's clock goes on)
         self._clock_start: float | None = None
         if resume:
+            self._claim_run()  # resuming rewrites metrics.jsonl
             checkpoint = latest_checkpoint(self.run_dir)
             if checkpoint is None:
-                raise FileNotFoundError(f"{self.run_dir}: no complete checkpoint to resume from")
+                raise FileNotFoundError(no_checkpoint_message(self.run_dir))
             loader = None
             if self.parallel is not None:
                 loader = lambda full: load_full_state(self.model, full, self.parallel)  # noqa: E731
             state = load_checkpoint(checkpoint, self.model, self.optimizer, self.optimizer_file, loader)
             self.step, self.bad_steps = state["step"], state.get("bad_steps", 0)
+            self._saved_step = self.step
             self.time_offset = float(state.get("train_time", 0.0))
             self.history = self._metrics_up_to(self.step)
             log.info("resumed from %s at step %d", checkpoint, self.step)
         # written once everything above succeeded: a failed start leaves the run's config as it was
         if self.is_main:
+            self._claim_run()
             write_json_atomic(
                 self.run_dir / "config.json", {"train": config.to_dict(), "model": self.model.config.to_dict()}
             )
-        self.metrics_file = (self.run_dir / "metrics.jsonl").open("a", buffering=1) if self.is_main else None
         self.tensorboard = None
         if config.tensorboard and self.is_main:
             try:
@@ -218,7 +227,11 @@ class Trainer:
         self.history.append(record)
         if not self.is_main:
             return
-        self.metrics_file.write(json.dumps(record) + "\n")
+        if self._metrics is None:
+            self._claim_run()
+            self._metrics = MetricsLog(self.run_dir / "metrics.jsonl", start_empty=self._metrics_fresh)
+            self._metrics_fresh = False
+        self._metrics.write(record)
         if self.tensorboard is not None:
             for key, value in record.items():
                 if isinstance(value, (int, float)) and key != "step":
@@ -249,7 +262,32 @@ class Trainer:
             write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
         return kept
 
+    def _claim_run(self) -> None:
+        """Before this process's first write into the run directory: its lock (rank 0 only; one
+        writer per run directory, a clear error for a second), then what killed writers left there is
+        removed. Released by :meth:`close` (``train`` calls it at its end, also on an error)."""
+        if not self.is_main or self._lock is not None:
+            return
+        import weakref
+
+        lock = RunLock(self.run_dir).acquire()
+        weakref.finalize(self, lock.release)  # a Trainer dropped without close() releases it too
+        self._lock = lock
+        if lock.fresh:
+            remove_leftovers(self.run_dir)
+
+    def close(self) -> None:
+        """Close metrics.jsonl and release the run directory's lock."""
+        if self._metrics is not None:
+            self._metrics.close()
+            self._metrics = None
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
     def save(self) -> Path:
+        self._claim_run()
+        self._saved_step = self.step
         extra = {"bad_steps": self.bad_steps, "world_size": self.world, "train_time": self.train_time()}
         if self.parallel is None:
             return save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, extra, self.config.keep_last)
@@ -369,6 +407,14 @@ class Trainer:
         return dict(totals, lr=lr, grad_norm=grad_norm, tokens=tokens)
 
     def train(self) -> dict:
+        """Train to ``max_steps``, evaluate, checkpoint, write summary.json; the run's lock and
+        metrics file are released at the end, also on an error."""
+        try:
+            return self._train()
+        finally:
+            self.close()
+
+    def _train(self) -> dict:
         config = self.config
         self.model.train()
         from tqdm.auto import tqdm
@@ -407,8 +453,11 @@ class Trainer:
         finally:
             bar.close()
         final = self.evaluate()
-        self.log_metrics({"step": self.step, "time": self.train_time(), **final.to_dict()})
-        checkpoint = self.save()
+        # a run resumed after its last checkpoint (killed before summary.json, or finished) has its
+        # final evaluation and checkpoint already: neither is written twice
+        if not any(r.get("step") == self.step and "eval_loss" in r for r in self.history):
+            self.log_metrics({"step": self.step, "time": self.train_time(), **final.to_dict()})
+        checkpoint = self.save() if self._saved_step != self.step else latest_checkpoint(self.run_dir)
         summary = {
             "step": self.step,
             "eval_loss": final.loss,
@@ -420,8 +469,8 @@ class Trainer:
             "sample": self.sample(),
         }
         if self.is_main:
+            self._claim_run()
             write_json_atomic(self.run_dir / "summary.json", summary)
-            self.metrics_file.close()
         if self.tensorboard is not None:
             self.tensorboard.close()
         return summary
