@@ -379,6 +379,47 @@ def test_a_full_disk_at_each_kind_of_write(killed, base, tmp_path, case, capsys,
     assert_same_run(run, reference)
 
 
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A tmpfs of a few hundred kB (only where the tests run as root and may mount)."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if os.geteuid() != 0 or not shutil.which("mount"):
+        pytest.skip("a real full disk needs root (the simulated ones above run everywhere)")
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16k", "tmpfs", str(mount)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+
+    def resize(kb: int) -> None:
+        subprocess.run(["mount", "-o", f"remount,size={kb}k", str(mount)], check=True, capture_output=True)
+
+    try:
+        yield mount, resize
+    finally:
+        subprocess.run(["umount", str(mount)], capture_output=True)
+
+
+def test_a_real_full_disk_at_every_size(killed, base, small_tmpfs, capsys):
+    """A real small file system filled by a run at different points (the tokenizer, metrics, each
+    checkpoint file): one line naming the file, nothing left behind, and once the disk is
+    enlarged the run is recovered to the same losses."""
+    reference, _ = killed
+    mount, resize = small_tmpfs
+    failed = set()
+    for kb in (24, 40, 100, 250, 400, 700, 900, 1100, 1300):
+        resize(kb)
+        run = mount / f"run{kb}"
+        if train(base, run) == 2:
+            line = error_line(capsys)
+            assert "No space left on device" in line and str(run) in line, line
+            failed.add(Path(re.search(r"'([^']+)'", line).group(1)).name)
+            assert_clean(run)
+        resize(8192)
+        recover(base, run, capsys)
+        assert_same_run(run, reference)
+        shutil.rmtree(run)
+    assert {"model.safetensors", "optimizer.pt"} <= failed and len(failed) >= 4, failed
+
+
 def test_a_full_disk_while_resume_rewrites_metrics(killed, base, tmp_path, capsys, monkeypatch):
     reference, taken = killed
     run = tmp_path / "run"

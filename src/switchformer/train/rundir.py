@@ -110,7 +110,7 @@ def named_error(err: BaseException, path) -> OSError:
         return OSError(f"{path}: {err}")
     text = one_line(err)
     code = None
-    found = re.search(r"code: (\d+)", text)
+    found = re.search(r"(?:code: |os error )(\d+)", text)
     if found:
         code = int(found.group(1))
     elif "No space left" in text or "StorageFull" in text:
@@ -122,8 +122,9 @@ def named_error(err: BaseException, path) -> OSError:
                 code = errno.ENOSPC
         except OSError:
             pass
-    code = code or errno.EIO
-    return OSError(code, f"{os.strerror(code)} ({type(err).__name__}: {text})", str(path))
+    if code is not None:  # the cause is known: the library's wording adds nothing
+        return OSError(code, os.strerror(code), str(path))
+    return OSError(errno.EIO, f"{os.strerror(errno.EIO)} ({type(err).__name__}: {text})", str(path))
 
 
 def write_all(fd: int, data: bytes, path) -> None:
