@@ -84,11 +84,11 @@ def _run_dir(config) -> Path:
     return Path(config.out_dir) / name
 
 
-def load_run(source: str | Path):
+def load_run(source: str | Path, need_tokenizer: bool = True):
     """(model, tokenizer, train config) of a run or checkpoint; see :mod:`switchformer.train.run`."""
     from switchformer.train.run import load_run as _load_run
 
-    return _load_run(source)
+    return _load_run(source, need_tokenizer)
 
 
 def _print_summary(summary: dict, config) -> None:
@@ -262,46 +262,9 @@ def cmd_compare(args) -> int:
 
 
 def cmd_convert(args) -> int:
-    from safetensors.torch import save_file
+    from switchformer.interop.convert import convert
 
-    from switchformer.interop.hf import from_hf, to_hf
-    from switchformer.train.checkpoint import write_json_atomic
-    from switchformer.train.config import TrainConfig
-
-    source, target = Path(args.source), Path(args.target)
-    config_file = source / "config.json"
-    if not config_file.exists():
-        raise FileNotFoundError(f"{config_file}: not found")
-    data = json.loads(config_file.read_text())
-    if "model_type" in data:  # Hugging Face -> native run directory
-        model = from_hf(source)
-        target.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(target / "model.safetensors"))
-        c = model.config
-        train = TrainConfig(
-            model="t5",
-            d_model=c.d_model,
-            num_layers=c.num_layers,
-            num_heads=c.num_heads,
-            d_ff=c.d_ff,
-            vocab_size=c.vocab_size,
-            num_experts=c.num_experts,
-            sparse_step=c.encoder_sparse_step,
-            activation=c.activation,
-        )
-        write_json_atomic(target / "config.json", {"train": train.to_dict(), "model": c.to_dict()})
-        for name in ("tokenizer.json",):
-            if (source / name).exists():
-                (target / name).write_bytes((source / name).read_bytes())
-        print(f"wrote switchformer model to {target}")
-    else:
-        model, _, train = load_run(source)
-        if train.model != "t5":
-            raise ValueError(f"{source}: only encoder-decoder (t5) models have a Hugging Face format")
-        to_hf(model, target)
-        if (source / "tokenizer.json").exists():
-            (target / "tokenizer.json").write_bytes((source / "tokenizer.json").read_bytes())
-        print(f"wrote Hugging Face model to {target}")
+    print(f"wrote {convert(args.source, args.target)}")
     return 0
 
 
@@ -309,7 +272,7 @@ def cmd_info(args) -> int:
     import torch
 
     if args.source:
-        model, _, train = load_run(args.source)
+        model, _, train = load_run(args.source, need_tokenizer=False)
         title = f"{args.source}: {train.model}"
     elif args.preset:
         from switchformer.train.config import build_config

@@ -74,9 +74,11 @@ def build_model_from_dict(family: str, values: dict, file: Path | str):
         raise ValueError(f"{file}: model: {err}") from None
 
 
-def load_run(source: str | Path):
+def load_run(source: str | Path, need_tokenizer: bool = True):
     """(model, tokenizer, train config) from a run directory (its latest checkpoint, else the
-    ``model.safetensors`` of a converted run) or from one checkpoint directory. Reads only."""
+    ``model.safetensors`` of a converted run) or from one checkpoint directory. Reads only.
+    Without ``need_tokenizer`` a run without ``tokenizer.json`` gives ``None`` for it (``info``,
+    ``convert``: a converted checkpoint may come without one)."""
     from switchformer.data.tokenizer import load_tokenizer
     from switchformer.train.checkpoint import latest_checkpoint, load_model_weights
 
@@ -87,4 +89,7 @@ def load_run(source: str | Path):
     if weights is None:
         weights = run.run_dir / "model.safetensors"  # a converted or consolidated run
     load_model_weights(model, weights)
-    return model.eval(), load_tokenizer(run.run_dir), run.train
+    tokenizer = None
+    if need_tokenizer or (run.run_dir / "tokenizer.json").exists():
+        tokenizer = load_tokenizer(run.run_dir)
+    return model.eval(), tokenizer, run.train
