@@ -88,3 +88,22 @@ def test_convert_refuses_a_target_that_holds_files(tmp_path, capsys):
     assert main(["convert", str(folder), str(tmp_path / "taken")]) == 2
     assert "already holds files" in capsys.readouterr().err
     assert os.listdir(tmp_path / "taken") == ["keep.txt"]
+
+
+def test_converted_run_trains_further_and_converts_back_with_equal_logits(tmp_path, capsys):
+    hf, folder = hf_t5_directory(tmp_path)
+    run = tmp_path / "run"
+    assert main(["convert", str(folder), str(run)]) == 0
+    before, _, _ = load_run(run)
+    flags = ["--max-steps", "2", "--set", "eval_every=2", "--set", "checkpoint_every=2", "--set", "eval_batches=1"]
+    assert main(["train", "--resume", str(run), "--no-progress", *flags]) == 0  # from the converted weights
+    capsys.readouterr()
+    after, _, _ = load_run(run)
+    saved = json.loads((run / "config.json").read_text())["model"]
+    assert (saved["d_kv"], saved["num_decoder_layers"], saved["tie_word_embeddings"]) == (4, 3, False)
+    moved = [n for n, p in after.state_dict().items() if not torch.equal(p, before.state_dict()[n])]
+    assert moved  # the weights trained
+    ids = torch.randint(2, hf.config.vocab_size, (2, 7), generator=torch.Generator().manual_seed(3))
+    assert main(["convert", str(run), str(tmp_path / "back")]) == 0
+    reloaded = transformers.T5ForConditionalGeneration.from_pretrained(tmp_path / "back").eval()
+    torch.testing.assert_close(logits(reloaded, ids), logits(after, ids), atol=1e-5, rtol=1e-5)

@@ -36,6 +36,8 @@ from switchformer.train.checkpoint import (
     finish_checkpoint,
     latest_checkpoint,
     load_checkpoint,
+    load_model_weights,
+    read_safetensors,
     save_checkpoint,
     write_checkpoint_files,
     write_json_atomic,
@@ -183,12 +185,21 @@ class Trainer:
         if resume:
             self._claim_run()  # resuming rewrites metrics.jsonl
             checkpoint = latest_checkpoint(self.run_dir)
+            if checkpoint is None and (self.run_dir / "model.safetensors").exists():
+                checkpoint = self.run_dir  # a converted run: its weights, a fresh optimizer, step 0
             if checkpoint is None:
                 raise FileNotFoundError(no_checkpoint_message(self.run_dir))
             loader = None
             if self.parallel is not None:
                 loader = lambda full: load_full_state(self.model, full, self.parallel)  # noqa: E731
-            state = load_checkpoint(checkpoint, self.model, self.optimizer, self.optimizer_file, loader)
+            if checkpoint == self.run_dir:
+                if loader is None:
+                    load_model_weights(self.model, self.run_dir)
+                else:
+                    loader(read_safetensors(self.run_dir / "model.safetensors"))
+                state = {"step": 0}
+            else:
+                state = load_checkpoint(checkpoint, self.model, self.optimizer, self.optimizer_file, loader)
             self.step, self.bad_steps = state["step"], state.get("bad_steps", 0)
             self._saved_step = self.step
             self.time_offset = float(state.get("train_time", 0.0))
