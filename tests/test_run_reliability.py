@@ -269,13 +269,14 @@ def test_the_uninterrupted_run_is_whole(killed):
 
 
 @pytest.mark.parametrize("moment", SNAPSHOTS)
-def test_a_kill_at_any_moment_is_resumed_or_restarted_exactly(killed, base, moment, capsys, caplog):
+def test_a_kill_at_any_moment_is_resumed_or_restarted_exactly(killed, base, moment, tmp_path, capsys, caplog):
     """--resume continues from the last complete checkpoint (or, with none, the same `train`
     starts over): the same losses as the uninterrupted run, each step and evaluation once, the final
     evaluation never twice, and nothing the killed writer left behind (temporary checkpoint
     folders, half-pruned ones, temporary files, its lock) survives."""
     reference, taken = killed
-    run = taken[moment]
+    run = tmp_path / "run"
+    shutil.copytree(taken[moment], run)  # (the snapshots stay as they are for other tests)
     had_checkpoint = latest_checkpoint(run) is not None
     recover(base, run, capsys)
     assert_same_run(run, reference)
@@ -596,6 +597,19 @@ def test_a_damaged_file_is_one_line_naming_it(killed, tmp_path, file, how, capsy
     assert not (run / "PWNED").exists() and not (target.parent / "PWNED").exists()
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
     assert_clean(run)
+
+
+def test_a_damaged_checkpoint_names_the_one_before_it(killed, base, tmp_path, capsys):
+    """With an earlier complete checkpoint, the error says how to resume from it; doing so works."""
+    _, taken = killed
+    run = tmp_path / "run"
+    shutil.copytree(taken["save8-renamed"], run)  # step_0000004 and step_0000008, both complete
+    (run / "checkpoints" / "step_0000008" / "optimizer.pt").write_bytes(b"garbage")
+    assert main(["train", "--resume", str(run), "--no-progress"]) == 2
+    line = error_line(capsys)
+    assert "optimizer.pt: damaged" in line and "to resume from step_0000004 instead, move step_0000008 out of" in line
+    shutil.move(run / "checkpoints" / "step_0000008", tmp_path / "damaged")
+    assert main(["train", "--resume", str(run), "--no-progress"]) == 0
 
 
 def test_a_lossless_dtype_is_accepted(killed, tmp_path, capsys):

@@ -381,8 +381,20 @@ def check_optimizer_state(file: Path, saved: dict, optimizer, names: dict[int, s
 
 def load_checkpoint(path: Path, model, optimizer, optimizer_name: str = "optimizer.pt", load_weights=None) -> dict:
     """Restore model (``load_weights(full_state)`` for a sharded model), optimizer and RNG; returns
-    ``state.json``. Every file is checked before it is used (see the module's docstring)."""
+    ``state.json``. Every file is checked before it is used (see the module's docstring); a damaged
+    checkpoint's error says how to resume from the one before it, when there is one."""
     path = Path(path)
+    try:
+        return _load_checkpoint(path, model, optimizer, optimizer_name, load_weights)
+    except RunFileError as err:
+        earlier = [p for p in list_checkpoints(path.parent.parent) if p.name < path.name]
+        if not earlier:
+            raise
+        hint = f"to resume from {earlier[-1].name} instead, move {path.name} out of {path.parent}"
+        raise RunFileError(err.file, f"{err.problem}; {hint}") from None
+
+
+def _load_checkpoint(path: Path, model, optimizer, optimizer_name: str, load_weights) -> dict:
     state = read_state(path)
     if load_weights is None:
         load_model_weights(model, path)

@@ -127,6 +127,13 @@ def named_error(err: BaseException, path) -> OSError:
     return OSError(errno.EIO, f"{os.strerror(errno.EIO)} ({type(err).__name__}: {text})", str(path))
 
 
+def _read_at(fd: int, size: int, offset: int) -> bytes:
+    if hasattr(os, "pread"):
+        return os.pread(fd, size, offset)
+    os.lseek(fd, offset, os.SEEK_SET)  # (no pread on Windows; writes here append regardless)
+    return os.read(fd, size)
+
+
 def write_all(fd: int, data: bytes, path) -> None:
     """All of ``data`` to ``fd`` (``os.write`` may write part of it when the disk fills)."""
     view = memoryview(data)
@@ -173,7 +180,7 @@ def write_file_atomic(path, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         try:
-            os.fchmod(fd, default_file_mode())
+            os.chmod(tmp, default_file_mode())
             write_all(fd, data, path)
             try:
                 os.fsync(fd)
@@ -224,7 +231,7 @@ class MetricsLog:
         end = size
         while end > 0:
             start = max(0, end - 65536)
-            chunk = os.pread(self._fd, end - start, start)
+            chunk = _read_at(self._fd, end - start, start)
             newline = chunk.rfind(b"\n")
             if newline >= 0:
                 end = start + newline + 1
@@ -300,7 +307,7 @@ def _process_alive(pid: int) -> bool:
 
 def _read_holder(fd: int) -> dict:
     try:
-        data = os.pread(fd, 4096, 0)
+        data = _read_at(fd, 4096, 0)
         holder = json.loads(data.decode("utf-8"))
         return holder if isinstance(holder, dict) else {}
     except (OSError, ValueError):
