@@ -138,3 +138,19 @@ def test_hf_import_generates_hf_tokens_by_default_when_capacity_drops_tokens():
     # the case has teeth: 20 tokens over 4 experts of capacity 3 drop tokens, dropless routes otherwise
     dropless = ours.generate(ids, max_new_tokens=10, routing="dropless")
     assert not torch.equal(dropless, want)
+
+
+def test_a_model_routed_in_fixed_groups_still_generates_with_its_eval_capacity():
+    """Decoding steps hold a step's rows, no multiple of group_size: each step is one routing group
+    (eval itself keeps the groups: it runs whole sequences)."""
+    torch.manual_seed(0)
+    config = sf.SwitchLMConfig(
+        vocab_size=64, d_model=32, num_layers=2, num_heads=4, d_ff=48, num_experts=4, sparse_step=1,
+        max_seq_len=64, group_size=32,
+    )  # fmt: skip
+    model = sf.SwitchLM(config).eval()
+    out = model.generate(torch.randint(2, 64, (2, 16)), max_new_tokens=3)
+    assert out.shape == (2, 19)
+    assert all(m.group_size == 32 for m in model.modules() if isinstance(m, SwitchMoE))  # restored
+    with pytest.raises(ValueError, match="group_size"):  # a forward itself keeps the training groups
+        model(torch.randint(2, 64, (1, 5)))

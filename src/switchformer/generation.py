@@ -80,9 +80,13 @@ def routing_description(model: torch.nn.Module, routing: str = "eval") -> str:
 
 
 @contextlib.contextmanager
-def inference_routing(model: torch.nn.Module, routing: str = "eval"):
+def inference_routing(model: torch.nn.Module, routing: str = "eval", decoding: bool = False):
     """Run the model's Switch layers with their own eval routing (default: exactly as ``forward``
     in eval mode) or dropless (``"dropless"``), restoring the layers' settings afterwards.
+
+    ``decoding``: the calls are generation steps, whose token counts (the rows of a step) are no
+    multiple of a fixed ``group_size``: each call's tokens form one routing group, with the eval
+    capacity factor (or per-sequence ``expert_capacity``) as configured.
 
     Raises ``ValueError`` for a ``routing`` not in :data:`ROUTING_MODES`."""
     description = routing_description(model, routing)
@@ -95,6 +99,9 @@ def inference_routing(model: torch.nn.Module, routing: str = "eval"):
             for m in layers:
                 if m.routing != "expert_choice":  # without capacity, groups do not matter either
                     m.eval_capacity_factor, m.expert_capacity, m.group_size = None, None, None
+        elif decoding:
+            for m in layers:
+                m.group_size = None
         yield
     finally:
         for m, (factor, capacity, group_size) in zip(layers, saved):
@@ -134,7 +141,7 @@ def _eval_routing(model: torch.nn.Module, routing: str):
     was_training = model.training
     model.eval()
     try:
-        with inference_routing(model, routing):
+        with inference_routing(model, routing, decoding=True):
             yield
     finally:
         model.train(was_training)
