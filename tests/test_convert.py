@@ -107,3 +107,17 @@ def test_converted_run_trains_further_and_converts_back_with_equal_logits(tmp_pa
     assert main(["convert", str(run), str(tmp_path / "back")]) == 0
     reloaded = transformers.T5ForConditionalGeneration.from_pretrained(tmp_path / "back").eval()
     torch.testing.assert_close(logits(reloaded, ids), logits(after, ids), atol=1e-5, rtol=1e-5)
+
+
+def test_converted_files_get_the_users_umask(tmp_path, capsys):
+    _, folder = hf_t5_directory(tmp_path)
+    old = os.umask(0o022)
+    try:
+        assert main(["convert", str(folder), str(tmp_path / "run")]) == 0
+        assert main(["convert", str(tmp_path / "run"), str(tmp_path / "back")]) == 0
+    finally:
+        os.umask(old)
+    capsys.readouterr()
+    for out in ("run", "back"):
+        for file in (tmp_path / out).iterdir():
+            assert file.stat().st_mode & 0o777 == 0o644, file  # not mkstemp's 0600

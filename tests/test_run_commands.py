@@ -225,3 +225,16 @@ def test_eval_and_generate_refuse_bad_numbers_before_any_output(trained, capsys)
     assert main(["generate", str(trained), "--prompt", "The", "--max-new-tokens", "1000000000000"]) == 2
     captured = capsys.readouterr()
     assert "max_new_tokens:" in captured.err and captured.out == ""  # nothing streamed before the error
+
+
+def test_run_json_files_hold_strict_json(tmp_path):
+    """NaN is not JSON: a run's JSON files write non-finite numbers as null."""
+    from switchformer.train.rundir import MetricsLog, write_json_atomic
+
+    write_json_atomic(tmp_path / "summary.json", {"eval_loss": float("nan"), "x": [float("inf"), 1.0]})
+    text = (tmp_path / "summary.json").read_text()
+    assert "NaN" not in text and json.loads(text) == {"eval_loss": None, "x": [None, 1.0]}
+    log = MetricsLog(tmp_path / "metrics.jsonl")
+    log.write({"step": 1, "loss": float("nan")})
+    log.close()
+    assert json.loads((tmp_path / "metrics.jsonl").read_text()) == {"step": 1, "loss": None}

@@ -243,20 +243,21 @@ def cmd_generate(args) -> int:
 
 def cmd_compare(args) -> int:
     from switchformer.train.compare import format_seed_summary, format_table, run_compare, run_compare_seeds
+    from switchformer.train.rundir import write_text_atomic
 
     config = _config_from_args(args, COMPARE_PRESET)
     out_dir = Path(config.out_dir) / (config.run_name or f"compare-{time.strftime('%Y%m%d-%H%M%S')}")
     if args.seeds == 1:
         result = run_compare(config, out_dir, progress=not args.no_progress, device=args.device)
         table = format_table(result)
-        (out_dir / "compare.md").write_text(table + "\n")
+        write_text_atomic(out_dir / "compare.md", table + "\n")
         print(table)
         print(f"plot: {result['plot']}")
         return 0
     results = run_compare_seeds(config, out_dir, args.seeds, progress=not args.no_progress, device=args.device)
     parts = [f"## seed {r['seed']}\n\n{format_table(r)}\n\nplot: {r['plot']}" for r in results]
     text = "\n\n".join([*parts, "## all seeds\n\n" + format_seed_summary(results)])
-    (out_dir / "compare.md").write_text(text + "\n")
+    write_text_atomic(out_dir / "compare.md", text + "\n")
     print(text)
     return 0
 

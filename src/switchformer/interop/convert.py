@@ -11,7 +11,6 @@ training settings), ``model.safetensors`` and, when the source has one, ``tokeni
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 from switchformer.train.config import TrainConfig
@@ -46,11 +45,11 @@ def convert(source: str | Path, target: str | Path) -> str:
     """Convert ``source`` into ``target`` (a new or empty folder); returns what was written, in
     words. Raises ``FileExistsError`` for a target that already holds files, ``ValueError`` for
     a source that is neither a Hugging Face T5/Switch directory nor a switchformer run."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     from switchformer.interop.hf import from_hf, to_hf
-    from switchformer.train.checkpoint import write_json_atomic
     from switchformer.train.run import load_run, run_dir_of
+    from switchformer.train.rundir import write_file_atomic, write_json_atomic
 
     source, target = Path(source), Path(target)
     if target.exists() and any(target.iterdir()):
@@ -65,11 +64,12 @@ def convert(source: str | Path, target: str | Path) -> str:
     if isinstance(data, dict) and "model_type" in data:  # Hugging Face -> switchformer run
         model = from_hf(source)
         target.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(target / "model.safetensors"))
+        weights = save({k: v.contiguous() for k, v in model.state_dict().items()}, metadata={"format": "pt"})
+        write_file_atomic(target / "model.safetensors", weights)
         train = train_settings_of(model.config)
         write_json_atomic(target / "config.json", {"train": train.to_dict(), "model": model.config.to_dict()})
         if (source / "tokenizer.json").exists():
-            shutil.copyfile(source / "tokenizer.json", target / "tokenizer.json")
+            write_file_atomic(target / "tokenizer.json", (source / "tokenizer.json").read_bytes())
         return f"switchformer run {target}"
     model, _, train = load_run(source, need_tokenizer=False)
     if train.model != "t5":
@@ -77,5 +77,5 @@ def convert(source: str | Path, target: str | Path) -> str:
     to_hf(model, target)
     tokenizer = run_dir_of(source) / "tokenizer.json"
     if tokenizer.exists():
-        shutil.copyfile(tokenizer, target / "tokenizer.json")
+        write_file_atomic(target / "tokenizer.json", tokenizer.read_bytes())
     return f"Hugging Face model {target}"

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from switchformer.models.t5 import SwitchT5, SwitchT5Config
+from switchformer.train.rundir import default_file_mode
 
 log = logging.getLogger("switchformer")
 
@@ -537,6 +538,7 @@ def _atomic_write(target: Path, write) -> None:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, default_file_mode())  # mkstemp's 0600 would keep others from reading the export
         os.replace(tmp, target)
     except BaseException:
         if os.path.exists(tmp):

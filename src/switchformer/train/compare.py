@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import shutil
 import statistics
 from dataclasses import replace
 from pathlib import Path
 
 from switchformer.train.config import TrainConfig
 from switchformer.train.plots import plot_compare
+from switchformer.train.rundir import write_file_atomic
 from switchformer.train.trainer import Trainer
 
 
@@ -42,7 +42,7 @@ def run_compare(config: TrainConfig, out_dir: Path, progress: bool = True, devic
         run_dir = out_dir / name
         run_dir.mkdir(parents=True, exist_ok=True)
         if name == "dense":  # the same tokens for both: the tokenizer and data the first run prepared
-            shutil.copy(out_dir / "switch" / "tokenizer.json", run_dir / "tokenizer.json")
+            write_file_atomic(run_dir / "tokenizer.json", (out_dir / "switch" / "tokenizer.json").read_bytes())
         trainer = Trainer(run_config, run_dir, progress=progress, device=device, data=data)
         summary = trainer.train()
         records = trainer.history

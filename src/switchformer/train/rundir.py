@@ -21,6 +21,7 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -202,8 +203,25 @@ def write_text_atomic(path, text: str) -> None:
     write_file_atomic(path, text.encode("utf-8"))
 
 
+def finite_json(data):
+    """``data`` with every non-finite float (NaN, infinity) as ``None``: JSON has no NaN, and
+    other readers (jq, browsers) refuse Python's ``NaN``."""
+    if isinstance(data, float) and not math.isfinite(data):
+        return None
+    if isinstance(data, dict):
+        return {k: finite_json(v) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [finite_json(v) for v in data]
+    return data
+
+
+def to_json(data, **kwargs) -> str:
+    """Strict JSON of ``data`` (non-finite numbers as null)."""
+    return json.dumps(finite_json(data), allow_nan=False, **kwargs)
+
+
 def write_json_atomic(path, data) -> None:
-    write_text_atomic(path, json.dumps(data, indent=2))
+    write_text_atomic(path, to_json(data, indent=2))
 
 
 class MetricsLog:
@@ -242,7 +260,7 @@ class MetricsLog:
             os.ftruncate(self._fd, end)
 
     def write(self, record: dict) -> None:
-        data = (json.dumps(record) + "\n").encode("utf-8")
+        data = (to_json(record) + "\n").encode("utf-8")
         start = os.fstat(self._fd).st_size
         try:
             write_all(self._fd, data, self.path)
