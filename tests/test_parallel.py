@@ -379,17 +379,9 @@ def _dp_gradient(rank, world, data, run_dir, batch_size, grad_accum, out):
 def test_trainer_gradient_over_ranks_and_micro_batches_equals_one_process(tmp_path):
     """Issue 13, fault 1 over ranks: uneven targets (2 to 17 label tokens), split over 2 ranks and
     micro-batches, give the one-process gradient of the mean over every label token."""
-    import json
+    from uneven_pairs import write_uneven_pairs
 
-    rows = [{"source": "held out", "target": "validation pair"}]
-    rows += [
-        {"source": "a short one", "target": "x"},
-        {"source": "a long one", "target": " ".join(f"word{i}" for i in range(16))},
-        {"source": "medium length source", "target": "three words here"},
-        {"source": "y", "target": "z z"},
-    ]
-    data = tmp_path / "pairs.jsonl"
-    data.write_text("\n".join(json.dumps(r) for r in rows))
+    data = write_uneven_pairs(tmp_path)
     whole = _trainer_gradient(_dp_config(str(data), 4, 1), tmp_path / "whole")
     for batch_size, grad_accum in ((2, 1), (1, 2)):
         run_dir = tmp_path / f"dp{grad_accum}"

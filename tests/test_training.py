@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from uneven_pairs import write_uneven_pairs
 
 from switchformer.cli import main
 from switchformer.data.files import DataError, load_pairs, load_text
@@ -452,15 +453,7 @@ def _first_step_gradient(tmp_path, name, **overrides) -> dict[str, torch.Tensor]
 def test_gradient_is_the_same_however_the_batch_is_split_into_micro_batches(tmp_path, objective):
     """The step's gradient is that of the mean over every label token of the global batch: a
     1-token target must not weigh as much as a 16-token one because it sits in its own micro-batch."""
-    rows = [{"source": "held out", "target": "validation pair"}]
-    rows += [
-        {"source": "a short one", "target": "x"},
-        {"source": "a long one", "target": " ".join(f"word{i}" for i in range(16))},
-        {"source": "medium length source", "target": "three words here"},
-        {"source": "y", "target": "z z"},
-    ]
-    data = tmp_path / "pairs.jsonl"
-    data.write_text("\n".join(json.dumps(r) for r in rows))
+    data = write_uneven_pairs(tmp_path)
     if objective == "span_corruption":  # uneven span-corruption targets from plain text
         data = tmp_path / "text.txt"
         data.write_text(TEXT[:3000])
