@@ -223,7 +223,8 @@ class AuxLossFreeRouter(TokenChoiceRouter):
         self.defer_bias_update = False
         self.register_buffer("expert_bias", torch.zeros(num_experts, dtype=torch.float32))
         # since the last sync: the summed load, and the sum of the interim local updates
-        self.register_buffer("pending_load", torch.zeros(num_experts, dtype=torch.float32), persistent=False)
+        # (counts as int64: `.to(dtype)` leaves them exact in a bf16 model)
+        self.register_buffer("pending_load", torch.zeros(num_experts, dtype=torch.long), persistent=False)
         self.register_buffer("local_update", torch.zeros(num_experts, dtype=torch.float32), persistent=False)
         # a loaded bias is the new reference: forget what was pending against the old one
         self.register_load_state_dict_post_hook(lambda module, _: module._forget_pending())
@@ -232,7 +233,8 @@ class AuxLossFreeRouter(TokenChoiceRouter):
         return probs + self.expert_bias
 
     def bias_step(self, load: Tensor) -> Tensor:
-        """The update for ``load`` (float32 ``[N]``, tokens per expert)."""
+        """The update for ``load`` (``[N]``, tokens per expert)."""
+        load = load.float()
         return self.bias_update_rate * torch.sign(load.mean() - load)
 
     def forward(self, x: Tensor, token_mask: Tensor | None, capacity: int | None) -> Routing:
@@ -240,7 +242,7 @@ class AuxLossFreeRouter(TokenChoiceRouter):
         if self.training:
             with torch.no_grad():
                 # slot N collects padding and dropped assignments: not a choice of any expert
-                load = torch.bincount(routing.expert, minlength=self.num_experts + 1)[: self.num_experts].float()
+                load = torch.bincount(routing.expert, minlength=self.num_experts + 1)[: self.num_experts]
                 self.pending_load += load
                 if not self.defer_bias_update:
                     step = self.bias_step(load)
@@ -279,7 +281,7 @@ def defer_bias_updates(model: nn.Module, defer: bool = True) -> None:
 
 def sync_bias_updates(model: nn.Module, reduce: Callable[[Tensor], Tensor] | None = None) -> None:
     """Apply one selection-bias update per aux-loss-free router over the loads of every training
-    forward since the last sync. ``reduce`` sums a flat float32 tensor over data-parallel replicas
+    forward since the last sync. ``reduce`` sums a flat int64 tensor over data-parallel replicas
     and returns it (``None``: this process alone); every replica then applies the same update, so
     they stay identical and equal to one process on the global batch."""
     routers = _aux_loss_free_routers(model)
