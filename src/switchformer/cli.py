@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -127,6 +126,11 @@ def _resume_settings(args):
     for flag, value in (("--preset", args.preset), ("--out-dir", args.out_dir), ("--run-name", args.run_name)):
         if value is not None:
             raise ValueError(f"{flag}: not used with --resume (the run directory is given; its settings are kept)")
+    if (Path(args.resume) / "state.json").exists():
+        raise ValueError(
+            f"--resume: {args.resume} is a checkpoint; --resume takes the run directory and continues from its "
+            "latest checkpoint (to go back to this one, move the later checkpoints out of checkpoints/)"
+        )
     run = read_run_config(args.resume)
     changes, sources = {}, {}
     if args.config:
@@ -194,7 +198,9 @@ def cmd_eval(args) -> int:
     from switchformer.train.evaluation import evaluate_run, format_eval
 
     report = evaluate_run(args.run, data=args.data, batches=args.batches, routing=args.routing, device=args.device)
-    print(json.dumps(report, indent=2) if args.json else format_eval(report))
+    from switchformer.train.rundir import to_json
+
+    print(to_json(report, indent=2) if args.json else format_eval(report))
     return 0
 
 
@@ -325,6 +331,8 @@ def cmd_report(args) -> int:
 
     run = Path(args.run)
     out = Path(args.out) if args.out else Path.cwd() / f"{run.resolve().name}-report"
+    if out.resolve().is_relative_to(run.resolve()):
+        raise ValueError(f"--out: {out} is inside the run {run}; reading a run never writes into it")
     for path in plot_run(run, out):
         print(f"wrote {path}")
     return 0
@@ -429,6 +437,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("switchformer: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (`| head`): not an error of ours
+        sys.stderr.close()
+        return 0
     except Exception as err:  # one clear line; the traceback with --debug
         if args.debug:
             raise

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -41,14 +42,14 @@ class SamplingConfig:
     def __post_init__(self):
         if self.max_new_tokens < 0:
             raise ValueError(f"max_new_tokens: must be >= 0, got {self.max_new_tokens}")
-        if self.temperature <= 0:
-            raise ValueError(f"temperature: must be > 0, got {self.temperature}")
+        if not (math.isfinite(self.temperature) and self.temperature > 0):
+            raise ValueError(f"temperature: must be a finite number > 0, got {self.temperature}")
         if self.top_k < 0:
             raise ValueError(f"top_k: must be >= 0, got {self.top_k}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p: must be in (0, 1], got {self.top_p}")
-        if self.repetition_penalty <= 0:
-            raise ValueError(f"repetition_penalty: must be > 0, got {self.repetition_penalty}")
+        if not (math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0):
+            raise ValueError(f"repetition_penalty: must be a finite number > 0, got {self.repetition_penalty}")
 
 
 def routing_description(model: torch.nn.Module, routing: str = "eval") -> str:
@@ -275,6 +276,8 @@ def _causal_steps(model, input_ids, attention_mask, cfg: SamplingConfig) -> Iter
     check_token_ids("input_ids", input_ids, model.config.vocab_size)  # before any cache is sized
     check_mask("attention_mask", attention_mask, input_ids)
     limit = model.config.max_seq_len
+    if input_ids.shape[1] > limit:
+        raise ValueError(f"input_ids: a prompt of {input_ids.shape[1]} tokens exceeds the model's max_seq_len={limit}")
     if input_ids.shape[1] + cfg.max_new_tokens > limit:
         raise ValueError(
             f"max_new_tokens: a prompt of {input_ids.shape[1]} tokens and {cfg.max_new_tokens} new ones exceed the "

@@ -33,3 +33,26 @@ def reuse_freed_memory(threshold_bytes: int = 1 << 30) -> bool:
         )
     except (OSError, AttributeError):
         return False
+
+
+def resolve_device(name: str | None = None):
+    """``torch.device`` for a ``--device`` value (None: ``cuda`` when available, else ``cpu``).
+
+    Raises ``ValueError`` naming ``--device`` for a name torch does not know or a device this
+    machine does not have (instead of torch's assertion deep inside the first allocation)."""
+    import torch
+
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device: unknown device {name!r} (cpu, cuda, cuda:N)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device: {name} asked for, but this PyTorch sees no CUDA device")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device: {name} asked for, but there are {torch.cuda.device_count()} CUDA devices")
+    elif device.type != "cpu" and device.type not in ("mps", "xpu"):
+        raise ValueError(f"--device: unsupported device {name!r} (cpu, cuda, cuda:N)")
+    return device

@@ -52,6 +52,8 @@ def convert(source: str | Path, target: str | Path) -> str:
     from switchformer.train.rundir import write_file_atomic, write_json_atomic
 
     source, target = Path(source), Path(target)
+    if target.resolve().is_relative_to(run_dir_of(source).resolve()):
+        raise ValueError(f"{target}: inside the source {source}; convert writes nothing into what it reads")
     if target.exists() and any(target.iterdir()):
         raise FileExistsError(f"{target}: already holds files; convert writes into a new or empty folder")
     config_file = run_dir_of(source) / "config.json"

@@ -141,6 +141,10 @@ class TrainConfig:
             raise ValueError(f"expert_parallel: must be >= 1, got {self.expert_parallel}")
         if any(not path for path in self.data):
             raise ValueError(f"data: an empty path in {self.data}")
+        if self.run_name is not None and (
+            self.run_name in ("", ".", "..") or any(sep in self.run_name for sep in ("/", "\\"))
+        ):
+            raise ValueError(f"run_name: {self.run_name!r} must be a folder name (no path separators, not . or ..)")
         self.model_config()  # the model's own checks, with the field names they share
 
     @property
@@ -212,6 +216,15 @@ def _check_type(name: str, value, hint) -> None:
         ok = isinstance(value, int) and not isinstance(value, bool)
     elif hint is float:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if isinstance(value, str):
+            try:
+                float(value)
+            except ValueError:
+                pass
+            else:  # YAML 1.1 reads 1e-3 (no dot) as a string
+                raise ValueError(
+                    f"{name}: expected a number, got the string {value!r} (in YAML write 1.0e-3, not 1e-3)"
+                )
         if ok and not math.isfinite(value):
             raise ValueError(f"{name}: must be a finite number, got {value!r}")
     else:

@@ -109,17 +109,20 @@ def evaluate_run(
     document of ``data``. Reads the run and writes nothing anywhere. Returns a JSON-ready dict
     (NaN as ``None``)."""
     from switchformer.generation import inference_routing, routing_description
+    from switchformer.runtime import resolve_device
     from switchformer.train.data import evaluation_split
     from switchformer.train.run import load_run
 
     if batches is not None and batches < 1:
         raise ValueError(f"--batches: must be >= 1, got {batches}")
     model, tokenizer, config = load_run(source)
-    target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    target = resolve_device(device)
     model.to(target)
     valid = evaluation_split(config, tokenizer, data)
     if len(valid) == 0:
         raise ValueError(f"{data or source}: no validation rows to evaluate")
+    if data and batches is None:  # a user's test set: every row, not the run's eval_batches
+        batches = math.ceil(len(valid) / config.batch_size)
     with inference_routing(model, routing):
         result = evaluate(model, valid, config, target, batches)
     return {
