@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import math
 import typing
@@ -346,7 +347,9 @@ def parse_setting(name: str, text: str):
     """Parse a ``--set key=value`` value with the type of the config field."""
     hints = {f.name: str(f.type) for f in fields(TrainConfig)}
     if name not in hints:
-        raise ValueError(f"{name}: no such config field (see `switchformer train --help`)")
+        close = difflib.get_close_matches(name, hints, n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else "; the README's settings table lists them"
+        raise ValueError(f"{name}: no such config field{hint}")
     base = hints[name].replace("| None", "").strip()
     if "None" in hints[name] and text.lower() in ("none", "null"):
         return None

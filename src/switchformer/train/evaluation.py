@@ -143,7 +143,11 @@ def format_eval(report: dict) -> str:
     lines = [
         f"{report['run']}: on {report['data'] if isinstance(report['data'], str) else ', '.join(report['data'])}",
         "validation loss "
-        + ("n/a (no scored token)" if loss is None else f"{loss:.4f}, perplexity {report['perplexity']:.2f}")
+        + (
+            ("not finite (the model's outputs hold NaN or infinity)" if report["tokens"] else "n/a (no scored token)")
+            if loss is None
+            else f"{loss:.4f}, perplexity {report['perplexity']:.2f}"
+        )
         + f" over {report['tokens']:,} tokens",
         f"routing: {report['routing_used']}",
     ]
