@@ -482,11 +482,11 @@ def _truncate(file: Path) -> None:
     file.write_bytes(data[: len(data) // 2])
 
 
-def _optimizer_moment(change):
+def _optimizer_moment(change, field="exp_avg"):
     def damage(file: Path) -> None:
         saved = torch.load(file, weights_only=True)
         entry = saved["state"][min(saved["state"])]
-        entry["exp_avg"] = change(entry["exp_avg"])
+        entry[field] = change(entry[field])
         torch.save(saved, file)
 
     return damage
@@ -552,6 +552,10 @@ DAMAGES = {
             r"state exp_avg of \S+ holds non-finite",
         ),
         "not a state": (lambda f: torch.save({"x": torch.zeros(1)}, f), "not an optimizer state"),
+        "negative second moment": (
+            _optimizer_moment(lambda t: t.flatten().index_fill(0, torch.tensor([0]), -1.0).view_as(t), "exp_avg_sq"),
+            r"state exp_avg_sq of \S+ holds negative values",
+        ),
     },
     "state.json": {
         "bad JSON": (lambda f: f.write_text('{"step": 4,'), r"invalid JSON at line 1, column \d+"),
@@ -742,3 +746,140 @@ def test_files_and_folders_get_the_umask(killed, base, tmp_path):
     modes = _modes(tmp_path / "run")
     files = {name for name in modes if (tmp_path / "run" / name).is_file()}
     assert {modes[n] for n in files} == {0o640} and {m for n, m in modes.items() if n not in files} == {0o750}
+
+
+# ----------------------------------------------------------------------------- non-finite and damaged checkpoints
+
+
+def test_a_non_finite_model_is_never_saved(base, tmp_path, capsys, caplog):
+    """lr=1e39 makes the weights infinite after step 1: steps 2-4 are skipped (the warning numbers
+    them as metrics.jsonl does), the save at step 4 stops with one line, nothing is saved, and the
+    same command can be run again (it starts over rather than being refused)."""
+    run = tmp_path / "run"
+    bad = ("--set", "lr=1e39", "--set", "warmup_steps=0")
+    assert train(base, run, *bad) == 2
+    line = error_line(capsys)
+    assert "step 4: weight " in line and "holds non-finite values" in line, line
+    assert "its checkpoint is not saved and no checkpoint was saved before it" in line, line
+    assert not (run / "checkpoints").exists() or not list((run / "checkpoints").iterdir())
+    skipped = [r["step"] for r in records(run) if r.get("skipped")]
+    warned = [int(n) for n in re.findall(r"step (\d+): non-finite loss or gradient, step skipped", caplog.text)]
+    assert skipped and warned == skipped, (warned, skipped)
+    caplog.clear()
+    assert train(base, run, *bad) == 2  # started over, not "already holds a run"
+    assert "step 4: weight " in error_line(capsys)
+    assert "starting over" in caplog.text
+
+
+def test_a_non_finite_model_keeps_the_last_good_checkpoint(killed, tmp_path, capsys, monkeypatch):
+    """Weights turned NaN after step 7 of a resumed run: the save at step 8 is refused naming the
+    step and the kept checkpoint; step_0000004 is neither replaced nor pruned, and still resumes."""
+    _, taken = killed
+    run = tmp_path / "run"
+    shutil.copytree(taken["between-checkpoints"], run)
+    real_step = trainer_module.Trainer.train_step
+
+    def poisoned(self):
+        result = real_step(self)
+        if self.step == 7:
+            with torch.no_grad():
+                next(self.model.parameters()).fill_(float("nan"))
+        return result
+
+    monkeypatch.setattr(trainer_module.Trainer, "train_step", poisoned)
+    before = (run / "checkpoints" / "step_0000004" / "model.safetensors").read_bytes()
+    assert main(["train", "--resume", str(run), "--no-progress"]) == 2
+    line = error_line(capsys)
+    assert "step 8: " in line and "non-finite" in line, line
+    assert f"the last good checkpoint, {run / 'checkpoints' / 'step_0000004'}, is kept" in line, line
+    assert [p.name for p in list_checkpoints(run)] == ["step_0000004"]
+    assert (run / "checkpoints" / "step_0000004" / "model.safetensors").read_bytes() == before
+    assert_clean(run)
+    monkeypatch.setattr(trainer_module.Trainer, "train_step", real_step)
+    assert main(["train", "--resume", str(run), "--no-progress"]) == 0
+
+
+def test_negative_adafactor_second_moments_are_refused(tmp_path):
+    model = torch.nn.Linear(4, 3)
+    optimizer = torch.optim.Adafactor(model.parameters())
+    model(torch.randn(2, 4)).sum().backward()
+    optimizer.step()
+    saved = optimizer.state_dict()
+    checkpoint_module.check_optimizer_state(tmp_path / "optimizer.pt", saved, optimizer)
+    for field in ("row_var", "variance"):
+        entry = next(e for e in saved["state"].values() if field in e)
+        good = entry[field].clone()
+        entry[field].view(-1)[0] = -1.0
+        with pytest.raises(RunFileError, match=rf"optimizer.pt: state {field} of \S+ \S+ holds negative values"):
+            checkpoint_module.check_optimizer_state(tmp_path / "optimizer.pt", saved, optimizer)
+        entry[field] = good
+
+
+@pytest.mark.parametrize("missing", ["model.safetensors", "state.json"])
+def test_a_damaged_latest_checkpoint_is_named_not_skipped(killed, base, tmp_path, missing, capsys, caplog):
+    """An incomplete final-named checkpoint is damage, not a killed save's leftover: --resume
+    stops naming it and how to resume from the one before (nothing is removed), generate warns
+    naming the one it uses, and resuming works once the damaged folder is moved out."""
+    _, taken = killed
+    run = tmp_path / "run"
+    shutil.copytree(taken["save8-renamed"], run)  # step_0000004 and step_0000008, both complete
+    damaged = run / "checkpoints" / "step_0000008"
+    (damaged / missing).unlink()
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run), "--no-progress"]) == 2
+    line = error_line(capsys)
+    assert f"{damaged}: incomplete checkpoint: {missing} missing" in line, line
+    assert f"to resume from step_0000004 instead, move step_0000008 out of {run / 'checkpoints'}" in line, line
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before  # optimizer.pt too
+    assert train(base, run) == 2 and "already holds a run" in error_line(capsys)
+    caplog.clear()
+    assert main(["generate", str(run), "--prompt", "The", "--max-new-tokens", "2"]) == 0
+    assert f"{damaged}: incomplete checkpoint: {missing} missing; using step_0000004" in caplog.text
+    shutil.move(damaged, tmp_path / "damaged")
+    assert main(["train", "--resume", str(run), "--no-progress"]) == 0
+
+
+def test_a_damaged_only_checkpoint_says_to_start_over(killed, tmp_path, capsys):
+    finished, _ = killed
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    (run / "checkpoints" / "step_0000012" / "state.json").unlink()
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run), "--no-progress"]) == 2
+    line = error_line(capsys)
+    assert "step_0000012: incomplete checkpoint: state.json missing; there is no earlier checkpoint" in line, line
+    assert "start the run over" in line
+    assert (run / "checkpoints" / "step_0000012" / "optimizer.pt").exists()
+
+
+def test_leftover_cleanup_removes_only_temporaries(tmp_path):
+    root = tmp_path / "checkpoints"
+    for name in (".step_0000004.abc", ".step_0000008.removed", "step_0000012"):
+        (root / name).mkdir(parents=True)
+        (root / name / "optimizer.pt").write_bytes(b"x")
+    removed = rundir_module.remove_leftovers(tmp_path)
+    assert sorted(removed) == ["checkpoints/.step_0000004.abc", "checkpoints/.step_0000008.removed"]
+    assert [p.name for p in root.iterdir()] == ["step_0000012"]
+
+
+def test_a_metrics_line_that_is_not_utf8_is_dropped_with_a_warning(killed, base, tmp_path, capsys, caplog):
+    """A byte that is not UTF-8 in metrics.jsonl: --resume drops the line (a step after the
+    checkpoint, so it is run again) with a warning naming the file and line; report skips it too."""
+    reference, taken = killed
+    run = tmp_path / "run"
+    shutil.copytree(taken["between-checkpoints"], run)
+    path = run / "metrics.jsonl"
+    lines = path.read_bytes().splitlines(keepends=True)
+    number = next(i for i, line in enumerate(lines, 1) if json.loads(line)["step"] == 5)
+    lines[number - 1] = lines[number - 1].replace(b'"loss"', b'"lo\xffss"')
+    path.write_bytes(b"".join(lines))
+    records_before, damaged = rundir_module.read_json_lines(path)
+    assert damaged == [number]
+    caplog.clear()
+    read_metrics(run)
+    assert f"{path}: skipped 1 damaged line(s): {number}" in caplog.text
+    caplog.clear()
+    assert main(["train", "--resume", str(run), "--no-progress"]) == 0
+    assert f"{path}: dropped 1 damaged line(s)" in caplog.text and f"line {number}" in caplog.text
+    assert_same_run(run, reference)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import logging
 import math
 import os
 import pickle
@@ -33,6 +34,8 @@ from safetensors.torch import load_file, save_file
 from switchformer.train.rundir import (
     CHECKPOINT_PREFIX,
     RunFileError,
+    damaged_checkpoint_error,
+    damaged_latest_checkpoint,
     default_file_mode,
     fsync_dir,
     fsync_file,
@@ -57,6 +60,7 @@ __all__ = [
     "model_state",
     "read_safetensors",
     "read_state",
+    "resume_checkpoint",
     "save_checkpoint",
     "write_checkpoint_files",
     "write_json_atomic",
@@ -64,6 +68,10 @@ __all__ = [
 ]
 
 OPTIMIZER_MOMENTS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")  # AdamW: one value per weight
+# second moments (means of squares): never negative; Adafactor's factored ones included
+SECOND_MOMENTS = ("exp_avg_sq", "max_exp_avg_sq", "row_var", "col_var", "variance")
+
+log = logging.getLogger("switchformer")
 
 
 def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -164,9 +172,28 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if is_complete_checkpoint(p))
 
 
-def latest_checkpoint(run_dir: Path) -> Path | None:
+def latest_checkpoint(run_dir: Path, warn: bool = True) -> Path | None:
+    """The newest complete checkpoint. When a newer final-named folder is incomplete (a file of it
+    deleted or lost), ``warn`` logs one line naming it and the checkpoint used instead (``eval``,
+    ``generate``); ``--resume`` refuses such a run instead (:func:`resume_checkpoint`)."""
     found = list_checkpoints(run_dir)
+    if warn:
+        damaged = damaged_latest_checkpoint(run_dir)
+        if damaged is not None:
+            folder, problem, _ = damaged
+            using = f"using {found[-1].name}" if found else "no complete checkpoint to use"
+            log.warning("%s: %s; %s", folder, problem, using)
     return found[-1] if found else None
+
+
+def resume_checkpoint(run_dir: Path) -> Path | None:
+    """The checkpoint ``--resume`` continues from: the newest, which must be complete (an
+    incomplete newest folder is a one-line :class:`RunFileError` naming it and how to resume from
+    the one before it); None when the run has none."""
+    damaged = damaged_checkpoint_error(run_dir)
+    if damaged is not None:
+        raise damaged
+    return latest_checkpoint(run_dir, warn=False)
 
 
 # ----------------------------------------------------------------------------- reading
@@ -347,7 +374,7 @@ def read_optimizer_state(file: Path) -> dict:
 
 def check_optimizer_state(file: Path, saved: dict, optimizer, names: dict[int, str] | None = None) -> None:
     """``saved`` against ``optimizer``: the same groups and parameter counts, per-weight moments of
-    each parameter's shape, every floating value finite."""
+    each parameter's shape, every floating value finite, second moments never negative."""
     names = names or {}
     groups, saved_groups = optimizer.param_groups, saved["param_groups"]
     if len(saved_groups) != len(groups):
@@ -370,6 +397,11 @@ def check_optimizer_state(file: Path, saved: dict, optimizer, names: dict[int, s
             if not isinstance(value, torch.Tensor):
                 continue
             check_finite(file, f"{field} of {label}", value, what="state")
+            if field in SECOND_MOMENTS and value.dtype.is_floating_point and bool((value < 0).any()):
+                raise RunFileError(
+                    file,
+                    f"state {field} of {label} holds negative values (a second moment never is); the file is damaged",
+                )
             if field in OPTIMIZER_MOMENTS:
                 if not value.dtype.is_floating_point:
                     raise RunFileError(file, f"state {field} of {label} is {value.dtype}; expected floating point")

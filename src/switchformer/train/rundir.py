@@ -11,7 +11,9 @@
   Files and folders get the user's umask, as every other program's do.
 - What killed writers leave (temporary checkpoint folders, temporary files) is removed by the next
   writer under the lock (:func:`remove_leftovers`); a fresh ``train`` over a run that never completed
-  a checkpoint starts over (:func:`start_over`).
+  a checkpoint starts over (:func:`start_over`). A final-named checkpoint folder (``step_*``) is
+  never removed: only complete saves get such a name, so an incomplete one is damage, and
+  ``--resume`` stops with one line naming it (:func:`damaged_checkpoint_error`).
 - Errors about a file a command reads are :class:`RunFileError`: one line naming the file and what is
   wrong with it.
 """
@@ -279,15 +281,14 @@ class MetricsLog:
 
 def read_json_lines(path) -> tuple[list[dict], list[int]]:
     """The records of a JSON-lines file and the numbers of the lines that are not records (cut
-    short by a kill or a full disk, or joined to one by an older version)."""
+    short by a kill or a full disk, not UTF-8 text, or joined to one by an older version)."""
     records, damaged = [], []
-    text = Path(path).read_bytes().decode("utf-8", errors="replace")
-    for number, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
+    for number, raw in enumerate(Path(path).read_bytes().splitlines(), 1):
+        if not raw.strip():
             continue
         try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
+            record = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
             damaged.append(number)
             continue
         if isinstance(record, dict) and isinstance(record.get("step"), int):
@@ -295,6 +296,11 @@ def read_json_lines(path) -> tuple[list[dict], list[int]]:
         else:
             damaged.append(number)
     return records, damaged
+
+
+def line_numbers(numbers: list[int], limit: int = 5) -> str:
+    """``3, 7, 9`` (and `` ...`` past ``limit``): the damaged lines a warning names."""
+    return ", ".join(map(str, numbers[:limit])) + (" ..." if len(numbers) > limit else "")
 
 
 # ----------------------------------------------------------------------------- one writer
@@ -499,6 +505,22 @@ def lock_holder(run_dir) -> dict | None:
 # ----------------------------------------------------------------------------- run states
 
 
+_CHECKPOINT_NAME = re.compile(re.escape(CHECKPOINT_PREFIX) + r"\d+")
+
+
+def is_checkpoint_folder(path: Path) -> bool:
+    """A final-named checkpoint folder (``step_0000012``, complete or not; never a ``.step_*``
+    temporary): only a complete save is renamed to such a name, so an incomplete one is damage
+    (a file deleted or lost), never what a killed save left, and it is never removed."""
+    return _CHECKPOINT_NAME.fullmatch(path.name) is not None and path.is_dir() and not path.is_symlink()
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """What makes a checkpoint folder incomplete (None: its files are in place)."""
+    missing = [name for name in ("model.safetensors", "state.json") if not (path / name).is_file()]
+    return f"incomplete checkpoint: {' and '.join(missing)} missing" if missing else None
+
+
 def is_complete_checkpoint(path: Path) -> bool:
     """A checkpoint folder counts once its last file (``state.json``) is in place."""
     return (
@@ -509,6 +531,46 @@ def is_complete_checkpoint(path: Path) -> bool:
     )
 
 
+def checkpoint_folders(run_dir) -> list[Path]:
+    """Every final-named checkpoint folder of a run, complete or not, oldest first."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if is_checkpoint_folder(p)]
+    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX) :]))
+
+
+def damaged_latest_checkpoint(run_dir) -> tuple[Path, str, Path | None] | None:
+    """``(folder, problem, earlier)`` when the newest final-named checkpoint folder is incomplete
+    (``earlier``: the newest complete one before it, or None); None when it is complete or there
+    is none."""
+    folders = checkpoint_folders(run_dir)
+    if not folders:
+        return None
+    problem = checkpoint_problem(folders[-1])
+    if problem is None:
+        return None
+    earlier = [p for p in folders[:-1] if is_complete_checkpoint(p)]
+    return folders[-1], problem, earlier[-1] if earlier else None
+
+
+def damaged_checkpoint_error(run_dir) -> RunFileError | None:
+    """The one-line error of ``--resume`` (and of a fresh ``train``) over a run whose latest
+    checkpoint is incomplete: it names the folder and how to go on without it (None: not damaged)."""
+    found = damaged_latest_checkpoint(run_dir)
+    if found is None:
+        return None
+    folder, problem, earlier = found
+    if earlier is not None:
+        hint = f"to resume from {earlier.name} instead, move {folder.name} out of {folder.parent}"
+    else:
+        hint = (
+            f"there is no earlier checkpoint: move {folder.name} out of {folder.parent} and start the run over "
+            "with the `switchformer train` command that began it"
+        )
+    return RunFileError(folder, f"{problem}; {hint}")
+
+
 def has_complete_checkpoint(run_dir) -> bool:
     root = Path(run_dir) / "checkpoints"
     return root.is_dir() and any(is_complete_checkpoint(p) for p in root.iterdir())
@@ -516,16 +578,15 @@ def has_complete_checkpoint(run_dir) -> bool:
 
 def remove_leftovers(run_dir) -> list[str]:
     """Remove what killed writers left: temporary checkpoint folders (``checkpoints/.step_*``, of
-    saves and prunings cut short), checkpoint folders that never completed, temporary files of
-    atomic writes. Only the holder of the run's lock may call this."""
+    saves, replacements and prunings cut short) and temporary files of atomic writes. A final-named
+    checkpoint folder is never removed, complete or not (see :func:`is_checkpoint_folder`). Only
+    the holder of the run's lock may call this."""
     run_dir = Path(run_dir)
     removed = []
     root = run_dir / "checkpoints"
     if root.is_dir():
         for p in sorted(root.iterdir()):
-            temporary = p.name.startswith("." + CHECKPOINT_PREFIX)
-            incomplete = p.name.startswith(CHECKPOINT_PREFIX) and p.is_dir() and not is_complete_checkpoint(p)
-            if temporary or incomplete:
+            if p.name.startswith("." + CHECKPOINT_PREFIX):
                 if p.is_dir() and not p.is_symlink():
                     shutil.rmtree(p, ignore_errors=True)
                 else:
@@ -551,7 +612,7 @@ def start_over(run_dir, writer_died: bool = False) -> list[str]:
     disk, failed): nothing in it can be resumed, so what it wrote is removed and the run starts
     over. Other files in the folder are left alone. Only the holder of the lock may call this."""
     run_dir = Path(run_dir)
-    if has_complete_checkpoint(run_dir) or (run_dir / "model.safetensors").exists():
+    if has_complete_checkpoint(run_dir) or checkpoint_folders(run_dir) or (run_dir / "model.safetensors").exists():
         raise FileExistsError(f"{run_dir}: holds a run with a checkpoint; it is not started over")
     if not (writer_died or looks_like_a_run(run_dir)):
         return []
@@ -593,6 +654,9 @@ def check_resumable(run_dir, probe_lock: bool = True) -> None:
         raise RunInUseError(
             f"{run_dir}: in use by another training ({_describe(holder)}); wait for it to finish or stop it"
         )
+    damaged = damaged_checkpoint_error(run_dir)
+    if damaged is not None:
+        raise damaged
     if has_complete_checkpoint(run_dir) or (run_dir / "model.safetensors").exists():
         return
     if looks_like_a_run(run_dir) or (run_dir / "tokenizer.json").exists():
@@ -610,7 +674,7 @@ def claim_run(run_dir, *, resume: bool, main: bool = True) -> RunLock | None:
     try:
         if resume:
             check_resumable(run_dir, probe_lock=main)  # rank 0 holds it; the other ranks must not probe
-        elif has_complete_checkpoint(run_dir):
+        elif has_complete_checkpoint(run_dir) or checkpoint_folders(run_dir):
             raise FileExistsError(f"{run_dir}: already holds a run; use --resume {run_dir} or another --run-name")
         elif (run_dir / "model.safetensors").exists():
             raise FileExistsError(f"{run_dir}: holds a model (model.safetensors); choose another --run-name")

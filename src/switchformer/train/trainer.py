@@ -38,6 +38,7 @@ from switchformer.train.checkpoint import (
     load_checkpoint,
     load_model_weights,
     read_safetensors,
+    resume_checkpoint,
     save_checkpoint,
     write_checkpoint_files,
     write_json_atomic,
@@ -46,7 +47,14 @@ from switchformer.train.checkpoint import (
 from switchformer.train.config import TrainConfig
 from switchformer.train.data import Data, prepare_data
 from switchformer.train.evaluation import EvalResult, evaluate, model_forward, scored_tokens
-from switchformer.train.rundir import MetricsLog, RunLock, no_checkpoint_message, remove_leftovers
+from switchformer.train.rundir import (
+    MetricsLog,
+    RunLock,
+    line_numbers,
+    no_checkpoint_message,
+    read_json_lines,
+    remove_leftovers,
+)
 
 log = logging.getLogger("switchformer")
 
@@ -184,7 +192,7 @@ class Trainer:
         self._clock_start: float | None = None
         if resume:
             self._claim_run()  # resuming rewrites metrics.jsonl
-            checkpoint = latest_checkpoint(self.run_dir)
+            checkpoint = resume_checkpoint(self.run_dir)  # an incomplete newest one is named, not skipped
             if checkpoint is None and (self.run_dir / "model.safetensors").exists():
                 checkpoint = self.run_dir  # a converted run: its weights, a fresh optimizer, step 0
             if checkpoint is None:
@@ -257,18 +265,20 @@ class Trainer:
     def _metrics_up_to(self, step: int) -> list[dict]:
         """On resume: the records of steps up to the checkpoint's, which become the history; the
         file is rewritten without the later ones (the steps about to be run again) and without a
-        line cut short by the kill, so each step appears once and in order."""
+        damaged line (cut short by the kill, not UTF-8, not a record: dropped with a warning naming
+        the file and line), so each step appears once and in order."""
         path = self.run_dir / "metrics.jsonl"
         if not path.exists():
             return []
-        kept = []
-        for line in path.read_text().splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a write interrupted by the kill
-            if isinstance(record, dict) and record.get("step", step + 1) <= step:
-                kept.append(record)
+        records, damaged = read_json_lines(path)
+        if damaged:
+            log.warning(
+                "%s: dropped %d damaged line(s) (cut short, not UTF-8 or not a record): line %s",
+                path,
+                len(damaged),
+                line_numbers(damaged),
+            )
+        kept = [record for record in records if record["step"] <= step]
         if self.is_main:
             write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
         return kept
@@ -296,8 +306,37 @@ class Trainer:
             self._lock.release()
             self._lock = None
 
+    def _non_finite_state(self) -> str | None:
+        """The first weight or optimizer-state tensor holding NaN or infinity (None: all finite;
+        under torchrun, any rank's makes every rank's answer non-None)."""
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        tensors = [(f"weight {n}", t) for n, t in self.model.state_dict().items()]
+        for param, entry in self.optimizer.state.items():
+            for field, value in entry.items():
+                if isinstance(value, torch.Tensor):
+                    tensors.append((f"optimizer state {field} of {names.get(id(param), 'a parameter')}", value))
+        tensors = [(n, t) for n, t in tensors if t.dtype.is_floating_point or t.dtype.is_complex]
+        bad = [(~torch.isfinite(t.detach())).any() for _, t in tensors]
+        flag = torch.zeros((), device=self.device)
+        if bad:
+            flag = torch.stack([b.to(self.device) for b in bad]).any().float()
+        if self.parallel is not None:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if not bool(flag.item()):
+            return None
+        found = [name for (name, _), b in zip(tensors, bad) if bool(b)]
+        return found[0] if found else "another process's weights or optimizer state"
+
     def save(self) -> Path:
         self._claim_run()
+        broken = self._non_finite_state()
+        if broken is not None:  # never saved: it would replace (and prune) the good checkpoints
+            last = latest_checkpoint(self.run_dir, warn=False)
+            kept = f"the last good checkpoint, {last}, is kept" if last else "no checkpoint was saved before it"
+            raise TrainingError(
+                f"step {self.step}: {broken} holds non-finite values (NaN or infinity); its checkpoint is not "
+                f"saved and {kept}; lower lr or raise warmup_steps"
+            )
         self._saved_step = self.step
         extra = {"bad_steps": self.bad_steps, "world_size": self.world, "train_time": self.train_time()}
         if self.parallel is None:
@@ -397,11 +436,14 @@ class Trainer:
             discard_bias_updates(self.model)
             self.optimizer.zero_grad(set_to_none=True)
             self.bad_steps += 1
-            log.warning("step %d: non-finite loss or gradient, step skipped (%d in a row)", self.step, self.bad_steps)
+            # 1-based, as metrics.jsonl numbers the step (the one that would have made it step + 1)
+            log.warning(
+                "step %d: non-finite loss or gradient, step skipped (%d in a row)", self.step + 1, self.bad_steps
+            )
             self.log_metrics({"step": self.step + 1, "skipped": True})
             if self.bad_steps >= config.max_bad_steps:
                 raise TrainingError(
-                    f"{self.bad_steps} non-finite losses in a row at step {self.step}; "
+                    f"{self.bad_steps} non-finite losses in a row at step {self.step + 1}; "
                     "lower lr, raise warmup_steps or check the data"
                 )
             self.step += 1
