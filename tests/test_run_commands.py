@@ -238,3 +238,68 @@ def test_run_json_files_hold_strict_json(tmp_path):
     log.write({"step": 1, "loss": float("nan")})
     log.close()
     assert json.loads((tmp_path / "metrics.jsonl").read_text()) == {"step": 1, "loss": None}
+
+
+# ----------------------------------------------------------------------------- found by a new user's trial
+
+
+def test_a_fresh_train_never_deletes_files_it_did_not_write(tmp_path, capsys):
+    folder = tmp_path / "proj"
+    (folder / "checkpoints").mkdir(parents=True)
+    (folder / "config.json").write_text('{"mine": 1}')
+    (folder / "checkpoints" / "weights.bin").write_text("mine")
+    before = snapshot(folder)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(TEXT)
+    args = ["train", "--preset", "test", "--data", str(corpus), "--out-dir", str(tmp_path), "--run-name", "proj"]
+    assert main([*args, "--no-progress", "--max-steps", "2"]) == 2
+    assert "not a switchformer run" in capsys.readouterr().err
+    assert {k: v for k, v in snapshot(folder).items() if k != ".lock"} == before
+
+
+def test_eval_on_a_users_file_scores_all_of_it(trained, tmp_path, capsys):
+    other = tmp_path / "other.txt"
+    other.write_text(TEXT * 3)
+    assert main(["eval", str(trained), "--data", str(other), "--json"]) == 0
+    every = json.loads(capsys.readouterr().out)["tokens"]
+    assert main(["eval", str(trained), "--data", str(other), "--json", "--batches", "1"]) == 0
+    one_batch = json.loads(capsys.readouterr().out)["tokens"]
+    assert every > 2 * one_batch  # not the run's eval_batches (2) batches
+
+
+@pytest.mark.parametrize(
+    "command, message",
+    [
+        (lambda run, tmp: ["report", str(run), "--out", str(run / "plots")], "--out:"),
+        (lambda run, tmp: ["convert", str(run), str(run / "hf")], "convert writes nothing into what it reads"),
+        (lambda run, tmp: ["train", "--resume", str(next((run / "checkpoints").iterdir()))], "is a checkpoint"),
+        (lambda run, tmp: ["train", "--resume", str(run), "--max-steps", "2"], "max_steps: 2 is below the step 4"),
+        (lambda run, tmp: ["eval", str(run), "--device", "foo"], "--device: unknown device"),
+        (lambda run, tmp: ["generate", str(run), "--prompt", "x", "--temperature", "nan"], "temperature:"),
+    ],
+)
+def test_misuse_is_refused_in_one_line_and_writes_nothing(trained, tmp_path, capsys, command, message):
+    run = copy_run(trained, tmp_path)
+    before = snapshot(run)
+    assert main([*command(run, tmp_path), "--no-progress"] if command(run, tmp_path)[0] == "train" else
+                command(run, tmp_path)) == 2  # fmt: skip
+    err = [line for line in capsys.readouterr().err.splitlines() if not line.startswith("routing:")]
+    assert len(err) == 1 and message in err[0], err
+    assert snapshot(run) == before
+
+
+def test_resume_without_the_runs_tokenizer_is_refused(trained, tmp_path, capsys):
+    run = copy_run(trained, tmp_path)
+    (run / "tokenizer.json").unlink()
+    before = snapshot(run)
+    assert main(["train", "--resume", str(run), "--no-progress", "--max-steps", "6"]) == 2
+    assert "tokenizer.json: missing" in capsys.readouterr().err
+    assert {k: v for k, v in snapshot(run).items() if k != ".lock"} == before
+
+
+@pytest.mark.parametrize("name", ["..", "a/b", "."])
+def test_run_names_are_folder_names(name):
+    from switchformer.train.config import build_config
+
+    with pytest.raises(ValueError, match="^run_name: .* must be a folder name"):
+        build_config("test", sets=[f"run_name={name}"])

@@ -607,6 +607,27 @@ def looks_like_a_run(run_dir) -> bool:
     return any((run_dir / name).exists() for name in ("config.json", "metrics.jsonl", "checkpoints", LOCK_NAME))
 
 
+def not_a_run_because(run_dir) -> str | None:
+    """Why the folder's run-named files are not a switchformer run's (None: they are): a
+    ``config.json`` without the ``train`` and ``model`` sections, or a ``checkpoints/`` holding
+    anything but checkpoint folders."""
+    run_dir = Path(run_dir)
+    config = run_dir / "config.json"
+    if config.is_file():
+        try:
+            data = json.loads(config.read_bytes())
+        except (ValueError, UnicodeDecodeError):
+            return "config.json is not JSON"
+        if not (isinstance(data, dict) and isinstance(data.get("train"), dict) and isinstance(data.get("model"), dict)):
+            return "config.json is not a switchformer run's config"
+    checkpoints = run_dir / "checkpoints"
+    if checkpoints.is_dir():
+        other = [p.name for p in checkpoints.iterdir() if not p.name.lstrip(".").startswith("step_")]
+        if other:
+            return f"checkpoints/ holds {other[0]}"
+    return None
+
+
 def start_over(run_dir, writer_died: bool = False) -> list[str]:
     """A fresh ``train`` over a run that stopped before completing a checkpoint (killed, out of
     disk, failed): nothing in it can be resumed, so what it wrote is removed and the run starts
@@ -616,6 +637,10 @@ def start_over(run_dir, writer_died: bool = False) -> list[str]:
         raise FileExistsError(f"{run_dir}: holds a run with a checkpoint; it is not started over")
     if not (writer_died or looks_like_a_run(run_dir)):
         return []
+    foreign = not_a_run_because(run_dir)
+    if foreign:  # never delete what switchformer did not write
+        raise FileExistsError(f"{run_dir}: holds files that are not a switchformer run ({foreign}); choose another "
+                              "--run-name or --out-dir")  # fmt: skip
     removed = []
     for name in ("config.json", "metrics.jsonl", "summary.json", "tokenizer.json"):
         if (run_dir / name).is_file():

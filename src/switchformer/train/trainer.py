@@ -30,7 +30,7 @@ from switchformer.parallel import (
     save_shards,
 )
 from switchformer.routing import defer_bias_updates, discard_bias_updates, sync_bias_updates
-from switchformer.runtime import reuse_freed_memory
+from switchformer.runtime import resolve_device, reuse_freed_memory
 from switchformer.train.checkpoint import (
     begin_checkpoint,
     finish_checkpoint,
@@ -167,10 +167,15 @@ class Trainer:
         default_device = "cpu"
         if torch.cuda.is_available():
             default_device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if self.parallel else "cuda"
-        self.device = torch.device(device or default_device)
+        self.device = resolve_device(device or default_device)
         if self.device.type == "cpu":
             reuse_freed_memory()  # see runtime.py: large expert gradients are reused, not re-faulted
         torch.manual_seed(config.seed)
+        if resume and data is None and not (self.run_dir / "tokenizer.json").exists():
+            raise FileNotFoundError(
+                f"{self.run_dir / 'tokenizer.json'}: missing; --resume continues with the run's own tokenizer "
+                "(a new one would give the model other token ids): put the tokenizer its weights were trained with"
+            )
         if data is not None:
             self.data: Data = data
         else:
@@ -209,6 +214,11 @@ class Trainer:
             else:
                 state = load_checkpoint(checkpoint, self.model, self.optimizer, self.optimizer_file, loader)
             self.step, self.bad_steps = state["step"], state.get("bad_steps", 0)
+            if config.max_steps < self.step:
+                raise ValueError(
+                    f"max_steps: {config.max_steps} is below the step {self.step} the run has reached; give at least "
+                    f"{self.step}"
+                )
             self._saved_step = self.step
             self.time_offset = float(state.get("train_time", 0.0))
             self.history = self._metrics_up_to(self.step)
