@@ -303,3 +303,16 @@ def test_run_names_are_folder_names(name):
 
     with pytest.raises(ValueError, match="^run_name: .* must be a folder name"):
         build_config("test", sets=[f"run_name={name}"])
+
+
+def test_a_tokenizer_larger_than_the_model_is_named(trained, tmp_path, capsys):
+    from switchformer.data.tokenizer import train_tokenizer
+
+    run = copy_run(trained, tmp_path)
+    train_tokenizer([TEXT], 600, "bpe").save(str(run / "tokenizer.json"))  # the run's model has 400
+    before = snapshot(run)
+    for command in (["eval", str(run)], ["generate", str(run), "--prompt", "x"], ["train", "--resume", str(run)]):
+        assert main(command) == 2, command
+        err = capsys.readouterr().err.splitlines()[-1]
+        assert "tokenizer.json" in err and "more than the model's vocab_size 400" in err, err
+    assert {k: v for k, v in snapshot(run).items() if k != ".lock"} == before

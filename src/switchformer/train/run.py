@@ -92,4 +92,14 @@ def load_run(source: str | Path, need_tokenizer: bool = True):
     tokenizer = None
     if need_tokenizer or (run.run_dir / "tokenizer.json").exists():
         tokenizer = load_tokenizer(run.run_dir)
+        check_tokenizer_fits(tokenizer, model, run.run_dir / "tokenizer.json")
     return model.eval(), tokenizer, run.train
+
+
+def check_tokenizer_fits(tokenizer, model, file) -> None:
+    """A tokenizer whose ids reach past the model's embedding is another model's: refused, naming it."""
+    if tokenizer.get_vocab_size() > model.config.vocab_size:
+        raise ValueError(
+            f"{file}: {tokenizer.get_vocab_size()} tokens, more than the model's vocab_size "
+            f"{model.config.vocab_size} (the tokenizer of another run?)"
+        )

@@ -185,6 +185,10 @@ class Trainer:
                 self.data = prepare_data(config, self.run_dir)
         torch.manual_seed(config.seed)  # the same initial weights whatever data preparation consumed
         self.model = build_model(config, self.data.vocab_size, model_config)
+        if model_config is not None:  # a resumed run's architecture: its tokenizer must fit it
+            from switchformer.train.run import check_tokenizer_fits
+
+            check_tokenizer_fits(self.data.tokenizer, self.model, self.run_dir / "tokenizer.json")
         defer_bias_updates(self.model)  # one selection-bias update per step, over all micro-batches and ranks
         if self.parallel is not None:  # full seeded init on every rank, then each keeps its experts
             apply_expert_parallel(self.model, self.parallel)
