@@ -74,6 +74,7 @@ def _config_from_args(args, default_preset: str):
         "out_dir": args.out_dir,
         "run_name": args.run_name,
         "expert_parallel": getattr(args, "expert_parallel", None),
+        "init_from": getattr(args, "init_from", None),
     }
     return build_config(args.preset or default_preset, args.config, overrides, args.set, FLAG_NAMES)
 
@@ -151,17 +152,43 @@ def _resume_settings(args):
     return resume_config(run.train_values, str(run.file), changes, sources), run
 
 
+def _init_from_settings(args, config):
+    """(config, model config, weights) of a new run started from ``config.init_from``; the size
+    settings the user gave must agree with the pretrained model."""
+    from switchformer.train.config import FLAG_NAMES, parse_setting, read_config_file
+    from switchformer.train.init_from import check_settings_fit, fine_tuning_config, load_pretrained
+
+    if args.resume:
+        raise ValueError("--init-from: starts a new run; --resume continues one (give one of them)")
+    given, sources = {}, {}
+    if args.config:
+        from_file = read_config_file(args.config)
+        given.update(from_file)
+        sources.update(dict.fromkeys(from_file, args.config))
+    for item in args.set:
+        key, text = (part.strip() for part in item.split("=", 1))
+        given[key], sources[key] = parse_setting(key, text), f"--set {item}"
+    if args.model is not None:
+        given["model"], sources["model"] = args.model, FLAG_NAMES["model"]
+    pretrained = load_pretrained(config.init_from)
+    check_settings_fit(pretrained, given, sources)
+    config, model_values = fine_tuning_config(pretrained, config, given)
+    return config, model_values, pretrained.state
+
+
 def cmd_train(args) -> int:
     from switchformer.train.rundir import check_resumable, claim_run
     from switchformer.train.trainer import Trainer
 
-    model_values = None
+    model_values, init_state = None, None
     if args.resume:  # first: a run with no complete checkpoint, or in use, is named as such
         check_resumable(args.resume, probe_lock=os.environ.get("RANK", "0") == "0")
         config, run = _resume_settings(args)
         run_dir, model_values = run.run_dir, run.model_values
     else:
         config = _config_from_args(args, TRAIN_PRESET)
+        if config.init_from:
+            config, model_values, init_state = _init_from_settings(args, config)
         distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
         if distributed and not config.run_name:
             raise ValueError("--run-name: required under torchrun, so that every rank writes to the same run")
@@ -184,6 +211,7 @@ def cmd_train(args) -> int:
             progress=not args.no_progress,
             device=args.device,
             model_config=model_values,
+            init_state=init_state,
         )
         summary = trainer.train()
     finally:
@@ -361,6 +389,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("train", "train a Switch model (default: the tiny preset on the embedded corpus)", cmd_train)
     _add_config_args(p, TRAIN_PRESET)
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its latest checkpoint")
+    p.add_argument(
+        "--init-from",
+        metavar="SOURCE",
+        help="start a new run from pretrained weights: a Hugging Face T5/Switch directory, a run or a checkpoint "
+        "(architecture and tokenizer come from SOURCE; optimizer and schedule start fresh)",
+    )
     p.add_argument(
         "--expert-parallel",
         type=int,

@@ -42,6 +42,7 @@ class TrainConfig:
     corpus_max_mb: float | None = None  # docs+packages: at most this many MB of package source
     objective: str | None = None  # "causal" (lm), "span_corruption" (t5), "seq2seq" (t5 on pairs)
     tokenizer: str | None = None  # an existing tokenizer.json; else one is trained and saved with the run
+    init_from: str | None = None  # start from these weights (HF directory, run, checkpoint); architecture too
     tokenizer_kind: str = "bpe"
     vocab_size: int = 4096
     seq_len: int = 128
@@ -418,6 +419,7 @@ FLAG_NAMES = {
     "out_dir": "--out-dir",
     "run_name": "--run-name",
     "expert_parallel": "--expert-parallel",
+    "init_from": "--init-from",
 }
 
 
@@ -447,9 +449,10 @@ def resolve_paths(values: dict) -> None:
         data = [data]
     if isinstance(data, list) and all(isinstance(p, str) and p for p in data):
         values["data"] = [str(Path(p).expanduser().resolve()) for p in data]
-    tokenizer = values.get("tokenizer")
-    if isinstance(tokenizer, str) and tokenizer:
-        values["tokenizer"] = str(Path(tokenizer).expanduser().resolve())
+    for name in ("tokenizer", "init_from"):
+        path = values.get(name)
+        if isinstance(path, str) and path:
+            values[name] = str(Path(path).expanduser().resolve())
 
 
 def build_config(

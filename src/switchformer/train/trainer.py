@@ -146,10 +146,12 @@ class Trainer:
         device: str | None = None,
         data: Data | None = None,
         model_config: dict | None = None,
+        init_state: dict | None = None,
     ):
         """``data``: already prepared data for this config (``compare`` hands the Switch run's to its
         dense twin, whose data settings are the same); the run directory must hold its tokenizer.
-        ``model_config``: the saved ``model`` section of the run being resumed (its architecture)."""
+        ``model_config``: the saved ``model`` section of the run being resumed (its architecture),
+        or of the pretrained model a new run starts from; ``init_state``: that model's weights."""
         self.config = config
         self.run_dir = Path(run_dir)
         self.parallel = None
@@ -189,6 +191,8 @@ class Trainer:
             from switchformer.train.run import check_tokenizer_fits
 
             check_tokenizer_fits(self.data.tokenizer, self.model, self.run_dir / "tokenizer.json")
+        if init_state is not None:  # --init-from: the pretrained weights, before any expert slicing
+            self.model.load_state_dict(init_state)
         defer_bias_updates(self.model)  # one selection-bias update per step, over all micro-batches and ranks
         if self.parallel is not None:  # full seeded init on every rank, then each keeps its experts
             apply_expert_parallel(self.model, self.parallel)
