@@ -120,6 +120,7 @@ def test_failing_commands_on_a_damaged_config_name_it_and_write_nothing(trained,
         (["--set", "eval_every=0"], "eval_every: must be >= 1, got 0 (from --set eval_every=0)"),
         (["--run-name", "other"], "--run-name: not used with --resume"),
         (["--preset", "tiny"], "--preset: not used with --resume"),
+        (["--init-from", "/elsewhere"], "--init-from: not used with --resume"),
     ],
 )
 def test_resume_refuses_what_it_may_not_change_and_writes_nothing(trained, tmp_path, capsys, flags, message):

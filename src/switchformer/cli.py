@@ -121,10 +121,16 @@ def _print_summary(summary: dict, config) -> None:
 def _resume_settings(args):
     """The resumed run's config: its own, with the changes the flags ask for (validated; only
     bookkeeping and max_steps may change, see ``RESUMABLE_FIELDS``)."""
-    from switchformer.train.config import FLAG_NAMES, parse_setting, read_config_file, resolve_paths, resume_config
+    from switchformer.train.config import FLAG_NAMES, resolve_paths, resume_config, settings_given
     from switchformer.train.run import read_run_config
 
-    for flag, value in (("--preset", args.preset), ("--out-dir", args.out_dir), ("--run-name", args.run_name)):
+    flags_for_new_runs = (
+        ("--preset", args.preset),
+        ("--out-dir", args.out_dir),
+        ("--run-name", args.run_name),
+        ("--init-from", args.init_from),
+    )
+    for flag, value in flags_for_new_runs:
         if value is not None:
             raise ValueError(f"{flag}: not used with --resume (the run directory is given; its settings are kept)")
     if (Path(args.resume) / "state.json").exists():
@@ -133,16 +139,7 @@ def _resume_settings(args):
             "latest checkpoint (to go back to this one, move the later checkpoints out of checkpoints/)"
         )
     run = read_run_config(args.resume)
-    changes, sources = {}, {}
-    if args.config:
-        from_file = read_config_file(args.config)
-        changes.update(from_file)
-        sources.update(dict.fromkeys(from_file, args.config))
-    for item in args.set:
-        if "=" not in item:
-            raise ValueError(f"--set: expected key=value, got {item!r}")
-        key, text = (part.strip() for part in item.split("=", 1))
-        changes[key], sources[key] = parse_setting(key, text), f"--set {item}"
+    changes, sources = settings_given(args.config, args.set)
     flags = {"model": args.model, "data": args.data, "max_steps": args.max_steps}
     flags["expert_parallel"] = getattr(args, "expert_parallel", None)
     for name, value in flags.items():
@@ -155,19 +152,10 @@ def _resume_settings(args):
 def _init_from_settings(args, config):
     """(config, model config, weights) of a new run started from ``config.init_from``; the size
     settings the user gave must agree with the pretrained model."""
-    from switchformer.train.config import FLAG_NAMES, parse_setting, read_config_file
+    from switchformer.train.config import FLAG_NAMES, settings_given
     from switchformer.train.init_from import check_settings_fit, fine_tuning_config, load_pretrained
 
-    if args.resume:
-        raise ValueError("--init-from: starts a new run; --resume continues one (give one of them)")
-    given, sources = {}, {}
-    if args.config:
-        from_file = read_config_file(args.config)
-        given.update(from_file)
-        sources.update(dict.fromkeys(from_file, args.config))
-    for item in args.set:
-        key, text = (part.strip() for part in item.split("=", 1))
-        given[key], sources[key] = parse_setting(key, text), f"--set {item}"
+    given, sources = settings_given(args.config, args.set)
     if args.model is not None:
         given["model"], sources["model"] = args.model, FLAG_NAMES["model"]
     pretrained = load_pretrained(config.init_from)

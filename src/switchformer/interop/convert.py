@@ -10,7 +10,6 @@ training settings), ``model.safetensors`` and, when the source has one, ``tokeni
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from switchformer.train.config import TrainConfig
@@ -48,7 +47,7 @@ def convert(source: str | Path, target: str | Path) -> str:
     from safetensors.torch import save
 
     from switchformer.interop.hf import from_hf, to_hf
-    from switchformer.train.run import load_run, run_dir_of
+    from switchformer.train.run import is_hugging_face_source, load_run, run_dir_of
     from switchformer.train.rundir import write_file_atomic, write_json_atomic
 
     source, target = Path(source), Path(target)
@@ -56,14 +55,7 @@ def convert(source: str | Path, target: str | Path) -> str:
         raise ValueError(f"{target}: inside the source {source}; convert writes nothing into what it reads")
     if target.exists() and any(target.iterdir()):
         raise FileExistsError(f"{target}: already holds files; convert writes into a new or empty folder")
-    config_file = run_dir_of(source) / "config.json"
-    if not config_file.exists():
-        raise FileNotFoundError(f"{config_file}: not found (expected a Hugging Face directory or a switchformer run)")
-    try:
-        data = json.loads(config_file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{config_file}: invalid JSON ({err})") from None
-    if isinstance(data, dict) and "model_type" in data:  # Hugging Face -> switchformer run
+    if is_hugging_face_source(source):  # Hugging Face -> switchformer run
         model = from_hf(source)
         target.mkdir(parents=True, exist_ok=True)
         weights = save({k: v.contiguous() for k, v in model.state_dict().items()}, metadata={"format": "pt"})

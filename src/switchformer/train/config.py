@@ -455,6 +455,22 @@ def resolve_paths(values: dict) -> None:
             values[name] = str(Path(path).expanduser().resolve())
 
 
+def settings_given(config_file: str | None, sets: list[str] | None) -> tuple[dict, dict[str, str]]:
+    """The settings a config file and ``key=value`` strings give (the later winning), and where
+    each came from (the file's path, ``--set key=value``): what a user asked for, before presets."""
+    values, sources = {}, {}
+    if config_file:
+        from_file = read_config_file(config_file)
+        values.update(from_file)
+        sources.update(dict.fromkeys(from_file, str(config_file)))
+    for item in sets or []:
+        if "=" not in item:
+            raise ValueError(f"--set: expected key=value, got {item!r}")
+        key, text = (part.strip() for part in item.split("=", 1))
+        values[key], sources[key] = parse_setting(key, text), f"--set {item}"
+    return values, sources
+
+
 def build_config(
     preset: str = "tiny",
     config_file: str | None = None,
@@ -469,16 +485,9 @@ def build_config(
         raise ValueError(f"preset: unknown {preset!r}; choose one of {sorted(PRESETS)}")
     values = dict(PRESETS[preset])
     sources = dict.fromkeys(values, f"preset {preset}")
-    if config_file:
-        from_file = read_config_file(config_file)
-        values.update(from_file)
-        sources.update(dict.fromkeys(from_file, str(config_file)))
-    for item in sets or []:
-        if "=" not in item:
-            raise ValueError(f"--set: expected key=value, got {item!r}")
-        key, text = item.split("=", 1)
-        values[key.strip()] = parse_setting(key.strip(), text.strip())
-        sources[key.strip()] = f"--set {item}"
+    from_user, user_sources = settings_given(config_file, sets)
+    values.update(from_user)
+    sources.update(user_sources)
     given = {k: v for k, v in (overrides or {}).items() if v is not None}
     values.update(given)
     sources.update({k: (flag_names or {}).get(k, "overrides") for k in given})

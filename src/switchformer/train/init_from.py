@@ -9,7 +9,6 @@ line or in a config file that contradict SOURCE are refused by name.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,17 +38,10 @@ class Pretrained:
 def load_pretrained(source: str | Path) -> Pretrained:
     """Architecture, weights and tokenizer of ``source``. Errors are one line naming the file."""
     from switchformer.interop.hf import from_hf
-    from switchformer.train.run import load_run, run_dir_of
+    from switchformer.train.run import is_hugging_face_source, load_run, run_dir_of
 
     source = Path(source)
-    config_file = run_dir_of(source) / "config.json"
-    if not config_file.exists():
-        raise FileNotFoundError(f"--init-from: {config_file} not found (give a Hugging Face directory or a run)")
-    try:
-        data = json.loads(config_file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{config_file}: invalid JSON ({err})") from None
-    if isinstance(data, dict) and "model_type" in data:
+    if is_hugging_face_source(source):
         model, family, tokenizer_file = from_hf(source), "t5", source / "tokenizer.json"
         if not tokenizer_file.exists():
             hint = " (it has T5's spiece.model: convert it to tokenizer.json with transformers first)"

@@ -39,6 +39,20 @@ def run_dir_of(source: str | Path) -> Path:
     return path.parent.parent if (path / "state.json").exists() else path
 
 
+def is_hugging_face_source(source: str | Path) -> bool:
+    """True for a Hugging Face model directory (its ``config.json`` has ``model_type``), False for
+    a switchformer run or checkpoint. Raises a one-line error naming a missing or invalid
+    ``config.json``."""
+    file = run_dir_of(source) / "config.json"
+    if not file.exists():
+        raise FileNotFoundError(f"{file}: not found (expected a Hugging Face directory or a switchformer run)")
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{file}: invalid JSON ({err})") from None
+    return isinstance(data, dict) and "model_type" in data
+
+
 def read_run_config(source: str | Path) -> RunConfig:
     """``config.json`` of the run at (or holding) ``source``, checked: every error is one line that
     names the file and what is wrong."""
