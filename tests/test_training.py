@@ -144,8 +144,8 @@ def test_non_finite_losses_are_skipped_then_stop(tmp_path, corpus, monkeypatch):
     trainer = Trainer(config, tmp_path / "run", progress=False)
     original = trainer.forward
 
-    def poisoned(batch):
-        out = original(batch)
+    def poisoned(batch, label_smoothing=0.0):
+        out = original(batch, label_smoothing)
         out.loss = out.loss * float("nan")
         return out
 

@@ -36,6 +36,39 @@ def test_matches_cross_entropy_with_ignored_rows(monkeypatch, chunk_elements):
     assert torch.equal(got[1][labels == -100], torch.zeros_like(got[1][labels == -100]))
 
 
+@pytest.mark.parametrize("eps", [0.1, 0.5])
+@pytest.mark.parametrize("chunk_elements", [1, 1 << 20])
+def test_label_smoothing_matches_cross_entropy(monkeypatch, chunk_elements, eps):
+    monkeypatch.setattr(vocab_loss, "_CHUNK_ELEMENTS", chunk_elements)
+    g = torch.Generator().manual_seed(1)
+    h, weight = torch.randn(40, 8, generator=g), torch.randn(29, 8, generator=g)
+    labels = torch.randint(0, 29, (40,), generator=g)
+    labels[1::4] = -100
+
+    def smoothed(h, w, y):
+        return F.cross_entropy(h @ w.t(), y, ignore_index=-100, label_smoothing=eps)
+
+    want = grads(smoothed, h, weight, labels, scale=1.7)
+    got = grads(lambda a, b, c: vocab_loss.linear_cross_entropy(a, b, c, eps), h, weight, labels, scale=1.7)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert got[0] > grads(reference, h, weight, labels)[0]  # smoothing costs a confident model
+
+
+def test_label_smoothing_reaches_the_models_and_is_range_checked():
+    config = SwitchT5Config(vocab_size=31, d_model=16, d_kv=4, num_heads=4, d_ff=32, num_layers=1, num_experts=2)
+    model = SwitchT5(config).eval()
+    ids = torch.randint(2, 31, (2, 5))
+    plain = model(ids, labels=ids).ce_loss
+    smooth = model(ids, labels=ids, label_smoothing=0.2).ce_loss
+    logits = model(ids, labels=ids).logits
+    want = F.cross_entropy(logits.reshape(-1, 31), ids.reshape(-1), label_smoothing=0.2)
+    torch.testing.assert_close(smooth, want, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(plain, smooth)
+    with pytest.raises(ValueError, match="label_smoothing"):
+        vocab_loss.linear_cross_entropy(torch.randn(3, 4), torch.randn(5, 4), torch.zeros(3, dtype=torch.long), 1.0)
+
+
 def test_no_grad_and_frozen_inputs():
     h, weight = torch.randn(9, 4), torch.randn(7, 4)
     labels = torch.tensor([0, 1, 2, 3, 4, 5, 6, -100, 2])

@@ -354,9 +354,12 @@ def weighted_router_loss(config, aux: Tensor, z: Tensor) -> Tensor:
     return config.router_aux_loss_coef * aux + config.router_z_loss_coef * z
 
 
-def finish_output(config, x, weight, labels, stats, stacks, encoder_hidden_states=None) -> ModelOutput:
+def finish_output(
+    config, x, weight, labels, stats, stacks, encoder_hidden_states=None, label_smoothing: float = 0.0
+) -> ModelOutput:
     """Logits ``x @ weight.T``; cross-entropy over non-ignored labels (-100) plus the router losses
     with their coefficients. ``labels`` are aligned with ``x`` (a causal LM shifts them first).
+    ``label_smoothing``: as ``F.cross_entropy``'s (a training choice; 0 scores the model).
 
     In float32 without autocast the cross-entropy is fused with the output projection
     (:mod:`vocab_loss`) and the logits are only computed if ``.logits`` is read.
@@ -370,10 +373,12 @@ def finish_output(config, x, weight, labels, stats, stacks, encoder_hidden_state
             x.dtype == torch.float32 and weight.dtype == torch.float32 and not torch.is_autocast_enabled(x.device.type)
         )
         if fused:
-            ce = linear_cross_entropy(x.reshape(-1, x.shape[-1]), weight, labels.reshape(-1))
+            ce = linear_cross_entropy(x.reshape(-1, x.shape[-1]), weight, labels.reshape(-1), label_smoothing)
         else:
             logits = x @ weight.t()
-            ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1))
+            ce = F.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), label_smoothing=label_smoothing
+            )
         loss = ce
         if aux is not None:
             loss = loss + weighted_router_loss(config, aux, z)

@@ -230,8 +230,9 @@ def next_token_labels(labels: Tensor | None, attention_mask: Tensor | None) -> T
 
 
 class SwitchLM(nn.Module):
-    """Decoder-only Switch LM. ``model(input_ids, attention_mask=None, labels=None)``; ``labels``
-    are the input ids themselves (shifted inside), ``-100`` to ignore positions."""
+    """Decoder-only Switch LM. ``model(input_ids, attention_mask=None, labels=None,
+    label_smoothing=0.0)``; ``labels`` are the input ids themselves (shifted inside), ``-100`` to
+    ignore positions; ``label_smoothing`` smooths the cross-entropy (training only)."""
 
     def __init__(self, config: SwitchLMConfig):
         super().__init__()
@@ -328,6 +329,7 @@ class SwitchLM(nn.Module):
         attention_mask: Tensor | None = None,
         labels: Tensor | None = None,
         decoder_input_ids: Tensor | None = None,
+        label_smoothing: float = 0.0,
     ):
         if decoder_input_ids is not None:
             raise ValueError("decoder_input_ids: SwitchLM is decoder-only; pass input_ids")
@@ -335,7 +337,8 @@ class SwitchLM(nn.Module):
             raise ValueError(f"labels: shape {tuple(labels.shape)} does not match input_ids {tuple(input_ids.shape)}")
         h, stats = self.hidden_states(input_ids, attention_mask)
         x, weight = self.output_head(h)
-        return finish_output(self.config, x, weight, next_token_labels(labels, attention_mask), stats, ("layers",))
+        labels = next_token_labels(labels, attention_mask)
+        return finish_output(self.config, x, weight, labels, stats, ("layers",), label_smoothing=label_smoothing)
 
     def new_cache(self, batch: int, max_length: int, device=None, dtype=None) -> LMCache:
         device = device or self.embed.weight.device

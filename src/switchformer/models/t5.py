@@ -459,7 +459,10 @@ class SwitchT5(nn.Module):
         labels: Tensor | None = None,
         decoder_attention_mask: Tensor | None = None,
         encoder_hidden_states: Tensor | None = None,
+        label_smoothing: float = 0.0,
     ) -> ModelOutput:
+        """Loss (with ``labels``) and logits; ``label_smoothing`` smooths the cross-entropy as
+        ``F.cross_entropy``'s (a training choice: 0, the default, scores the model)."""
         stats = RouterStats()
         if encoder_hidden_states is None:
             if input_ids is None:
@@ -490,7 +493,9 @@ class SwitchT5(nn.Module):
             route_mask=route_mask,
         )
         x, weight = self.output_head(h)
-        return finish_output(self.config, x, weight, labels, stats, ("encoder", "decoder"), encoder_hidden_states)
+        return finish_output(
+            self.config, x, weight, labels, stats, ("encoder", "decoder"), encoder_hidden_states, label_smoothing
+        )
 
     @torch.no_grad()
     def generate(self, input_ids: Tensor, attention_mask: Tensor | None = None, **kwargs) -> Tensor:

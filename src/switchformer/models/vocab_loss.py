@@ -28,7 +28,7 @@ def _chunk_rows(vocab: int) -> int:
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h: Tensor, weight: Tensor, labels: Tensor) -> Tensor:
+    def forward(ctx, h: Tensor, weight: Tensor, labels: Tensor, label_smoothing: float) -> Tensor:
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         rows = h.shape[0]
         valid = labels != IGNORE_INDEX
@@ -47,14 +47,24 @@ class _LinearCrossEntropy(torch.autograd.Function):
             logits = torch.mm(h_c, weight_t, out=buffer[: stop - start])
             target_logit = logits.gather(1, t_c)
             row_max = logits.amax(1, keepdim=True)
+            if label_smoothing:
+                mean_logit = logits.mean(1, keepdim=True)  # before the in-place shift below
             exp = logits.sub_(row_max).exp_()
             sum_exp = exp.sum(1, keepdim=True)
             row_loss = sum_exp.log() + row_max - target_logit
+            if label_smoothing:
+                # target (1 - eps) one_hot + eps / vocab: CE + eps * (mean_v(-log p_v) + log p_target),
+                # and the log-sum-exp cancels in the difference
+                row_loss = row_loss + label_smoothing * (target_logit - mean_logit)
             total += row_loss.masked_fill(~v_c, 0).sum()
             if need_h or need_w:
-                # d(mean CE)/d logits = (softmax - one_hot(target)) / count, zero on ignored rows
+                # d(mean CE)/d logits = (softmax - smoothed target) / count, zero on ignored rows
                 row_scale = v_c * inv_count
-                grad_logits = exp.mul_(row_scale / sum_exp).scatter_add_(1, t_c, -row_scale.expand_as(t_c))
+                grad_logits = exp.mul_(row_scale / sum_exp)
+                if label_smoothing:
+                    grad_logits.sub_(row_scale * (label_smoothing / weight.shape[0]))
+                hit = row_scale * (1.0 - label_smoothing)
+                grad_logits.scatter_add_(1, t_c, -hit.expand_as(t_c))
                 if need_h:
                     torch.mm(grad_logits, weight, out=grad_h[start:stop])
                 if need_w:
@@ -69,11 +79,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
             grad_h = grad_h * grad_loss
         if grad_w is not None:
             grad_w = grad_w * grad_loss
-        return grad_h, grad_w, None
+        return grad_h, grad_w, None, None
 
 
-def linear_cross_entropy(h: Tensor, weight: Tensor, labels: Tensor) -> Tensor:
+def linear_cross_entropy(h: Tensor, weight: Tensor, labels: Tensor, label_smoothing: float = 0.0) -> Tensor:
     """Mean cross-entropy of ``h @ weight.T`` against ``labels`` (``-100`` ignored), in float32.
+
+    ``label_smoothing`` in ``[0, 1)``: the target distribution is ``(1 - eps) * one_hot + eps /
+    vocab`` (Szegedy et al. 2016, section 7), as ``F.cross_entropy(label_smoothing=eps)``.
 
     ``h``: ``[rows, d]``; ``weight``: ``[vocab, d]``; ``labels``: ``[rows]``. For float32 without
     autocast (callers fall back to ``F.cross_entropy`` otherwise). Its gradients are computed in
@@ -84,4 +97,6 @@ def linear_cross_entropy(h: Tensor, weight: Tensor, labels: Tensor) -> Tensor:
             f"linear_cross_entropy: expected h [rows, d], weight [vocab, d], labels [rows]; got "
             f"{tuple(h.shape)}, {tuple(weight.shape)}, {tuple(labels.shape)}"
         )
-    return _LinearCrossEntropy.apply(h, weight, labels)
+    if not 0.0 <= label_smoothing < 1.0:
+        raise ValueError(f"label_smoothing: must be in [0, 1), got {label_smoothing}")
+    return _LinearCrossEntropy.apply(h, weight, labels, float(label_smoothing))

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from switchformer.data.corpus import CORPORA
+from switchformer.data.formatting import prefix_fields
 from switchformer.models import SwitchLMConfig, SwitchT5Config
 
 
@@ -48,6 +49,15 @@ class TrainConfig:
     seq_len: int = 128
     batch_size: int = 16
     validation_fraction: float = 0.1
+    valid_data: list[str] = field(default_factory=list)  # a user's validation files; empty: carved from data
+    # translation (seq2seq): languages of line-aligned files, and the encoder's task prefix, a
+    # template that may name {source_lang}, {target_lang}, {source_language}, {target_language}
+    source_lang: str | None = None
+    target_lang: str | None = None
+    source_prefix: str = ""
+    # decoding defaults of translate, generate and eval --metric on a seq2seq run
+    num_beams: int = 1
+    length_penalty: float = 1.0
     # optimisation
     optimizer: str = "adamw"  # or "adafactor"
     lr: float = 3e-3
@@ -58,6 +68,7 @@ class TrainConfig:
     max_steps: int = 600
     grad_accum: int = 1
     grad_clip: float = 1.0
+    label_smoothing: float = 0.0  # training cross-entropy only; eval scores the plain cross-entropy
     precision: str = "auto"  # "auto" (bf16 autocast on GPUs that support it), "fp32", "bf16"
     seed: int = 0
     # scale (under torchrun): experts split over this many ranks; batch_size is per rank
@@ -77,8 +88,9 @@ class TrainConfig:
     sample_tokens: int = 48
 
     def __post_init__(self):
-        if isinstance(self.data, str):  # one path given as a string, not a list: a list of it
-            self.data = [self.data]
+        for name in ("data", "valid_data"):  # one path given as a string, not a list: a list of it
+            if isinstance(getattr(self, name), str):
+                setattr(self, name, [getattr(self, name)])
         self.validate()
 
     def validate(self) -> None:
@@ -118,6 +130,7 @@ class TrainConfig:
             "checkpoint_every",
             "keep_last",
             "max_bad_steps",
+            "num_beams",
         )
         for name in positive:
             if getattr(self, name) < 1:
@@ -129,7 +142,7 @@ class TrainConfig:
                      "router_jitter_noise", "sample_tokens", "seed"):  # fmt: skip
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)}")
-        for name in ("dropout", "expert_dropout", "router_jitter_noise"):
+        for name in ("dropout", "expert_dropout", "router_jitter_noise", "label_smoothing"):
             if not getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be < 1, got {getattr(self, name)}")
         for name in ("validation_fraction", "beta2"):
@@ -141,8 +154,20 @@ class TrainConfig:
                 raise ValueError(f"{name}: must be > 0 (or none), got {value}")
         if self.expert_parallel < 1:
             raise ValueError(f"expert_parallel: must be >= 1, got {self.expert_parallel}")
-        if any(not path for path in self.data):
-            raise ValueError(f"data: an empty path in {self.data}")
+        for name in ("data", "valid_data"):
+            if any(not path for path in getattr(self, name)):
+                raise ValueError(f"{name}: an empty path in {getattr(self, name)}")
+        if self.label_smoothing < 0:
+            raise ValueError(f"label_smoothing: must be >= 0, got {self.label_smoothing}")
+        for name in ("source_lang", "target_lang"):
+            code = getattr(self, name)
+            if code is not None and (not code or not code.replace("-", "").replace("_", "").isalnum()):
+                raise ValueError(f"{name}: {code!r} is not a language code (letters, digits, '-' or '_')")
+        prefix_fields(self.source_prefix)
+        if self.source_prefix and self.resolved_objective != "seq2seq":
+            raise ValueError(
+                f"source_prefix: only the seq2seq objective reads it (objective is {self.resolved_objective!r})"
+            )
         if self.run_name is not None and (
             self.run_name in ("", ".", "..") or any(sep in self.run_name for sep in ("/", "\\"))
         ):
@@ -444,11 +469,12 @@ def config_from_sources(values: dict, sources: dict[str, str]) -> TrainConfig:
 def resolve_paths(values: dict) -> None:
     """Relative data and tokenizer paths against the working directory, so that the run's
     ``config.json`` holds paths that work from any folder (``eval``, ``--resume``)."""
-    data = values.get("data")
-    if isinstance(data, str):
-        data = [data]
-    if isinstance(data, list) and all(isinstance(p, str) and p for p in data):
-        values["data"] = [str(Path(p).expanduser().resolve()) for p in data]
+    for name in ("data", "valid_data"):
+        paths = values.get(name)
+        if isinstance(paths, str):
+            paths = [paths]
+        if isinstance(paths, list) and all(isinstance(p, str) and p for p in paths):
+            values[name] = [str(Path(p).expanduser().resolve()) for p in paths]
     for name in ("tokenizer", "init_from"):
         path = values.get(name)
         if isinstance(path, str) and path:
@@ -509,6 +535,8 @@ RESUMABLE_FIELDS = (
     "sample_prompt",
     "sample_tokens",
     "dist_timeout_s",
+    "num_beams",
+    "length_penalty",
 )
 
 

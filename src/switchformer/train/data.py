@@ -11,6 +11,7 @@ from torch import Tensor
 
 from switchformer.data.corpus import embedded_documents, split_documents
 from switchformer.data.files import DataError, load_pairs, load_text
+from switchformer.data.formatting import source_text
 from switchformer.data.objectives import (
     epoch_order,
     pack_causal,
@@ -156,6 +157,15 @@ def evaluation_split(config: TrainConfig, tok, data: list[str] | None = None) ->
     return split_from_documents(tok, docs, config, config.seed + 1)
 
 
+def encoder_text(pair, config: TrainConfig) -> str:
+    """The encoder input text of ``pair`` (a :class:`~switchformer.data.formatting.Pair` or a
+    ``(source, target)`` tuple) under ``config``'s ``source_prefix``: the pair's own languages, else
+    the config's ``source_lang``/``target_lang``. The one formatting training and inference share."""
+    source_lang = getattr(pair, "source_lang", None) or config.source_lang
+    target_lang = getattr(pair, "target_lang", None) or config.target_lang
+    return source_text(pair[0], config.source_prefix, source_lang, target_lang)
+
+
 def _encode(tok, texts: list[str]) -> list[list[int]]:
     return [e.ids for e in tok.encode_batch(texts)]
 
@@ -184,7 +194,8 @@ def _span_corruption_split(tok, docs, config: TrainConfig, ids, seed: int) -> Sp
 
 
 def _pairs_split(tok, pairs, config: TrainConfig, ids) -> Split:
-    sources = [s[: config.seq_len - 1] + [ids["eos"]] for s in _encode(tok, [p[0] for p in pairs])]
+    texts = [encoder_text(pair, config) for pair in pairs]
+    sources = [s[: config.seq_len - 1] + [ids["eos"]] for s in _encode(tok, texts)]
     targets = [t[: config.seq_len - 1] + [ids["eos"]] for t in _encode(tok, [p[1] for p in pairs])]
     return Split(
         {

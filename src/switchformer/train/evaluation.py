@@ -41,11 +41,13 @@ def scored_tokens(batch: dict) -> int:
     return int((mask[:, :-1] & mask[:, 1:]).sum())
 
 
-def model_forward(model, batch: dict):
-    """The model's loss on a training or validation batch of either objective."""
+def model_forward(model, batch: dict, label_smoothing: float = 0.0):
+    """The model's loss on a training or validation batch of either objective; ``label_smoothing``
+    for training (evaluation scores the plain cross-entropy)."""
+    extra = {"label_smoothing": label_smoothing} if label_smoothing else {}
     if "labels" in batch:
-        return model(batch["input_ids"], attention_mask=batch.get("attention_mask"), labels=batch["labels"])
-    return model(batch["input_ids"], labels=batch["input_ids"])
+        return model(batch["input_ids"], attention_mask=batch.get("attention_mask"), labels=batch["labels"], **extra)
+    return model(batch["input_ids"], labels=batch["input_ids"], **extra)
 
 
 def evaluate(model, valid, config: TrainConfig, device, max_batches: int | None = None, forward=None) -> EvalResult:

@@ -392,8 +392,8 @@ class Trainer:
     def to_device(self, batch: dict) -> dict:
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
-    def forward(self, batch: dict):
-        return model_forward(self.model, batch)
+    def forward(self, batch: dict, label_smoothing: float = 0.0):
+        return model_forward(self.model, batch, label_smoothing)
 
     # -- evaluation ------------------------------------------------------------------------
 
@@ -416,7 +416,7 @@ class Trainer:
         for micro, batch in enumerate(batches):
             batch = self.to_device(batch)
             with autocast_context(config, self.device):
-                out = self.forward(batch)
+                out = self.forward(batch, config.label_smoothing)
             # Cross-entropy: the mean over every scored token of the global batch (all micro-batches
             # and ranks), whatever the split: each micro-batch's mean weighs by its token count.
             # reduce_gradients averages over ranks, hence the factor world. Router losses: the mean
