@@ -1,0 +1,89 @@
+"""Per-language routing report: shares against a naive per-pair count; specialisation in bits."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from switchformer.data.formatting import Pair
+from switchformer.data.tokenizer import special_ids, train_tokenizer
+from switchformer.generation import inference_routing
+from switchformer.train.config import build_config
+from switchformer.train.routing_report import (
+    expert_shares,
+    format_shares,
+    group_by_source_language,
+    plot_shares,
+    specialisation_bits,
+)
+from switchformer.train.trainer import build_model
+
+WORDS = {"de": "hund katze haus baum", "fr": "chien chat maison arbre", "en": "dog cat house tree"}
+
+
+def _pairs() -> list[Pair]:
+    pairs = []
+    for i in range(7):
+        for lang in ("de", "fr"):
+            words = WORDS[lang].split()
+            source = " ".join(words[(i + j) % 4] for j in range(1 + i % 3))
+            target = " ".join(WORDS["en"].split()[(i + j) % 4] for j in range(1 + i % 3))
+            pairs.append(Pair(source, target, lang, "en"))
+    return pairs
+
+
+@pytest.fixture(scope="module")
+def setup():
+    torch.manual_seed(0)
+    config = build_config(
+        "test",
+        overrides={"model": "t5", "objective": "seq2seq", "source_prefix": "<{source_lang}> ", "batch_size": 3},
+    )
+    pairs = _pairs()
+    tok = train_tokenizer([t for p in pairs for t in p[:2]], 400)
+    model = build_model(config, tok.get_vocab_size()).eval()
+    return config, tok, model, pairs
+
+
+def test_shares_equal_a_naive_count_pair_by_pair(setup):
+    config, tok, model, pairs = setup
+    groups = group_by_source_language(pairs)
+    assert list(groups) == ["de", "fr"]
+    shares = expert_shares(model, tok, config, groups, torch.device("cpu"))
+    eos = special_ids(tok)["eos"]
+    for lang, group in groups.items():
+        counts: dict[str, torch.Tensor] = {}
+        with torch.no_grad(), inference_routing(model, "dropless"):
+            for pair in group:  # one pair at a time, formatted by hand as training formats it
+                source = tok.encode(f"<{lang}> {pair.source}").ids + [eos]
+                target = tok.encode(pair.target).ids + [eos]
+                out = model(torch.tensor([source]), labels=torch.tensor([target]))
+                for name, aux in out.router_stats.layers:
+                    counts[name] = counts.get(name, 0) + aux.tokens_per_expert.double()
+        assert set(shares[lang]) == set(counts)
+        for name, count in counts.items():
+            torch.testing.assert_close(torch.tensor(shares[lang][name], dtype=torch.float64), count / count.sum())
+
+
+def test_specialisation_bits():
+    own = {"de": {"l": [0.5, 0.5, 0, 0]}, "fr": {"l": [0, 0, 0.5, 0.5]}}
+    assert specialisation_bits(own, "l") == pytest.approx(1.0)
+    same = {"de": {"l": [0.25] * 4}, "fr": {"l": [0.25] * 4}, "cs": {"l": [0.25] * 4}}
+    assert specialisation_bits(same, "l") == pytest.approx(0.0, abs=1e-12)
+    three = {g: {"l": [float(i == k) for i in range(3)]} for k, g in enumerate(["a", "b", "c"])}
+    assert specialisation_bits(three, "l") == pytest.approx(math.log2(3))
+    assert "1.000 bits" in format_shares(own)
+
+
+def test_pairs_without_language_are_refused():
+    with pytest.raises(ValueError, match="source language"):
+        group_by_source_language([Pair("a", "b")])
+
+
+def test_plot_is_written(setup, tmp_path):
+    config, tok, model, pairs = setup
+    shares = expert_shares(model, tok, config, group_by_source_language(pairs), torch.device("cpu"))
+    path = plot_shares(shares, tmp_path / "routing_by_language.png")
+    assert path.stat().st_size > 1000
