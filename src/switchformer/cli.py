@@ -16,6 +16,8 @@ EPILOGS = {
   switchformer train --data notes/ --set vocab_size=8000 --set num_experts=16
   switchformer train --config my.toml --model t5       # T5 span corruption
   switchformer train --resume runs/quick               # continue exactly where it stopped
+  switchformer train --model t5 --set objective=seq2seq --data train.de.gz train.en.gz \
+      --source-lang de --target-lang en --valid val.de.gz val.en.gz   # translation pairs, your dev set
   torchrun --nproc_per_node 4 -m switchformer train --expert-parallel 2   # 2-way experts x 2-way data""",
     "eval": """examples:
   switchformer eval runs/quick
@@ -56,7 +58,12 @@ def _add_config_args(p: argparse.ArgumentParser, default_preset: str) -> None:
     p.add_argument("--config", help="a .toml, .yaml or .json file of settings")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one setting")
     p.add_argument("--model", choices=["lm", "t5"], help="model family")
-    p.add_argument("--data", nargs="+", help="text files or folders, .jsonl, .arrow/.parquet (default: embedded)")
+    p.add_argument(
+        "--data",
+        nargs="+",
+        help="text files or folders, .jsonl, .arrow/.parquet; seq2seq pairs also .tsv or line-aligned text files "
+        "(train.de train.en); .gz read as gzip (default: the embedded corpus)",
+    )
     p.add_argument("--max-steps", type=int)
     p.add_argument("--out-dir", help="parent folder of runs (default: runs)")
     p.add_argument("--run-name")
@@ -75,6 +82,9 @@ def _config_from_args(args, default_preset: str):
         "run_name": args.run_name,
         "expert_parallel": getattr(args, "expert_parallel", None),
         "init_from": getattr(args, "init_from", None),
+        "valid_data": getattr(args, "valid", None),
+        "source_lang": getattr(args, "source_lang", None),
+        "target_lang": getattr(args, "target_lang", None),
     }
     return build_config(args.preset or default_preset, args.config, overrides, args.set, FLAG_NAMES)
 
@@ -142,6 +152,7 @@ def _resume_settings(args):
     changes, sources = settings_given(args.config, args.set)
     flags = {"model": args.model, "data": args.data, "max_steps": args.max_steps}
     flags["expert_parallel"] = getattr(args, "expert_parallel", None)
+    flags.update(valid_data=args.valid, source_lang=args.source_lang, target_lang=args.target_lang)
     for name, value in flags.items():
         if value is not None:
             changes[name], sources[name] = value, FLAG_NAMES[name]
@@ -389,6 +400,20 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="P",
         help="under torchrun: split each layer's experts over P ranks (batch size is per rank)",
     )
+    p.add_argument(
+        "--valid",
+        nargs="+",
+        metavar="FILE",
+        help="validation files, in --data's formats and pairing rules (default: the first validation_fraction of "
+        "--data is held out)",
+    )
+    p.add_argument(
+        "--source-lang",
+        metavar="CODE[,CODE...]",
+        help="seq2seq: the source language(s) of line-aligned files named by language (train.de); several make "
+        "a multilingual set (default: every language but the target)",
+    )
+    p.add_argument("--target-lang", metavar="CODE", help="seq2seq: the target language (train.en pairs with train.de)")
 
     p = command("eval", "validation loss, perplexity and routing statistics of a run", cmd_eval)
     p.add_argument("run", help="run directory or checkpoint")

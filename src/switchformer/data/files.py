@@ -1,10 +1,13 @@
-"""User data: text files or folders of them, JSONL (``text``, or ``source``/``target`` pairs) and
-local Hugging Face ``datasets`` files (``.arrow``, ``.parquet``). Every problem names the file,
-and the line where there is one."""
+"""User data: text files or folders of them, JSONL (``text``, or ``source``/``target`` pairs), TSV
+pairs, local Hugging Face ``datasets`` files (``.arrow``, ``.parquet``); text, TSV and JSONL may be
+gzipped (``.gz``). Sentence pairs and the pairing of line-aligned files: :mod:`switchformer.data.pairs`.
+Every problem names the file, and the line where there is one."""
 
 from __future__ import annotations
 
+import gzip
 import json
+import zlib
 from pathlib import Path
 
 TEXT_SUFFIXES = {".txt", ".md", ".rst", ".text", ""}
@@ -14,8 +17,45 @@ class DataError(ValueError):
     """Bad training data; the message names the file (and line)."""
 
 
-def _read_utf8(path: Path) -> str:
+def file_name(path: Path) -> str:
+    """``path``'s name without a ``.gz`` suffix: what says its format (and language)."""
+    name = path.name
+    return name[:-3] if name.lower().endswith(".gz") and len(name) > 3 else name
+
+
+def file_kind(path: Path) -> str:
+    """``"jsonl"``, ``"tsv"``, ``"dataset"`` (``.arrow``/``.parquet``) or ``"text"``, by the name's
+    suffix (before an optional ``.gz``)."""
+    suffix = Path(file_name(path)).suffix.lower()
+    if suffix in (".arrow", ".parquet") and not path.name.lower().endswith(".gz"):
+        return "dataset"
+    return {".jsonl": "jsonl", ".tsv": "tsv"}.get(suffix, "text")
+
+
+def _read_bytes(path: Path) -> bytes:
     data = path.read_bytes()
+    if path.name.lower().endswith(".gz"):
+        try:
+            return gzip.decompress(data)
+        except (OSError, EOFError, zlib.error) as err:
+            raise DataError(f"{path}: not a valid gzip file ({err})") from None
+    return data
+
+
+def lines(text: str) -> list[str]:
+    """``text``'s lines, split at ``\n`` only (``\r\n`` ends a line too; a last newline ends the
+    last line), so line numbers are an editor's and line-aligned files stay aligned: unlike
+    ``str.splitlines``, form feeds, U+0085 and U+2028 inside a sentence do not end its line."""
+    out = text.split("\n")
+    if out and out[-1] == "":
+        out.pop()
+    return [line[:-1] if line.endswith("\r") else line for line in out]
+
+
+def _read_utf8(path: Path) -> str:
+    """The text of ``path`` (gunzipped when its name ends in ``.gz``), or a :class:`DataError`
+    naming the file (and line) when it is binary or not UTF-8."""
+    data = _read_bytes(path)
     if b"\x00" in data[:8192]:
         raise DataError(f"{path}: looks binary (NUL bytes); expected UTF-8 text")
     try:
@@ -44,10 +84,10 @@ def load_text(paths: list[str | Path]) -> list[str]:
     """Documents for language modelling: one per text file, one per JSONL line (field ``text``)."""
     docs = []
     for path in _files(paths):
-        suffix = path.suffix.lower()
-        if suffix == ".jsonl":
+        kind = file_kind(path)
+        if kind == "jsonl":
             docs.extend(row["text"] for row in read_jsonl(path, ("text",)))
-        elif suffix in (".arrow", ".parquet"):
+        elif kind == "dataset":
             docs.extend(row["text"] for row in read_hf_dataset(path, ("text",)))
         else:
             text = _read_utf8(path).strip()
@@ -57,24 +97,24 @@ def load_text(paths: list[str | Path]) -> list[str]:
     return docs
 
 
-def load_pairs(paths: list[str | Path]) -> list[tuple[str, str]]:
-    """``(source, target)`` pairs for seq2seq (translation-style) from JSONL or datasets files."""
-    pairs = []
-    for path in _files(paths):
-        if path.suffix.lower() in (".arrow", ".parquet"):
-            rows = read_hf_dataset(path, ("source", "target"))
-        elif path.suffix.lower() == ".jsonl":
-            rows = read_jsonl(path, ("source", "target"))
-        else:
-            raise DataError(f"{path}: seq2seq pairs need a .jsonl file with 'source' and 'target' fields")
-        pairs.extend((row["source"], row["target"]) for row in rows)
-    return pairs
+def load_pairs(paths: list[str | Path], source_lang: str | None = None, target_lang: str | None = None, **options):
+    """Sentence pairs (:class:`~switchformer.data.formatting.Pair`) for seq2seq from JSONL, TSV,
+    line-aligned text files or datasets files; see :func:`switchformer.data.pairs.load_pairs`."""
+    from switchformer.data.pairs import load_pairs as _load_pairs
+
+    return _load_pairs(paths, source_lang, target_lang, **options)
 
 
 def read_jsonl(path: Path, fields: tuple[str, ...]) -> list[dict]:
+    return [row for _, row in numbered_jsonl(path, fields)]
+
+
+def numbered_jsonl(path: Path, fields: tuple[str, ...]) -> list[tuple[int, dict]]:
+    """``(line number, row)`` of each non-blank line of a JSONL file; each row must hold
+    ``fields`` as non-empty strings."""
     text = _read_utf8(path)
     rows = []
-    for number, line in enumerate(text.splitlines(), 1):
+    for number, line in enumerate(lines(text), 1):
         if not line.strip():
             continue
         try:
@@ -88,7 +128,7 @@ def read_jsonl(path: Path, fields: tuple[str, ...]) -> list[dict]:
                 raise DataError(f"{path}:{number}: missing field {name!r}")
             if not isinstance(row[name], str) or not row[name].strip():
                 raise DataError(f"{path}:{number}: field {name!r} must be a non-empty string")
-        rows.append(row)
+        rows.append((number, row))
     if not rows:
         raise DataError(f"{path}: file is empty")
     return rows

@@ -159,10 +159,23 @@ class TrainConfig:
                 raise ValueError(f"{name}: an empty path in {getattr(self, name)}")
         if self.label_smoothing < 0:
             raise ValueError(f"label_smoothing: must be >= 0, got {self.label_smoothing}")
-        for name in ("source_lang", "target_lang"):
+        for name in ("source_lang", "target_lang"):  # source_lang: one code or several, "de,fr,cs"
             code = getattr(self, name)
-            if code is not None and (not code or not code.replace("-", "").replace("_", "").isalnum()):
-                raise ValueError(f"{name}: {code!r} is not a language code (letters, digits, '-' or '_')")
+            if code is None:
+                continue
+            if name == "target_lang" and "," in code:
+                raise ValueError(f"target_lang: one language code, got {code!r} (one run per target language)")
+            codes = code.split(",")
+            for one in codes:
+                if not one or not one.replace("-", "").replace("_", "").isalnum():
+                    raise ValueError(
+                        f"{name}: {one!r} is not a language code (letters, digits, '-' or '_'"
+                        f"{'; several source languages: de,fr,cs' if name == 'source_lang' else ''})"
+                    )
+            if len(set(codes)) < len(codes):
+                raise ValueError(f"source_lang: {code!r} names a language twice")
+            if name == "source_lang" and self.target_lang in codes:
+                raise ValueError(f"source_lang: {self.target_lang!r} is both a source and the target language")
         prefix_fields(self.source_prefix)
         if self.source_prefix and self.resolved_objective != "seq2seq":
             raise ValueError(
@@ -445,6 +458,9 @@ FLAG_NAMES = {
     "run_name": "--run-name",
     "expert_parallel": "--expert-parallel",
     "init_from": "--init-from",
+    "valid_data": "--valid",
+    "source_lang": "--source-lang",
+    "target_lang": "--target-lang",
 }
 
 

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from switchformer.data.corpus import embedded_documents, split_documents
-from switchformer.data.files import DataError, load_pairs, load_text
+from switchformer.data.files import DataError, load_text
 from switchformer.data.formatting import source_text
 from switchformer.data.objectives import (
     epoch_order,
@@ -19,6 +19,7 @@ from switchformer.data.objectives import (
     span_corruption,
     span_corruption_lengths,
 )
+from switchformer.data.pairs import load_pairs, parse_languages
 from switchformer.data.tokenizer import load_tokenizer, save_tokenizer, sentinel_ids, special_ids, train_tokenizer
 from switchformer.train.config import TrainConfig
 
@@ -27,9 +28,13 @@ log = logging.getLogger("switchformer")
 
 @dataclass
 class Split:
-    """Rows of one split: ``input_ids`` always; ``labels`` and ``attention_mask`` for seq2seq."""
+    """Rows of one split: ``input_ids`` always; ``labels`` and ``attention_mask`` for seq2seq.
+    For seq2seq, how many source and target sides were longer than ``seq_len`` tokens (EOS
+    included) and cut to it."""
 
     tensors: dict[str, Tensor]
+    truncated_sources: int = 0
+    truncated_targets: int = 0
 
     def __len__(self) -> int:
         return self.tensors["input_ids"].shape[0]
@@ -75,10 +80,48 @@ def _cached_order(n: int, seed: int, epoch: int) -> Tensor:
 
 
 def _documents(config: TrainConfig) -> tuple[list, list]:
+    """(training, validation) documents: texts, or sentence pairs for seq2seq. The validation
+    documents are the files of ``valid_data`` when given (all of ``data`` then trains), else carved
+    from ``data``: the first ``validation_fraction`` of the pairs or files (the last lines of a
+    single text file), or the hash split of the embedded corpus."""
+    if config.valid_data:
+        return _all_documents(config), _valid_documents(config)
+    return _carved_documents(config)
+
+
+def _validation_documents(config: TrainConfig) -> list:
+    """The validation documents of :func:`_documents` (reading only ``valid_data`` when given)."""
+    return _valid_documents(config) if config.valid_data else _carved_documents(config)[1]
+
+
+def _read_pairs(config: TrainConfig, paths: list[str], label: str, require_every_language: bool) -> list:
+    return load_pairs(
+        paths, config.source_lang, config.target_lang, label=label, require_every_language=require_every_language
+    )
+
+
+def _all_documents(config: TrainConfig) -> list:
     if config.resolved_objective == "seq2seq":
         if not config.data:
-            raise DataError("data: the seq2seq objective needs JSONL files with 'source' and 'target' fields")
-        pairs = load_pairs(config.data)
+            raise DataError(
+                "data: the seq2seq objective needs sentence pairs: .jsonl ('source'/'target'), .tsv, or line-aligned "
+                "text files (train.de train.en)"
+            )
+        return _read_pairs(config, config.data, "--data", True)
+    if config.data:
+        return load_text(config.data)
+    return [doc.text for doc in embedded_documents(config.corpus, config.corpus_max_mb)]
+
+
+def _valid_documents(config: TrainConfig) -> list:
+    if config.resolved_objective == "seq2seq":
+        return _read_pairs(config, config.valid_data, "--valid", False)
+    return load_text(config.valid_data)
+
+
+def _carved_documents(config: TrainConfig) -> tuple[list, list]:
+    if config.resolved_objective == "seq2seq":
+        pairs = _all_documents(config)
         cut = max(1, int(len(pairs) * config.validation_fraction))
         if len(pairs) < 2:
             raise DataError(f"data: {len(pairs)} pair(s) are too few to split into training and validation")
@@ -119,21 +162,25 @@ def prepare_data(config: TrainConfig, run_dir: Path) -> Data:
         tok = load_tokenizer(config.tokenizer)
         save_tokenizer(tok, tokenizer_file)
     else:
-        texts = [t for pair in train_docs for t in pair] if config.resolved_objective == "seq2seq" else train_docs
+        seq2seq = config.resolved_objective == "seq2seq"
+        texts = [t for pair in train_docs for t in pair[:2]] if seq2seq else train_docs
         log.info(
             "training a %s tokenizer with %d tokens on the training text", config.tokenizer_kind, config.vocab_size
         )
         tok = train_tokenizer(tokenizer_sample(texts), config.vocab_size, config.tokenizer_kind)
         save_tokenizer(tok, tokenizer_file)
-    train = split_from_documents(tok, train_docs, config, config.seed, tokenizer_file)
-    valid = split_from_documents(tok, valid_docs, config, config.seed + 1, tokenizer_file)
+    train = split_from_documents(tok, train_docs, config, config.seed, tokenizer_file, "training")
+    valid = split_from_documents(tok, valid_docs, config, config.seed + 1, tokenizer_file, "validation")
     log.info("data: %d training and %d validation rows (%s)", len(train), len(valid), config.resolved_objective)
     return Data(train, valid, tok, tok.get_vocab_size())
 
 
-def split_from_documents(tok, docs: list, config: TrainConfig, seed: int, tokenizer_name="tokenizer") -> Split:
+def split_from_documents(
+    tok, docs: list, config: TrainConfig, seed: int, tokenizer_name="tokenizer", split_name: str = "data"
+) -> Split:
     """Rows of ``config``'s objective made of ``docs`` (texts, or (source, target) pairs for
-    seq2seq) with tokenizer ``tok``; ``seed`` draws the noise spans of span corruption."""
+    seq2seq) with tokenizer ``tok``; ``seed`` draws the noise spans of span corruption.
+    ``split_name`` names the split in the truncation warning."""
     ids = special_ids(tok)
     if ids["eos"] is None or ids["pad"] is None:
         raise DataError(f"{tokenizer_name}: the tokenizer needs '<pad>' and '</s>' tokens")
@@ -142,26 +189,36 @@ def split_from_documents(tok, docs: list, config: TrainConfig, seed: int, tokeni
         return Split({"input_ids": pack_causal(_encode(tok, docs), config.seq_len, ids["eos"])})
     if objective == "span_corruption":
         return _span_corruption_split(tok, docs, config, ids, seed)
-    return _pairs_split(tok, docs, config, ids)
+    return _pairs_split(tok, docs, config, ids, split_name)
+
+
+def evaluation_documents(config: TrainConfig, data: list[str] | None = None) -> list:
+    """The documents ``eval`` scores, reading only: the run's validation documents (``valid_data``,
+    or those carved from ``data``: what training evaluated), or every document of the files ``data``
+    (a user's test set, read with the run's languages). Texts, or sentence pairs for seq2seq."""
+    if not data:
+        return _validation_documents(config)
+    seq2seq = config.resolved_objective == "seq2seq"
+    docs = _read_pairs(config, data, "--data", False) if seq2seq else load_text(data)
+    if not docs:
+        raise DataError(f"data: {data} hold no documents")
+    return docs
 
 
 def evaluation_split(config: TrainConfig, tok, data: list[str] | None = None) -> Split:
-    """What ``eval`` scores, reading only: the run's validation split (the same rows training
-    evaluated), or every document of the files ``data`` (a user's test set), in ``config``'s
-    objective."""
-    if not data:
-        return split_from_documents(tok, _documents(config)[1], config, config.seed + 1)
-    docs = load_pairs(data) if config.resolved_objective == "seq2seq" else load_text(data)
-    if not docs:
-        raise DataError(f"data: {data} hold no documents")
-    return split_from_documents(tok, docs, config, config.seed + 1)
+    """What ``eval`` scores (:func:`evaluation_documents`) as rows of ``config``'s objective: the
+    same rows training evaluated when ``data`` is not given."""
+    docs = evaluation_documents(config, data)
+    return split_from_documents(tok, docs, config, config.seed + 1, split_name="evaluation" if data else "validation")
 
 
 def encoder_text(pair, config: TrainConfig) -> str:
     """The encoder input text of ``pair`` (a :class:`~switchformer.data.formatting.Pair` or a
     ``(source, target)`` tuple) under ``config``'s ``source_prefix``: the pair's own languages, else
-    the config's ``source_lang``/``target_lang``. The one formatting training and inference share."""
-    source_lang = getattr(pair, "source_lang", None) or config.source_lang
+    the config's ``source_lang``/``target_lang`` (a ``source_lang`` of several codes says no one
+    pair's language). The one formatting training and inference share."""
+    config_sources = parse_languages(config.source_lang)
+    source_lang = getattr(pair, "source_lang", None) or (config_sources[0] if len(config_sources) == 1 else None)
     target_lang = getattr(pair, "target_lang", None) or config.target_lang
     return source_text(pair[0], config.source_prefix, source_lang, target_lang)
 
@@ -193,14 +250,31 @@ def _span_corruption_split(tok, docs, config: TrainConfig, ids, seed: int) -> Sp
     )
 
 
-def _pairs_split(tok, pairs, config: TrainConfig, ids) -> Split:
-    texts = [encoder_text(pair, config) for pair in pairs]
-    sources = [s[: config.seq_len - 1] + [ids["eos"]] for s in _encode(tok, texts)]
-    targets = [t[: config.seq_len - 1] + [ids["eos"]] for t in _encode(tok, [p[1] for p in pairs])]
+def _pairs_split(tok, pairs, config: TrainConfig, ids, split_name: str = "data") -> Split:
+    """Each side cut to ``seq_len`` tokens with its EOS (longer sides are counted, and reported)."""
+    limit = config.seq_len - 1  # tokens before EOS
+    encoded_sources = _encode(tok, [encoder_text(pair, config) for pair in pairs])
+    encoded_targets = _encode(tok, [p[1] for p in pairs])
+    sources = [s[:limit] + [ids["eos"]] for s in encoded_sources]
+    targets = [t[:limit] + [ids["eos"]] for t in encoded_targets]
+    long_sources = sum(len(s) > limit for s in encoded_sources)
+    long_targets = sum(len(t) > limit for t in encoded_targets)
+    if long_sources or long_targets:
+        log.warning(
+            "%s data: %d of %d source sides and %d of %d target sides longer than seq_len=%d tokens were truncated",
+            split_name,
+            long_sources,
+            len(pairs),
+            long_targets,
+            len(pairs),
+            config.seq_len,
+        )
     return Split(
         {
             "input_ids": pad_batch(sources, ids["pad"]),
             "attention_mask": pad_batch([[1] * len(s) for s in sources], 0),
             "labels": pad_batch(targets, ids["pad"], value=-100),
-        }
+        },
+        truncated_sources=long_sources,
+        truncated_targets=long_targets,
     )
