@@ -162,16 +162,25 @@ def _resume_settings(args):
 
 def _init_from_settings(args, config):
     """(config, model config, weights) of a new run started from ``config.init_from``; the size
-    settings the user gave must agree with the pretrained model."""
+    settings the user gave must agree with the pretrained model; the fine-tuning defaults fill in
+    the training settings the user did not give (printed, on the main rank)."""
     from switchformer.train.config import FLAG_NAMES, settings_given
-    from switchformer.train.init_from import check_settings_fit, fine_tuning_config, load_pretrained
+    from switchformer.train.init_from import (
+        check_settings_fit,
+        describe_fine_tuning,
+        fine_tuning_config,
+        load_pretrained,
+    )
 
     given, sources = settings_given(args.config, args.set)
     if args.model is not None:
         given["model"], sources["model"] = args.model, FLAG_NAMES["model"]
-    pretrained = load_pretrained(config.init_from)
+    pretrained = load_pretrained(config.init_from, tokenizer=config.tokenizer if "tokenizer" in given else None)
     check_settings_fit(pretrained, given, sources)
-    config, model_values = fine_tuning_config(pretrained, config, given)
+    config, model_values, applied = fine_tuning_config(pretrained, config, given)
+    if int(os.environ.get("RANK", "0")) == 0:
+        for line in describe_fine_tuning(applied, model_values, pretrained):
+            print(line, flush=True)
     return config, model_values, pretrained.state
 
 

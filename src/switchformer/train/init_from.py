@@ -2,14 +2,26 @@
 
 SOURCE is a Hugging Face T5/SwitchTransformers directory, a switchformer run (its latest
 checkpoint, or the weights of a converted run) or one checkpoint folder. The new run takes
-SOURCE's architecture (its model config, exactly) and its tokenizer (``tokenizer.json``); the
-optimizer and the learning-rate schedule start fresh at step 0. Size settings given on the command
-line or in a config file that contradict SOURCE are refused by name.
+SOURCE's architecture (its model config, exactly) and its tokenizer; the optimizer and the
+learning-rate schedule start fresh at step 0. Size settings given on the command line or in a
+config file that contradict SOURCE are refused by name. Training-time settings the user did not
+give take the paper's fine-tuning values (:data:`FINE_TUNING_DEFAULTS`).
+
+The tokenizer: SOURCE's ``tokenizer.json``, or, for a Hugging Face directory that has only T5's
+SentencePiece ``spiece.model``, that model converted by ``transformers`` (its T5 tokenizer, built
+on ``tokenizers``): the same pieces and ids as T5's own tokenizer (``<pad>`` 0, ``</s>`` 1,
+``<unk>`` 2, ``<extra_id_*>`` at the top). switchformer appends ``</s>`` itself wherever a text
+ends (training rows, ``translate``, ``generate``), so a tokenizer whose post-processor appends it
+too (every T5 ``tokenizer.json`` of the hub does) is used without that post-processor; nothing
+else changes. A converted or rewritten tokenizer is kept in a cache folder (not in SOURCE:
+commands that read a source never write into it) and copied into the new run like any other.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import hashlib
+import os
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -26,6 +38,43 @@ ARCHITECTURE_FIELDS = {
     "vocab_size": "vocab_size",
 }
 
+# Fine-tuning defaults: what a new run started from pretrained weights gets for each of these
+# fields unless the user set it (with --set, a config file or a flag; a preset's value does not
+# count). Sources:
+# - dropout, expert_dropout: Fedus, Zoph, Shazeer, "Switch Transformers" (JMLR 2022), section 4.1
+#   "Fine-Tuning": "a dropout rate of 0.1 for all layers except the Switch layers, which use a
+#   dropout rate of 0.4 (see Table 4)" (Table 4, section 2.4: "expert dropout", the larger rate
+#   applied only inside the experts' feed-forward computation).
+# - optimizer, lr, schedule: the Switch paper fine-tunes with T5's protocol; T5 (Raffel et al.,
+#   JMLR 2020, section 3.1.4 "Fine-tuning") fine-tunes with Adafactor at a constant learning rate
+#   of 0.001. Our "constant" schedule keeps the run's linear warmup (``warmup_steps``) first.
+#   torch.optim.Adafactor takes ``lr`` as its step size, scaled by each tensor's RMS (as mesh
+#   TensorFlow's Adafactor with multiply_by_parameter_scale, T5's setting), capped at 1/sqrt(step),
+#   which a constant 1e-3 stays under for the first million steps: no relative-step schedule.
+# The capacity factors, router jitter and router loss coefficients are not here: they stay the
+# source model's (its config), unless the user sets them.
+FINE_TUNING_DEFAULTS = {
+    "dropout": 0.1,
+    "expert_dropout": 0.4,
+    "optimizer": "adafactor",
+    "lr": 1e-3,
+    "schedule": "constant",
+}
+
+# training-time settings (a user's, or the fine-tuning defaults) -> the model config field they set
+TRAINING_FIELDS = {
+    "capacity_factor": "capacity_factor",
+    "eval_capacity_factor": "eval_capacity_factor",
+    "router_jitter_noise": "router_jitter_noise",
+    "dropout": "dropout_rate",
+    "expert_dropout": "expert_dropout",
+    "aux_loss_coef": "router_aux_loss_coef",
+    "z_loss_coef": "router_z_loss_coef",
+}
+
+# what converting T5's spiece.model needs: module -> the name pip installs it by
+CONVERTER_PACKAGES = {"transformers": "transformers", "sentencepiece": "sentencepiece", "google.protobuf": "protobuf"}
+
 
 @dataclass
 class Pretrained:
@@ -33,27 +82,141 @@ class Pretrained:
     model_config: dict  # the model section the new run is built from
     state: dict[str, torch.Tensor]  # the weights
     tokenizer_file: Path
+    tokenizer_note: str = ""  # how the tokenizer was obtained, when not used as it is
 
 
-def load_pretrained(source: str | Path) -> Pretrained:
-    """Architecture, weights and tokenizer of ``source``. Errors are one line naming the file."""
+def load_pretrained(source: str | Path, tokenizer: str | Path | None = None) -> Pretrained:
+    """Architecture, weights and tokenizer of ``source`` (``tokenizer``: the user's own file instead
+    of the source's). Errors are one line naming the file."""
     from switchformer.interop.hf import from_hf
     from switchformer.train.run import is_hugging_face_source, load_run, run_dir_of
 
     source = Path(source)
     if is_hugging_face_source(source):
-        model, family, tokenizer_file = from_hf(source), "t5", source / "tokenizer.json"
-        if not tokenizer_file.exists():
-            hint = " (it has T5's spiece.model: convert it to tokenizer.json with transformers first)"
-            raise FileNotFoundError(
-                f"{tokenizer_file}: not found; --init-from needs the checkpoint's tokenizer.json"
-                + (hint if (source / "spiece.model").exists() else "")
-            )
+        model, family = from_hf(source), "t5"
+        folder = source
     else:
-        model, _, train = load_run(source)
-        family, tokenizer_file = train.model, run_dir_of(source) / "tokenizer.json"
+        model, _, train = load_run(source, need_tokenizer=False)
+        family, folder = train.model, run_dir_of(source)
+    config = model.config.to_dict()
+    if tokenizer is not None:
+        tokenizer_file, note = Path(tokenizer), f"{tokenizer} (given)"
+    else:
+        tokenizer_file, note = source_tokenizer(folder)
+    check_special_ids(tokenizer_file, config)
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    return Pretrained(family, model.config.to_dict(), state, tokenizer_file)
+    return Pretrained(family, config, state, tokenizer_file, note)
+
+
+def cache_dir() -> Path:
+    """Where converted tokenizers are kept: ``$SWITCHFORMER_CACHE``, else
+    ``$XDG_CACHE_HOME/switchformer``, else ``~/.cache/switchformer``."""
+    if os.environ.get("SWITCHFORMER_CACHE"):
+        return Path(os.environ["SWITCHFORMER_CACHE"]).expanduser()
+    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(root).expanduser() / "switchformer"
+
+
+def source_tokenizer(folder: Path) -> tuple[Path, str]:
+    """The tokenizer file a run started from ``folder`` uses, and a note on how it was obtained
+    ("" when it is ``folder``'s own ``tokenizer.json`` as it is)."""
+    from tokenizers import Tokenizer
+
+    from switchformer.data.tokenizer import load_tokenizer
+
+    file, spiece = folder / "tokenizer.json", folder / "spiece.model"
+    if file.exists():
+        tok = load_tokenizer(file)
+        if not appends_special_tokens(tok):
+            return file, ""
+        stripped = Tokenizer.from_str(tok.to_str())
+        stripped.post_processor = None
+        note = f"{file} without its post-processor (switchformer appends </s> itself)"
+        return _cached(stripped, [file]), note
+    if spiece.exists():
+        tok = convert_sentencepiece(folder)
+        note = f"{spiece} converted to tokenizer.json with transformers' T5 tokenizer"
+        return _cached(tok, [spiece, *(folder / n for n in _TOKENIZER_SIDE_FILES)]), note
+    raise FileNotFoundError(
+        f"{file}: not found, and no spiece.model beside it; --init-from needs the checkpoint's tokenizer "
+        "(or give one with --set tokenizer=FILE)"
+    )
+
+
+# files beside spiece.model that transformers reads when it builds the tokenizer from it
+_TOKENIZER_SIDE_FILES = ("tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
+
+
+def appends_special_tokens(tok) -> bool:
+    """Whether ``tok``'s post-processor adds tokens (T5's appends ``</s>``) to an encoded text."""
+    probe = "a b"
+    return tok.encode(probe).ids != tok.encode(probe, add_special_tokens=False).ids
+
+
+def convert_sentencepiece(folder: Path):
+    """T5's ``spiece.model`` in ``folder`` as a ``tokenizers.Tokenizer`` (without the post-processor
+    that appends ``</s>``), converted by ``transformers``' T5 tokenizer: the pieces, ids, sentinels and
+    normalisation of T5's own tokenizer. Reads ``folder``, writes nothing."""
+    import importlib
+
+    missing = []
+    for module, package in CONVERTER_PACKAGES.items():
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            missing.append(package)
+    spiece = folder / "spiece.model"
+    if missing:
+        raise ModuleNotFoundError(
+            f"{spiece}: converting T5's SentencePiece model to tokenizer.json needs transformers, sentencepiece "
+            f"and protobuf (missing: {', '.join(missing)}): pip install {' '.join(missing)} "
+            "(or put the checkpoint's tokenizer.json beside it, or give one with --set tokenizer=FILE)"
+        )
+    from transformers import T5TokenizerFast
+
+    from switchformer.train.rundir import one_line
+
+    try:
+        converted = T5TokenizerFast.from_pretrained(str(folder), local_files_only=True)
+    except Exception as err:  # transformers' and sentencepiece's errors have no common base
+        raise ValueError(f"{spiece}: transformers could not convert it ({one_line(err)})") from None
+    tok = converted.backend_tokenizer
+    if appends_special_tokens(tok):
+        tok.post_processor = None
+    return tok
+
+
+def _cached(tok, inputs: list[Path]) -> Path:
+    """``tok`` saved under the cache folder, named by a hash of the files it was made from (so every
+    rank of a distributed run, and a later run, finds the same file); written atomically."""
+    digest = hashlib.sha256(b"switchformer tokenizer v1\0")
+    for path in inputs:
+        digest.update(path.name.encode() + b"\0")
+        digest.update(path.read_bytes() if path.exists() else b"<absent>")
+    target = cache_dir() / "tokenizers" / f"{digest.hexdigest()[:24]}.json"
+    text = tok.to_str(pretty=True)
+    if target.exists() and target.read_text(encoding="utf-8") == text:
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    part = target.with_name(f"{target.name}.{os.getpid()}.part")
+    part.write_text(text, encoding="utf-8")
+    os.replace(part, target)
+    return target
+
+
+def check_special_ids(tokenizer_file: Path, model_config: dict) -> None:
+    """The tokenizer's ``<pad>`` and ``</s>`` must be the ids the model was trained with."""
+    from switchformer.data.tokenizer import load_tokenizer, special_ids
+
+    ids = special_ids(load_tokenizer(tokenizer_file))
+    for name, field in (("pad", "pad_token_id"), ("eos", "eos_token_id")):
+        want = model_config.get(field)
+        if want is not None and ids[name] is not None and ids[name] != want:
+            token = {"pad": "<pad>", "eos": "</s>"}[name]
+            raise ValueError(
+                f"{tokenizer_file}: {token} has id {ids[name]}, the model's {field} is {want} "
+                "(a tokenizer of another model?)"
+            )
 
 
 def check_settings_fit(pretrained: Pretrained, given: dict, sources: dict[str, str]) -> None:
@@ -74,30 +237,56 @@ def check_settings_fit(pretrained: Pretrained, given: dict, sources: dict[str, s
                 )
 
 
-# training-time settings a user may give for fine-tuning -> the model config field they set
-TRAINING_FIELDS = {
-    "capacity_factor": "capacity_factor",
-    "eval_capacity_factor": "eval_capacity_factor",
-    "router_jitter_noise": "router_jitter_noise",
-    "dropout": "dropout_rate",
-    "expert_dropout": "expert_dropout",
-    "aux_loss_coef": "router_aux_loss_coef",
-    "z_loss_coef": "router_z_loss_coef",
-}
-
-
 def fine_tuning_config(pretrained: Pretrained, config, given: dict):
-    """(train config, model config) of the new run: the architecture and tokenizer from the
-    pretrained model; the training-time settings the user gave (``given``) applied to it."""
-    from dataclasses import replace
-
+    """(train config, model config, fine-tuning defaults applied) of the new run: the architecture
+    and tokenizer from the pretrained model; the training-time settings the user gave (``given``)
+    applied to it, :data:`FINE_TUNING_DEFAULTS` for those of them the user did not give, the source
+    model's own values for the rest (capacity factors, router jitter and loss coefficients). The
+    train config states the values the model trains with."""
     model_config = dict(pretrained.model_config)
+    applied = {field: value for field, value in FINE_TUNING_DEFAULTS.items() if field not in given}
+    settings = {**applied, **{field: given[field] for field in TRAINING_FIELDS if field in given}}
     for field, model_field in TRAINING_FIELDS.items():
-        if field in given and model_field in model_config:
-            model_config[model_field] = given[field]
+        if field in settings and model_field in model_config:
+            model_config[model_field] = settings[field]
+    if model_config.get("expert_capacity") is not None and given.keys() & {"capacity_factor", "eval_capacity_factor"}:
+        model_config["expert_capacity"] = None  # an absolute capacity would override the factors given
     describe = {field: model_config[m] for field, m in ARCHITECTURE_FIELDS.items() if m in model_config}
     step = model_config.get("sparse_step", model_config.get("encoder_sparse_step"))
     if step is not None:
         describe["sparse_step"] = step if describe.get("num_experts", 0) > 0 else 0
-    train = replace(config, model=pretrained.family, tokenizer=str(pretrained.tokenizer_file.resolve()), **describe)
-    return train, model_config
+    training = {field: model_config[m] for field, m in TRAINING_FIELDS.items() if m in model_config}
+    if training.get("expert_dropout", 0) is None:  # T5 configs: None means the dropout rate
+        training["expert_dropout"] = model_config.get("dropout_rate", 0.0)
+    others = {field: value for field, value in applied.items() if field not in TRAINING_FIELDS}
+    train = replace(
+        config,
+        model=pretrained.family,
+        tokenizer=str(pretrained.tokenizer_file.resolve()),
+        **describe,
+        **training,
+        **others,
+    )
+    return train, model_config, applied
+
+
+def describe_fine_tuning(applied: dict, model_config: dict, pretrained: Pretrained) -> list[str]:
+    """Lines that tell the user what the new run took from where (printed by ``train``)."""
+    lines = []
+    if applied:
+        values = ", ".join(f"{k}={v}" for k, v in applied.items())
+        lines.append(
+            f"fine-tuning defaults (Switch Transformers, section 4.1; T5, section 3.1.4): {values} "
+            "(--set any of them to change it)"
+        )
+    capacity = model_config.get("expert_capacity")
+    if capacity is not None:
+        lines.append(f"capacity: the source's, {capacity} tokens per expert and sequence")
+    elif "capacity_factor" in model_config:
+        lines.append(
+            f"capacity factors: {model_config['capacity_factor']} (training), "
+            f"{model_config['eval_capacity_factor']} (evaluation)"
+        )
+    if pretrained.tokenizer_note:
+        lines.append(f"tokenizer: {pretrained.tokenizer_note}")
+    return lines
