@@ -1,4 +1,4 @@
-"""The ``switchformer`` command: train | eval | generate | compare | convert | info | report."""
+"""The ``switchformer`` command: train | eval | generate | translate | compare | convert | info | report."""
 
 from __future__ import annotations
 
@@ -22,10 +22,18 @@ EPILOGS = {
     "eval": """examples:
   switchformer eval runs/quick
   switchformer eval runs/quick --routing dropless   # no token dropped
-  switchformer eval runs/quick --data test.txt --json   # every document of test.txt; JSON for machines""",
+  switchformer eval runs/quick --data test.txt --json   # every document of test.txt; JSON for machines
+  switchformer eval runs/de-en --data test.jsonl --metric bleu chrf   # translate the sources, score with sacrebleu
+  switchformer eval runs/de-en --metric bleu --num-beams 4 --json     # the validation split, beam search""",
     "generate": """examples:
   switchformer generate runs/quick --prompt "The object"
-  echo "Return the" | switchformer generate runs/quick --temperature 0.7 --top-p 0.9""",
+  echo "Return the" | switchformer generate runs/quick --temperature 0.7 --top-p 0.9
+  switchformer generate runs/de-en --prompt "Ein Hund rennt."   # seq2seq run: its translation, greedy""",
+    "translate": """examples:
+  switchformer translate runs/de-en --input test.de --output hyp.en
+  switchformer translate runs/de-en --num-beams 4 --length-penalty 0.6 < test.de > hyp.en
+  switchformer translate runs/multi --source-lang fr --input test.fr --output hyp.en   # multilingual run
+  sacrebleu test.en < hyp.en          # or: switchformer eval runs/de-en --data test.jsonl --metric bleu""",
     "compare": """examples:
   switchformer compare                    # Switch vs its FLOP-matched dense twin, compare-long preset (about an hour)
   switchformer compare --preset compare   # the quick check (about 15 minutes; within seed noise)
@@ -233,7 +241,19 @@ def cmd_train(args) -> int:
 def cmd_eval(args) -> int:
     from switchformer.train.evaluation import evaluate_run, format_eval
 
-    report = evaluate_run(args.run, data=args.data, batches=args.batches, routing=args.routing, device=args.device)
+    report = evaluate_run(
+        args.run,
+        data=args.data,
+        batches=args.batches,
+        routing=args.routing,
+        device=args.device,
+        metrics=args.metric,
+        num_beams=args.num_beams,
+        length_penalty=args.length_penalty,
+        max_new_tokens=args.max_new_tokens,
+        source_lang=args.source_lang,
+        progress=not args.no_progress,
+    )
     from switchformer.train.rundir import to_json
 
     print(to_json(report, indent=2) if args.json else format_eval(report))
@@ -244,17 +264,20 @@ def cmd_generate(args) -> int:
     from switchformer.generation import routing_description
     from switchformer.train.trainer import generate_text
 
-    model, tokenizer, _ = load_run(args.run)
+    model, tokenizer, config = load_run(args.run)
     print(f"routing: {routing_description(model, args.routing)}", file=sys.stderr)
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
     if not prompt.strip() and args.prompt is None:
         raise ValueError("prompt: give --prompt or text on standard input")
+    seq2seq = config.resolved_objective == "seq2seq"  # the prompt is a source: its translation alone is printed
+    if seq2seq and args.prompt is None:
+        prompt = prompt.rstrip("\r\n")  # standard input's last newline is no part of the sentence
     produced: list[int] = []
     printed = ""
 
     def stream(token):  # print each new piece of text as soon as its token is chosen
         nonlocal printed
-        if not produced:  # the prompt once generation has really started (bad settings fail first)
+        if not produced and not seq2seq:  # the prompt once generation has really started (bad settings fail first)
             sys.stdout.write(prompt)
         produced.append(int(token[0]))
         text = tokenizer.decode(produced, skip_special_tokens=True)
@@ -269,18 +292,29 @@ def cmd_generate(args) -> int:
         prompt,
         args.max_new_tokens,
         seed=args.seed,
-        do_sample=not args.greedy,
+        do_sample=False if args.greedy else None,  # None: the run's objective chooses
         temperature=args.temperature,
         top_k=args.top_k,
         top_p=args.top_p,
         repetition_penalty=args.repetition_penalty,
+        num_beams=args.num_beams,
+        length_penalty=args.length_penalty,
         routing=args.routing,
         streamer=stream,
+        config=config,
+        source_lang=args.source_lang,
+        target_lang=args.target_lang,
     )
-    if not produced:
+    if not produced and not seq2seq:
         sys.stdout.write(prompt)
     sys.stdout.write("\n")
     return 0
+
+
+def cmd_translate(args) -> int:
+    from switchformer.translate_command import run_translate
+
+    return run_translate(args)
 
 
 def cmd_compare(args) -> int:
@@ -439,16 +473,38 @@ def build_parser() -> argparse.ArgumentParser:
         help="eval: the run's eval capacity factor, tokens over it are dropped (default; what training "
         "reported, and how generate routes by default); dropless: no token dropped",
     )
+    p.add_argument(
+        "--metric",
+        nargs="+",
+        choices=["bleu", "chrf"],
+        help="seq2seq runs: translate the sources and score corpus BLEU/chrF against the targets with sacrebleu "
+        "(pip install 'switchformer[metrics]'); per source language too when there are several. With --metric "
+        "every pair is scored unless --batches is given",
+    )
+    p.add_argument("--num-beams", type=int, help="with --metric: beams (1: greedy; default: the run's num_beams)")
+    p.add_argument("--length-penalty", type=float, help="with --metric: beam length penalty (default: the run's)")
+    p.add_argument("--max-new-tokens", type=int, help="with --metric: tokens per translation (default: seq_len)")
+    p.add_argument(
+        "--source-lang", metavar="CODE", help="with --metric: the language of sources whose data does not say it"
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar while translating")
 
     p = command("generate", "generate text from a trained run, streaming tokens", cmd_generate)
     p.add_argument("run", help="run directory or checkpoint")
     p.add_argument("--prompt", help="prompt text (default: standard input)")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=0.95)
-    p.add_argument("--repetition-penalty", type=float, default=1.1)
-    p.add_argument("--greedy", action="store_true", help="no sampling")
+    # defaults depend on the run: sampling (temperature 0.8, top-p 0.95, repetition penalty 1.1, 64 tokens)
+    # for language models and span corruption; for seq2seq, the run's decoding (greedy or its num_beams, no
+    # repetition penalty, up to seq_len tokens), sampling only when a sampling setting is given
+    p.add_argument("--max-new-tokens", type=int, help="default: 64; seq2seq runs: the run's seq_len")
+    p.add_argument("--temperature", type=float, help="default: 0.8 (seq2seq: a value samples, else greedy)")
+    p.add_argument("--top-k", type=int, help="default: 0 (no top-k filter)")
+    p.add_argument("--top-p", type=float, help="default: 0.95 (seq2seq: 1.0)")
+    p.add_argument("--repetition-penalty", type=float, help="default: 1.1 (seq2seq: 1.0, none)")
+    p.add_argument("--greedy", action="store_true", help="no sampling (the default on seq2seq runs)")
+    p.add_argument("--num-beams", type=int, help="beam search (encoder-decoder; default: 1, seq2seq: the run's)")
+    p.add_argument("--length-penalty", type=float, help="beam search length penalty (default: the run's)")
+    p.add_argument("--source-lang", metavar="CODE", help="seq2seq: the source language, when the prefix names it")
+    p.add_argument("--target-lang", metavar="CODE", help="seq2seq: the target language, when the prefix names it")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--routing",
@@ -457,6 +513,41 @@ def build_parser() -> argparse.ArgumentParser:
         help="eval: the run's own eval routing, as `eval` and the model's forward (default); dropless: no "
         "token dropped (printed on standard error)",
     )
+
+    p = command(
+        "translate", "translate a file line by line with a seq2seq run (batched; greedy or beams)", cmd_translate
+    )
+    p.add_argument("run", help="run directory or checkpoint (trained with objective=seq2seq)")
+    p.add_argument("--input", "-i", help="UTF-8 text, one source per line (default: standard input)")
+    p.add_argument(
+        "--output",
+        "-o",
+        help="one translation per input line, written as produced (default: standard output); a stopped run "
+        "leaves the first lines' translations, whole lines only",
+    )
+    p.add_argument("--batch-size", type=int, default=32, help="sentences decoded together (default: 32)")
+    p.add_argument(
+        "--buffer-size",
+        type=int,
+        default=1024,
+        help="sentences read, sorted by length and translated before their output is written (default: 1024)",
+    )
+    p.add_argument("--num-beams", type=int, help="1: greedy; more: beam search (default: the run's num_beams)")
+    p.add_argument("--length-penalty", type=float, help="beam search length penalty (default: the run's)")
+    p.add_argument("--max-new-tokens", type=int, help="tokens per translation at most (default: the run's seq_len)")
+    p.add_argument(
+        "--source-lang", metavar="CODE", help="the language of every line, when the run's source_prefix names it"
+    )
+    p.add_argument("--target-lang", metavar="CODE", help="the target language, when the run's source_prefix names it")
+    p.add_argument(
+        "--routing",
+        choices=["eval", "dropless"],
+        default="eval",
+        help="eval: the run's own eval routing (default); dropless: no token dropped, so batching never changes "
+        "a translation",
+    )
+    p.add_argument("--device", help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     p = command("compare", "train a Switch model and its FLOP-matched dense twin; table and plot", cmd_compare)
     _add_config_args(p, COMPARE_PRESET)

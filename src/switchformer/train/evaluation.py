@@ -106,27 +106,62 @@ def evaluate_run(
     batches: int | None = None,
     routing: str = "eval",
     device: str | None = None,
+    metrics: list[str] | None = None,
+    num_beams: int | None = None,
+    length_penalty: float | None = None,
+    max_new_tokens: int | None = None,
+    source_lang: str | None = None,
+    progress: bool = False,
 ) -> dict:
     """``switchformer eval``: the run's (or checkpoint's) model on its validation split, or on every
     document of ``data``. Reads the run and writes nothing anywhere. Returns a JSON-ready dict
-    (NaN as ``None``)."""
+    (NaN as ``None``).
+
+    ``metrics`` (``"bleu"``, ``"chrf"``; seq2seq runs): the same pairs are also translated
+    (:func:`switchformer.translation.translate`; ``num_beams``, ``length_penalty``,
+    ``max_new_tokens`` default to the run's, ``source_lang`` serves pairs whose data does not say
+    theirs) and scored against their targets with sacrebleu (:mod:`switchformer.train.metrics`),
+    per source language too when there are several. With ``metrics``, every pair is evaluated
+    (loss included) unless ``batches`` is given; ``progress`` shows a bar while translating."""
     from switchformer.generation import inference_routing, routing_description
     from switchformer.runtime import resolve_device
-    from switchformer.train.data import evaluation_split
+    from switchformer.train.data import evaluation_documents, evaluation_split
+    from switchformer.train.metrics import check_metrics
     from switchformer.train.run import load_run
 
     if batches is not None and batches < 1:
         raise ValueError(f"--batches: must be >= 1, got {batches}")
+    metrics = check_metrics(metrics or [])  # sacrebleu missing is said before any work
+    if not metrics:
+        for flag, value in (
+            ("--num-beams", num_beams),
+            ("--length-penalty", length_penalty),
+            ("--max-new-tokens", max_new_tokens),
+            ("--source-lang", source_lang),
+        ):
+            if value is not None:
+                raise ValueError(f"{flag}: used only to translate for --metric; give --metric bleu (or chrf) too")
     model, tokenizer, config = load_run(source)
+    if metrics:
+        from switchformer.translation import check_decoding, decoding_settings, require_seq2seq
+
+        require_seq2seq(config, "--metric (BLEU, chrF)")
+        settings = decoding_settings(config, num_beams, length_penalty, max_new_tokens)
+        check_decoding(1, settings["num_beams"], settings["length_penalty"], settings["max_new_tokens"], 1)
     target = resolve_device(device)
     model.to(target)
     valid = evaluation_split(config, tokenizer, data)
     if len(valid) == 0:
         raise ValueError(f"{data or source}: no validation rows to evaluate")
-    if data and batches is None:  # a user's test set: every row, not the run's eval_batches
+    if (data or metrics) and batches is None:  # a user's test set, or BLEU: every row, not the run's eval_batches
         batches = math.ceil(len(valid) / config.batch_size)
     with inference_routing(model, routing):
         result = evaluate(model, valid, config, target, batches)
+    scores = {}
+    if metrics:
+        rows = min(len(valid), batches * config.batch_size)  # the pairs the loss scored
+        pairs = evaluation_documents(config, data)[:rows]  # the split's pairs, in its row order
+        scores = translation_scores(model, tokenizer, config, pairs, metrics, settings, routing, source_lang, progress)
     return {
         "run": str(source),
         "data": list(data) if data else "validation split",
@@ -136,7 +171,50 @@ def evaluate_run(
         "perplexity": None if math.isnan(result.perplexity) else result.perplexity,
         "tokens": result.tokens,
         "routing": result.routing,
+        **scores,
     }
+
+
+def translation_scores(model, tokenizer, config, pairs, metrics, settings, routing, source_lang, progress) -> dict:
+    """Translate the sources of ``pairs`` and score them against their targets: the JSON-ready
+    part of :func:`evaluate_run`'s report for ``metrics`` (see there)."""
+    from tqdm.auto import tqdm
+
+    from switchformer.train.metrics import corpus_scores, scores_by_group
+    from switchformer.translation import DEFAULT_BATCH_SIZE, translate
+
+    bar = tqdm(total=len(pairs), unit="sent", desc="translating", disable=not progress, dynamic_ncols=True)
+    try:
+        hypotheses = list(
+            translate(
+                model,
+                tokenizer,
+                config,
+                pairs,
+                source_lang=source_lang,
+                batch_size=DEFAULT_BATCH_SIZE,
+                routing=routing,
+                progress=bar.update,
+                **settings,
+            )
+        )
+    finally:
+        bar.close()
+    references = [pair[1] for pair in pairs]
+    scores = corpus_scores(hypotheses, references, metrics)
+    out: dict = {"translated_pairs": len(pairs), "decoding": settings}
+    for name, score in scores.items():
+        out[name] = score["score"]
+        out[f"{name}_signature"] = score["signature"]
+        out[f"{name}_text"] = score["text"]
+    languages = [getattr(pair, "source_lang", None) or source_lang for pair in pairs]
+    if len(set(languages)) > 1:
+        groups = scores_by_group(hypotheses, references, [lang or "unknown" for lang in languages], metrics)
+        out["by_source_lang"] = {
+            lang: {"pairs": group["pairs"], **{name: group[name]["score"] for name in metrics}}
+            for lang, group in groups.items()
+        }
+    return out
 
 
 def format_eval(report: dict) -> str:
@@ -158,4 +236,16 @@ def format_eval(report: dict) -> str:
             f"  {name}: max/mean expert load {r['max_load_over_mean']:.2f}, dropped {r['dropped_fraction']:.1%}, "
             f"router entropy {r['router_entropy']:.2f} nats"
         )
+    if "translated_pairs" in report:
+        d = report["decoding"]
+        how = "greedy" if d["num_beams"] == 1 else f"{d['num_beams']} beams, length penalty {d['length_penalty']:g}"
+        lines.append(
+            f"translation of {report['translated_pairs']:,} pairs ({how}, at most {d['max_new_tokens']} tokens):"
+        )
+        for name in ("bleu", "chrf"):
+            if name in report:
+                lines.append(f"  {report[f'{name}_text']}  ({report[f'{name}_signature']})")
+        for lang, group in report.get("by_source_lang", {}).items():
+            scores = ", ".join(f"{'BLEU' if n == 'bleu' else 'chrF'} {v:.2f}" for n, v in group.items() if n != "pairs")
+            lines.append(f"  {lang}: {scores} over {group['pairs']:,} pairs")
     return "\n".join(lines)

@@ -1,0 +1,178 @@
+"""``switchformer translate RUN``: translate a file (or standard input) line by line with a seq2seq
+run, as :func:`switchformer.translation.translate` does; ``cli.py`` only parses the flags.
+
+Input: UTF-8 text, one source per line (lines end at ``\\n``; a ``\\r`` before it is dropped). A
+file is read and checked whole before anything is translated, so a bad byte is named
+(``src.txt:12: not valid UTF-8``) before any output; standard input is read as it comes.
+
+Output: exactly one line per input line, in input order: an empty or blank source gives an empty
+line, and a line break inside a translation becomes a space. Lines are written as they are
+produced, a buffer (``--buffer-size`` sources) at a time, whole lines only: a run that is stopped
+leaves, in ``--output``, the translations of the first N input lines, never part of a line.
+``--output`` may not be the input, nor lie inside the run (reading a run never writes into it).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+log = logging.getLogger("switchformer")
+
+
+def _decode_line(raw: bytes, name: str, number: int) -> str:
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{name}:{number}: not valid UTF-8 ({err.reason} at byte {err.start} of the line)") from None
+    if text.endswith("\n"):
+        text = text[:-1]
+    return text[:-1] if text.endswith("\r") else text
+
+
+def read_file_lines(path: Path) -> list[str]:
+    """The lines of ``path``, checked whole: ``ValueError`` naming ``path:line`` for bytes that are
+    not UTF-8, ``FileNotFoundError`` naming a missing file."""
+    if not path.exists():
+        raise FileNotFoundError(f"--input: {path}: no such file")
+    if path.is_dir():
+        raise ValueError(f"--input: {path} is a folder; give a text file with one source per line")
+    return [_decode_line(raw, str(path), n) for n, raw in enumerate(_split_lines(path.read_bytes()), 1)]
+
+
+def _split_lines(data: bytes) -> list[bytes]:
+    """``data`` split after each ``\\n`` only (``bytes.splitlines`` would also split at ``\\r``)."""
+    parts = data.split(b"\n")
+    lines = [p + b"\n" for p in parts[:-1]]
+    return lines + ([parts[-1]] if parts[-1] else [])
+
+
+def read_stream_lines(stream, name: str = "<stdin>") -> Iterator[str]:
+    """The lines of ``stream`` as they arrive (bytes decoded as UTF-8, naming ``name:line`` when they
+    are not; a text stream is taken as it is)."""
+    binary = getattr(stream, "buffer", None)
+    if binary is None:  # already text (a test's StringIO)
+        for line in stream:
+            line = line[:-1] if line.endswith("\n") else line
+            yield line[:-1] if line.endswith("\r") else line
+        return
+    for number, raw in enumerate(binary, 1):
+        yield _decode_line(raw, name, number)
+
+
+def _check_paths(args) -> tuple[Path | None, Path | None]:
+    from switchformer.train.run import run_dir_of
+
+    source = Path(args.input) if args.input not in (None, "-") else None
+    target = Path(args.output) if args.output not in (None, "-") else None
+    if source is not None and not source.exists():
+        raise FileNotFoundError(f"--input: {source}: no such file")
+    if target is not None:
+        same = target.exists() and source is not None and os.path.samefile(target, source)
+        if same or (source is not None and target.resolve() == source.resolve()):
+            raise ValueError(f"--output: {target} is the input file; write the translations to another file")
+        if target.is_dir():
+            raise ValueError(f"--output: {target} is a folder; give a file name")
+        if not target.resolve().parent.is_dir():
+            raise FileNotFoundError(f"--output: {target.parent} is not an existing folder")
+        run_dir = run_dir_of(args.run).resolve()
+        if target.resolve().is_relative_to(run_dir):
+            raise ValueError(f"--output: {target} is inside the run {args.run}; reading a run never writes into it")
+    return source, target
+
+
+def _check_language_code(flag: str, code: str | None) -> None:
+    if code is not None and (not code or not code.replace("-", "").replace("_", "").isalnum()):
+        raise ValueError(f"{flag}: {code!r} is not a language code (letters, digits, '-' or '_')")
+
+
+def decoding_summary(settings: dict) -> str:
+    how = "greedy" if settings["num_beams"] == 1 else f"beam search ({settings['num_beams']} beams"
+    if settings["num_beams"] > 1:
+        how += f", length penalty {settings['length_penalty']:g})"
+    return f"{how}, at most {settings['max_new_tokens']} new tokens"
+
+
+def run_translate(args) -> int:
+    """The ``translate`` command (flags as ``switchformer translate --help`` lists them)."""
+    from tqdm.auto import tqdm
+
+    from switchformer.data.formatting import prefix_fields
+    from switchformer.generation import routing_description
+    from switchformer.runtime import resolve_device
+    from switchformer.train.run import load_run
+    from switchformer.translation import (
+        check_decoding,
+        check_languages,
+        decoding_settings,
+        require_seq2seq,
+        translate,
+    )
+
+    source, target = _check_paths(args)
+    _check_language_code("--source-lang", args.source_lang)
+    _check_language_code("--target-lang", args.target_lang)
+    device = resolve_device(args.device)
+    lines = read_file_lines(source) if source is not None else None  # a bad byte is named before the model loads
+    model, tokenizer, config = load_run(args.run)
+    require_seq2seq(config, "translate")
+    settings = decoding_settings(config, args.num_beams, args.length_penalty, args.max_new_tokens)
+    check_decoding(
+        args.batch_size, settings["num_beams"], settings["length_penalty"], settings["max_new_tokens"], args.buffer_size
+    )
+    check_languages(config, args.source_lang, args.target_lang)
+    named = prefix_fields(config.source_prefix)
+    for side, code in (("source", args.source_lang), ("target", args.target_lang)):
+        if code is not None and not {f"{side}_lang", f"{side}_language"} & named:
+            log.warning("--%s-lang: the run's source_prefix %r does not name the %s language; ignored",
+                        side, config.source_prefix, side)  # fmt: skip
+    model.to(device)
+    if lines is None:
+        lines = read_stream_lines(sys.stdin)
+    print(
+        f"translate: {decoding_summary(settings)}, batches of {args.batch_size}; "
+        f"routing: {routing_description(model, args.routing)}",
+        file=sys.stderr,
+    )
+    bar = tqdm(
+        total=len(lines) if isinstance(lines, list) else None,
+        unit="sent",
+        desc="translating",
+        disable=args.no_progress,
+        dynamic_ncols=True,
+        file=sys.stderr,
+    )
+    out = open(target, "w", encoding="utf-8", newline="\n") if target is not None else sys.stdout  # noqa: SIM115
+    written, start = 0, time.perf_counter()
+    try:
+        for hypothesis in translate(
+            model,
+            tokenizer,
+            config,
+            lines,
+            source_lang=args.source_lang,
+            target_lang=args.target_lang,
+            batch_size=args.batch_size,
+            num_beams=settings["num_beams"],
+            length_penalty=settings["length_penalty"],
+            max_new_tokens=settings["max_new_tokens"],
+            routing=args.routing,
+            buffer_size=args.buffer_size,
+            progress=bar.update,
+        ):
+            out.write(hypothesis + "\n")
+            written += 1
+            out.flush()
+    finally:
+        bar.close()
+        if target is not None:
+            out.close()
+    seconds = time.perf_counter() - start
+    rate = f", {written / seconds:.1f} sentences/s" if seconds > 0 and written else ""
+    where = f" -> {target}" if target is not None else ""
+    print(f"translated {written} lines in {seconds:.1f} s{rate}{where}", file=sys.stderr)
+    return 0

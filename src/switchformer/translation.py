@@ -1,0 +1,208 @@
+"""Batched translation with a seq2seq run: each source formatted exactly as training formatted it,
+batched by length, decoded greedily or with beam search, returned in input order.
+
+Formatting: :func:`switchformer.train.data.encoder_text` (the run's ``source_prefix`` with the
+pair's languages, then the text), tokenised, cut to ``seq_len - 1`` tokens and ended with EOS, as
+the training rows were (``_pairs_split`` in :mod:`switchformer.train.data`; a test holds the two
+equal). No sentinel is added: that is span corruption's convention, not seq2seq's.
+
+Batching (as fairseq's ``interactive``): up to ``buffer_size`` sources are read, sorted by length
+(longest first, so similar lengths share a batch and little padding is computed), decoded
+``batch_size`` at a time, and the buffer's translations are yielded in input order before the next
+buffer is read.
+
+Batched and one-by-one decoding give the same tokens whenever no token is dropped by expert
+capacity: with ``routing="dropless"``, with a per-sequence ``expert_capacity`` (Hugging Face
+imports), or while no expert overflows. Under a capacity *factor* (the run's ``eval`` routing), a
+batch's tokens share one routing group, so which tokens overflow can depend on the other sentences
+of the batch, as in the validation loss training reports.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+
+import torch
+
+from switchformer.data.formatting import Pair
+
+DEFAULT_BATCH_SIZE = 32
+DEFAULT_BUFFER_SIZE = 1024
+LINE_BREAKS = "\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029"  # what str.splitlines() splits on
+
+
+def require_seq2seq(config, what: str = "translate") -> None:
+    """``ValueError`` naming the run's objective unless it is ``seq2seq``."""
+    objective = config.resolved_objective
+    if objective != "seq2seq":
+        raise ValueError(
+            f"objective: the run was trained with {objective!r}; {what} needs a seq2seq run "
+            "(train one with --model t5 --set objective=seq2seq on source/target pairs)"
+        )
+
+
+def one_line(text: str) -> str:
+    """``text`` with every line break (any that ``str.splitlines`` knows) replaced by a space, so
+    one translation is always one output line."""
+    return text.translate({ord(c): " " for c in LINE_BREAKS})
+
+
+def _as_pair(item, source_lang: str | None, target_lang: str | None) -> Pair:
+    if isinstance(item, str):
+        return Pair(item, "", source_lang, target_lang)
+    pair_source_lang = getattr(item, "source_lang", None)
+    pair_target_lang = getattr(item, "target_lang", None)
+    return Pair(item[0], "", pair_source_lang or source_lang, pair_target_lang or target_lang)
+
+
+def check_languages(config, source_lang: str | None = None, target_lang: str | None = None) -> None:
+    """``ValueError`` (naming ``source_prefix`` and the flag to give) when the run's prefix names a
+    language that neither the call nor the run's config gives."""
+    from switchformer.train.data import encoder_text
+
+    encoder_text(Pair("", "", source_lang, target_lang), config)
+
+
+def encode_sources(tokenizer, config, items: list, source_lang=None, target_lang=None) -> list[list[int]]:
+    """Encoder token ids of each source (a ``str``, or a :class:`Pair` whose own languages win over
+    ``source_lang``/``target_lang``, which win over the run's): formatted, cut to ``seq_len - 1``
+    tokens, EOS appended, as the training rows."""
+    from switchformer.data.tokenizer import special_ids
+    from switchformer.train.data import encoder_text
+
+    eos = special_ids(tokenizer)["eos"]
+    if eos is None:
+        raise ValueError("tokenizer: no '</s>' token to end the source with")
+    texts = [encoder_text(_as_pair(item, source_lang, target_lang), config) for item in items]
+    return [e.ids[: config.seq_len - 1] + [eos] for e in tokenizer.encode_batch(texts)]
+
+
+def decode_output(tokenizer, row: list[int], eos: int | None) -> str:
+    """Text of one generated row (without the decoder start token): up to its first EOS, special
+    tokens skipped, on one line."""
+    if eos is not None and eos in row:
+        row = row[: row.index(eos)]
+    return one_line(tokenizer.decode(row, skip_special_tokens=True))
+
+
+def check_decoding(batch_size: int, num_beams: int, length_penalty: float, max_new_tokens: int, buffer_size: int):
+    """``ValueError`` naming the first bad setting."""
+    from switchformer.beam import check_beam_arguments
+
+    for name, value in (("batch_size", batch_size), ("max_new_tokens", max_new_tokens), ("buffer_size", buffer_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}: must be an integer >= 1, got {value!r}")
+    check_beam_arguments(num_beams, length_penalty, False)
+
+
+def decoding_settings(config, num_beams=None, length_penalty=None, max_new_tokens=None) -> dict:
+    """The decoding settings actually used: each given value, else the run's (``num_beams``,
+    ``length_penalty``; ``max_new_tokens``: the run's ``seq_len``)."""
+    return {
+        "num_beams": config.num_beams if num_beams is None else num_beams,
+        "length_penalty": config.length_penalty if length_penalty is None else length_penalty,
+        "max_new_tokens": config.seq_len if max_new_tokens is None else max_new_tokens,
+    }
+
+
+def translate(
+    model,
+    tokenizer,
+    config,
+    texts: Iterable,
+    *,
+    source_lang: str | None = None,
+    target_lang: str | None = None,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    num_beams: int | None = None,
+    length_penalty: float | None = None,
+    max_new_tokens: int | None = None,
+    routing: str = "eval",
+    buffer_size: int = DEFAULT_BUFFER_SIZE,
+    progress: Callable[[int], None] | None = None,
+) -> Iterator[str]:
+    """Translations of ``texts``, one string (one line) per source, in input order.
+
+    ``texts``: strings, or :class:`~switchformer.data.formatting.Pair` (their own languages win, for
+    a multilingual prefix). ``source_lang``/``target_lang``: the languages of every string source
+    (default: the run's ``source_lang``/``target_lang``), needed when the run's ``source_prefix``
+    names them. ``num_beams`` (1: greedy), ``length_penalty``: default the run's;
+    ``max_new_tokens``: default the run's ``seq_len``. A source that is empty or only whitespace is
+    not decoded: its translation is ``""``. ``progress(n)`` is called after each batch of ``n``
+    sources (empty ones included).
+
+    Raises ``ValueError`` naming the setting, at the call (before ``texts`` is read), for a run
+    whose objective is not seq2seq or a bad decoding setting; and, while iterating, for a language
+    the prefix needs and nobody gives (at the first such source; :func:`check_languages` checks
+    string sources up front)."""
+    from switchformer.generation import routing_description
+
+    require_seq2seq(config)
+    settings = decoding_settings(config, num_beams, length_penalty, max_new_tokens)
+    check_decoding(
+        batch_size, settings["num_beams"], settings["length_penalty"], settings["max_new_tokens"], buffer_size
+    )
+    routing_description(model, routing)  # an unknown routing is named before any work
+    decode = _Decoding(model, tokenizer, config, source_lang, target_lang, batch_size, settings, routing, progress)
+    return _stream(decode, texts, buffer_size)
+
+
+class _Decoding:
+    """What every buffer of one :func:`translate` call is decoded with."""
+
+    def __init__(self, model, tokenizer, config, source_lang, target_lang, batch_size, settings, routing, progress):
+        from switchformer.data.tokenizer import special_ids
+
+        self.model, self.tokenizer, self.config = model, tokenizer, config
+        self.source_lang, self.target_lang = source_lang, target_lang
+        self.batch_size, self.settings, self.routing, self.progress = batch_size, settings, routing, progress
+        self.eos = special_ids(tokenizer)["eos"]
+        self.device = next(model.parameters()).device
+
+
+def _stream(decode: _Decoding, texts: Iterable, buffer_size: int) -> Iterator[str]:
+    buffer: list = []
+    for item in texts:
+        buffer.append(item)
+        if len(buffer) == buffer_size:
+            yield from _translate_buffer(decode, buffer)
+            buffer = []
+    if buffer:
+        yield from _translate_buffer(decode, buffer)
+
+
+def _translate_buffer(decode: _Decoding, items: list) -> list[str]:
+    """Translations of ``items`` in their order: the non-blank ones encoded, sorted by length
+    (longest first; equal lengths keep their order) and decoded ``batch_size`` at a time."""
+    out = [""] * len(items)
+    keep = [i for i, item in enumerate(items) if (item if isinstance(item, str) else item[0]).strip()]
+    if len(keep) < len(items) and decode.progress is not None:
+        decode.progress(len(items) - len(keep))
+    ids = encode_sources(decode.tokenizer, decode.config, [items[i] for i in keep], decode.source_lang,
+                         decode.target_lang)  # fmt: skip
+    order = sorted(range(len(keep)), key=lambda j: -len(ids[j]))
+    pad = decode.model.config.pad_token_id
+    settings = decode.settings
+    for start in range(0, len(order), decode.batch_size):
+        chosen = order[start : start + decode.batch_size]
+        rows = [ids[j] for j in chosen]
+        width = max(len(r) for r in rows)
+        input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for r, row in enumerate(rows):
+            input_ids[r, : len(row)] = torch.tensor(row)
+            mask[r, : len(row)] = 1
+        generated = decode.model.generate(
+            input_ids.to(decode.device),
+            mask.to(decode.device),
+            max_new_tokens=settings["max_new_tokens"],
+            num_beams=settings["num_beams"],
+            length_penalty=settings["length_penalty"],
+            do_sample=False,
+            routing=decode.routing,
+        )
+        for j, row in zip(chosen, generated[:, 1:].tolist()):
+            out[keep[j]] = decode_output(decode.tokenizer, row, decode.eos)
+        if decode.progress is not None:
+            decode.progress(len(chosen))
+    return out
