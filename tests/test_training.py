@@ -478,3 +478,35 @@ def test_gradient_is_the_same_however_the_batch_is_split_into_micro_batches(tmp_
         for name, grad in whole.items():
             scale = grad.abs().max().clamp_min(1e-12)
             assert ((split[name] - grad).abs().max() / scale).item() < 1e-4, (name, batch_size, grad_accum)
+
+
+def test_batches_are_padded_only_to_their_own_longest_row(tmp_path):
+    """A split is padded to its longest row; a batch keeps only its own longest source and target,
+    and the loss does not change (padding is masked and takes no expert capacity)."""
+    rows = [{"source": "a " * (1 + i % 3), "target": "b " * (1 + i % 2)} for i in range(30)]
+    rows[-1] = {"source": "long " * 20, "target": "longer " * 25}  # a training row (the first are validation)
+    (tmp_path / "pairs.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    config = quick(model="t5", objective="seq2seq", data=[str(tmp_path / "pairs.jsonl")], seq_len=64,
+                   eval_capacity_factor=None)  # fmt: skip
+    trainer = Trainer(config, tmp_path / "run", progress=False)
+    split = trainer.data.train
+    full_width = split.tensors["input_ids"].shape[1], split.tensors["labels"].shape[1]
+    index = torch.tensor([3, 4, 5])
+    batch = split.rows(index)
+    real_source = int(split.tensors["attention_mask"][index].sum(1).max())
+    real_target = int((split.tensors["labels"][index] != -100).sum(1).max())
+    assert batch["input_ids"].shape[1] == real_source < full_width[0]
+    assert batch["labels"].shape[1] == real_target < full_width[1]
+    full = {k: v.index_select(0, index) for k, v in split.tensors.items()}
+    model = trainer.model.eval()
+    with torch.no_grad():
+        trimmed_loss = model(batch["input_ids"], batch["attention_mask"], labels=batch["labels"]).ce_loss
+        full_loss = model(full["input_ids"], full["attention_mask"], labels=full["labels"]).ce_loss
+    torch.testing.assert_close(trimmed_loss, full_loss, rtol=1e-5, atol=1e-6)
+
+
+def test_set_keeps_a_string_exactly_and_reads_numbers_around_spaces():
+    config = build_config("test", sets=["model=t5", "objective=seq2seq", "source_prefix=translate German to English: ",
+                                        "max_steps= 7 ", "capacity_factor= none"])  # fmt: skip
+    assert config.source_prefix == "translate German to English: "
+    assert config.max_steps == 7 and config.capacity_factor is None

@@ -383,17 +383,19 @@ PRESETS["compare-gpu"] = {
 
 
 def parse_setting(name: str, text: str):
-    """Parse a ``--set key=value`` value with the type of the config field."""
+    """Parse a ``--set key=value`` value with the type of the config field. Spaces around a
+    number, a flag, ``none`` or list items are ignored; a string is kept exactly as given."""
     hints = {f.name: str(f.type) for f in fields(TrainConfig)}
     if name not in hints:
         close = difflib.get_close_matches(name, hints, n=3)
         hint = f"; did you mean {', '.join(close)}?" if close else "; the README's settings table lists them"
         raise ValueError(f"{name}: no such config field{hint}")
     base = hints[name].replace("| None", "").strip()
+    raw, text = text, text.strip()
     if "None" in hints[name] and text.lower() in ("none", "null"):
         return None
     if base.startswith("list"):
-        return [part for part in text.split(",") if part]
+        return [part.strip() for part in text.split(",") if part.strip()]
     if base == "bool":
         if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
             raise ValueError(f"{name}: expected true or false, got {text!r}")
@@ -403,7 +405,7 @@ def parse_setting(name: str, text: str):
             return int(text) if base == "int" else float(text)
         except ValueError:
             raise ValueError(f"{name}: expected {base}, got {text!r}") from None
-    return text
+    return raw
 
 
 def read_config_file(path: str | Path) -> dict:
@@ -508,7 +510,8 @@ def settings_given(config_file: str | None, sets: list[str] | None) -> tuple[dic
     for item in sets or []:
         if "=" not in item:
             raise ValueError(f"--set: expected key=value, got {item!r}")
-        key, text = (part.strip() for part in item.split("=", 1))
+        key, text = item.split("=", 1)
+        key = key.strip()  # the value is kept as given: a source_prefix ends in a space
         values[key], sources[key] = parse_setting(key, text), f"--set {item}"
     return values, sources
 

@@ -40,7 +40,17 @@ class Split:
         return self.tensors["input_ids"].shape[0]
 
     def rows(self, index: Tensor) -> dict[str, Tensor]:
-        return {k: v.index_select(0, index) for k, v in self.tensors.items()}
+        """The rows ``index``, padded only as far as their own longest source and target: a
+        split's rows are padded to its longest row, and a batch of short sentences must not pay
+        for it (the loss is the same: padding is masked and takes no expert capacity)."""
+        rows = {k: v.index_select(0, index) for k, v in self.tensors.items()}
+        if "attention_mask" in rows:  # real tokens are a prefix of each row
+            width = max(int(rows["attention_mask"].sum(1).max()), 1)
+            rows["input_ids"], rows["attention_mask"] = rows["input_ids"][:, :width], rows["attention_mask"][:, :width]
+        if "labels" in rows:
+            width = max(int((rows["labels"] != -100).sum(1).max()), 1)
+            rows["labels"] = rows["labels"][:, :width]
+        return rows
 
     def num_tokens(self) -> int:
         ids = self.tensors["input_ids"]
@@ -54,6 +64,7 @@ class Data:
     valid: Split
     tokenizer: object
     vocab_size: int
+    sample_pair: object = None  # seq2seq: the first validation pair, which the end-of-run sample translates
 
     def batch(self, config: TrainConfig, step: int, micro: int, rank: int = 0, world: int = 1) -> dict[str, Tensor]:
         """This rank's share of the micro-batch of a global step: a pure function of (seed, step,
@@ -172,7 +183,8 @@ def prepare_data(config: TrainConfig, run_dir: Path) -> Data:
     train = split_from_documents(tok, train_docs, config, config.seed, tokenizer_file, "training")
     valid = split_from_documents(tok, valid_docs, config, config.seed + 1, tokenizer_file, "validation")
     log.info("data: %d training and %d validation rows (%s)", len(train), len(valid), config.resolved_objective)
-    return Data(train, valid, tok, tok.get_vocab_size())
+    sample_pair = valid_docs[0] if config.resolved_objective == "seq2seq" and valid_docs else None
+    return Data(train, valid, tok, tok.get_vocab_size(), sample_pair)
 
 
 def split_from_documents(

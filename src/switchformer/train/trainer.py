@@ -548,12 +548,24 @@ class Trainer:
 
     @torch.no_grad()
     def sample(self, prompt: str | None = None, max_new_tokens: int | None = None) -> str:
+        """A continuation of ``prompt`` (default: ``sample_prompt``); a seq2seq run translates
+        its first validation source instead, formatted as in training, with that pair's languages."""
+        pair = getattr(self.data, "sample_pair", None)
+        languages = {}
+        if prompt is None and pair is not None:
+            prompt = pair[0]
+            languages = {
+                "source_lang": getattr(pair, "source_lang", None),
+                "target_lang": getattr(pair, "target_lang", None),
+            }
         return generate_text(
             self.model,
             self.data.tokenizer,
             prompt if prompt is not None else self.config.sample_prompt,
             max_new_tokens or self.config.sample_tokens,
             seed=self.config.seed,
+            config=self.config,  # a seq2seq run samples as it translates (its formatting, greedy)
+            **languages,
         )
 
 
