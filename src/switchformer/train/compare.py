@@ -29,7 +29,32 @@ def steps_to_reach(records: list[dict], target: float) -> tuple[float | None, fl
     return None, None
 
 
+def translation_quality(trainer: Trainer, config: TrainConfig, progress: bool) -> dict:
+    """BLEU and chrF (sacrebleu) of a seq2seq run's model on its validation pairs, decoded with the
+    run's settings (``num_beams``, ``length_penalty``), per source language too when there are
+    several: what a translation user compares, beside the validation loss."""
+    from switchformer.train.data import evaluation_documents
+    from switchformer.train.evaluation import translation_scores
+    from switchformer.train.metrics import METRICS
+    from switchformer.translation import decoding_settings
+
+    pairs = evaluation_documents(config)
+    return translation_scores(
+        trainer.model, trainer.data.tokenizer, config, pairs, list(METRICS), decoding_settings(config), "eval", None,
+        progress,
+    )  # fmt: skip
+
+
 def run_compare(config: TrainConfig, out_dir: Path, progress: bool = True, device: str | None = None) -> dict:
+    """Train ``config`` (Switch) and its FLOP-matched dense twin (``sparse_step=0``) on the same
+    data and tokenizer, in ``out_dir/switch`` and ``out_dir/dense``; a seq2seq task is also scored
+    with BLEU and chrF on the validation pairs (needs ``sacrebleu``: checked before training).
+    Returns the table's rows, the speed-up in steps to the dense model's final loss and the plot."""
+    seq2seq = config.resolved_objective == "seq2seq"
+    if seq2seq:
+        from switchformer.train.metrics import require_sacrebleu
+
+        require_sacrebleu()  # said before an hour of training, not after
     if config.sparse_step == 0:
         raise ValueError("sparse_step: compare needs a sparse model (sparse_step >= 1)")
     if config.top_k != 1:
@@ -47,6 +72,8 @@ def run_compare(config: TrainConfig, out_dir: Path, progress: bool = True, devic
         summary = trainer.train()
         records = trainer.history
         results[name] = {"summary": summary, "records": records, "time": max(r.get("time", 0.0) for r in records)}
+        if seq2seq:
+            results[name]["translation"] = translation_quality(trainer, run_config, progress)
         data = trainer.data
         del trainer  # free the Switch model's memory before the dense twin is built
     target = results["dense"]["summary"]["eval_loss"]
@@ -64,6 +91,7 @@ def run_compare(config: TrainConfig, out_dir: Path, progress: bool = True, devic
                 "steps_to_dense_loss": step,
                 "time_to_dense_loss": time,
                 "wall_time": result["time"],
+                **_translation_columns(result.get("translation")),
             }
         )
     dense_row, switch_row = rows[1], rows[0]
@@ -80,6 +108,15 @@ def run_compare(config: TrainConfig, out_dir: Path, progress: bool = True, devic
     }
 
 
+def _translation_columns(scores: dict | None) -> dict:
+    if scores is None:
+        return {}
+    columns = {"bleu": scores["bleu"], "chrf": scores["chrf"], "bleu_signature": scores["bleu_signature"]}
+    if "by_source_lang" in scores:
+        columns["by_source_lang"] = scores["by_source_lang"]
+    return columns
+
+
 def capacity_label(factor: float | None) -> str:
     """``"dropless"`` or ``"capacity factor 1.25"``: how a capacity setting routes."""
     return "dropless" if factor is None else f"capacity factor {factor:g}"
@@ -93,10 +130,13 @@ def describe_routing(config: TrainConfig) -> str:
 
 
 def format_table(result: dict) -> str:
+    """The markdown table ``compare`` prints and writes to ``compare.md``; with BLEU and chrF
+    columns for a translation task, and a table per source language for a multilingual one."""
+    scored = all("bleu" in r for r in result["rows"])
     lines = [
         "| model | params (total) | params (active) | FLOPs/token | final val loss | steps to dense loss "
-        "| time to dense loss | wall time |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| time to dense loss | wall time |" + (" val BLEU | val chrF |" if scored else ""),
+        "|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if scored else ""),
     ]
     for r in result["rows"]:
         steps = "never" if r["steps_to_dense_loss"] is None else f"{r['steps_to_dense_loss']:.0f}"
@@ -104,7 +144,18 @@ def format_table(result: dict) -> str:
         lines.append(
             f"| {r['model']} | {r['total_params']:,} | {r['active_params']:,} | {r['flops_per_token']:,} | "
             f"{r['final_eval_loss']:.4f} | {steps} | {time} | {r['wall_time']:.0f} s |"
+            + (f" {r['bleu']:.2f} | {r['chrf']:.2f} |" if scored else "")
         )
+    languages = [r["by_source_lang"] for r in result["rows"] if "by_source_lang" in r]
+    if scored and len(languages) == len(result["rows"]):
+        names = [r["model"] for r in result["rows"]]
+        lines += ["", "| source language | pairs | " + " | ".join(f"{n} BLEU" for n in names) + " |",
+                  "|---|---:|" + "---:|" * len(names)]  # fmt: skip
+        for lang, group in languages[0].items():
+            bleus = " | ".join(f"{by[lang]['bleu']:.2f}" for by in languages)
+            lines.append(f"| {lang} | {group['pairs']} | {bleus} |")
+    if scored:
+        lines += ["", f"BLEU: sacrebleu {result['rows'][0]['bleu_signature']}"]
     speed = result["speedup_steps"]
     lines.append("")
     lines.append(
