@@ -87,3 +87,54 @@ def test_plot_is_written(setup, tmp_path):
     shares = expert_shares(model, tok, config, group_by_source_language(pairs), torch.device("cpu"))
     path = plot_shares(shares, tmp_path / "routing_by_language.png")
     assert path.stat().st_size > 1000
+
+
+def _train(tmp_path, name: str, rows: list[dict], *extra: str):
+    import json
+
+    from switchformer.cli import main
+
+    data = tmp_path / f"{name}.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    args = ["train", "--preset", "test", "--model", "t5", "--set", "objective=seq2seq", "--data", str(data)]
+    args += ["--out-dir", str(tmp_path), "--run-name", name, "--max-steps", "2", "--no-progress", *extra]
+    assert main(args) == 0
+    return tmp_path / name
+
+
+def test_report_by_language_through_the_cli(tmp_path, capsys):
+    import hashlib
+    import json
+
+    from switchformer.cli import main
+
+    rows = [{"source": p.source, "target": p.target, "source_lang": p.source_lang} for p in _pairs() * 3]
+    run = _train(tmp_path, "multi", rows, "--set", "source_prefix=<{source_lang}> ")
+    before = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in run.rglob("*") if p.is_file()}
+    out = tmp_path / "report"
+    capsys.readouterr()
+    assert main(["report", str(run), "--by-language", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "language-expert mutual information" in printed and "routing_by_language.png" in printed
+    summary = json.loads((out / "routing_by_language.json").read_text())
+    assert set(summary["shares"]) == {"de", "fr"} and sum(summary["pairs"].values()) > 0
+    for lang in summary["shares"].values():
+        for shares in lang.values():
+            assert sum(shares) == pytest.approx(1.0)
+    assert (out / "routing_by_language.png").stat().st_size > 1000 and (out / "loss.png").exists()
+    after = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in run.rglob("*") if p.is_file()}
+    assert after == before  # reading a run never writes into it
+
+
+def test_report_by_language_refuses_what_it_cannot_report(tmp_path, capsys):
+    from switchformer.cli import main
+
+    rows = [{"source": p.source, "target": p.target} for p in _pairs() * 3]  # no languages
+    run = _train(tmp_path, "plain", rows)
+    assert main(["report", str(run), "--by-language", "--out", str(tmp_path / "r1")]) == 2
+    assert "carry no source language" in capsys.readouterr().err
+    dense = _train(tmp_path, "dense", rows, "--set", "sparse_step=0")
+    assert main(["report", str(dense), "--by-language", "--out", str(tmp_path / "r2")]) == 2
+    assert "no Switch layer" in capsys.readouterr().err
+    assert main(["report", str(run), "--data", "x.jsonl", "--out", str(tmp_path / "r3")]) == 2
+    assert "only with --by-language" in capsys.readouterr().err

@@ -47,7 +47,9 @@ EPILOGS = {
   switchformer info runs/quick
   switchformer info --preset compare
   switchformer info --d-model 768 --d-ff 3072 --num-experts 128       # one Switch layer""",
-    "report": "example:\n  switchformer report runs/quick --out quick-plots   # loss, expert load, dropped fraction",
+    "report": """examples:
+  switchformer report runs/quick --out quick-plots   # loss, expert load, dropped fraction
+  switchformer report runs/multi --by-language       # which experts each source language uses""",
 }
 
 
@@ -403,7 +405,14 @@ def cmd_report(args) -> int:
     out = Path(args.out) if args.out else Path.cwd() / f"{run.resolve().name}-report"
     if out.resolve().is_relative_to(run.resolve()):
         raise ValueError(f"--out: {out} is inside the run {run}; reading a run never writes into it")
-    for path in plot_run(run, out):
+    paths = plot_run(run, out)
+    if args.by_language:
+        from switchformer.train.routing_report import routing_by_language_report
+
+        paths += routing_by_language_report(run, out, data=args.data, device=args.device)
+    elif args.data or args.device:
+        raise ValueError("--data/--device: used only with --by-language (which loads the model)")
+    for path in paths:
         print(f"wrote {path}")
     return 0
 
@@ -571,6 +580,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("report", "PNG plots of a run: losses, expert load, dropped tokens", cmd_report)
     p.add_argument("run", help="run directory")
     p.add_argument("--out", help="folder for the plots (default: ./<run name>-report; never the run itself)")
+    p.add_argument(
+        "--by-language",
+        action="store_true",
+        help="also the share of each source language's tokens per expert and Switch layer (a multilingual "
+        "seq2seq run; loads the model): routing_by_language.png and .json, and a table",
+    )
+    p.add_argument("--data", nargs="+", help="with --by-language: these pairs instead of the validation split")
+    p.add_argument("--device", help="with --by-language: cpu or cuda")
     return parser
 
 

@@ -102,3 +102,48 @@ def plot_shares(shares: dict[str, dict[str, list[float]]], out: Path) -> Path:
         ax.axis("off")
     fig.suptitle("share of each source language's tokens per expert (dropless routing)")
     return _save(fig, out)
+
+
+def routing_by_language_report(
+    source: str | Path, out_dir: Path, data: list[str] | None = None, device: str | None = None
+) -> list[Path]:
+    """``switchformer report RUN --by-language``: the run's model on its validation pairs (or the
+    pairs of ``data``), grouped by source language; writes ``routing_by_language.png`` and
+    ``routing_by_language.json`` (the shares and bits) into ``out_dir`` and returns their paths.
+    Reads the run, writes nothing into it. Raises ``ValueError`` for a run that is not seq2seq or
+    pairs without languages."""
+    from switchformer.runtime import resolve_device
+    from switchformer.train.data import evaluation_documents
+    from switchformer.train.run import load_run
+    from switchformer.train.rundir import write_json_atomic
+    from switchformer.translation import require_seq2seq
+
+    model, tokenizer, config = load_run(source)
+    require_seq2seq(config, "--by-language")
+    if not _has_switch_layers(model):
+        raise ValueError(f"{source}: the model has no Switch layer (a dense run); there is no routing to report")
+    target = resolve_device(device)
+    model.to(target)
+    groups = group_by_source_language(evaluation_documents(config, data))
+    shares = expert_shares(model, tokenizer, config, groups, target)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    layers = list(next(iter(shares.values())))
+    summary = {
+        "run": str(source),
+        "data": list(data) if data else "validation split",
+        "pairs": {lang: len(pairs) for lang, pairs in groups.items()},
+        "routing": "dropless (each token's top-1 expert; no capacity limit)",
+        "specialisation_bits": {layer: specialisation_bits(shares, layer) for layer in layers},
+        "shares": shares,
+    }
+    json_path = out_dir / "routing_by_language.json"
+    write_json_atomic(json_path, summary)
+    print(format_shares(shares))
+    return [plot_shares(shares, out_dir / "routing_by_language.png"), json_path]
+
+
+def _has_switch_layers(model) -> bool:
+    config = model.config
+    return getattr(config, "num_experts", 0) > 0 and (
+        getattr(config, "encoder_sparse_step", 0) > 0 or getattr(config, "decoder_sparse_step", 0) > 0
+    )
