@@ -504,3 +504,20 @@ def test_multi30k_files_load_as_line_aligned_pairs(tmp_path, capsys):
     assert main(["eval", str(tmp_path / "runs" / "run"), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["tokens"] > 0 and report["eval_loss"] is not None
+
+
+def test_truncation_counts_reach_the_runs_summary(tmp_path):
+    from switchformer.train.trainer import Trainer
+
+    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda".split()
+    pairs = [(" ".join(words[: 1 + (3 * i) % 11]), " ".join(words[: 1 + (7 * i) % 11])) for i in range(20)]
+    path = tmp_path / "p.tsv"
+    path.write_text("".join(f"{s}\t{t}\n" for s, t in pairs))
+    config = quick(data=[str(path)], seq_len=8, validation_fraction=0.2, max_steps=1)
+    trainer = Trainer(config, tmp_path / "run", progress=False)
+    summary = trainer.train()
+    saved = json.loads((tmp_path / "run" / "summary.json").read_text())
+    for split, part in (("training", trainer.data.train), ("validation", trainer.data.valid)):
+        want = {"sources": part.truncated_sources, "targets": part.truncated_targets, "rows": len(part)}
+        assert summary["truncated"][split] == saved["truncated"][split] == want
+    assert saved["truncated"]["training"]["sources"] > 0

@@ -539,6 +539,11 @@ class Trainer:
             "parameters": self.model.num_parameters(),
             "sample": self.sample(),
         }
+        if self.config.resolved_objective == "seq2seq":  # sides cut to seq_len tokens (also logged at the start)
+            summary["truncated"] = {
+                split: {"sources": part.truncated_sources, "targets": part.truncated_targets, "rows": len(part)}
+                for split, part in (("training", self.data.train), ("validation", self.data.valid))
+            }
         if self.is_main:
             self._claim_run()
             write_json_atomic(self.run_dir / "summary.json", summary)
