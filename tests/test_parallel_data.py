@@ -521,3 +521,11 @@ def test_truncation_counts_reach_the_runs_summary(tmp_path):
         want = {"sources": part.truncated_sources, "targets": part.truncated_targets, "rows": len(part)}
         assert summary["truncated"][split] == saved["truncated"][split] == want
     assert saved["truncated"]["training"]["sources"] > 0
+
+
+def test_one_language_only_and_languages_on_other_objectives_are_named(tmp_path):
+    (tmp_path / "train.de").write_text("Ein Hund.\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"files in one language only \(de\): sentence pairs need the target"):
+        load_pairs([tmp_path / "train.de"])
+    with pytest.raises(ValueError, match="source_lang: languages are read only by the seq2seq objective"):
+        build_config("test", overrides={"source_lang": "de"})

@@ -442,3 +442,75 @@ def test_metrics_without_sacrebleu_say_what_to_install(mapping_run, monkeypatch,
     assert main(["eval", str(mapping_run), "--metric", "bleu"]) == 2
     err = stderr_lines(capsys.readouterr())
     assert len(err) == 1 and "pip install 'switchformer[metrics]'" in err[0] and "--metric" in err[0], err
+
+
+# ----------------------------------------------------------------------------- a new user's trial
+
+
+def test_a_bad_byte_on_stdin_leaves_an_existing_output_untouched(mapping_run, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "keep.txt"
+    out.write_text("keep me\n", encoding="utf-8")
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"ka lu\nmi \xe9\n"), encoding="utf-8"))
+    assert main(["translate", str(mapping_run), "--output", str(out), "--no-progress"]) == 2
+    assert "<stdin>:2: not valid UTF-8" in capsys.readouterr().err
+    assert out.read_text(encoding="utf-8") == "keep me\n"
+
+
+def test_translate_reads_gzipped_input_as_training_does(mapping_run, tmp_path, capsys):
+    import gzip
+
+    text = "".join(row["source"] + "\n" for row in mapping_pairs(9, 5))
+    (tmp_path / "in.txt").write_text(text, encoding="utf-8")
+    (tmp_path / "in.txt.gz").write_bytes(gzip.compress(text.encode()))
+    (tmp_path / "cut.gz").write_bytes(gzip.compress(text.encode())[:-9])
+    for name in ("in.txt", "in.txt.gz"):
+        assert main(["translate", str(mapping_run), "-i", str(tmp_path / name), "-o", str(tmp_path / f"{name}.out"),
+                     "--no-progress"]) == 0  # fmt: skip
+    assert (tmp_path / "in.txt.gz.out").read_text() == (tmp_path / "in.txt.out").read_text() != ""
+    assert main(["translate", str(mapping_run), "-i", str(tmp_path / "cut.gz"), "--no-progress"]) == 2
+    assert "cut.gz: not a complete gzip file" in capsys.readouterr().err
+
+
+def test_the_run_records_its_languages_and_refuses_others(multilingual_run, tmp_path, capsys):
+    from dataclasses import replace
+
+    from switchformer.translation import check_languages
+
+    _, _, config = load_run(multilingual_run)
+    assert (config.source_lang, config.target_lang) == ("xa,xb", None)  # from the JSONL rows
+    (tmp_path / "in.txt").write_text("ka lu\n", encoding="utf-8")
+    assert main(["translate", str(multilingual_run), "-i", str(tmp_path / "in.txt"), "--source-lang", "xc"]) == 2
+    err = stderr_lines(capsys.readouterr())
+    assert err == ["switchformer: error: --source-lang: the run was trained on source language(s) xa,xb, not 'xc'"]
+    with pytest.raises(ValueError, match="--target-lang: the run translates into 'en'; it cannot translate into 'de'"):
+        check_languages(replace(config, target_lang="en"), "xa", "de")
+
+
+def test_eval_source_lang_names_the_language_of_unlabelled_pairs(multilingual_run, tmp_path, capsys):
+    rows = mapping_pairs(12, 9)
+    (tmp_path / "t.tsv").write_text("".join(f"{r['source']}\t{r['target']}\n" for r in rows), encoding="utf-8")
+    args = ["eval", str(multilingual_run), "--data", str(tmp_path / "t.tsv"), "--json", "--no-progress"]
+    assert main([*args, "--source-lang", "xb", "--metric", "bleu"]) == 0
+    with_metric = json.loads(capsys.readouterr().out)
+    model, tokenizer, config = load_run(multilingual_run)
+    pairs = [Pair(r["source"], r["target"], "xb") for r in rows]
+    hypotheses = list(translate(model, tokenizer, config, pairs))
+    assert with_metric["bleu"] == pytest.approx(sacrebleu.corpus_bleu(hypotheses, [[r["target"] for r in rows]]).score)
+    assert main([*args, "--source-lang", "xb"]) == 0  # the loss alone needs the language too
+    assert json.loads(capsys.readouterr().out)["eval_loss"] == pytest.approx(with_metric["eval_loss"])
+    assert main([*args[:2], "--source-lang", "xb"]) == 2
+    assert "--source-lang: names the language of --data's pairs; give --data too" in capsys.readouterr().err
+
+
+def test_generate_on_a_seq2seq_run_refuses_what_translate_is_for(mapping_run, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "stdin", io.StringIO("ka lu\nmi po\n"))
+    assert main(["generate", str(mapping_run)]) == 2
+    assert "prompt: 2 lines on standard input; generate translates one source" in capsys.readouterr().err
+    cases = [
+        (["--prompt", "  "], "prompt: empty"),
+        (["--prompt", "ka", "--max-new-tokens", "0"], "--max-new-tokens: must be >= 1"),
+        (["--prompt", "ka", "--num-beams", "3", "--temperature", "0.5"], "it cannot be combined with sampling"),
+    ]
+    for flags, message in cases:
+        assert main(["generate", str(mapping_run), *flags]) == 2
+        assert message in capsys.readouterr().err, flags

@@ -274,6 +274,15 @@ def cmd_generate(args) -> int:
     seq2seq = config.resolved_objective == "seq2seq"  # the prompt is a source: its translation alone is printed
     if seq2seq and args.prompt is None:
         prompt = prompt.rstrip("\r\n")  # standard input's last newline is no part of the sentence
+        if "\n" in prompt:
+            raise ValueError(
+                f"prompt: {prompt.count(chr(10)) + 1} lines on standard input; generate translates one source "
+                "(switchformer translate translates a file line by line)"
+            )
+    if seq2seq and not prompt.strip():
+        raise ValueError("prompt: empty; give the sentence to translate (--prompt or standard input)")
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens: must be >= 1, got {args.max_new_tokens}")
     produced: list[int] = []
     printed = ""
 

@@ -1,7 +1,8 @@
 """``switchformer translate RUN``: translate a file (or standard input) line by line with a seq2seq
 run, as :func:`switchformer.translation.translate` does; ``cli.py`` only parses the flags.
 
-Input: UTF-8 text, one source per line (lines end at ``\\n``; a ``\\r`` before it is dropped). A
+Input: UTF-8 text, one source per line (lines end at ``\\n``; a ``\\r`` before it is dropped),
+gzipped when the file name ends in ``.gz``. A
 file is read and checked whole before anything is translated, so a bad byte is named
 (``src.txt:12: not valid UTF-8``) before any output; standard input is read as it comes.
 
@@ -41,7 +42,16 @@ def read_file_lines(path: Path) -> list[str]:
         raise FileNotFoundError(f"--input: {path}: no such file")
     if path.is_dir():
         raise ValueError(f"--input: {path} is a folder; give a text file with one source per line")
-    return [_decode_line(raw, str(path), n) for n, raw in enumerate(_split_lines(path.read_bytes()), 1)]
+    data = path.read_bytes()
+    if path.suffix.lower() == ".gz":  # as training reads its data
+        import gzip
+        import zlib
+
+        try:
+            data = gzip.decompress(data)
+        except (OSError, EOFError, zlib.error) as err:
+            raise ValueError(f"--input: {path}: not a complete gzip file ({err})") from None
+    return [_decode_line(raw, str(path), n) for n, raw in enumerate(_split_lines(data), 1)]
 
 
 def _split_lines(data: bytes) -> list[bytes]:
@@ -124,7 +134,7 @@ def run_translate(args) -> int:
     check_decoding(
         args.batch_size, settings["num_beams"], settings["length_penalty"], settings["max_new_tokens"], args.buffer_size
     )
-    check_languages(config, args.source_lang, args.target_lang)
+    check_languages(config, args.source_lang, args.target_lang)  # a language the run does not know is named
     named = prefix_fields(config.source_prefix)
     for side, code in (("source", args.source_lang), ("target", args.target_lang)):
         if code is not None and not {f"{side}_lang", f"{side}_language"} & named:
@@ -146,7 +156,9 @@ def run_translate(args) -> int:
         dynamic_ncols=True,
         file=sys.stderr,
     )
-    out = open(target, "w", encoding="utf-8", newline="\n") if target is not None else sys.stdout  # noqa: SIM115
+    # --output is opened at the first translation, not before: an input that fails before any
+    # line is translated (a bad byte on standard input) leaves an existing file as it was
+    out = None
     written, start = 0, time.perf_counter()
     try:
         for hypothesis in translate(
@@ -164,12 +176,16 @@ def run_translate(args) -> int:
             buffer_size=args.buffer_size,
             progress=bar.update,
         ):
+            if out is None:
+                out = open(target, "w", encoding="utf-8", newline="\n") if target is not None else sys.stdout  # noqa: SIM115
             out.write(hypothesis + "\n")
             written += 1
             out.flush()
+        if out is None and target is not None:  # an empty input gives an empty output file
+            target.write_text("", encoding="utf-8")
     finally:
         bar.close()
-        if target is not None:
+        if target is not None and out is not None:
             out.close()
     seconds = time.perf_counter() - start
     rate = f", {written / seconds:.1f} sentences/s" if seconds > 0 and written else ""

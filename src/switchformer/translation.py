@@ -56,10 +56,21 @@ def _as_pair(item, source_lang: str | None, target_lang: str | None) -> Pair:
 
 
 def check_languages(config, source_lang: str | None = None, target_lang: str | None = None) -> None:
-    """``ValueError`` (naming ``source_prefix`` and the flag to give) when the run's prefix names a
-    language that neither the call nor the run's config gives."""
+    """``ValueError`` naming the flag when a language given contradicts the run: a source language
+    the run was not trained on (its ``source_lang``, one code or a list), a target language other
+    than the run's ``target_lang``; or (naming ``source_prefix`` and the flag to give) when the
+    run's prefix names a language that neither the call nor the run's config gives."""
     from switchformer.train.data import encoder_text
 
+    trained = [code for code in (config.source_lang or "").split(",") if code]
+    if source_lang is not None and trained and source_lang not in trained:
+        raise ValueError(
+            f"--source-lang: the run was trained on source language(s) {','.join(trained)}, not {source_lang!r}"
+        )
+    if target_lang is not None and config.target_lang and target_lang != config.target_lang:
+        raise ValueError(
+            f"--target-lang: the run translates into {config.target_lang!r}; it cannot translate into {target_lang!r}"
+        )
     encoder_text(Pair("", "", source_lang, target_lang), config)
 
 

@@ -240,6 +240,11 @@ def _pair_text_files(
             target = languages[paths[1]]  # two files named by language, no languages given: by order
         elif no_file:
             raise no_file
+        elif len(present) == 1:
+            raise DataError(
+                f"{label}: line-aligned files in one language only ({present[0]}): sentence pairs need the "
+                "target language's file too (train.de.gz with train.en.gz)"
+            )
         else:
             raise DataError(
                 f"{label}: line-aligned files in {len(present)} languages ({', '.join(present)}): say which is the "

@@ -177,6 +177,12 @@ class TrainConfig:
             if name == "source_lang" and self.target_lang in codes:
                 raise ValueError(f"source_lang: {self.target_lang!r} is both a source and the target language")
         prefix_fields(self.source_prefix)
+        for name in ("source_lang", "target_lang"):
+            if getattr(self, name) is not None and self.resolved_objective != "seq2seq":
+                raise ValueError(
+                    f"{name}: languages are read only by the seq2seq objective (objective is "
+                    f"{self.resolved_objective!r})"
+                )
         if self.source_prefix and self.resolved_objective != "seq2seq":
             raise ValueError(
                 f"source_prefix: only the seq2seq objective reads it (objective is {self.resolved_objective!r})"

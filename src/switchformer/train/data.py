@@ -65,6 +65,9 @@ class Data:
     tokenizer: object
     vocab_size: int
     sample_pair: object = None  # seq2seq: the first validation pair, which the end-of-run sample translates
+    # seq2seq: (source languages in first-seen order, the one target language) of the training
+    # pairs, when every pair says them; else None
+    languages: tuple = (None, None)
 
     def batch(self, config: TrainConfig, step: int, micro: int, rank: int = 0, world: int = 1) -> dict[str, Tensor]:
         """This rank's share of the micro-batch of a global step: a pure function of (seed, step,
@@ -183,8 +186,22 @@ def prepare_data(config: TrainConfig, run_dir: Path) -> Data:
     train = split_from_documents(tok, train_docs, config, config.seed, tokenizer_file, "training")
     valid = split_from_documents(tok, valid_docs, config, config.seed + 1, tokenizer_file, "validation")
     log.info("data: %d training and %d validation rows (%s)", len(train), len(valid), config.resolved_objective)
-    sample_pair = valid_docs[0] if config.resolved_objective == "seq2seq" and valid_docs else None
-    return Data(train, valid, tok, tok.get_vocab_size(), sample_pair)
+    seq2seq = config.resolved_objective == "seq2seq"
+    sample_pair = valid_docs[0] if seq2seq and valid_docs else None
+    languages = pair_languages(train_docs) if seq2seq else (None, None)
+    return Data(train, valid, tok, tok.get_vocab_size(), sample_pair, languages)
+
+
+def pair_languages(pairs: list) -> tuple[list[str] | None, str | None]:
+    """(source languages in first-seen order, target language) of ``pairs``: each ``None`` unless
+    every pair says it (and, for the target, all say the same one)."""
+    sources = [getattr(p, "source_lang", None) for p in pairs]
+    targets = {getattr(p, "target_lang", None) for p in pairs}
+    source_langs = list(dict.fromkeys(sources)) if sources and all(sources) else None
+    target = next(iter(targets)) if len(targets) == 1 and None not in targets else None
+    if source_langs and target in source_langs:  # a pair set that also translates into its sources
+        return None, None
+    return source_langs, target
 
 
 def split_from_documents(

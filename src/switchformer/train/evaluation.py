@@ -119,8 +119,8 @@ def evaluate_run(
 
     ``metrics`` (``"bleu"``, ``"chrf"``; seq2seq runs): the same pairs are also translated
     (:func:`switchformer.translation.translate`; ``num_beams``, ``length_penalty``,
-    ``max_new_tokens`` default to the run's, ``source_lang`` serves pairs whose data does not say
-    theirs) and scored against their targets with sacrebleu (:mod:`switchformer.train.metrics`),
+    ``max_new_tokens`` default to the run's). ``source_lang``: the source language of ``data``'s
+    pairs that do not say theirs (one of the run's; a TSV or a pair of unnamed files) and scored against their targets with sacrebleu (:mod:`switchformer.train.metrics`),
     per source language too when there are several. With ``metrics``, every pair is evaluated
     (loss included) unless ``batches`` is given; ``progress`` shows a bar while translating."""
     from switchformer.generation import inference_routing, routing_description
@@ -137,11 +137,20 @@ def evaluate_run(
             ("--num-beams", num_beams),
             ("--length-penalty", length_penalty),
             ("--max-new-tokens", max_new_tokens),
-            ("--source-lang", source_lang),
         ):
             if value is not None:
                 raise ValueError(f"{flag}: used only to translate for --metric; give --metric bleu (or chrf) too")
     model, tokenizer, config = load_run(source)
+    if source_lang is not None:  # the language of --data's pairs that do not say theirs
+        from dataclasses import replace
+
+        from switchformer.translation import check_languages, require_seq2seq
+
+        require_seq2seq(config, "--source-lang")
+        if not data:
+            raise ValueError("--source-lang: names the language of --data's pairs; give --data too")
+        check_languages(config, source_lang)
+        config = replace(config, source_lang=source_lang)
     if metrics:
         from switchformer.translation import check_decoding, decoding_settings, require_seq2seq
 

@@ -43,7 +43,7 @@ def expert_shares(model, tokenizer, config, groups: dict[str, list], device) -> 
     shares = {}
     with inference_routing(model, "dropless"):
         for name, pairs in groups.items():
-            split = split_from_documents(tokenizer, pairs, config, config.seed + 1)
+            split = split_from_documents(tokenizer, pairs, config, config.seed + 1, split_name=f"{name} source")
             result = evaluate(model, split, config, device, max_batches=math.ceil(len(split) / config.batch_size))
             shares[name] = {}
             for layer, stats in result.routing.items():

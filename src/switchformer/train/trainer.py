@@ -185,6 +185,9 @@ class Trainer:
                 self._claim_run()  # prepare_data writes it
             with self.main_first():  # rank 0 trains and saves the tokenizer; the others then load it
                 self.data = prepare_data(config, self.run_dir)
+        # the languages the pairs carry become the run's own, stated in config.json, so translate and
+        # eval can name a language the model never saw
+        config = self.config = with_data_languages(config, self.data)
         torch.manual_seed(config.seed)  # the same initial weights whatever data preparation consumed
         self.model = build_model(config, self.data.vocab_size, model_config)
         if model_config is not None:  # a resumed run's architecture: its tokenizer must fit it
@@ -574,6 +577,20 @@ class Trainer:
         )
 
 
+def with_data_languages(config: TrainConfig, data: Data) -> TrainConfig:
+    """``config`` with ``source_lang``/``target_lang`` filled from the training pairs' languages
+    where the user gave none (line-aligned files named by language, JSONL rows that say theirs)."""
+    from dataclasses import replace
+
+    sources, target = getattr(data, "languages", (None, None))
+    changes = {}
+    if config.source_lang is None and sources:
+        changes["source_lang"] = ",".join(sources)
+    if config.target_lang is None and target:
+        changes["target_lang"] = target
+    return replace(config, **changes) if changes else config
+
+
 def generate_text(
     model,
     tokenizer,
@@ -673,6 +690,10 @@ def _generate_seq2seq_text(
         do_sample = bool(given)
     elif not do_sample and given:
         raise ValueError(f"{given[0]}: a sampling setting, but decoding was asked to be greedy; give one of them")
+    if do_sample and num_beams is not None and num_beams > 1:
+        raise ValueError(
+            f"num_beams: beam search is deterministic; it cannot be combined with sampling ({', '.join(given)})"
+        )
     if num_beams is None:
         num_beams = 1 if do_sample else config.num_beams
     check_languages(config, source_lang, target_lang)
