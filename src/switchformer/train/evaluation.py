@@ -119,10 +119,11 @@ def evaluate_run(
 
     ``metrics`` (``"bleu"``, ``"chrf"``; seq2seq runs): the same pairs are also translated
     (:func:`switchformer.translation.translate`; ``num_beams``, ``length_penalty``,
-    ``max_new_tokens`` default to the run's). ``source_lang``: the source language of ``data``'s
-    pairs that do not say theirs (one of the run's; a TSV or a pair of unnamed files) and scored against their targets with sacrebleu (:mod:`switchformer.train.metrics`),
-    per source language too when there are several. With ``metrics``, every pair is evaluated
-    (loss included) unless ``batches`` is given; ``progress`` shows a bar while translating."""
+    ``max_new_tokens`` default to the run's) and scored against their targets with sacrebleu
+    (:mod:`switchformer.train.metrics`), per source language too when there are several. With
+    ``metrics``, every pair is evaluated (loss included) unless ``batches`` is given; ``progress``
+    shows a bar while translating. ``source_lang``: the source language of ``data``'s pairs that
+    do not say theirs (one of the run's; a TSV or a pair of unnamed files)."""
     from switchformer.generation import inference_routing, routing_description
     from switchformer.runtime import resolve_device
     from switchformer.train.data import evaluation_documents, evaluation_split
