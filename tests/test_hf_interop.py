@@ -615,3 +615,15 @@ def test_reader_knows_every_field_and_default_of_transformers_config(model_type)
             assert derived[key] == getattr(hf, key), key
     if model_type == "t5":
         assert derived["scale_decoder_outputs"] == hf.scale_decoder_outputs
+
+
+def test_damaged_weight_files_are_named(tmp_path):
+    from switchformer.interop.hf import _load_directory_weights
+
+    (tmp_path / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{bad json")
+    with pytest.raises(ValueError, match=r"model\.safetensors: damaged or not a safetensors file"):
+        _load_directory_weights(tmp_path)
+    (tmp_path / "model.safetensors").unlink()
+    (tmp_path / "pytorch_model.bin").write_bytes(b"not a zip or a pickle")
+    with pytest.raises(ValueError, match=r"pytorch_model\.bin: damaged, or holds more than tensors"):
+        _load_directory_weights(tmp_path)

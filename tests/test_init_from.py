@@ -177,8 +177,13 @@ def test_fine_tuning_through_the_cli(kind, request, tmp_path, pairs_file, capsys
     # the fine-tuning defaults, except lr, which the user set
     train = saved["train"]
     assert (train["optimizer"], train["schedule"], train["lr"]) == ("adafactor", "constant", 0.03)
-    assert (train["dropout"], train["expert_dropout"]) == (0.1, 0.4)
-    assert (saved["model"]["dropout_rate"], saved["model"]["expert_dropout"]) == (0.1, 0.4)
+    if kind == "switch":
+        assert (train["dropout"], train["expert_dropout"]) == (0.1, 0.4)
+        assert (saved["model"]["dropout_rate"], saved["model"]["expert_dropout"]) == (0.1, 0.4)
+    else:  # a dense T5 has no expert to drop out in: no expert default, no capacity talk
+        assert saved["model"]["dropout_rate"] == 0.1 and "expert_dropout=" not in out
+        assert "dense model: no Switch layer" in out and "capacity factors:" not in out
+        assert "training t5 (dense)" in out
     assert "fine-tuning defaults" in out and "lr=" not in out.split("fine-tuning defaults")[1].splitlines()[0]
 
     source_model, tuned = from_hf(folder), load_run(run)[0]
@@ -299,3 +304,14 @@ def test_converting_spiece_without_its_packages_says_what_to_install(
     assert "spiece.model: converting T5's SentencePiece model to tokenizer.json needs" in err
     assert f"(missing: {package}): pip install {package}" in err and err.count("\n") == 1
     assert digest(hf_t5_spiece_dir) == before and not (tmp_path / "runs" / "nodeps").exists()
+
+
+def test_a_given_tokenizer_too_large_for_the_model_is_named_before_anything_is_copied(hf_switch_dir, tmp_path, capsys):
+    folder, corpus = hf_switch_dir
+    big = tmp_path / "big-tokenizer.json"
+    train_tokenizer([TEXT * 3 + " ".join(f"word{i}" for i in range(600))], 900, "bpe").save(str(big))
+    args = run_args(tmp_path, corpus, "ft", "--init-from", str(folder), "--model", "t5", "--set", f"tokenizer={big}")
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert f"{big}: " in err and "more than the model's vocab_size" in err
+    assert not (tmp_path / "runs" / "ft" / "tokenizer.json").exists()

@@ -138,3 +138,12 @@ def test_report_by_language_refuses_what_it_cannot_report(tmp_path, capsys):
     assert "no Switch layer" in capsys.readouterr().err
     assert main(["report", str(run), "--data", "x.jsonl", "--out", str(tmp_path / "r3")]) == 2
     assert "only with --by-language" in capsys.readouterr().err
+
+
+def test_report_by_language_needs_two_languages(tmp_path, capsys):
+    from switchformer.cli import main
+
+    rows = [{"source": p.source, "target": p.target, "source_lang": "de"} for p in _pairs() * 3]
+    run = _train(tmp_path, "one", rows)
+    assert main(["report", str(run), "--by-language", "--out", str(tmp_path / "r")]) == 2
+    assert "--by-language: the pairs hold one source language (de)" in capsys.readouterr().err

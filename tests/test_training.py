@@ -279,7 +279,7 @@ def test_every_subcommand(tmp_path, corpus, capsys):
     assert main(["train", *base, "--run-name", "cli", "--model", "t5"]) == 0
     out = capsys.readouterr().out
     assert "validation loss" in out and "run directory" in out
-    assert "routing (validation, eval capacity factor 2):" in out
+    assert "routing (validation, eval: capacity factor 2):" in out
 
     assert main(["eval", str(run), "--batches", "2", "--json"]) == 0
     assert "perplexity" in json.loads(capsys.readouterr().out)
@@ -332,7 +332,7 @@ def test_eval_routing_dropless_processes_every_token(tmp_path, corpus, capsys):
     base = ["--preset", "test", "--data", str(corpus), "--no-progress", "--out-dir", str(tmp_path / "runs")]
     sets = ["--set", "vocab_size=400", "--set", "eval_capacity_factor=0.25", "--set", "num_experts=4"]
     assert main(["train", *base, *sets, "--run-name", "small-capacity", "--max-steps", "4"]) == 0
-    assert "routing (validation, eval capacity factor 0.25):" in capsys.readouterr().out
+    assert "routing (validation, eval: capacity factor 0.25):" in capsys.readouterr().out
     reports = {}
     for mode in ("eval", "dropless"):
         assert main(["eval", str(run), "--batches", "2", "--routing", mode, "--json"]) == 0

@@ -514,3 +514,19 @@ def test_generate_on_a_seq2seq_run_refuses_what_translate_is_for(mapping_run, mo
     for flags, message in cases:
         assert main(["generate", str(mapping_run), *flags]) == 2
         assert message in capsys.readouterr().err, flags
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="no /dev/full on this system")
+def test_a_failed_write_names_the_output(mapping_run, tmp_path, capsys):
+    (tmp_path / "in.txt").write_text("ka lu\n", encoding="utf-8")
+    args = ["translate", str(mapping_run), "-i", str(tmp_path / "in.txt"), "-o", "/dev/full", "--no-progress"]
+    assert main(args) == 2
+    assert "--output: /dev/full: cannot write" in capsys.readouterr().err
+
+
+def test_compare_takes_the_translation_data_flags():
+    from switchformer.cli import build_parser
+
+    flags = ["--valid", "v.de", "v.en", "--source-lang", "de", "--target-lang", "en"]
+    args = build_parser().parse_args(["compare", *flags])
+    assert (args.valid, args.source_lang, args.target_lang) == (["v.de", "v.en"], "de", "en")

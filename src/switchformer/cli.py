@@ -74,6 +74,20 @@ def _add_config_args(p: argparse.ArgumentParser, default_preset: str) -> None:
         help="text files or folders, .jsonl, .arrow/.parquet; seq2seq pairs also .tsv or line-aligned text files "
         "(train.de train.en); .gz read as gzip (default: the embedded corpus)",
     )
+    p.add_argument(
+        "--valid",
+        nargs="+",
+        metavar="FILE",
+        help="validation files, in --data's formats and pairing rules (default: the first validation_fraction of "
+        "--data is held out)",
+    )
+    p.add_argument(
+        "--source-lang",
+        metavar="CODE[,CODE...]",
+        help="seq2seq: the source language(s) of line-aligned files named by language (train.de); several make "
+        "a multilingual set (default: every language but the target)",
+    )
+    p.add_argument("--target-lang", metavar="CODE", help="seq2seq: the target language (train.en pairs with train.de)")
     p.add_argument("--max-steps", type=int)
     p.add_argument("--out-dir", help="parent folder of runs (default: runs)")
     p.add_argument("--run-name")
@@ -122,10 +136,7 @@ def _print_summary(summary: dict, config) -> None:
         f"{params['flops_per_token']:,} FLOPs per token"
     )
     if summary["routing"]:
-        from switchformer.train.compare import capacity_label
-
-        factor = config.eval_capacity_factor
-        print(f"routing (validation, {'' if factor is None else 'eval '}{capacity_label(factor)}):")
+        print(f"routing (validation, {summary['routing_used']}):")
         for name, r in summary["routing"].items():
             print(
                 f"  {name}: max/mean expert load {r['max_load_over_mean']:.2f}, dropped {r['dropped_fraction']:.1%}, "
@@ -217,8 +228,9 @@ def cmd_train(args) -> int:
     lock = claim_run(run_dir, resume=bool(args.resume), main=main_rank)
     if main_rank:
         print(
-            f"training {config.model} ({config.num_experts} experts every {config.sparse_step} layers"
-            f"{'' if config.sparse_step else ': dense'}) for {config.max_steps} steps -> {run_dir}",
+            f"training {config.model} ("
+            + (f"{config.num_experts} experts every {config.sparse_step} layers" if config.sparse_step else "dense")
+            + f") for {config.max_steps} steps -> {run_dir}",
             flush=True,
         )
     try:
@@ -461,20 +473,6 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="P",
         help="under torchrun: split each layer's experts over P ranks (batch size is per rank)",
     )
-    p.add_argument(
-        "--valid",
-        nargs="+",
-        metavar="FILE",
-        help="validation files, in --data's formats and pairing rules (default: the first validation_fraction of "
-        "--data is held out)",
-    )
-    p.add_argument(
-        "--source-lang",
-        metavar="CODE[,CODE...]",
-        help="seq2seq: the source language(s) of line-aligned files named by language (train.de); several make "
-        "a multilingual set (default: every language but the target)",
-    )
-    p.add_argument("--target-lang", metavar="CODE", help="seq2seq: the target language (train.en pairs with train.de)")
 
     p = command("eval", "validation loss, perplexity and routing statistics of a run", cmd_eval)
     p.add_argument("run", help="run directory or checkpoint")

@@ -15,6 +15,7 @@ leaves, in ``--output``, the translations of the first N input lines, never part
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -178,9 +179,17 @@ def run_translate(args) -> int:
         ):
             if out is None:
                 out = open(target, "w", encoding="utf-8", newline="\n") if target is not None else sys.stdout  # noqa: SIM115
-            out.write(hypothesis + "\n")
+            try:
+                out.write(hypothesis + "\n")
+                out.flush()
+            except OSError as err:  # a full disk, a closed pipe's cousins: name what could not be written
+                if target is None:
+                    raise
+                failed, out = out, None
+                with contextlib.suppress(OSError):  # closing flushes the same unwritable bytes again
+                    failed.close()
+                raise OSError(f"--output: {target}: cannot write ({err.strerror or err})") from None
             written += 1
-            out.flush()
         if out is None and target is not None:  # an empty input gives an empty output file
             target.write_text("", encoding="utf-8")
     finally:

@@ -470,13 +470,24 @@ def state_dict_to_hf(model: SwitchT5) -> dict[str, Tensor]:
     return out
 
 
-def _load_directory_weights(path: Path) -> dict[str, Tensor]:
+def _load_safetensors(file: Path) -> dict[str, Tensor]:
+    """The tensors of ``file``; a damaged file is a ``ValueError`` naming it."""
     from safetensors.torch import load_file
 
+    try:
+        return load_file(str(file))
+    except OSError:
+        raise
+    except Exception as err:  # safetensors' own error type (a Rust panic for a bad header)
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ValueError(f"{file}: damaged or not a safetensors file ({reason})") from None
+
+
+def _load_directory_weights(path: Path) -> dict[str, Tensor]:
     if (path / "model.safetensors").exists():
-        return load_file(str(path / "model.safetensors"))
+        return _load_safetensors(path / "model.safetensors")
     for index_name, loader in (
-        ("model.safetensors.index.json", lambda f: load_file(str(f))),
+        ("model.safetensors.index.json", _load_safetensors),
         ("pytorch_model.bin.index.json", _load_bin),
     ):
         index = path / index_name
@@ -494,7 +505,13 @@ def _load_directory_weights(path: Path) -> dict[str, Tensor]:
 
 
 def _load_bin(file: Path) -> dict[str, Tensor]:
-    return torch.load(file, map_location="cpu", weights_only=True)  # tensors only, no pickled code
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True)  # tensors only, no pickled code
+    except OSError:
+        raise
+    except Exception as err:  # a cut or foreign file: unpickling, zip or weights-only errors
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ValueError(f"{file}: damaged, or holds more than tensors ({reason})") from None
 
 
 def from_hf(source) -> SwitchT5:

@@ -204,11 +204,26 @@ def _cached(tok, inputs: list[Path]) -> Path:
     return target
 
 
+def is_sparse(model_config: dict) -> bool:
+    """Whether a model config (either family) has Switch layers."""
+    steps = [model_config.get(k) for k in ("sparse_step", "encoder_sparse_step", "decoder_sparse_step")]
+    return model_config.get("num_experts", 0) > 0 and any(step for step in steps)
+
+
 def check_special_ids(tokenizer_file: Path, model_config: dict) -> None:
-    """The tokenizer's ``<pad>`` and ``</s>`` must be the ids the model was trained with."""
+    """The tokenizer's ``<pad>`` and ``</s>`` must be the ids the model was trained with, and its
+    tokens must fit the model's vocabulary (checked here, naming the file the user gave, before
+    anything is copied into the new run)."""
     from switchformer.data.tokenizer import load_tokenizer, special_ids
 
-    ids = special_ids(load_tokenizer(tokenizer_file))
+    tokenizer = load_tokenizer(tokenizer_file)
+    vocab = model_config.get("vocab_size")
+    if vocab is not None and tokenizer.get_vocab_size() > vocab:
+        raise ValueError(
+            f"{tokenizer_file}: {tokenizer.get_vocab_size()} tokens, more than the model's vocab_size {vocab} "
+            "(a tokenizer of another model?)"
+        )
+    ids = special_ids(tokenizer)
     for name, field in (("pad", "pad_token_id"), ("eos", "eos_token_id")):
         want = model_config.get(field)
         if want is not None and ids[name] is not None and ids[name] != want:
@@ -245,6 +260,8 @@ def fine_tuning_config(pretrained: Pretrained, config, given: dict):
     train config states the values the model trains with."""
     model_config = dict(pretrained.model_config)
     applied = {field: value for field, value in FINE_TUNING_DEFAULTS.items() if field not in given}
+    if not is_sparse(model_config):  # a dense T5: no expert to drop out in
+        applied.pop("expert_dropout", None)
     settings = {**applied, **{field: given[field] for field in TRAINING_FIELDS if field in given}}
     for field, model_field in TRAINING_FIELDS.items():
         if field in settings and model_field in model_config:
@@ -280,7 +297,9 @@ def describe_fine_tuning(applied: dict, model_config: dict, pretrained: Pretrain
             "(--set any of them to change it)"
         )
     capacity = model_config.get("expert_capacity")
-    if capacity is not None:
+    if not is_sparse(model_config):
+        lines.append("dense model: no Switch layer, so no capacity or expert settings")
+    elif capacity is not None:
         lines.append(f"capacity: the source's, {capacity} tokens per expert and sequence")
     elif "capacity_factor" in model_config:
         lines.append(

@@ -125,6 +125,11 @@ def routing_by_language_report(
     target = resolve_device(device)
     model.to(target)
     groups = group_by_source_language(evaluation_documents(config, data))
+    if len(groups) < 2:
+        raise ValueError(
+            f"--by-language: the pairs hold one source language ({', '.join(groups)}); the report compares how "
+            "two or more languages use the experts (a multilingual run, or --data with several languages)"
+        )
     shares = expert_shares(model, tokenizer, config, groups, target)
     out_dir.mkdir(parents=True, exist_ok=True)
     layers = list(next(iter(shares.values())))

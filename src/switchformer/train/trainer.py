@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from switchformer.generation import routing_description
 from switchformer.models import SwitchLM, SwitchT5
 from switchformer.models.common import weighted_router_loss
 from switchformer.parallel import (
@@ -537,6 +538,7 @@ class Trainer:
             "eval_loss": final.loss,
             "perplexity": final.perplexity,
             "routing": final.routing,
+            "routing_used": routing_description(self.model, "eval"),  # how the validation loss was routed
             "checkpoint": str(checkpoint),
             "run_dir": str(self.run_dir),
             "parameters": self.model.num_parameters(),
