@@ -78,3 +78,15 @@ def test_compare_on_a_translation_task_needs_sacrebleu_before_training(tmp_path,
     assert main(args) == 2
     assert "pip install 'switchformer[metrics]'" in capsys.readouterr().err
     assert not (tmp_path / "cmp" / "switch" / "metrics.jsonl").exists()  # refused before any training
+
+
+def test_the_mt_small_preset_is_a_translation_setup(capsys):
+    from switchformer.train.config import PRESETS, build_config
+
+    config = build_config("mt-small", overrides={"data": ["train.de", "train.en"]})
+    assert (config.model, config.resolved_objective, config.num_beams) == ("t5", "seq2seq", 4)
+    assert config.capacity_factor is None and config.label_smoothing > 0 and config.sparse_step > 0
+    assert set(PRESETS["mt-small"]) <= set(config.to_dict())
+    assert main(["info", "--preset", "mt-small"]) == 0
+    out = capsys.readouterr().out
+    assert "preset mt-small: t5" in out and "experts per Switch layer: 8" in out

@@ -59,7 +59,7 @@ EPILOGS = {
 # (README, "A small model trained long"); the 800-step `compare` preset is the quick check.
 COMPARE_PRESET = "compare-long"
 TRAIN_PRESET = "tiny"
-PRESET_NAMES = ("tiny", "test", "compare", "compare-long", "compare-gpu")
+PRESET_NAMES = ("tiny", "test", "compare", "compare-long", "compare-gpu", "mt-small")
 
 
 def _add_config_args(p: argparse.ArgumentParser, default_preset: str) -> None:
