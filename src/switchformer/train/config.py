@@ -392,8 +392,9 @@ PRESETS["compare-gpu"] = {
 # experts in every other layer, routed dropless (small batches route unevenly, and a dropped token
 # is a lost word), label smoothing 0.1 and dropout (0.1 around, 0.2 inside the experts) against
 # the small corpus; AdamW at 7e-4 (2e-3 stalled with growing router logits) with warmup and cosine
-# decay; one shared 8k BPE vocabulary; decoded with 4 beams (greedy output loops: "green green ..."). seq_len 64 cuts no Multi30k sentence
-# (the longest is 57 tokens), and costs nothing: a batch is padded only to its own longest row.
+# decay; one shared 8k BPE vocabulary; decoded with 4 beams (greedy output loops: "green green
+# ..."). seq_len 64 cuts no Multi30k sentence (the longest is 57 tokens), and costs nothing: a
+# batch is padded only to its own longest row.
 PRESETS["mt-small"] = {
     "model": "t5",
     "objective": "seq2seq",
