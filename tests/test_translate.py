@@ -530,3 +530,15 @@ def test_compare_takes_the_translation_data_flags():
     flags = ["--valid", "v.de", "v.en", "--source-lang", "de", "--target-lang", "en"]
     args = build_parser().parse_args(["compare", *flags])
     assert (args.valid, args.source_lang, args.target_lang) == (["v.de", "v.en"], "de", "en")
+
+
+def test_translate_counts_the_sources_it_cuts(mapping_run, loaded, tmp_path, capsys):
+    _, _, config = loaded
+    long = " ".join(["ka", "lu"] * config.seq_len)  # longer than seq_len - 1 tokens whatever the tokenizer
+    (tmp_path / "in.txt").write_text(f"ka lu\n{long}\nmi\n", encoding="utf-8")
+    assert main(["translate", str(mapping_run), "-i", str(tmp_path / "in.txt"), "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert f"1 of 3 sources were longer than the run's seq_len - 1 = {config.seq_len - 1} tokens" in err
+    (tmp_path / "short.txt").write_text("ka lu\nmi\n", encoding="utf-8")
+    assert main(["translate", str(mapping_run), "-i", str(tmp_path / "short.txt"), "--no-progress"]) == 0
+    assert "were cut" not in capsys.readouterr().err

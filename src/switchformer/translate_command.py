@@ -160,7 +160,7 @@ def run_translate(args) -> int:
     # --output is opened at the first translation, not before: an input that fails before any
     # line is translated (a bad byte on standard input) leaves an existing file as it was
     out = None
-    written, start = 0, time.perf_counter()
+    written, start, cut = 0, time.perf_counter(), []
     try:
         for hypothesis in translate(
             model,
@@ -176,6 +176,7 @@ def run_translate(args) -> int:
             routing=args.routing,
             buffer_size=args.buffer_size,
             progress=bar.update,
+            truncated=cut,
         ):
             if out is None:
                 out = open(target, "w", encoding="utf-8", newline="\n") if target is not None else sys.stdout  # noqa: SIM115
@@ -200,4 +201,10 @@ def run_translate(args) -> int:
     rate = f", {written / seconds:.1f} sentences/s" if seconds > 0 and written else ""
     where = f" -> {target}" if target is not None else ""
     print(f"translated {written} lines in {seconds:.1f} s{rate}{where}", file=sys.stderr)
+    if sum(cut):
+        print(
+            f"translate: {sum(cut)} of {written} sources were longer than the run's seq_len - 1 = {config.seq_len - 1} "
+            "tokens and were cut to it, as training cut its rows",
+            file=sys.stderr,
+        )
     return 0

@@ -74,7 +74,9 @@ def check_languages(config, source_lang: str | None = None, target_lang: str | N
     encoder_text(Pair("", "", source_lang, target_lang), config)
 
 
-def encode_sources(tokenizer, config, items: list, source_lang=None, target_lang=None) -> list[list[int]]:
+def encode_sources(
+    tokenizer, config, items: list, source_lang=None, target_lang=None, cut: list[int] | None = None
+) -> list[list[int]]:
     """Encoder token ids of each source (a ``str``, or a :class:`Pair` whose own languages win over
     ``source_lang``/``target_lang``, which win over the run's): formatted, cut to ``seq_len - 1``
     tokens, EOS appended, as the training rows."""
@@ -85,7 +87,10 @@ def encode_sources(tokenizer, config, items: list, source_lang=None, target_lang
     if eos is None:
         raise ValueError("tokenizer: no '</s>' token to end the source with")
     texts = [encoder_text(_as_pair(item, source_lang, target_lang), config) for item in items]
-    return [e.ids[: config.seq_len - 1] + [eos] for e in tokenizer.encode_batch(texts)]
+    encoded = tokenizer.encode_batch(texts)
+    if cut is not None:  # how many sources were longer than training's rows and were cut, as training cut them
+        cut.append(sum(len(e.ids) > config.seq_len - 1 for e in encoded))
+    return [e.ids[: config.seq_len - 1] + [eos] for e in encoded]
 
 
 def decode_output(tokenizer, row: list[int], eos: int | None) -> str:
@@ -131,6 +136,7 @@ def translate(
     routing: str = "eval",
     buffer_size: int = DEFAULT_BUFFER_SIZE,
     progress: Callable[[int], None] | None = None,
+    truncated: list[int] | None = None,
 ) -> Iterator[str]:
     """Translations of ``texts``, one string (one line) per source, in input order.
 
@@ -140,7 +146,8 @@ def translate(
     names them. ``num_beams`` (1: greedy), ``length_penalty``: default the run's;
     ``max_new_tokens``: default the run's ``seq_len``. A source that is empty or only whitespace is
     not decoded: its translation is ``""``. ``progress(n)`` is called after each batch of ``n``
-    sources (empty ones included).
+    sources (empty ones included). ``truncated``: a list that gets, per buffer, how many sources
+    were longer than ``seq_len - 1`` tokens and were cut (as training cut them).
 
     Raises ``ValueError`` naming the setting, at the call (before ``texts`` is read), for a run
     whose objective is not seq2seq or a bad decoding setting; and, while iterating, for a language
@@ -155,6 +162,8 @@ def translate(
     )
     routing_description(model, routing)  # an unknown routing is named before any work
     decode = _Decoding(model, tokenizer, config, source_lang, target_lang, batch_size, settings, routing, progress)
+    if truncated is not None:
+        decode.cut = truncated
     return _stream(decode, texts, buffer_size)
 
 
@@ -168,6 +177,7 @@ class _Decoding:
         self.source_lang, self.target_lang = source_lang, target_lang
         self.batch_size, self.settings, self.routing, self.progress = batch_size, settings, routing, progress
         self.eos = special_ids(tokenizer)["eos"]
+        self.cut: list[int] = []  # per buffer: sources longer than seq_len - 1 tokens, cut
         self.device = next(model.parameters()).device
 
 
@@ -189,8 +199,10 @@ def _translate_buffer(decode: _Decoding, items: list) -> list[str]:
     keep = [i for i, item in enumerate(items) if (item if isinstance(item, str) else item[0]).strip()]
     if len(keep) < len(items) and decode.progress is not None:
         decode.progress(len(items) - len(keep))
-    ids = encode_sources(decode.tokenizer, decode.config, [items[i] for i in keep], decode.source_lang,
-                         decode.target_lang)  # fmt: skip
+    sources = [items[i] for i in keep]
+    ids = encode_sources(
+        decode.tokenizer, decode.config, sources, decode.source_lang, decode.target_lang, cut=decode.cut
+    )
     order = sorted(range(len(keep)), key=lambda j: -len(ids[j]))
     pad = decode.model.config.pad_token_id
     settings = decode.settings
