@@ -468,7 +468,7 @@ def test_translate_reads_gzipped_input_as_training_does(mapping_run, tmp_path, c
                      "--no-progress"]) == 0  # fmt: skip
     assert (tmp_path / "in.txt.gz.out").read_text() == (tmp_path / "in.txt.out").read_text() != ""
     assert main(["translate", str(mapping_run), "-i", str(tmp_path / "cut.gz"), "--no-progress"]) == 2
-    assert "cut.gz: not a complete gzip file" in capsys.readouterr().err
+    assert "cut.gz: not a valid gzip file" in capsys.readouterr().err
 
 
 def test_the_run_records_its_languages_and_refuses_others(multilingual_run, tmp_path, capsys):

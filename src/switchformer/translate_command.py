@@ -43,15 +43,9 @@ def read_file_lines(path: Path) -> list[str]:
         raise FileNotFoundError(f"--input: {path}: no such file")
     if path.is_dir():
         raise ValueError(f"--input: {path} is a folder; give a text file with one source per line")
-    data = path.read_bytes()
-    if path.suffix.lower() == ".gz":  # as training reads its data
-        import gzip
-        import zlib
+    from switchformer.data.files import read_bytes
 
-        try:
-            data = gzip.decompress(data)
-        except (OSError, EOFError, zlib.error) as err:
-            raise ValueError(f"--input: {path}: not a complete gzip file ({err})") from None
+    data = read_bytes(path)  # gunzipped when the name ends in .gz, as training reads its data
     return [_decode_line(raw, str(path), n) for n, raw in enumerate(_split_lines(data), 1)]
 
 
@@ -97,7 +91,9 @@ def _check_paths(args) -> tuple[Path | None, Path | None]:
 
 
 def _check_language_code(flag: str, code: str | None) -> None:
-    if code is not None and (not code or not code.replace("-", "").replace("_", "").isalnum()):
+    from switchformer.data.formatting import is_language_code
+
+    if code is not None and not is_language_code(code):
         raise ValueError(f"{flag}: {code!r} is not a language code (letters, digits, '-' or '_')")
 
 

@@ -32,7 +32,9 @@ def file_kind(path: Path) -> str:
     return {".jsonl": "jsonl", ".tsv": "tsv"}.get(suffix, "text")
 
 
-def _read_bytes(path: Path) -> bytes:
+def read_bytes(path: Path) -> bytes:
+    """The bytes of ``path``, gunzipped when its name ends in ``.gz`` (:class:`DataError` naming
+    the file when that is not a complete gzip file)."""
     data = path.read_bytes()
     if path.name.lower().endswith(".gz"):
         try:
@@ -55,7 +57,7 @@ def lines(text: str) -> list[str]:
 def _read_utf8(path: Path) -> str:
     """The text of ``path`` (gunzipped when its name ends in ``.gz``), or a :class:`DataError`
     naming the file (and line) when it is binary or not UTF-8."""
-    data = _read_bytes(path)
+    data = read_bytes(path)
     if b"\x00" in data[:8192]:
         raise DataError(f"{path}: looks binary (NUL bytes); expected UTF-8 text")
     try:

@@ -50,6 +50,12 @@ class Pair(NamedTuple):
     target_lang: str | None = None
 
 
+def is_language_code(value) -> bool:
+    """Whether ``value`` can be a language code: letters and digits, with ``-`` or ``_`` between
+    (``de``, ``pt-br``, ``zh_Hans``). The one check of every language a user or a file gives."""
+    return isinstance(value, str) and bool(value) and value.replace("-", "").replace("_", "").isalnum()
+
+
 def prefix_fields(prefix: str) -> set[str]:
     """The template fields ``prefix`` names. Raises ``ValueError`` naming ``source_prefix`` for a
     malformed template or a field other than :data:`PREFIX_FIELDS`."""

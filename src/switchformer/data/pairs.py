@@ -44,7 +44,7 @@ from switchformer.data.files import (
     numbered_jsonl,
     read_hf_dataset,
 )
-from switchformer.data.formatting import Pair
+from switchformer.data.formatting import Pair, is_language_code
 
 # A language suffix: an ISO 639 code, optionally with a region or script (pt-br, zh_Hans).
 _LANGUAGE = re.compile(r"[A-Za-z]{2,3}([-_][A-Za-z0-9]{2,8})?")
@@ -57,10 +57,6 @@ NOT_LANGUAGES = frozenset(
 def parse_languages(value: str | None) -> list[str]:
     """The codes of a ``source_lang`` setting: ``"de,fr,cs"`` -> ``["de", "fr", "cs"]``; none -> ``[]``."""
     return [code for code in (value or "").split(",") if code]
-
-
-def is_language_code(value) -> bool:
-    return isinstance(value, str) and bool(value) and value.replace("-", "").replace("_", "").isalnum()
 
 
 def language_of(path: Path, known: set[str] | frozenset[str] = frozenset()) -> str | None:

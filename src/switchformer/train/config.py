@@ -11,7 +11,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from switchformer.data.corpus import CORPORA
-from switchformer.data.formatting import prefix_fields
+from switchformer.data.formatting import is_language_code, prefix_fields
 from switchformer.models import SwitchLMConfig, SwitchT5Config
 
 
@@ -167,7 +167,7 @@ class TrainConfig:
                 raise ValueError(f"target_lang: one language code, got {code!r} (one run per target language)")
             codes = code.split(",")
             for one in codes:
-                if not one or not one.replace("-", "").replace("_", "").isalnum():
+                if not is_language_code(one):
                     raise ValueError(
                         f"{name}: {one!r} is not a language code (letters, digits, '-' or '_'"
                         f"{'; several source languages: de,fr,cs' if name == 'source_lang' else ''})"

@@ -114,13 +114,14 @@ def routing_by_language_report(
     pairs without languages."""
     from switchformer.runtime import resolve_device
     from switchformer.train.data import evaluation_documents
+    from switchformer.train.init_from import is_sparse
     from switchformer.train.run import load_run
     from switchformer.train.rundir import write_json_atomic
     from switchformer.translation import require_seq2seq
 
     model, tokenizer, config = load_run(source)
     require_seq2seq(config, "--by-language")
-    if not _has_switch_layers(model):
+    if not is_sparse(model.config.to_dict()):
         raise ValueError(f"{source}: the model has no Switch layer (a dense run); there is no routing to report")
     target = resolve_device(device)
     model.to(target)
@@ -145,10 +146,3 @@ def routing_by_language_report(
     write_json_atomic(json_path, summary)
     print(format_shares(shares))
     return [plot_shares(shares, out_dir / "routing_by_language.png"), json_path]
-
-
-def _has_switch_layers(model) -> bool:
-    config = model.config
-    return getattr(config, "num_experts", 0) > 0 and (
-        getattr(config, "encoder_sparse_step", 0) > 0 or getattr(config, "decoder_sparse_step", 0) > 0
-    )
