@@ -234,10 +234,11 @@ def evaluation_documents(config: TrainConfig, data: list[str] | None = None) -> 
     return docs
 
 
-def evaluation_split(config: TrainConfig, tok, data: list[str] | None = None) -> Split:
-    """What ``eval`` scores (:func:`evaluation_documents`) as rows of ``config``'s objective: the
-    same rows training evaluated when ``data`` is not given."""
-    docs = evaluation_documents(config, data)
+def evaluation_split(config: TrainConfig, tok, data: list[str] | None = None, docs: list | None = None) -> Split:
+    """What ``eval`` scores (:func:`evaluation_documents`, or ``docs`` when the caller has read
+    them already) as rows of ``config``'s objective: the same rows training evaluated when ``data``
+    is not given."""
+    docs = evaluation_documents(config, data) if docs is None else docs
     return split_from_documents(tok, docs, config, config.seed + 1, split_name="evaluation" if data else "validation")
 
 

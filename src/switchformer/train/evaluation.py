@@ -160,7 +160,8 @@ def evaluate_run(
         check_decoding(1, settings["num_beams"], settings["length_penalty"], settings["max_new_tokens"], 1)
     target = resolve_device(device)
     model.to(target)
-    valid = evaluation_split(config, tokenizer, data)
+    documents = evaluation_documents(config, data)  # read once: the loss's rows and, with metrics, the pairs
+    valid = evaluation_split(config, tokenizer, data, documents)
     if len(valid) == 0:
         raise ValueError(f"{data or source}: no validation rows to evaluate")
     if (data or metrics) and batches is None:  # a user's test set, or BLEU: every row, not the run's eval_batches
@@ -170,7 +171,7 @@ def evaluate_run(
     scores = {}
     if metrics:
         rows = min(len(valid), batches * config.batch_size)  # the pairs the loss scored
-        pairs = evaluation_documents(config, data)[:rows]  # the split's pairs, in its row order
+        pairs = documents[:rows]  # the split's pairs, in its row order
         scores = translation_scores(model, tokenizer, config, pairs, metrics, settings, routing, source_lang, progress)
     return {
         "run": str(source),
