@@ -153,6 +153,16 @@ class LMCache:
         self.length = 0
         self.next_position = torch.zeros(batch, dtype=torch.long, device=device)
 
+    @classmethod
+    def from_buffers(cls, kv: list[tuple[Tensor, Tensor]], key_valid: Tensor, length: int, next_position: Tensor):
+        """A cache over buffers the caller owns (views of a server's per-slot storage): ``kv`` per
+        layer ``[B, heads, capacity, head_dim]``, ``key_valid`` ``[B, capacity]``, ``length`` filled
+        columns, ``next_position`` ``[B]``. Appends write into the buffers; ``next_position`` is
+        replaced by a new tensor after a call (read it back)."""
+        cache = cls.__new__(cls)
+        cache.kv, cache.key_valid, cache.length, cache.next_position = kv, key_valid, length, next_position
+        return cache
+
     @property
     def capacity(self) -> int:
         return self.key_valid.shape[1]

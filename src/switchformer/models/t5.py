@@ -401,12 +401,26 @@ class SwitchT5(nn.Module):
         stats=None,
         route_mask=None,
     ):
+        """Decoder hidden states ``[B, query_len, d_model]`` of ``decoder_input_ids`` attending to
+        ``memory`` (the encoder output; unused with a ``cache``, which holds its keys and values).
+        ``decoder_attention_mask``: ``[B, query_len]``, or with a ``cache`` ``[B, cache.length +
+        query_len]`` over the cached positions too (rows whose earlier positions are padding: a
+        server's batch of requests that joined at different steps). Relative positions are
+        counted in columns, so a row's padding on the left changes none of its distances."""
         check_token_ids("decoder_input_ids", decoder_input_ids, self.config.vocab_size)
-        check_mask("decoder_attention_mask", decoder_attention_mask, decoder_input_ids)
+        offset = cache.length if cache is not None else 0
+        if cache is not None and decoder_attention_mask is not None:
+            expected = (decoder_input_ids.shape[0], offset + decoder_input_ids.shape[1])
+            if tuple(decoder_attention_mask.shape) != expected:
+                raise ValueError(
+                    f"decoder_attention_mask: shape {tuple(decoder_attention_mask.shape)}; with a cache of {offset} "
+                    f"positions it covers them and the new tokens: {expected}"
+                )
+        else:
+            check_mask("decoder_attention_mask", decoder_attention_mask, decoder_input_ids)
         stats = RouterStats() if stats is None else stats
         h = self.shared(decoder_input_ids)
         query_len = decoder_input_ids.shape[1]
-        offset = cache.length if cache is not None else 0
         if cache is not None and decoder_attention_mask is None:
             bias = cache.self_bias[:, :, offset : offset + query_len, : offset + query_len]
         else:

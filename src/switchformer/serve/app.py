@@ -1,0 +1,291 @@
+"""The HTTP layer: a FastAPI application over one :class:`~switchformer.serve.engine.Engine`.
+
+Routes: ``POST /v1/completions``, ``POST /v1/chat/completions`` (``stream: true`` as server-sent
+events of OpenAI's chunks, ending with ``data: [DONE]``), ``GET /v1/models``, ``GET /health``,
+``GET /metrics`` (Prometheus) and ``GET /`` (the chat page). With an API key, the ``/v1/`` routes
+need ``Authorization: Bearer KEY`` (401 otherwise); the page, health and metrics stay open.
+
+Each request's tokens come from the scheduler thread through an ``asyncio.Queue``; a client that
+disconnects (a stream's task is cancelled, or a non-streamed request sees the disconnect while it
+waits) cancels its request, which leaves the batch at the next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import importlib.resources
+import time
+import uuid
+
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from switchformer.serve import protocol
+from switchformer.serve.engine import Engine, EngineStopped, QueueFull
+from switchformer.serve.engine import Request as EngineRequest
+from switchformer.serve.metrics import ServerMetrics
+from switchformer.serve.prompts import PromptFormatter
+from switchformer.serve.protocol import APIError, Limits
+
+
+class _Events:
+    """The scheduler thread's events for one request, handed to the event loop."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop, self.queue = loop, asyncio.Queue()
+
+    def emit(self, kind: str, payload: dict) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is listening any more
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, (kind, payload))
+
+
+def _sse(data: dict | str) -> str:
+    import json
+
+    return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+def create_app(
+    engine: Engine,
+    formatter: PromptFormatter,
+    *,
+    model_name: str,
+    limits: Limits,
+    api_key: str | None = None,
+    request_timeout: float = 600.0,
+    shutdown_timeout: float = 10.0,
+    default_completion_tokens: int = 16,
+) -> FastAPI:
+    """The application. It starts ``engine`` at startup and stops it at shutdown (running
+    requests get ``shutdown_timeout`` seconds to finish). ``request_timeout``: seconds from
+    arrival after which a request is ended with a 408 error."""
+    metrics = ServerMetrics(engine)
+    vocab_size = engine.model.config.vocab_size
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        engine.start()
+        yield
+        await asyncio.to_thread(engine.stop, shutdown_timeout)
+
+    app = FastAPI(title="switchformer", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, err: APIError):
+        return JSONResponse(err.body(), status_code=err.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, err: StarletteHTTPException):
+        message = f"{request.method} {request.url.path}: {err.detail}"
+        return JSONResponse(APIError(err.status_code, message).body(), status_code=err.status_code)
+
+    def authorize(request: Request) -> None:
+        if api_key is None:
+            return
+        given = request.headers.get("authorization", "")
+        scheme, _, token = given.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
+            raise APIError(401, "invalid or missing API key (Authorization: Bearer KEY)", code="invalid_api_key")
+
+    def check_model(body: dict) -> None:
+        name = body.get("model")
+        if name is not None and name != model_name:
+            raise APIError(404, f"model: {name!r} is not served here; this server serves {model_name!r}", "model",
+                           code="model_not_found")  # fmt: skip
+
+    def submit(ids: list[int], params) -> tuple[EngineRequest, _Events]:
+        events = _Events(asyncio.get_running_loop())
+        request = EngineRequest(ids, params, events.emit, deadline=time.monotonic() + request_timeout)
+        try:
+            engine.submit(request)
+        except QueueFull as err:
+            raise APIError(429, f"the server is busy: {err}; retry later", kind="rate_limit_error") from None
+        except EngineStopped as err:
+            raise APIError(503, str(err), kind="server_error") from None
+        return request, events
+
+    async def collect(http: Request, request: EngineRequest, events: _Events, logprobs) -> tuple[str, dict]:
+        """The whole text and the final event of a non-streamed request."""
+        text = []
+        while True:
+            try:
+                kind, payload = await asyncio.wait_for(events.queue.get(), timeout=0.5)
+            except TimeoutError:
+                if await http.is_disconnected():
+                    request.cancel()
+                    raise APIError(499, "the client closed the connection") from None
+                continue
+            if kind == "token":
+                text.append(payload["text"])
+                if logprobs is not None:
+                    logprobs.add(payload["choice"])
+            elif kind == "done":
+                text.append(payload["text"])
+                metrics.request_duration.observe(time.monotonic() - request.arrival)
+                return "".join(text), payload
+            else:
+                raise _engine_error(payload)
+
+    def _engine_error(payload: dict) -> APIError:
+        status = payload["status"]
+        kind = "timeout" if status == 408 else "server_error"
+        return APIError(status, payload["message"], kind=kind)
+
+    async def stream(request: EngineRequest, events: _Events, first, piece, last, usage_object, include_usage,
+                     logprobs):  # fmt: skip
+        """Server-sent events: ``first`` (or nothing), a ``piece(text, logprobs)`` chunk per token
+        with text or log-probabilities, ``last(finish_reason)``, the usage chunk when asked, then
+        ``[DONE]``. An engine error is sent as an ``error`` event."""
+        try:
+            if first is not None:
+                yield _sse(first)
+            while True:
+                kind, payload = await events.queue.get()
+                if kind == "token":
+                    lp = logprobs.add(payload["choice"]) if logprobs is not None else None
+                    if payload["text"] or lp is not None:
+                        yield _sse(piece(payload["text"], lp))
+                elif kind == "done":
+                    if payload["text"]:
+                        yield _sse(piece(payload["text"], None))
+                    yield _sse(last(payload["finish_reason"]))
+                    if include_usage:
+                        use = protocol.usage(payload["prompt_tokens"], payload["completion_tokens"])
+                        yield _sse(usage_object(use))
+                    metrics.request_duration.observe(time.monotonic() - request.arrival)
+                    yield _sse("[DONE]")
+                    return
+                else:
+                    yield _sse(_engine_error(payload).body())
+                    return
+        finally:
+            request.cancel()  # a client gone mid-stream frees its slot; a finished request ignores it
+
+    def counted(endpoint: str):
+        def wrap(handler):
+            async def run(http: Request):
+                status = 500
+                try:
+                    response = await handler(http)
+                    status = response.status_code
+                    return response
+                except APIError as err:
+                    status = err.status
+                    raise
+                finally:
+                    metrics.requests.labels(endpoint, str(status)).inc()
+
+            run.__name__ = handler.__name__
+            return run
+
+        return wrap
+
+    @app.post("/v1/completions")
+    @counted("/v1/completions")
+    async def completions(http: Request):
+        authorize(http)
+        body = protocol.parse_body(await http.body())
+        check_model(body)
+        prompt = protocol.completion_prompt(body, vocab_size)
+        streamed = protocol._boolean(body, "stream", False)
+        include_usage = protocol.stream_options(body)
+        echo = protocol._boolean(body, "echo", False)
+        params = protocol.sampling_params(body, "completions", default_completion_tokens, limits)
+        languages = {k: _optional_string(body, k) for k in ("source_lang", "target_lang")}
+        ids = formatter.completion_ids(prompt, **languages)
+        protocol.fit_max_tokens(params, len(ids), limits, "prompt", body.get("max_tokens") is not None)
+        prefix = prompt if echo and isinstance(prompt, str) and formatter.family == "lm" else ""
+        rid = f"cmpl-{uuid.uuid4().hex[:24]}"
+        request, events = submit(ids, params)
+        logprobs = protocol.LogprobsBuilder(formatter.tokenizer, "completions") if params.logprobs is not None else None
+        if streamed:
+            def piece(text, lp):
+                return protocol.completion_object(rid, model_name, text, None, lp, None)
+
+            def last(reason):
+                return protocol.completion_object(rid, model_name, "", reason, None, None)
+
+            def usage_object(use):
+                return protocol.usage_chunk(rid, model_name, "text_completion", use)
+
+            first = protocol.completion_object(rid, model_name, prefix, None, None, None) if prefix else None
+            return _event_stream(stream(request, events, first, piece, last, usage_object, include_usage, logprobs))
+        text, done = await collect(http, request, events, logprobs)
+        use = protocol.usage(done["prompt_tokens"], done["completion_tokens"])
+        result = logprobs.result() if logprobs is not None else None
+        return JSONResponse(
+            protocol.completion_object(rid, model_name, prefix + text, done["finish_reason"], result, use)
+        )
+
+    @app.post("/v1/chat/completions")
+    @counted("/v1/chat/completions")
+    async def chat_completions(http: Request):
+        authorize(http)
+        body = protocol.parse_body(await http.body())
+        check_model(body)
+        messages = protocol.chat_messages(body)
+        streamed = protocol._boolean(body, "stream", False)
+        include_usage = protocol.stream_options(body)
+        params = protocol.sampling_params(body, "chat", None, limits)
+        ids = formatter.chat_ids(messages)
+        asked = body.get("max_tokens") is not None or body.get("max_completion_tokens") is not None
+        protocol.fit_max_tokens(params, len(ids), limits, "messages", asked)
+        rid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
+        request, events = submit(ids, params)
+        logprobs = protocol.LogprobsBuilder(formatter.tokenizer, "chat") if params.logprobs is not None else None
+        if streamed:
+            def piece(text, lp):
+                return protocol.chat_chunk(rid, model_name, {"content": text} if text else {}, None, lp)
+
+            def last(reason):
+                return protocol.chat_chunk(rid, model_name, {}, reason)
+
+            def usage_object(use):
+                return protocol.usage_chunk(rid, model_name, "chat.completion.chunk", use)
+
+            first = protocol.chat_chunk(rid, model_name, {"role": "assistant", "content": ""})
+            return _event_stream(stream(request, events, first, piece, last, usage_object, include_usage, logprobs))
+        text, done = await collect(http, request, events, logprobs)
+        use = protocol.usage(done["prompt_tokens"], done["completion_tokens"])
+        result = logprobs.result() if logprobs is not None else None
+        return JSONResponse(protocol.chat_object(rid, model_name, text, done["finish_reason"], result, use))
+
+    def _event_stream(chunks) -> StreamingResponse:
+        headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        return StreamingResponse(chunks, media_type="text/event-stream", headers=headers)
+
+    @app.get("/v1/models")
+    async def models(http: Request):
+        authorize(http)
+        created = int(time.time())
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
+                                            "owned_by": "switchformer"}]}  # fmt: skip
+
+    @app.get("/health")
+    async def health():
+        alive = engine._thread_alive() and engine._accepting
+        body = {"status": "ok" if alive else "unavailable", "model": model_name,
+                "running": engine.running(), "waiting": engine.queue_length()}  # fmt: skip
+        return JSONResponse(body, status_code=200 if alive else 503)
+
+    @app.get("/metrics")
+    async def prometheus_metrics():
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/")
+    async def chat_page():
+        page = importlib.resources.files("switchformer.serve").joinpath("chat.html").read_text(encoding="utf-8")
+        return HTMLResponse(page)
+
+    app.state.engine, app.state.metrics = engine, metrics
+    return app
+
+
+def _optional_string(body: dict, name: str) -> str | None:
+    value = body.get(name)
+    if value is not None and not isinstance(value, str):
+        raise APIError(400, f"{name}: expected a string", name)
+    return value

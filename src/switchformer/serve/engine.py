@@ -1,0 +1,545 @@
+"""Continuous batching: one scheduler thread owns the model; every iteration it admits waiting
+requests into free slots of the batch (prefill), then steps every running request together by one
+token, each with its own sampling settings, stop rules and length, and retires each request the
+step it finishes, times out or its client goes away (the loop of vLLM's and SGLang's schedulers).
+
+**Cache layout.** Each family keeps static key/value buffers of ``max_batch_size`` slots and
+``columns`` positions. The running requests occupy slots ``0 .. n-1`` (a finished request's slot
+takes the last row's buffers, so a step computes only live rows); all rows write a step's keys
+at the same column ``length``, and each row's own keys are the contiguous columns just before it,
+the columns to the left being padding that its mask hides. A request joins with its prompt's keys
+copied in right-aligned; a prompt longer than ``length`` shifts every row right, and when
+``length`` reaches ``columns`` every row shifts left by the padding all rows share. Positions stay
+each request's own: the decoder-only model takes them from each row's ``next_position``; the
+encoder-decoder's relative positions are differences of columns, which the shift does not change.
+
+**One request, one routing group.** Each prompt is prefilled alone, routed with the model's eval
+routing (as ``generate`` routes it); a step's tokens are routed dropless, which is what each of
+them gets alone (one token never exceeds an expert's capacity of at least one slot). So requests
+never compete for expert capacity, and a greedy request's tokens under load are those of
+``generate`` for it alone. (Expert-choice routing, which ranks tokens across the batch, keeps its
+own capacity; a batch of such a model may differ from a request alone.)
+
+**Failures stay with their request.** A request whose prefill or token choice raises gets an
+error and leaves; a batched step that raises is retried row by row, and only the rows that fail
+alone are ended. The scheduler itself never stops on a request's error.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from switchformer.generation import inference_routing
+from switchformer.models.common import DecodingScope, RouterStats
+from switchformer.models.lm import LMCache, SwitchLM
+from switchformer.models.t5 import DecoderCache, SwitchT5
+from switchformer.serve.sampling import RowSampler, SamplingParams, TextStream, TokenChoice
+
+log = logging.getLogger("switchformer")
+
+
+class QueueFull(Exception):
+    """The waiting queue holds ``max_queue`` requests (HTTP 429)."""
+
+
+class EngineStopped(Exception):
+    """The engine is shutting down and takes no new requests (HTTP 503)."""
+
+
+@dataclass
+class Request:
+    """One generation request. ``prompt_ids``: a decoder-only prompt, or an encoder-decoder source
+    (formatted and ending in EOS). ``emit(kind, payload)`` is called from the scheduler thread:
+    ``("token", {"text", "choice"})`` per generated token (``text`` may be empty while a character
+    or a possible stop string is incomplete), then ``("done", {"finish_reason", "text",
+    "prompt_tokens", "completion_tokens"})`` or ``("error", {"message", "status"})`` once."""
+
+    prompt_ids: list[int]
+    params: SamplingParams
+    emit: Callable[[str, dict], None]
+    deadline: float | None = None  # time.monotonic() after which the request is ended with 408
+    id: str = field(default_factory=lambda: uuid.uuid4().hex[:24])
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    arrival: float = field(default_factory=time.monotonic)
+
+    def cancel(self) -> None:
+        """The client went away: the request leaves the batch at the next step."""
+        self.cancelled.set()
+
+
+@dataclass
+class _Row:
+    request: Request
+    sampler: RowSampler
+    text: TextStream
+    pending: int = -1  # the token the next step feeds
+    completion_tokens: int = 0
+    source_length: int = 0  # encoder-decoder: the source's tokens
+
+
+@dataclass
+class EngineStats:
+    """Counters the server's ``/metrics`` reads (written by the scheduler thread only)."""
+
+    requests_finished: collections.Counter = field(default_factory=collections.Counter)  # by finish reason
+    prompt_tokens: int = 0
+    generation_tokens: int = 0
+    steps: int = 0
+    time_to_first_token: collections.deque = field(default_factory=collections.deque)  # seconds; /metrics drains it
+    recent: collections.deque = field(default_factory=lambda: collections.deque(maxlen=1 << 16))  # (time, tokens)
+    expert_tokens: dict[str, Tensor] = field(default_factory=dict)  # layer name -> tokens per expert
+
+    def tokens_per_second(self, window: float = 10.0) -> float:
+        """Generated tokens per second over the last ``window`` seconds."""
+        now = time.monotonic()
+        total = sum(n for t, n in list(self.recent) if now - t <= window)
+        return total / window
+
+
+class _Batch:
+    """Key/value buffers of ``slots`` rows and ``columns`` positions shared by the running rows
+    (see the module docstring): the column bookkeeping both families share."""
+
+    def __init__(self, slots: int, columns: int, self_kv: list[Tensor], device):
+        self.slots, self.columns = slots, columns
+        self.self_kv = self_kv  # every self-attention key and value buffer, [slots, heads, columns, head_dim]
+        self.key_valid = torch.zeros(slots, columns, dtype=torch.bool, device=device)
+        self.length = 0
+        self.rows: list[_Row] = []
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def make_room(self, needed: int = 0) -> None:
+        """A free column at ``length`` (when every column is taken, every row shifts left by the
+        padding all rows share), and ``length`` at least ``needed`` (a new row's prompt ends there;
+        the rows shift right if it is longer)."""
+        n = len(self.rows)
+        if n == 0:
+            self.length = needed
+            return
+        if self.length >= self.columns:
+            spans = self.key_valid[:n, : self.length].sum(1)
+            self._shift(-(self.length - int(spans.max())))
+        if needed > self.length:
+            self._shift(needed - self.length)
+
+    def _shift(self, delta: int) -> None:
+        """Move every row's columns by ``delta`` (right if positive)."""
+        n, length = len(self.rows), self.length
+        if delta > 0:
+            if length + delta > self.columns:
+                raise RuntimeError(f"cache: {length + delta} columns needed, {self.columns} held")
+            for buf in self.self_kv:
+                buf[:n, :, delta : length + delta] = buf[:n, :, :length].clone()
+            self.key_valid[:n, delta : length + delta] = self.key_valid[:n, :length].clone()
+            self.key_valid[:n, :delta] = False
+        elif delta < 0:
+            d = -delta
+            for buf in self.self_kv:
+                buf[:n, :, : length - d] = buf[:n, :, d:length].clone()
+            self.key_valid[:n, : length - d] = self.key_valid[:n, d:length].clone()
+            self.key_valid[:n, length - d :] = False
+        self.length = length + delta
+
+    def place(self, keys_values: list[Tensor]) -> int:
+        """A new row whose ``keys_values`` (one ``[heads, p, head_dim]`` per buffer) end at the
+        current column; returns its slot."""
+        slot = len(self.rows)
+        p = keys_values[0].shape[1] if keys_values else 0
+        self.make_room(p)
+        for buf, kv in zip(self.self_kv, keys_values):
+            buf[slot, :, self.length - p : self.length] = kv
+        self.key_valid[slot] = False
+        self.key_valid[slot, self.length - p : self.length] = True
+        return slot
+
+    def remove(self, slot: int) -> None:
+        last = len(self.rows) - 1
+        if slot != last:
+            self.move_row(last, slot)
+        self.rows[slot] = self.rows[last]
+        self.rows.pop()
+        if not self.rows:
+            self.length = 0
+
+    def move_row(self, source: int, target: int) -> None:
+        for buf in self.self_kv:
+            buf[target, :, : self.length] = buf[source, :, : self.length]
+        self.key_valid[target] = self.key_valid[source]
+
+
+class _LMBatch(_Batch):
+    """The decoder-only model's running rows."""
+
+    def __init__(self, model: SwitchLM, slots: int, columns: int, device, dtype):
+        config = model.config
+        head_dim = config.d_model // config.num_heads
+        shape = (slots, config.num_heads, columns, head_dim)
+        buffers = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(2 * config.num_layers)]
+        super().__init__(slots, columns, buffers, device)
+        self.model = model
+        self.next_position = torch.zeros(slots, dtype=torch.long, device=device)
+
+    def prefill(self, prompt_ids: list[int], stats: RouterStats) -> tuple[Tensor, list[Tensor]]:
+        """The last position's logits ``[vocab]`` of the prompt alone, and its keys and values."""
+        ids = torch.tensor([prompt_ids], dtype=torch.long, device=self.key_valid.device)
+        cache = self.model.new_cache(1, len(prompt_ids))
+        h, _ = self.model.hidden_states(ids, None, cache=cache, stats=stats)
+        return self.model.project(h[:, -1])[0], [t[0] for kv in cache.kv for t in kv]
+
+    def admit(self, row: _Row, keys_values: list[Tensor]) -> None:
+        slot = self.place(keys_values)
+        self.next_position[slot] = len(row.request.prompt_ids)
+        self.rows.append(row)
+
+    def step(self, rows: slice, tokens: list[int], stats: RouterStats) -> Tensor:
+        """Logits ``[rows, vocab]`` after feeding each row of ``rows`` its next token."""
+        ids = torch.tensor(tokens, dtype=torch.long, device=self.key_valid.device)[:, None]
+        kv = [(self.self_kv[2 * i][rows], self.self_kv[2 * i + 1][rows]) for i in range(len(self.self_kv) // 2)]
+        cache = LMCache.from_buffers(kv, self.key_valid[rows], self.length, self.next_position[rows])
+        h, _ = self.model.hidden_states(ids, None, cache=cache, stats=stats)
+        self.next_position[rows] = cache.next_position
+        return self.model.project(h[:, -1])
+
+    def move_row(self, source: int, target: int) -> None:
+        super().move_row(source, target)
+        self.next_position[target] = self.next_position[source]
+
+
+class _T5Batch(_Batch):
+    """The encoder-decoder's running rows: decoder self-attention in the shared columns, each
+    row's cross-attention keys and values (its source, encoded once) in buffers of its own."""
+
+    def __init__(self, model: SwitchT5, slots: int, columns: int, source_columns: int, device, dtype):
+        config = model.config
+        layers = len(model.decoder.blocks)
+        shape = (slots, config.num_heads, columns, config.d_kv)
+        buffers = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(2 * layers)]
+        super().__init__(slots, columns, buffers, device)
+        self.model = model
+        cross_shape = (slots, config.num_heads, source_columns, config.d_kv)
+        self.cross_kv = [torch.zeros(cross_shape, device=device, dtype=dtype) for _ in range(2 * layers)]
+        self.cross_bias = torch.zeros(slots, 1, 1, source_columns, device=device, dtype=dtype)
+        self.start_token = config.decoder_start_token_id
+
+    def encode(self, source_ids: list[int], stats: RouterStats) -> list[Tensor]:
+        """The source's cross-attention keys and values, one ``[heads, source, d_kv]`` per buffer."""
+        ids = torch.tensor([source_ids], dtype=torch.long, device=self.key_valid.device)
+        memory = self.model.encode(ids, None, stats=stats)
+        return [t[0] for block in self.model.decoder.blocks for t in block.cross_attn.project_kv(memory)]
+
+    def admit(self, row: _Row, cross: list[Tensor]) -> None:
+        slot = self.place([])
+        length = row.source_length
+        for buf, kv in zip(self.cross_kv, cross):
+            buf[slot, :, :length] = kv
+        self.cross_bias[slot] = torch.finfo(self.cross_bias.dtype).min
+        self.cross_bias[slot, ..., :length] = 0
+        row.pending = self.start_token
+        self.rows.append(row)
+
+    def step(self, rows: slice, tokens: list[int], stats: RouterStats) -> Tensor:
+        ids = torch.tensor(tokens, dtype=torch.long, device=self.key_valid.device)[:, None]
+        source = max(r.source_length for r in self.rows[rows])
+        self.key_valid[rows, self.length] = True
+        pairs = range(len(self.self_kv) // 2)
+        cache = DecoderCache(
+            [(self.self_kv[2 * i][rows], self.self_kv[2 * i + 1][rows]) for i in pairs],
+            [(self.cross_kv[2 * i][rows, :, :source], self.cross_kv[2 * i + 1][rows, :, :source]) for i in pairs],
+            self.cross_bias[rows, ..., :source],
+            None,
+        )
+        cache.length = self.length
+        mask = self.key_valid[rows, : self.length + 1]
+        h = self.model.decode(ids, None, None, decoder_attention_mask=mask, cache=cache, stats=stats)
+        return self.model.project(h[:, -1])
+
+    def move_row(self, source: int, target: int) -> None:
+        super().move_row(source, target)
+        columns = self.rows[source].source_length
+        for buf in self.cross_kv:
+            buf[target, :, :columns] = buf[source, :, :columns]
+        self.cross_bias[target] = self.cross_bias[source]
+
+
+class Engine:
+    """The scheduler: ``submit`` requests from any thread; ``start`` runs the loop in a thread of
+    its own; ``stop`` ends it (running requests finish within ``timeout`` seconds, or get an
+    error). ``max_batch_size``: requests decoded together; ``max_queue``: requests waiting beyond
+    them (:class:`QueueFull` past it); ``max_prefill_tokens``: prompt tokens admitted per
+    iteration before the running requests step again (at least one prompt); ``columns``: cache
+    positions per slot (default twice the longest request a request may be)."""
+
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        *,
+        max_batch_size: int = 16,
+        max_queue: int = 256,
+        max_prefill_tokens: int = 2048,
+        max_request_tokens: int,
+        max_source_tokens: int = 0,
+        routing: str = "eval",
+        columns: int | None = None,
+    ):
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size: must be >= 1, got {max_batch_size}")
+        if max_queue < 0:
+            raise ValueError(f"max_queue: must be >= 0, got {max_queue}")
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.family = "t5" if isinstance(model, SwitchT5) else "lm"
+        self.eos = model.config.eos_token_id
+        self.max_batch_size, self.max_queue, self.max_prefill_tokens = max_batch_size, max_queue, max_prefill_tokens
+        self.routing = routing
+        parameter = next(model.parameters())
+        self.device, dtype = parameter.device, parameter.dtype
+        columns = columns or 2 * max_request_tokens
+        if self.family == "t5":
+            self.batch: _Batch = _T5Batch(model, max_batch_size, columns, max_source_tokens, self.device, dtype)
+        else:
+            self.batch = _LMBatch(model, max_batch_size, columns, self.device, dtype)
+        self.stats = EngineStats()
+        self.sparse_layers = [name for name, m in model.named_modules() if type(m).__name__ == "SwitchMoE"]
+        self._waiting: collections.deque[Request] = collections.deque()
+        self._cond = threading.Condition()
+        self._accepting = True
+        self._closed = False
+        self._thread: threading.Thread | None = None
+        self.fault_hook: Callable[[Request], None] | None = None  # tests: raise inside one request
+
+    # -- the outside: any thread ---------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="switchformer-scheduler", daemon=True)
+        self._thread.start()
+
+    def submit(self, request: Request) -> None:
+        with self._cond:
+            if not self._accepting:
+                raise EngineStopped("the server is shutting down")
+            if len(self._waiting) >= self.max_queue + max(self.max_batch_size - len(self.batch), 0):
+                raise QueueFull(f"{len(self._waiting)} requests are waiting (max_queue {self.max_queue})")
+            self._waiting.append(request)
+            self._cond.notify()
+
+    def queue_length(self) -> int:
+        return len(self._waiting)
+
+    def running(self) -> int:
+        return len(self.batch)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Take no new requests; let the running and waiting ones finish for up to ``timeout``
+        seconds; end the rest with an error (503); stop the thread."""
+        with self._cond:
+            self._accepting = False
+            self._cond.notify()
+        end = time.monotonic() + timeout
+        while time.monotonic() < end and (self._waiting or len(self.batch)) and self._thread_alive():
+            time.sleep(0.02)
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+        if self._thread is not None:
+            self._thread.join(timeout=max(timeout, 5.0))
+
+    def _thread_alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    # -- the scheduler thread ------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        scope = DecodingScope()  # derived weights (fused projections) kept across steps
+        while True:
+            with self._cond:
+                while not self._waiting and not len(self.batch) and not self._closed:
+                    self._cond.wait(timeout=0.5)
+                if self._closed:
+                    break
+            try:
+                with torch.inference_mode(), scope.active():
+                    self._retire_gone()
+                    self._admit()
+                    if len(self.batch):
+                        self._step()
+            except Exception:  # a bug outside any one request: end the running ones, keep serving
+                log.exception("scheduler iteration failed")
+                for slot in reversed(range(len(self.batch))):
+                    self._finish(slot, error=("internal error in the scheduler", 500))
+        for slot in reversed(range(len(self.batch))):
+            self._finish(slot, error=("the server is shutting down", 503))
+        while self._waiting:
+            request = self._waiting.popleft()
+            request.emit("error", {"message": "the server is shutting down", "status": 503})
+
+    def _retire_gone(self) -> None:
+        now = time.monotonic()
+        for slot in reversed(range(len(self.batch))):
+            request = self.batch.rows[slot].request
+            if request.cancelled.is_set():
+                self._finish(slot, reason="cancelled")
+            elif request.deadline is not None and now > request.deadline:
+                self._finish(slot, error=("request timed out", 408))
+
+    def _admit(self) -> None:
+        budget = self.max_prefill_tokens
+        admitted = 0
+        while len(self.batch) < self.max_batch_size and (admitted == 0 or budget > 0):
+            with self._cond:
+                if not self._waiting:
+                    return
+                request = self._waiting.popleft()
+            if request.cancelled.is_set():
+                continue
+            if request.deadline is not None and time.monotonic() > request.deadline:
+                request.emit("error", {"message": "request timed out while waiting", "status": 408})
+                continue
+            admitted += 1
+            budget -= len(request.prompt_ids)
+            try:
+                self._prefill(request)
+            except Exception as err:  # this request's fault; the others go on
+                log.exception("request %s failed in prefill", request.id)
+                if self.batch.rows and self.batch.rows[-1].request is request:
+                    self._finish(len(self.batch) - 1, error=(f"generation failed: {err}", 500))
+                else:
+                    request.emit("error", {"message": f"generation failed: {err}", "status": 500})
+
+    def _new_row(self, request: Request) -> _Row:
+        history = request.prompt_ids if self.family == "lm" else [self.model.config.decoder_start_token_id]
+        sampler = RowSampler(request.params, history, self.device)
+        return _Row(request, sampler, TextStream(self.tokenizer, request.params.stop))
+
+    def _prefill(self, request: Request) -> None:
+        row = self._new_row(request)
+        stats = RouterStats()
+        self.stats.prompt_tokens += len(request.prompt_ids)
+        if self.family == "t5":
+            row.source_length = len(request.prompt_ids)
+            with inference_routing(self.model, self.routing, decoding=True):
+                cross = self.batch.encode(request.prompt_ids, stats)
+            self.batch.admit(row, cross)
+            self._count_experts(stats)
+            return
+        with inference_routing(self.model, self.routing, decoding=True):
+            logits, keys_values = self.batch.prefill(request.prompt_ids, stats)
+        self._count_experts(stats)
+        self.batch.admit(row, keys_values)
+        self._advance(len(self.batch) - 1, logits)
+
+    def _step(self) -> None:
+        n = len(self.batch)
+        tokens = [row.pending for row in self.batch.rows]
+        self.batch.make_room()  # a column for this step's keys
+        stats = RouterStats()
+        try:
+            with inference_routing(self.model, "dropless", decoding=True):
+                logits = self.batch.step(slice(0, n), tokens, stats)
+            self.batch.length += 1
+        except Exception:
+            log.exception("a batched step failed; stepping its rows one by one")
+            self._step_rows_alone(tokens)
+            return
+        self.stats.steps += 1
+        self._count_experts(stats)
+        self._advance_all(logits)
+
+    def _step_rows_alone(self, tokens: list[int]) -> None:
+        """After a failed batched step: each row alone; a row that fails alone is ended. Rewriting a
+        column a failed step wrote already puts the same values there."""
+        results: list[Tensor | Exception] = []
+        for slot, token in enumerate(tokens):
+            try:
+                with inference_routing(self.model, "dropless", decoding=True):
+                    results.append(self.batch.step(slice(slot, slot + 1), [token], RouterStats())[0])
+            except Exception as err:
+                results.append(err)
+        self.batch.length += 1
+        for slot in reversed(range(len(results))):
+            result = results[slot]
+            if isinstance(result, Exception):
+                self._finish(slot, error=(f"generation failed: {result}", 500))
+            else:
+                self._advance(slot, result)
+
+    def _advance_all(self, logits: Tensor) -> None:
+        """Choose every row's next token: one argmax for the plain greedy rows, the row's own
+        sampler for the others; then retire the finished rows (from the last, so slots hold)."""
+        greedy = logits.argmax(-1).tolist()
+        for slot in reversed(range(len(self.batch))):
+            row = self.batch.rows[slot]
+            if row.request.params.plain_greedy:
+                self._accept(slot, TokenChoice(greedy[slot]))
+            else:
+                self._advance(slot, logits[slot])
+
+    def _advance(self, slot: int, logits: Tensor) -> None:
+        row = self.batch.rows[slot]
+        try:
+            if self.fault_hook is not None:
+                self.fault_hook(row.request)
+            choice = row.sampler.choose(logits)
+        except Exception as err:
+            log.exception("request %s failed choosing a token", row.request.id)
+            self._finish(slot, error=(f"generation failed: {err}", 500))
+            return
+        self._accept(slot, choice)
+
+    def _accept(self, slot: int, choice: TokenChoice) -> None:
+        row = self.batch.rows[slot]
+        request, token = row.request, choice.token
+        row.sampler.record(token)
+        row.completion_tokens += 1
+        self.stats.generation_tokens += 1
+        self.stats.recent.append((time.monotonic(), 1))
+        if row.completion_tokens == 1:
+            self.stats.time_to_first_token.append(time.monotonic() - request.arrival)
+        if token == self.eos:  # the end of the text: no token of it is sent
+            self._finish(slot, reason="stop")
+            return
+        text = row.text.add(token)
+        request.emit("token", {"text": text, "choice": choice})
+        if row.text.stopped:
+            self._finish(slot, reason="stop")
+        elif row.completion_tokens >= request.params.max_tokens:
+            self._finish(slot, reason="length")
+        else:
+            row.pending = token
+
+    def _finish(self, slot: int, reason: str | None = None, error: tuple[str, int] | None = None) -> None:
+        row = self.batch.rows[slot]
+        request = row.request
+        self.batch.remove(slot)
+        if error is not None:
+            self.stats.requests_finished["error"] += 1
+            request.emit("error", {"message": error[0], "status": error[1]})
+            return
+        self.stats.requests_finished[reason] += 1
+        tail = row.text.finish() if reason != "cancelled" else ""
+        request.emit(
+            "done",
+            {
+                "finish_reason": reason,
+                "text": tail,
+                "prompt_tokens": len(request.prompt_ids),
+                "completion_tokens": row.completion_tokens,
+            },
+        )
+
+    def _count_experts(self, stats: RouterStats) -> None:
+        for name, aux in stats.layers:
+            counts = aux.tokens_per_expert.detach()
+            total = self.stats.expert_tokens.get(name)
+            self.stats.expert_tokens[name] = counts.clone() if total is None else total + counts
