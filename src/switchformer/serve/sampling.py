@@ -121,11 +121,13 @@ class TextStream:
         self.ids: list[int] = []
         self.sent = ""  # the text already returned by add()
         self.text = ""  # the whole text so far (to the stop string, once stopped)
+        self.decoded = ""  # the decoding of all the tokens, an incomplete last character included
         self.stopped = False
 
     def add(self, token: int) -> str:
         self.ids.append(token)
         text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        self.decoded = text
         if text.endswith("\ufffd"):  # the rest of a multi-byte character comes with the next token
             return ""
         self.text = text
@@ -137,7 +139,14 @@ class TextStream:
         return self._release(len(text) - self._held_back(text))
 
     def finish(self) -> str:
-        """What was held back, at the end of the request (a partial stop string is text after all)."""
+        """What was held back, at the end of the request: a partial stop string is text after all,
+        and so is an incomplete last character (as the decoder gives it: U+FFFD), so the whole
+        text is the decoding of all the tokens, as ``generate``'s."""
+        if not self.stopped:
+            self.text = self.decoded
+            cut = self._stop_position(self.text)
+            if cut is not None:
+                self.stopped, self.text = True, self.text[:cut]
         return self._release(len(self.text))
 
     def _release(self, end: int) -> str:
