@@ -1,7 +1,8 @@
-"""User data: text files or folders of them, JSONL (``text``, or ``source``/``target`` pairs), TSV
-pairs, local Hugging Face ``datasets`` files (``.arrow``, ``.parquet``); text, TSV and JSONL may be
-gzipped (``.gz``). Sentence pairs and the pairing of line-aligned files: :mod:`switchformer.data.pairs`.
-Every problem names the file, and the line where there is one."""
+"""User data: text files or folders of them, JSONL (``text``, ``source``/``target`` pairs, or chat
+``messages``), TSV pairs, local Hugging Face ``datasets`` files (``.arrow``, ``.parquet``); text,
+TSV and JSONL may be gzipped (``.gz``). Sentence pairs and the pairing of line-aligned files:
+:mod:`switchformer.data.pairs`; chat conversations: :func:`load_conversations`. Every problem
+names the file, and the line where there is one."""
 
 from __future__ import annotations
 
@@ -127,13 +128,59 @@ def numbered_jsonl(path: Path, fields: tuple[str, ...]) -> list[tuple[int, dict]
             raise DataError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
         for name in fields:
             if name not in row:
-                raise DataError(f"{path}:{number}: missing field {name!r}")
+                raise DataError(f"{path}:{number}: missing field {name!r}{_chat_hint(row, fields)}")
             if not isinstance(row[name], str) or not row[name].strip():
                 raise DataError(f"{path}:{number}: field {name!r} must be a non-empty string")
         rows.append((number, row))
     if not rows:
         raise DataError(f"{path}: file is empty")
     return rows
+
+
+def _chat_hint(row: dict, fields: tuple[str, ...]) -> str:
+    """What to do when a row that lacks ``fields`` is a chat conversation (it has ``messages``)."""
+    if "messages" in row and "messages" not in fields:
+        return (
+            " (this row is a chat conversation, 'messages': train a language model on conversations with "
+            "--model lm --set objective=chat)"
+        )
+    return ""
+
+
+def load_conversations(paths: list[str | Path]) -> list:
+    """Conversations for the chat objective (:class:`~switchformer.data.chat.Conversation`, in file
+    and line order): one per non-blank line of JSONL files (``.jsonl``, optionally gzipped), each
+    row's ``messages`` checked by :func:`~switchformer.data.chat.check_messages`. Every problem is a
+    :class:`DataError` naming the file and line (``chats.jsonl:12: messages[1].content: must be a
+    string ...``); a conversation without an assistant message is refused too (it holds no token to
+    learn)."""
+    from switchformer.data.chat import Conversation, check_messages, has_assistant
+
+    conversations = []
+    for path in _files(paths):
+        if file_kind(path) != "jsonl":
+            raise DataError(
+                f"{path}: the chat objective reads conversations from JSONL files (.jsonl or .jsonl.gz), one "
+                '{"messages": [{"role": "user", "content": ...}, ...]} a line'
+            )
+        for number, row in numbered_jsonl(path, ()):
+            where = f"{path}:{number}"
+            if "messages" not in row:
+                raise DataError(
+                    f"{where}: missing field 'messages' (a chat row is "
+                    '{"messages": [{"role": "user", "content": ...}, {"role": "assistant", "content": ...}]})'
+                )
+            try:
+                messages = check_messages(row["messages"])
+            except ValueError as err:
+                raise DataError(f"{where}: {err}") from None
+            if not has_assistant(messages):
+                raise DataError(
+                    f"{where}: messages: no 'assistant' message; the chat objective learns only the assistant's "
+                    "turns, so this conversation teaches nothing (add the answer, or leave the line out)"
+                )
+            conversations.append(Conversation(messages, where))
+    return conversations
 
 
 def read_hf_dataset(path: Path, fields: tuple[str, ...]) -> list[dict]:
@@ -145,7 +192,8 @@ def read_hf_dataset(path: Path, fields: tuple[str, ...]) -> list[dict]:
     table = datasets.Dataset.from_file(str(path)) if kind == "arrow" else datasets.Dataset.from_parquet(str(path))
     for name in fields:
         if name not in table.column_names:
-            raise DataError(f"{path}: missing column {name!r} (has {table.column_names})")
+            hint = _chat_hint(dict.fromkeys(table.column_names), fields)
+            raise DataError(f"{path}: missing column {name!r} (has {table.column_names}){hint}")
     rows = []
     for number, row in enumerate(table, 1):
         for name in fields:

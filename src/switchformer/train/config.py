@@ -41,7 +41,8 @@ class TrainConfig:
     data: list[str] = field(default_factory=list)  # files or folders; empty: the embedded corpus
     corpus: str = "docs"  # embedded corpus: "docs", "docs+source" or "docs+packages"
     corpus_max_mb: float | None = None  # docs+packages: at most this many MB of package source
-    objective: str | None = None  # "causal" (lm), "span_corruption" (t5), "seq2seq" (t5 on pairs)
+    # "causal" (lm), "chat" (lm on conversations), "span_corruption" (t5), "seq2seq" (t5 on pairs)
+    objective: str | None = None
     tokenizer: str | None = None  # an existing tokenizer.json; else one is trained and saved with the run
     init_from: str | None = None  # start from these weights (HF directory, run, checkpoint); architecture too
     tokenizer_kind: str = "bpe"
@@ -109,12 +110,15 @@ class TrainConfig:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}: unknown {getattr(self, name)!r}; choose one of {allowed}")
-        if self.objective not in (None, "causal", "span_corruption", "seq2seq"):
+        if self.objective not in (None, "causal", "chat", "span_corruption", "seq2seq"):
             raise ValueError(f"objective: unknown {self.objective!r}")
-        if self.model == "lm" and self.objective not in (None, "causal"):
-            raise ValueError(f"objective: the lm model trains with 'causal', not {self.objective!r}")
-        if self.model == "t5" and self.objective == "causal":
-            raise ValueError("objective: the t5 model trains with 'span_corruption' or 'seq2seq'")
+        if self.model == "lm" and self.objective not in (None, "causal", "chat"):
+            raise ValueError(f"objective: the lm model trains with 'causal' or 'chat', not {self.objective!r}")
+        if self.model == "t5" and self.objective in ("causal", "chat"):
+            raise ValueError(
+                f"objective: {self.objective!r} trains the decoder-only lm model (--model lm); the t5 model trains "
+                "with 'span_corruption' or 'seq2seq'"
+            )
         positive = (
             "d_model",
             "num_heads",

@@ -9,8 +9,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from switchformer.data.chat import encode_chat, prompt_messages, render_chat
 from switchformer.data.corpus import embedded_documents, split_documents
-from switchformer.data.files import DataError, load_text
+from switchformer.data.files import DataError, load_conversations, load_text
 from switchformer.data.formatting import source_text
 from switchformer.data.objectives import (
     epoch_order,
@@ -28,13 +29,17 @@ log = logging.getLogger("switchformer")
 
 @dataclass
 class Split:
-    """Rows of one split: ``input_ids`` always; ``labels`` and ``attention_mask`` for seq2seq.
-    For seq2seq, how many source and target sides were longer than ``seq_len`` tokens (EOS
-    included) and cut to it."""
+    """Rows of one split: ``input_ids`` always; ``labels`` and ``attention_mask`` for seq2seq and
+    chat. For seq2seq, how many source and target sides were longer than ``seq_len`` tokens (EOS
+    included) and cut to it; for chat, how many conversations were. ``aligned_labels``: ``labels``
+    are position by position those of ``input_ids`` (chat: the ids themselves where scored, -100
+    elsewhere; the model shifts them), not a separate target sequence."""
 
     tensors: dict[str, Tensor]
     truncated_sources: int = 0
     truncated_targets: int = 0
+    truncated_conversations: int = 0
+    aligned_labels: bool = False
 
     def __len__(self) -> int:
         return self.tensors["input_ids"].shape[0]
@@ -47,7 +52,9 @@ class Split:
         if "attention_mask" in rows:  # real tokens are a prefix of each row
             width = max(int(rows["attention_mask"].sum(1).max()), 1)
             rows["input_ids"], rows["attention_mask"] = rows["input_ids"][:, :width], rows["attention_mask"][:, :width]
-        if "labels" in rows:
+            if self.aligned_labels:  # chat: labels go with the input positions
+                rows["labels"] = rows["labels"][:, :width]
+        if "labels" in rows and not self.aligned_labels:
             width = max(int((rows["labels"] != -100).sum(1).max()), 1)
             rows["labels"] = rows["labels"][:, :width]
         return rows
@@ -68,6 +75,9 @@ class Data:
     # seq2seq: (source languages in first-seen order, the one target language) of the training
     # pairs, when every pair says them; else None
     languages: tuple = (None, None)
+    # chat: the messages before the first answer of the first validation conversation, which the
+    # end-of-run sample answers
+    sample_messages: list | None = None
 
     def batch(self, config: TrainConfig, step: int, micro: int, rank: int = 0, world: int = 1) -> dict[str, Tensor]:
         """This rank's share of the micro-batch of a global step: a pure function of (seed, step,
@@ -94,10 +104,11 @@ def _cached_order(n: int, seed: int, epoch: int) -> Tensor:
 
 
 def _documents(config: TrainConfig) -> tuple[list, list]:
-    """(training, validation) documents: texts, or sentence pairs for seq2seq. The validation
-    documents are the files of ``valid_data`` when given (all of ``data`` then trains), else carved
-    from ``data``: the first ``validation_fraction`` of the pairs or files (the last lines of a
-    single text file), or the hash split of the embedded corpus."""
+    """(training, validation) documents: texts, sentence pairs for seq2seq, or conversations
+    (:class:`~switchformer.data.chat.Conversation`) for chat. The validation documents are the
+    files of ``valid_data`` when given (all of ``data`` then trains), else carved from ``data``: the
+    first ``validation_fraction`` of the pairs, conversations or files (the last lines of a single
+    text file), or the hash split of the embedded corpus."""
     if config.valid_data:
         return _all_documents(config), _valid_documents(config)
     return _carved_documents(config)
@@ -115,6 +126,13 @@ def _read_pairs(config: TrainConfig, paths: list[str], label: str, require_every
 
 
 def _all_documents(config: TrainConfig) -> list:
+    if config.resolved_objective == "chat":
+        if not config.data:
+            raise DataError(
+                "data: the chat objective needs conversations: JSONL files with a 'messages' list a line "
+                '({"messages": [{"role": "user", "content": ...}, {"role": "assistant", "content": ...}]})'
+            )
+        return load_conversations(config.data)
     if config.resolved_objective == "seq2seq":
         if not config.data:
             raise DataError(
@@ -128,17 +146,20 @@ def _all_documents(config: TrainConfig) -> list:
 
 
 def _valid_documents(config: TrainConfig) -> list:
+    if config.resolved_objective == "chat":
+        return load_conversations(config.valid_data)
     if config.resolved_objective == "seq2seq":
         return _read_pairs(config, config.valid_data, "--valid", False)
     return load_text(config.valid_data)
 
 
 def _carved_documents(config: TrainConfig) -> tuple[list, list]:
-    if config.resolved_objective == "seq2seq":
+    if config.resolved_objective in ("seq2seq", "chat"):  # the first validation_fraction of the pairs
         pairs = _all_documents(config)
         cut = max(1, int(len(pairs) * config.validation_fraction))
         if len(pairs) < 2:
-            raise DataError(f"data: {len(pairs)} pair(s) are too few to split into training and validation")
+            what = "conversation(s)" if config.resolved_objective == "chat" else "pair(s)"
+            raise DataError(f"data: {len(pairs)} {what} are too few to split into training and validation")
         return pairs[cut:], pairs[:cut]
     if config.data:
         docs = load_text(config.data)
@@ -178,6 +199,8 @@ def prepare_data(config: TrainConfig, run_dir: Path) -> Data:
     else:
         seq2seq = config.resolved_objective == "seq2seq"
         texts = [t for pair in train_docs for t in pair[:2]] if seq2seq else train_docs
+        if config.resolved_objective == "chat":  # the role markers are plain text the tokenizer learns
+            texts = [render_chat(conversation.messages, False) for conversation in train_docs]
         log.info(
             "training a %s tokenizer with %d tokens on the training text", config.tokenizer_kind, config.vocab_size
         )
@@ -189,7 +212,19 @@ def prepare_data(config: TrainConfig, run_dir: Path) -> Data:
     seq2seq = config.resolved_objective == "seq2seq"
     sample_pair = valid_docs[0] if seq2seq and valid_docs else None
     languages = pair_languages(train_docs) if seq2seq else (None, None)
-    return Data(train, valid, tok, tok.get_vocab_size(), sample_pair, languages)
+    sample_messages = chat_sample_messages(tok, valid_docs, config) if config.resolved_objective == "chat" else None
+    return Data(train, valid, tok, tok.get_vocab_size(), sample_pair, languages, sample_messages)
+
+
+def chat_sample_messages(tok, conversations: list, config: TrainConfig) -> list[dict] | None:
+    """The prompt the end-of-run sample of a chat run answers: the messages before the first answer
+    of the first validation conversation that has some and whose prompt fits in ``seq_len`` tokens
+    (None when none does)."""
+    for conversation in conversations:
+        messages = prompt_messages(conversation.messages)
+        if messages and len(encode_chat(tok, messages, True)[0]) <= config.seq_len:
+            return messages
+    return None
 
 
 def pair_languages(pairs: list) -> tuple[list[str] | None, str | None]:
@@ -207,8 +242,8 @@ def pair_languages(pairs: list) -> tuple[list[str] | None, str | None]:
 def split_from_documents(
     tok, docs: list, config: TrainConfig, seed: int, tokenizer_name="tokenizer", split_name: str = "data"
 ) -> Split:
-    """Rows of ``config``'s objective made of ``docs`` (texts, or (source, target) pairs for
-    seq2seq) with tokenizer ``tok``; ``seed`` draws the noise spans of span corruption.
+    """Rows of ``config``'s objective made of ``docs`` (texts, (source, target) pairs for seq2seq,
+    conversations for chat) with tokenizer ``tok``; ``seed`` draws the noise spans of span corruption.
     ``split_name`` names the split in the truncation warning."""
     ids = special_ids(tok)
     if ids["eos"] is None or ids["pad"] is None:
@@ -218,17 +253,23 @@ def split_from_documents(
         return Split({"input_ids": pack_causal(_encode(tok, docs), config.seq_len, ids["eos"])})
     if objective == "span_corruption":
         return _span_corruption_split(tok, docs, config, ids, seed)
+    if objective == "chat":
+        return _chat_split(tok, docs, config, ids, split_name)
     return _pairs_split(tok, docs, config, ids, split_name)
 
 
 def evaluation_documents(config: TrainConfig, data: list[str] | None = None) -> list:
     """The documents ``eval`` scores, reading only: the run's validation documents (``valid_data``,
     or those carved from ``data``: what training evaluated), or every document of the files ``data``
-    (a user's test set, read with the run's languages). Texts, or sentence pairs for seq2seq."""
+    (a user's test set, read with the run's languages). Texts, sentence pairs for seq2seq, or
+    conversations for chat."""
     if not data:
         return _validation_documents(config)
     seq2seq = config.resolved_objective == "seq2seq"
-    docs = _read_pairs(config, data, "--data", False) if seq2seq else load_text(data)
+    if config.resolved_objective == "chat":
+        docs = load_conversations(data)
+    else:
+        docs = _read_pairs(config, data, "--data", False) if seq2seq else load_text(data)
     if not docs:
         raise DataError(f"data: {data} hold no documents")
     return docs
@@ -307,4 +348,45 @@ def _pairs_split(tok, pairs, config: TrainConfig, ids, split_name: str = "data")
         },
         truncated_sources=long_sources,
         truncated_targets=long_targets,
+    )
+
+
+def _chat_split(tok, conversations, config: TrainConfig, ids, split_name: str = "data") -> Split:
+    """One conversation a row (:func:`~switchformer.data.chat.encode_chat`), cut to ``seq_len``
+    tokens (longer ones are counted, and reported) and right-padded; ``labels`` are the ids on the
+    assistants' tokens (their contents and closing ``</s>``) and -100 elsewhere. The first position
+    has no earlier token to predict it from, so its label is always -100: every label that is not
+    -100 is one the model scores (the counts of ``scored_tokens`` are exact)."""
+    rows, masks = [], []
+    for conversation in conversations:
+        try:
+            row, mask = encode_chat(tok, conversation.messages, False)
+        except ValueError as err:
+            raise DataError(f"{conversation.where}: {err}") from None
+        rows.append(row)
+        masks.append(mask)
+    if not rows:
+        raise DataError(f"{split_name} data: no conversations")
+    long = sum(len(row) > config.seq_len for row in rows)
+    if long:
+        log.warning(
+            "%s data: %d of %d conversations longer than seq_len=%d tokens were truncated (the rest of each is not "
+            "trained on)",
+            split_name,
+            long,
+            len(rows),
+            config.seq_len,
+        )
+    rows = [row[: config.seq_len] for row in rows]
+    labels = [[t if m else -100 for t, m in zip(row, mask)] for row, mask in zip(rows, masks)]
+    for label in labels:
+        label[0] = -100
+    return Split(
+        {
+            "input_ids": pad_batch(rows, ids["pad"]),
+            "attention_mask": pad_batch([[1] * len(row) for row in rows], 0),
+            "labels": pad_batch(labels, ids["pad"], value=-100),
+        },
+        truncated_conversations=long,
+        aligned_labels=True,
     )

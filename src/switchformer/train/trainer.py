@@ -441,7 +441,10 @@ class Trainer:
             for key in ("aux_loss", "z_loss"):
                 value = getattr(out, key)
                 totals[key] += float(value.detach()) / config.grad_accum if value is not None else 0.0
-            tokens += batch["input_ids"].numel() + (batch["labels"].numel() if "labels" in batch else 0)
+            # an encoder-decoder reads its inputs and its labels (the decoder's inputs); a language
+            # model's labels (chat) are its inputs' own positions, not more tokens
+            decoder_tokens = batch["labels"].numel() if "labels" in batch and config.model == "t5" else 0
+            tokens += batch["input_ids"].numel() + decoder_tokens
         if self.parallel is not None:  # every rank skips together
             flag = torch.tensor(float(finite), device=self.device)
             dist.all_reduce(flag, op=dist.ReduceOp.MIN)
@@ -549,6 +552,11 @@ class Trainer:
                 split: {"sources": part.truncated_sources, "targets": part.truncated_targets, "rows": len(part)}
                 for split, part in (("training", self.data.train), ("validation", self.data.valid))
             }
+        if self.config.resolved_objective == "chat":  # conversations cut to seq_len tokens (also logged)
+            summary["truncated"] = {
+                split: {"conversations": part.truncated_conversations, "rows": len(part)}
+                for split, part in (("training", self.data.train), ("validation", self.data.valid))
+            }
         if self.is_main:
             self._claim_run()
             write_json_atomic(self.run_dir / "summary.json", summary)
@@ -559,12 +567,17 @@ class Trainer:
     @torch.no_grad()
     def sample(self, prompt: str | None = None, max_new_tokens: int | None = None) -> str:
         """A continuation of ``prompt`` (default: ``sample_prompt``); a seq2seq run translates
-        its first validation source instead, formatted as in training, with that pair's languages."""
+        its first validation source instead, formatted as in training, with that pair's languages;
+        a chat run answers ``prompt`` as a user message, by default the first validation
+        conversation's messages before its first answer."""
         pair = getattr(self.data, "sample_pair", None)
-        languages = {}
+        extra = {}
+        messages = getattr(self.data, "sample_messages", None)
+        if prompt is None and messages and self.config.resolved_objective == "chat":
+            extra = {"messages": messages}
         if prompt is None and pair is not None:
             prompt = pair[0]
-            languages = {
+            extra = {
                 "source_lang": getattr(pair, "source_lang", None),
                 "target_lang": getattr(pair, "target_lang", None),
             }
@@ -575,7 +588,7 @@ class Trainer:
             max_new_tokens or self.config.sample_tokens,
             seed=self.config.seed,
             config=self.config,  # a seq2seq run samples as it translates (its formatting, greedy)
-            **languages,
+            **extra,
         )
 
 
@@ -612,6 +625,7 @@ def generate_text(
     config: TrainConfig | None = None,
     source_lang: str | None = None,
     target_lang: str | None = None,
+    messages: list[dict] | None = None,
 ) -> str:
     """Prompt in, continuation out, for either model family; ``routing`` as in
     :mod:`switchformer.generation` (default: the model's own eval routing). A setting left ``None``
@@ -625,7 +639,12 @@ def generate_text(
       :mod:`switchformer.translation`); decoding is deterministic: greedy, or beam search with the
       run's ``num_beams`` and ``length_penalty``, no repetition penalty, up to ``seq_len`` new
       tokens. Giving ``temperature``, ``top_k`` or ``top_p`` samples instead (one beam);
-      ``do_sample=False`` with one of them is refused by name.
+      ``do_sample=False`` with one of them is refused by name;
+    - chat (a language model trained on conversations): the prompt is one user message, or
+      ``messages`` (a conversation, OpenAI's shape) when given, formatted with the chat template and
+      its generation prompt (:mod:`switchformer.data.chat`); the answer alone is returned, up to
+      its ``</s>``. Sampling as a language model's, but no repetition penalty (``1.0``: an answer
+      often repeats the question's words).
 
     Beam search cannot stream: its tokens go to ``streamer`` once the search has ended."""
     device = next(model.parameters()).device
@@ -635,7 +654,17 @@ def generate_text(
             model, tokenizer, prompt, max_new_tokens, config, generator, do_sample, temperature, top_k, top_p,
             repetition_penalty, num_beams, length_penalty, streamer, routing, source_lang, target_lang,
         )  # fmt: skip
-    ids = tokenizer.encode(prompt).ids
+    chat = config is not None and config.resolved_objective == "chat"
+    if messages is not None and not chat:
+        raise ValueError("messages: a conversation is answered only by a chat run (objective 'chat')")
+    if chat:
+        from switchformer.data.chat import encode_chat
+
+        ids = encode_chat(tokenizer, [{"role": "user", "content": prompt}] if messages is None else messages, True)[0]
+        if repetition_penalty is None:
+            repetition_penalty = 1.0
+    else:
+        ids = tokenizer.encode(prompt).ids
     sampling = dict(
         max_new_tokens=64 if max_new_tokens is None else max_new_tokens,
         do_sample=True if do_sample is None else do_sample,
@@ -664,7 +693,11 @@ def generate_text(
     if not ids:
         ids = [model.config.eos_token_id]
     out = model.generate(torch.tensor([ids], device=device), **sampling)
-    return tokenizer.decode(out[0, len(ids) :].tolist(), skip_special_tokens=True)
+    new = out[0, len(ids) :].tolist()
+    eos = model.config.eos_token_id
+    if chat and eos in new:  # the answer ends at its </s> (what follows is padding)
+        new = new[: new.index(eos)]
+    return tokenizer.decode(new, skip_special_tokens=True)
 
 
 def _stream_after(tokens, streamer, eos: int, missed: bool) -> None:
