@@ -34,6 +34,12 @@ EPILOGS = {
   switchformer translate runs/de-en --num-beams 4 --length-penalty 0.6 < test.de > hyp.en
   switchformer translate runs/multi --source-lang fr --input test.fr --output hyp.en   # multilingual run
   sacrebleu test.en < hyp.en          # or: switchformer eval runs/de-en --data test.jsonl --metric bleu""",
+    "serve": """examples:
+  switchformer serve runs/chat                      # http://127.0.0.1:8000/ : the chat page; the OpenAI API under /v1
+  switchformer serve runs/de-en --port 8080         # a translation run: /v1/completions translates the prompt
+  switchformer serve path/to/hf-switch-dir --api-key secret --max-batch-size 32
+  curl -s localhost:8000/v1/completions -H 'Content-Type: application/json' \\
+       -d '{"prompt": "Once upon a time", "max_tokens": 32, "temperature": 0}'""",
     "compare": """examples:
   switchformer compare                    # Switch vs its FLOP-matched dense twin, compare-long preset (about an hour)
   switchformer compare --preset compare   # the quick check (about 15 minutes; within seed noise)
@@ -284,6 +290,10 @@ def cmd_generate(args) -> int:
     if not prompt.strip() and args.prompt is None:
         raise ValueError("prompt: give --prompt or text on standard input")
     seq2seq = config.resolved_objective == "seq2seq"  # the prompt is a source: its translation alone is printed
+    chat = config.resolved_objective == "chat"  # the prompt is a user message: the answer alone is printed
+    answer_only = seq2seq or chat
+    if chat and args.prompt is None:  # standard input's last newline is no part of the message
+        prompt = prompt.removesuffix("\n").removesuffix("\r")
     if seq2seq and args.prompt is None:
         prompt = prompt.rstrip("\r\n")  # standard input's last newline is no part of the sentence
         if "\n" in prompt:
@@ -300,7 +310,7 @@ def cmd_generate(args) -> int:
 
     def stream(token):  # print each new piece of text as soon as its token is chosen
         nonlocal printed
-        if not produced and not seq2seq:  # the prompt once generation has really started (bad settings fail first)
+        if not produced and not answer_only:  # the prompt once generation has really started (bad settings fail first)
             sys.stdout.write(prompt)
         produced.append(int(token[0]))
         text = tokenizer.decode(produced, skip_special_tokens=True)
@@ -328,7 +338,7 @@ def cmd_generate(args) -> int:
         source_lang=args.source_lang,
         target_lang=args.target_lang,
     )
-    if not produced and not seq2seq:
+    if not produced and not answer_only:
         sys.stdout.write(prompt)
     sys.stdout.write("\n")
     return 0
@@ -338,6 +348,12 @@ def cmd_translate(args) -> int:
     from switchformer.translate_command import run_translate
 
     return run_translate(args)
+
+
+def cmd_serve(args) -> int:
+    from switchformer.serve.command import run_serve
+
+    return run_serve(args)
 
 
 def cmd_compare(args) -> int:
@@ -564,6 +580,37 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--device", help="cpu or cuda (default: cuda if available)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    p = command(
+        "serve", "serve a model over an OpenAI-compatible HTTP API with continuous batching; chat page", cmd_serve
+    )
+    p.add_argument("source", help="a run, a checkpoint or a Hugging Face T5/Switch directory")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="(default: 8000)")
+    p.add_argument(
+        "--api-key", help="require 'Authorization: Bearer KEY' on /v1/ (default: $SWITCHFORMER_API_KEY, else none)"
+    )
+    p.add_argument("--served-model-name", help="the model id of the API (default: the run's folder name)")
+    p.add_argument("--max-batch-size", type=int, default=16, help="requests decoded together (default: 16)")
+    p.add_argument(
+        "--max-queue", type=int, default=256, help="requests waiting beyond those; more get 429 (default: 256)"
+    )
+    p.add_argument("--max-prompt-tokens", type=int, help="longest prompt or source (default: what the model takes)")
+    p.add_argument("--max-tokens", type=int, help="largest max_tokens a request may ask (default: the model's)")
+    p.add_argument(
+        "--request-timeout", type=float, default=600.0, help="seconds before a request is ended with 408 (default: 600)"
+    )
+    p.add_argument(
+        "--shutdown-timeout", type=float, default=10.0,
+        help="on Ctrl-C or SIGTERM, seconds running requests get to finish (default: 10)",
+    )  # fmt: skip
+    p.add_argument(
+        "--routing", choices=["eval", "dropless"], default="eval",
+        help="how prompts are routed: the model's eval routing (default) or dropless; decoding steps never drop",
+    )  # fmt: skip
+    p.add_argument("--device", help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="(default: float32)")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
 
     p = command("compare", "train a Switch model and its FLOP-matched dense twin; table and plot", cmd_compare)
     _add_config_args(p, COMPARE_PRESET)
