@@ -81,20 +81,26 @@ def routing_description(model: torch.nn.Module, routing: str = "eval") -> str:
 
 
 @contextlib.contextmanager
-def inference_routing(model: torch.nn.Module, routing: str = "eval", decoding: bool = False):
+def inference_routing(
+    model: torch.nn.Module, routing: str = "eval", decoding: bool = False, layers: list[SwitchMoE] | None = None
+):
     """Run the model's Switch layers with their own eval routing (default: exactly as ``forward``
     in eval mode) or dropless (``"dropless"``), restoring the layers' settings afterwards.
 
     ``decoding``: the calls are generation steps, whose token counts (the rows of a step) are no
     multiple of a fixed ``group_size``: each call's tokens form one routing group, with the eval
-    capacity factor (or per-sequence ``expert_capacity``) as configured.
+    capacity factor (or per-sequence ``expert_capacity``) as configured. ``layers``: the model's
+    Switch layers, from a caller that enters this for every step (a server): the model is then
+    not walked, and nothing is logged.
 
     Raises ``ValueError`` for a ``routing`` not in :data:`ROUTING_MODES`."""
-    description = routing_description(model, routing)
-    layers = [m for m in model.modules() if isinstance(m, SwitchMoE)]
+    if routing not in ROUTING_MODES:
+        raise ValueError(f"routing: unknown {routing!r}; choose one of {ROUTING_MODES}")
+    if layers is None:
+        layers = [m for m in model.modules() if isinstance(m, SwitchMoE)]
+        if layers:
+            log.info("inference routing: %s", routing_description(model, routing))
     saved = [(m.eval_capacity_factor, m.expert_capacity, m.group_size) for m in layers]
-    if layers:
-        log.info("inference routing: %s", description)
     try:
         if routing == "dropless":
             for m in layers:

@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import hmac
 import importlib.resources
+import threading
 import time
 import uuid
 
@@ -31,15 +32,40 @@ from switchformer.serve.prompts import PromptFormatter
 from switchformer.serve.protocol import APIError, Limits
 
 
+class _Handoff:
+    """Events from the scheduler thread to the event loop: the events of one decoding step (one
+    per running request) cross with one wake-up of the loop, not one each."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self.pending: list[tuple[asyncio.Queue, tuple]] = []
+        self.lock = threading.Lock()
+        self.scheduled = False
+
+    def put(self, queue: asyncio.Queue, item: tuple) -> None:
+        with self.lock:
+            self.pending.append((queue, item))
+            if self.scheduled:
+                return
+            self.scheduled = True
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is listening any more
+            self.loop.call_soon_threadsafe(self._deliver)
+
+    def _deliver(self) -> None:
+        with self.lock:
+            items, self.pending, self.scheduled = self.pending, [], False
+        for queue, item in items:
+            queue.put_nowait(item)
+
+
 class _Events:
     """The scheduler thread's events for one request, handed to the event loop."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop):
-        self.loop, self.queue = loop, asyncio.Queue()
+    def __init__(self, handoff: _Handoff):
+        self.handoff, self.queue = handoff, asyncio.Queue()
 
     def emit(self, kind: str, payload: dict) -> None:
-        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is listening any more
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, (kind, payload))
+        self.handoff.put(self.queue, (kind, payload))
 
 
 def _sse(data: dict | str) -> str:
@@ -96,8 +122,11 @@ def create_app(
             raise APIError(404, f"model: {name!r} is not served here; this server serves {model_name!r}", "model",
                            code="model_not_found")  # fmt: skip
 
+    handoffs: dict[asyncio.AbstractEventLoop, _Handoff] = {}
+
     def submit(ids: list[int], params) -> tuple[EngineRequest, _Events]:
-        events = _Events(asyncio.get_running_loop())
+        loop = asyncio.get_running_loop()
+        events = _Events(handoffs.setdefault(loop, _Handoff(loop)))
         request = EngineRequest(ids, params, events.emit, deadline=time.monotonic() + request_timeout)
         try:
             engine.submit(request)
@@ -143,24 +172,30 @@ def create_app(
             if first is not None:
                 yield _sse(first)
             while True:
-                kind, payload = await events.queue.get()
-                if kind == "token":
-                    lp = logprobs.add(payload["choice"]) if logprobs is not None else None
-                    if payload["text"] or lp is not None:
-                        yield _sse(piece(payload["text"], lp))
-                elif kind == "done":
-                    if payload["text"]:
-                        yield _sse(piece(payload["text"], None))
-                    yield _sse(last(payload["finish_reason"]))
-                    if include_usage:
-                        use = protocol.usage(payload["prompt_tokens"], payload["completion_tokens"])
-                        yield _sse(usage_object(use))
-                    metrics.request_duration.observe(time.monotonic() - request.arrival)
-                    yield _sse("[DONE]")
-                    return
-                else:
-                    yield _sse(_engine_error(payload).body())
-                    return
+                ready = [await events.queue.get()]
+                while not events.queue.empty():  # a client that lags gets what piled up in one write
+                    ready.append(events.queue.get_nowait())
+                out = []
+                for kind, payload in ready:
+                    if kind == "token":
+                        lp = logprobs.add(payload["choice"]) if logprobs is not None else None
+                        if payload["text"] or lp is not None:
+                            out.append(_sse(piece(payload["text"], lp)))
+                    elif kind == "done":
+                        if payload["text"]:
+                            out.append(_sse(piece(payload["text"], None)))
+                        out.append(_sse(last(payload["finish_reason"])))
+                        if include_usage:
+                            use = protocol.usage(payload["prompt_tokens"], payload["completion_tokens"])
+                            out.append(_sse(usage_object(use)))
+                        metrics.request_duration.observe(time.monotonic() - request.arrival)
+                        yield "".join(out) + _sse("[DONE]")
+                        return
+                    else:
+                        yield "".join(out) + _sse(_engine_error(payload).body())
+                        return
+                if out:
+                    yield "".join(out)
         finally:
             request.cancel()  # a client gone mid-stream frees its slot; a finished request ignores it
 

@@ -38,10 +38,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from switchformer.generation import inference_routing
+from switchformer.generation import inference_routing, routing_description
 from switchformer.models.common import DecodingScope, RouterStats
 from switchformer.models.lm import LMCache, SwitchLM
 from switchformer.models.t5 import DecoderCache, SwitchT5
+from switchformer.moe import SwitchMoE
 from switchformer.serve.sampling import RowSampler, SamplingParams, TextStream, TokenChoice
 
 log = logging.getLogger("switchformer")
@@ -303,6 +304,7 @@ class Engine:
         self.eos = model.config.eos_token_id
         self.max_batch_size, self.max_queue, self.max_prefill_tokens = max_batch_size, max_queue, max_prefill_tokens
         self.routing = routing
+        self.routing_text = routing_description(model, routing)  # refuses an unknown mode now, not at a step
         parameter = next(model.parameters())
         self.device, dtype = parameter.device, parameter.dtype
         columns = columns or 2 * max_request_tokens
@@ -311,7 +313,7 @@ class Engine:
         else:
             self.batch = _LMBatch(model, max_batch_size, columns, self.device, dtype)
         self.stats = EngineStats()
-        self.sparse_layers = [name for name, m in model.named_modules() if type(m).__name__ == "SwitchMoE"]
+        self._moe_layers = [m for m in model.modules() if isinstance(m, SwitchMoE)]  # walked once, not per step
         self._waiting: collections.deque[Request] = collections.deque()
         self._cond = threading.Condition()
         self._accepting = True
@@ -428,12 +430,12 @@ class Engine:
         self.stats.prompt_tokens += len(request.prompt_ids)
         if self.family == "t5":
             row.source_length = len(request.prompt_ids)
-            with inference_routing(self.model, self.routing, decoding=True):
+            with self._routing(self.routing):
                 cross = self.batch.encode(request.prompt_ids, stats)
             self.batch.admit(row, cross)
             self._count_experts(stats)
             return
-        with inference_routing(self.model, self.routing, decoding=True):
+        with self._routing(self.routing):
             logits, keys_values = self.batch.prefill(request.prompt_ids, stats)
         self._count_experts(stats)
         self.batch.admit(row, keys_values)
@@ -445,7 +447,7 @@ class Engine:
         self.batch.make_room()  # a column for this step's keys
         stats = RouterStats()
         try:
-            with inference_routing(self.model, "dropless", decoding=True):
+            with self._routing("dropless"):
                 logits = self.batch.step(slice(0, n), tokens, stats)
             self.batch.length += 1
         except Exception:
@@ -462,7 +464,7 @@ class Engine:
         results: list[Tensor | Exception] = []
         for slot, token in enumerate(tokens):
             try:
-                with inference_routing(self.model, "dropless", decoding=True):
+                with self._routing("dropless"):
                     results.append(self.batch.step(slice(slot, slot + 1), [token], RouterStats())[0])
             except Exception as err:
                 results.append(err)
@@ -537,6 +539,9 @@ class Engine:
                 "completion_tokens": row.completion_tokens,
             },
         )
+
+    def _routing(self, routing: str):
+        return inference_routing(self.model, routing, decoding=True, layers=self._moe_layers)
 
     def _count_experts(self, stats: RouterStats) -> None:
         for name, aux in stats.layers:
