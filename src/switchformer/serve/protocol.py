@@ -151,13 +151,14 @@ def fit_max_tokens(params: SamplingParams, prompt_tokens: int, limits: Limits, f
     (what the context leaves, up to the server's limit)."""
     if prompt_tokens > limits.max_prompt_tokens:
         raise APIError(
-            400, f"{field}: {prompt_tokens} tokens, more than the server's limit of {limits.max_prompt_tokens}", field
-        )
+            400, f"{field}: {prompt_tokens} tokens, more than the server's limit of {limits.max_prompt_tokens}", field,
+            code="context_length_exceeded",
+        )  # fmt: skip
     room = limits.max_tokens if limits.context is None else min(limits.max_tokens, limits.context - prompt_tokens)
     if room < 1:
         raise APIError(
             400, f"{field}: {prompt_tokens} tokens leave no room for an answer in the model's context of "
-            f"{limits.context} tokens", field,
+            f"{limits.context} tokens", field, code="context_length_exceeded",
         )  # fmt: skip
     if not asked:
         params.max_tokens = min(params.max_tokens, room) if params.max_tokens else room
@@ -167,6 +168,7 @@ def fit_max_tokens(params: SamplingParams, prompt_tokens: int, limits: Limits, f
             f"max_tokens: {params.max_tokens} new tokens and a prompt of {prompt_tokens} exceed the model's context "
             f"of {limits.context} tokens; ask for at most {room}",
             "max_tokens",
+            code="context_length_exceeded",
         )
 
 
