@@ -40,6 +40,13 @@ EPILOGS = {
   switchformer serve path/to/hf-switch-dir --api-key secret --max-batch-size 32
   curl -s localhost:8000/v1/completions -H 'Content-Type: application/json' \\
        -d '{"prompt": "Once upon a time", "max_tokens": 32, "temperature": 0}'""",
+    "upcycle": """examples:
+  switchformer upcycle runs/dense runs/upcycled --num-experts 8   # top-2 every other layer: the dense function
+  switchformer train --init-from runs/upcycled --run-name up --max-steps 500 --set lr=1e-3 --set optimizer=adamw
+  switchformer upcycle path/to/t5-small-dir t5-moe --num-experts 16 --sparse-step 2 --expert-noise 0.01""",
+    "distill": """examples:
+  switchformer distill runs/switch runs/student --max-steps 800               # its dense twin, alpha 0.75
+  switchformer distill runs/switch runs/small --max-steps 800 --set d_model=128 --temperature 2""",
     "compare": """examples:
   switchformer compare                    # Switch vs its FLOP-matched dense twin, compare-long preset (about an hour)
   switchformer compare --preset compare   # the quick check (about 15 minutes; within seed noise)
@@ -356,6 +363,30 @@ def cmd_serve(args) -> int:
     return run_serve(args)
 
 
+def cmd_upcycle(args) -> int:
+    from switchformer.lifecycle.upcycle import upcycle
+
+    result = upcycle(
+        args.source, args.out, args.num_experts, args.sparse_step, args.top_k, args.expert_noise, args.seed,
+        args.capacity_factor, args.capacity_factor,
+    )  # fmt: skip
+    before, after = result["before"], result["after"]
+    exact = "the dense model's function at step 0" if args.top_k > 1 and not args.expert_noise else (
+        "not the dense function at step 0 (top-1 gates scale each FFN by its router probability)"
+        if args.top_k == 1 else "the dense function up to the expert noise")  # fmt: skip
+    print(f"upcycled {args.source} -> {args.out}: {args.num_experts} experts every {args.sparse_step} layer(s), "
+          f"top-{args.top_k}; parameters {before['total']:,} -> {after['total']:,} ({after['active']:,} active per "
+          f"token); {exact}")  # fmt: skip
+    print(f"train it further: switchformer train --init-from {args.out} --run-name <name> --max-steps N")
+    return 0
+
+
+def cmd_distill(args) -> int:
+    from switchformer.lifecycle.distill import run_distill
+
+    return run_distill(args)
+
+
 def cmd_compare(args) -> int:
     from switchformer.train.compare import format_seed_summary, format_table, run_compare, run_compare_seeds
     from switchformer.train.rundir import write_text_atomic
@@ -611,6 +642,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="cpu or cuda (default: cuda if available)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="(default: float32)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+
+    p = command("upcycle", "turn a dense model into a Switch model whose experts copy its FFNs", cmd_upcycle)
+    p.add_argument("source", help="a dense run or checkpoint (sparse_step=0), or a dense Hugging Face T5 directory")
+    p.add_argument("out", help="the new run directory (new or empty); train --init-from OUT trains it further")
+    p.add_argument("--num-experts", type=int, required=True, help="experts per Switch layer (>= 2)")
+    p.add_argument("--sparse-step", type=int, default=2, help="a Switch layer every k layers (default: 2)")
+    p.add_argument(
+        "--top-k", type=int, default=2, choices=[1, 2],
+        help="2 (default): gates renormalised over the two chosen experts, so the model starts as the dense one; "
+        "1: Switch's routing, which scales each FFN by its router probability",
+    )  # fmt: skip
+    p.add_argument(
+        "--expert-noise", type=float, default=0.0,
+        help="relative Gaussian noise on each expert's copy, to break their symmetry (default: 0)",
+    )  # fmt: skip
+    p.add_argument("--capacity-factor", type=float, help="(default: dropless, so that no token is dropped)")
+    p.add_argument("--seed", type=int, default=0, help="the routers' initialisation and the noise (default: 0)")
+
+    p = command("distill", "distil a Switch run into a dense student (teacher probabilities and labels)", cmd_distill)
+    p.add_argument("teacher", help="a Switch run or checkpoint: its data, tokenizer and settings are the student's")
+    p.add_argument("out", help="the student's run directory")
+    p.add_argument("--max-steps", type=int, required=True)
+    p.add_argument("--alpha", type=float, default=0.75, help="the teacher's weight in the loss (default: 0.75)")
+    p.add_argument("--temperature", type=float, default=1.0, help="softens both distributions (default: 1)")
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE",
+        help="a student setting (lr, batch_size, ...; d_model, num_layers, d_ff, num_heads for a smaller student; "
+        "default: the teacher's FLOP-matched dense twin)",
+    )  # fmt: skip
+    p.add_argument("--seed", type=int, help="(default: the teacher's)")
+    p.add_argument("--device", help="cpu or cuda")
+    p.add_argument("--no-progress", action="store_true")
 
     p = command("compare", "train a Switch model and its FLOP-matched dense twin; table and plot", cmd_compare)
     _add_config_args(p, COMPARE_PRESET)

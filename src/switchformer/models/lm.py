@@ -58,6 +58,9 @@ class SwitchLMConfig:
     min_capacity: int = 4
     group_size: int | None = None  # routing group size in tokens; None: the whole local batch
     router_jitter_noise: float = 0.0
+    # top-k > 1: gates renormalised over the k chosen experts (they sum to one; an upcycled model's
+    # identical experts then compute the dense FFN exactly); top-1 keeps Switch's raw gate
+    normalize_gates: bool = False
     expert_dropout: float = 0.0
     router_aux_loss_coef: float = 0.01
     router_z_loss_coef: float = 0.001
@@ -105,6 +108,7 @@ class SwitchLMConfig:
             min_capacity=self.min_capacity,
             group_size=self.group_size,
             jitter_eps=self.router_jitter_noise,
+            normalize_gates=self.normalize_gates,
             expert_dropout=self.expert_dropout,
             init_scale=self.init_scale,
             causal=True,

@@ -62,6 +62,7 @@ class SwitchT5Config:
     min_capacity: int = 4
     expert_capacity: int | None = None  # absolute, per sequence (HF); overrides the factors
     router_jitter_noise: float = 0.01
+    normalize_gates: bool = False  # top-k > 1: gates renormalised over the chosen experts (see SwitchLMConfig)
     expert_dropout: float | None = None  # None: dropout_rate, as in HF
     router_aux_loss_coef: float = 0.01
     router_z_loss_coef: float = 0.001
@@ -116,6 +117,7 @@ class SwitchT5Config:
             min_capacity=self.min_capacity,
             expert_capacity=self.expert_capacity,
             jitter_eps=self.router_jitter_noise,
+            normalize_gates=self.normalize_gates,
             expert_dropout=self.dropout_rate if self.expert_dropout is None else self.expert_dropout,
             init_scale=self.init_scale,
             causal=causal,

@@ -27,6 +27,7 @@ class TrainConfig:
     num_experts: int = 8
     sparse_step: int = 2  # 0: the dense baseline
     top_k: int = 1
+    normalize_gates: bool = False  # top-k > 1: gates renormalised over the chosen experts
     routing: str = "token_choice"
     capacity_factor: float | None = 1.25
     eval_capacity_factor: float | None = 2.0
@@ -210,6 +211,7 @@ class TrainConfig:
             d_ff=self.d_ff,
             num_experts=self.num_experts,
             top_k=self.top_k,
+            normalize_gates=self.normalize_gates,
             capacity_factor=self.capacity_factor,
             eval_capacity_factor=self.eval_capacity_factor,
             router_jitter_noise=self.router_jitter_noise,

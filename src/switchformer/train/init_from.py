@@ -34,6 +34,7 @@ ARCHITECTURE_FIELDS = {
     "d_ff": "d_ff",
     "num_experts": "num_experts",
     "top_k": "top_k",
+    "normalize_gates": "normalize_gates",
     "activation": "activation",
     "vocab_size": "vocab_size",
 }

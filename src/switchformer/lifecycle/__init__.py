@@ -1,0 +1,3 @@
+"""The sparse model's life cycle: :mod:`~switchformer.lifecycle.upcycle` (a dense checkpoint into
+a Switch model, Komatsuzaki et al. 2022) and :mod:`~switchformer.lifecycle.distill` (a Switch
+model into a dense one, Switch paper section 5.2)."""

@@ -1,0 +1,196 @@
+"""``switchformer distill``: a Switch teacher distilled into a dense student (Switch paper,
+section 5.2 and Tables 6-7).
+
+- The student is by default the teacher's FLOP-matched dense twin (every Switch layer an FFN of
+  one expert's size); ``--set`` may make it smaller (``d_model``, ``num_layers``, ``d_ff``, ...),
+  never of another vocabulary. It starts from the teacher's non-expert weights (every weight whose
+  name and shape the student shares: embeddings, attention, norms, the dense layers' FFNs), as the
+  paper's best students do; the FFNs in the Switch layers' places start fresh.
+- The loss mixes the teacher's probabilities with the labels (paper: 0.75 and 0.25)::
+
+      alpha * T^2 * CE(softmax(teacher / T), log_softmax(student / T)) + (1 - alpha) * CE(student, labels)
+
+  over the tokens the labels score, ``T`` the temperature (Hinton et al. 2015; ``T^2`` keeps the
+  soft term's gradient scale as ``T`` changes; at ``T`` = 1 it is the paper's mixture of targets).
+- The teacher runs in eval mode, dropless (no token dropped by expert capacity), without gradients,
+  on each batch in the same step as the student: no logits are cached on disk.
+- Training is the trainer's own (the teacher's data, tokenizer and settings; checkpoints, resume,
+  evaluation); the validation loss it reports is the student's plain cross-entropy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from switchformer.train.evaluation import evaluate, model_forward
+from switchformer.train.trainer import Trainer
+
+SIZE_FIELDS = ("d_model", "num_layers", "num_heads", "d_ff", "activation")
+
+
+def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, scored: Tensor, temperature: float) -> Tensor:
+    """``T^2 * CE(softmax(teacher / T), log_softmax(student / T))``, the mean over the positions
+    ``scored`` (bool, the logits' leading shape) of the cross-entropy against the teacher's
+    distribution; float32. Logits ``[..., vocab]``."""
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(f"logits: the student's {tuple(student_logits.shape)} and the teacher's "
+                         f"{tuple(teacher_logits.shape)} differ")  # fmt: skip
+    student = torch.log_softmax(student_logits[scored].float() / temperature, -1)
+    teacher = torch.softmax(teacher_logits[scored].float() / temperature, -1)
+    return -(teacher * student).sum(-1).mean() * temperature**2
+
+
+def scored_positions(model, batch: dict) -> Tensor:
+    """Where the labels score a token, aligned with the logits (a causal LM's shifted targets)."""
+    if "labels" in batch and type(model).__name__ == "SwitchT5":
+        return batch["labels"] != -100
+    from switchformer.models.lm import next_token_labels
+
+    labels = batch.get("labels", batch["input_ids"])
+    return next_token_labels(labels, batch.get("attention_mask")) != -100
+
+
+@dataclass
+class DistillOutput:
+    """What the trainer reads of a forward: ``ce_loss`` is the distillation objective here."""
+
+    loss: Tensor
+    ce_loss: Tensor
+    hard_loss: Tensor
+    soft_loss: Tensor
+    aux_loss: None = None
+    z_loss: None = None
+
+
+class DistillTrainer(Trainer):
+    """The trainer with the distillation objective; the teacher is frozen and never in the optimizer."""
+
+    def __init__(self, config, run_dir, *, teacher, alpha: float, temperature: float, **options):
+        super().__init__(config, run_dir, **options)
+        self.teacher = teacher.to(self.device).eval()
+        for p in self.teacher.parameters():
+            p.requires_grad_(False)
+        self.alpha, self.temperature = alpha, temperature
+
+    def forward(self, batch: dict, label_smoothing: float = 0.0):
+        from switchformer.generation import inference_routing
+
+        with torch.no_grad(), inference_routing(self.teacher, "dropless"):
+            teacher_logits = model_forward(self.teacher, batch).logits
+        out = model_forward(self.model, batch, label_smoothing)
+        scored = scored_positions(self.model, batch)
+        soft = distillation_loss(out.logits, teacher_logits, scored, self.temperature)
+        loss = self.alpha * soft + (1 - self.alpha) * out.ce_loss
+        return DistillOutput(loss, loss, out.ce_loss.detach(), soft.detach())
+
+    def evaluate(self, max_batches: int | None = None):
+        """The student's plain cross-entropy on the validation split, as any run reports it."""
+        return evaluate(self.model, self.data.valid, self.config, self.device, max_batches)
+
+
+def copy_shared_weights(student, teacher) -> list[str]:
+    """Copy every teacher weight whose name and shape the student shares; returns their names."""
+    target = student.state_dict()
+    copied = []
+    with torch.no_grad():
+        for name, value in teacher.state_dict().items():
+            if name in target and target[name].shape == value.shape:
+                target[name].copy_(value)
+                copied.append(name)
+    return copied
+
+
+def check_distill_settings(alpha: float, temperature: float, max_steps: int) -> None:
+    if not 0 <= alpha <= 1:
+        raise ValueError(f"--alpha: the teacher's weight must be in [0, 1], got {alpha}")
+    if not temperature > 0:
+        raise ValueError(f"--temperature: must be > 0, got {temperature}")
+    if max_steps < 1:
+        raise ValueError(f"--max-steps: must be >= 1, got {max_steps}")
+
+
+def build_student(teacher_source: str | Path, out: str | Path, sets: dict, max_steps: int):
+    """(teacher model, student train config, student model config dict, the teacher's tokenizer
+    file, copied weight names). Reads the teacher only."""
+    from switchformer.models import dense_twin_config
+    from switchformer.train.run import load_run, run_dir_of
+
+    teacher, _, teacher_train = load_run(teacher_source, need_tokenizer=False)
+    teacher_dir = run_dir_of(teacher_source)
+    if Path(out).resolve().is_relative_to(teacher_dir.resolve()):
+        raise ValueError(f"{out}: inside the teacher's run {teacher_dir}; distill writes nothing into what it reads")
+    if not any(type(m).__name__ == "SwitchMoE" for m in teacher.modules()):
+        raise ValueError(f"{teacher_source}: the teacher is dense; distill makes a dense student of a Switch teacher")
+    tokenizer = teacher_dir / "tokenizer.json"
+    if not tokenizer.exists():
+        raise FileNotFoundError(f"{tokenizer}: missing; the student trains with the teacher's tokenizer")
+    vocab = teacher.config.vocab_size
+    if "vocab_size" in sets and sets["vocab_size"] != vocab:
+        raise ValueError(f"vocab_size: the student must share the teacher's vocabulary ({vocab}), got "
+                         f"{sets['vocab_size']}")  # fmt: skip
+    for field in ("num_experts", "sparse_step"):
+        if field in sets:
+            raise ValueError(f"{field}: the student is dense; distill makes a dense model of a Switch teacher")
+    out = Path(out)
+    fixed = dict(max_steps=max_steps, sparse_step=0, init_from=None, run_name=out.name, out_dir=str(out.parent),
+                 tokenizer=str(tokenizer.resolve()))  # fmt: skip
+    train = replace(teacher_train, **{**sets, **fixed})
+    if any(field in sets for field in SIZE_FIELDS):
+        model_values = train.model_config(vocab).to_dict()  # a smaller dense student of the same vocabulary
+    else:
+        model_values = dense_twin_config(teacher.config).to_dict()
+        if "dropout" in sets:
+            model_values["dropout_rate"] = sets["dropout"]
+    return teacher, train, model_values
+
+
+def student_init_state(teacher, train, model_values: dict) -> tuple[dict, list[str]]:
+    """The student's initial weights: a fresh model (the run's seed) with the teacher's shared
+    weights copied in; and the names copied."""
+    from switchformer.train.run import build_model_from_dict
+
+    torch.manual_seed(train.seed)
+    student = build_model_from_dict(train.model, model_values, "student config")
+    copied = copy_shared_weights(student, teacher)
+    return student.state_dict(), copied
+
+
+def run_distill(args) -> int:
+    """``switchformer distill TEACHER OUT``: parse, build the student, train, print the summary."""
+    from switchformer.train.config import TrainConfig, parse_setting
+    from switchformer.train.rundir import claim_run
+
+    check_distill_settings(args.alpha, args.temperature, args.max_steps)
+    fields = set(TrainConfig.__dataclass_fields__)
+    sets = {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or key not in fields:
+            raise ValueError(f"--set {item}: expected KEY=VALUE with KEY a training setting")
+        sets[key] = parse_setting(key, value)
+    if args.seed is not None:
+        sets["seed"] = args.seed
+    teacher, train, model_values = build_student(args.teacher, args.out, sets, args.max_steps)
+    init_state, copied = student_init_state(teacher, train, model_values)
+    out = Path(args.out)
+    lock = claim_run(out, resume=False)
+    total = len(init_state)
+    print(f"distilling {args.teacher} -> {out}: a dense student ({total} tensors, {len(copied)} of them the "
+          f"teacher's), alpha {args.alpha}, temperature {args.temperature}, {args.max_steps} steps",
+          flush=True)  # fmt: skip
+    try:
+        trainer = DistillTrainer(
+            train, out, teacher=teacher, alpha=args.alpha, temperature=args.temperature,
+            progress=not args.no_progress, device=args.device, model_config=model_values, init_state=init_state,
+        )  # fmt: skip
+        summary = trainer.train()
+    finally:
+        if lock is not None:
+            lock.release()
+    print(f"validation loss {summary['eval_loss']:.4f} (the student's cross-entropy), run directory: {out}")
+    return 0
