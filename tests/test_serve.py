@@ -219,6 +219,21 @@ def test_bad_chat_requests_name_the_field(lm_server, messages, fragment):
     assert r.json()["error"]["param"] == "messages" and fragment in r.json()["error"]["message"]
 
 
+def test_an_oversized_body_is_413_and_the_server_goes_on(lm_server):
+    url, _ = lm_server
+    big = json.dumps({"prompt": "the " * (1 << 20)}).encode()  # 4 MiB of prompt
+    r = httpx.post(url + "/v1/completions", content=big, headers={"Content-Type": "application/json"}, timeout=30)
+    assert r.status_code == 413 and "limit" in r.json()["error"]["message"]
+
+    def chunks():  # no Content-Length: the limit holds while reading
+        for _ in range(8):
+            yield b"x" * (1 << 20)
+
+    r = httpx.post(url + "/v1/completions", content=chunks(), timeout=30)
+    assert r.status_code == 413
+    assert httpx.post(url + "/v1/completions", json={"prompt": "the", "max_tokens": 2}, timeout=30).status_code == 200
+
+
 def test_unknown_fields_are_ignored_and_the_openai_client_sees_errors(lm_server):
     url, _ = lm_server
     r = httpx.post(url + "/v1/completions", json={"prompt": "the", "max_tokens": 2, "user": "x", "whatever": [1]},

@@ -84,10 +84,12 @@ def create_app(
     request_timeout: float = 600.0,
     shutdown_timeout: float = 10.0,
     default_completion_tokens: int = 16,
+    max_body_bytes: int = 4 << 20,
 ) -> FastAPI:
     """The application. It starts ``engine`` at startup and stops it at shutdown (running
     requests get ``shutdown_timeout`` seconds to finish). ``request_timeout``: seconds from
-    arrival after which a request is ended with a 408 error."""
+    arrival after which a request is ended with a 408 error; ``max_body_bytes``: the largest
+    request body (413 beyond; 4 MiB by default, far more than any prompt the model takes)."""
     metrics = ServerMetrics(engine)
     vocab_size = engine.model.config.vocab_size
 
@@ -107,6 +109,20 @@ def create_app(
     async def http_error(request: Request, err: StarletteHTTPException):
         message = f"{request.method} {request.url.path}: {err.detail}"
         return JSONResponse(APIError(err.status_code, message).body(), status_code=err.status_code)
+
+    async def read_body(http: Request) -> bytes:
+        """The request body, refused with 413 past ``max_body_bytes`` (read in chunks: a client
+        that says nothing of its length, or lies about it, cannot make the server hold more)."""
+        declared = http.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > max_body_bytes:
+            raise APIError(413, f"the request body is {int(declared):,} bytes; the limit is {max_body_bytes:,}")
+        chunks, size = [], 0
+        async for chunk in http.stream():
+            size += len(chunk)
+            if size > max_body_bytes:
+                raise APIError(413, f"the request body exceeds the limit of {max_body_bytes:,} bytes")
+            chunks.append(chunk)
+        return b"".join(chunks)
 
     def authorize(request: Request) -> None:
         if api_key is None:
@@ -222,7 +238,7 @@ def create_app(
     @counted("/v1/completions")
     async def completions(http: Request):
         authorize(http)
-        body = protocol.parse_body(await http.body())
+        body = protocol.parse_body(await read_body(http))
         check_model(body)
         prompt = protocol.completion_prompt(body, vocab_size)
         streamed = protocol._boolean(body, "stream", False)
@@ -259,7 +275,7 @@ def create_app(
     @counted("/v1/chat/completions")
     async def chat_completions(http: Request):
         authorize(http)
-        body = protocol.parse_body(await http.body())
+        body = protocol.parse_body(await read_body(http))
         check_model(body)
         messages = protocol.chat_messages(body)
         streamed = protocol._boolean(body, "stream", False)
