@@ -20,6 +20,7 @@ section 5.2 and Tables 6-7).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -72,6 +73,7 @@ class DistillTrainer(Trainer):
     def __init__(self, config, run_dir, *, teacher, alpha: float, temperature: float, **options):
         super().__init__(config, run_dir, **options)
         self.teacher = teacher.to(self.device).eval()
+        self.teacher_layers = [m for m in self.teacher.modules() if type(m).__name__ == "SwitchMoE"]
         for p in self.teacher.parameters():
             p.requires_grad_(False)
         self.alpha, self.temperature = alpha, temperature
@@ -79,7 +81,7 @@ class DistillTrainer(Trainer):
     def forward(self, batch: dict, label_smoothing: float = 0.0):
         from switchformer.generation import inference_routing
 
-        with torch.no_grad(), inference_routing(self.teacher, "dropless"):
+        with torch.no_grad(), inference_routing(self.teacher, "dropless", layers=self.teacher_layers):
             teacher_logits = model_forward(self.teacher, batch).logits
         out = model_forward(self.model, batch, label_smoothing)
         scored = scored_positions(self.model, batch)
@@ -107,8 +109,8 @@ def copy_shared_weights(student, teacher) -> list[str]:
 def check_distill_settings(alpha: float, temperature: float, max_steps: int) -> None:
     if not 0 <= alpha <= 1:
         raise ValueError(f"--alpha: the teacher's weight must be in [0, 1], got {alpha}")
-    if not temperature > 0:
-        raise ValueError(f"--temperature: must be > 0, got {temperature}")
+    if not (temperature > 0 and math.isfinite(temperature)):  # inf: every soft target uniform, an infinite loss
+        raise ValueError(f"--temperature: must be a finite number > 0, got {temperature}")
     if max_steps < 1:
         raise ValueError(f"--max-steps: must be >= 1, got {max_steps}")
 
@@ -142,6 +144,10 @@ def build_student(teacher_source: str | Path, out: str | Path, sets: dict, max_s
     if any(field in sets for field in SIZE_FIELDS):
         model_values = train.model_config(vocab).to_dict()  # a smaller dense student of the same vocabulary
     else:
+        top_k = teacher.config.top_k
+        if top_k != 1:  # dense_twin_config is defined for top-1 only: say how to go on
+            raise ValueError(f"{teacher_source}: the teacher routes top-{top_k}, so it has no FLOP-matched dense twin "
+                             "of its sizes; give the student's size with --set (e.g. d_ff=...)")  # fmt: skip
         model_values = dense_twin_config(teacher.config).to_dict()
         if "dropout" in sets:
             model_values["dropout_rate"] = sets["dropout"]

@@ -26,6 +26,7 @@ converted checkpoint's: ``train --init-from OUT`` (or ``train --resume OUT``) tr
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 from pathlib import Path
 
@@ -75,7 +76,11 @@ def upcycle_model(dense, sparse, expert_noise: float = 0.0, generator: torch.Gen
     for name, value in dense_state.items():
         if name in target and target[name].shape == value.shape:
             target[name].copy_(value)
-    for (_, slot), (_, dense_slot) in zip(_ffn_slots(sparse), _ffn_slots(dense), strict=True):
+    slots = list(zip(_ffn_slots(sparse), _ffn_slots(dense), strict=True))
+    if not any(slot.sparse for (_, slot), _ in slots):
+        raise ValueError(f"--sparse-step: no layer of this {len(slots)}-FFN model becomes a Switch layer; choose a "
+                         "smaller step")  # fmt: skip
+    for (_, slot), (_, dense_slot) in slots:
         if not slot.sparse:
             continue
         ffn: DenseFFN = dense_slot.mlp
@@ -108,8 +113,8 @@ def upcycle(
         raise ValueError(f"{out}: inside the source {source}; upcycle writes nothing into what it reads")
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out}: already holds files; upcycle writes into a new or empty folder")
-    if expert_noise < 0:
-        raise ValueError(f"--expert-noise: must be >= 0, got {expert_noise}")
+    if not (expert_noise >= 0 and math.isfinite(expert_noise)):  # nan or inf would write a broken model
+        raise ValueError(f"--expert-noise: must be a finite number >= 0, got {expert_noise}")
     if is_hugging_face_source(source):
         dense, family, train = from_hf(source), "t5", None
         folder = source
