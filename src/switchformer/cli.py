@@ -371,9 +371,14 @@ def cmd_upcycle(args) -> int:
         args.capacity_factor, args.capacity_factor,
     )  # fmt: skip
     before, after = result["before"], result["after"]
-    exact = "the dense model's function at step 0" if args.top_k > 1 and not args.expert_noise else (
-        "not the dense function at step 0 (top-1 gates scale each FFN by its router probability)"
-        if args.top_k == 1 else "the dense function up to the expert noise")  # fmt: skip
+    if args.top_k == 1:
+        exact = "not the dense function at step 0 (top-1 gates scale each FFN by its router probability)"
+    elif args.capacity_factor is not None:
+        exact = "the dense function at step 0 where no token overflows an expert's capacity"
+    elif args.expert_noise:
+        exact = "the dense function at step 0 up to the expert noise"
+    else:
+        exact = "the dense model's function at step 0"
     print(f"upcycled {args.source} -> {args.out}: {args.num_experts} experts every {args.sparse_step} layer(s), "
           f"top-{args.top_k}; parameters {before['total']:,} -> {after['total']:,} ({after['active']:,} active per "
           f"token); {exact}")  # fmt: skip

@@ -56,7 +56,9 @@ def sparse_config(dense_config, num_experts: int, sparse_step: int, top_k: int,
         config = replace(dense_config, encoder_sparse_step=sparse_step, decoder_sparse_step=sparse_step, **common)
         config.expert_capacity = None  # an imported per-sequence capacity would drop tokens
         return config
-    return replace(dense_config, sparse_step=sparse_step, **common)
+    # a dense run's routing setting never ran; expert choice could not route causally or dropless
+    routing = dense_config.routing if dense_config.routing == "aux_loss_free" else "token_choice"
+    return replace(dense_config, sparse_step=sparse_step, routing=routing, **common)
 
 
 def check_dense(model, source) -> None:
