@@ -172,6 +172,7 @@ def test_logprobs_are_the_models_log_probabilities(lm_server, lm, tok):
         (b"{bad json", 400, None),
         (b"[1, 2]", 400, None),
         (b"\xff\xfe", 400, None),
+        (b"[" * 100_000, 400, None),
         ({"max_tokens": 4}, 400, "prompt"),
         ({"prompt": ""}, 400, "prompt"),
         ({"prompt": ["a", "b"]}, 400, "prompt"),
@@ -192,11 +193,20 @@ def test_logprobs_are_the_models_log_probabilities(lm_server, lm, tok):
         ({"prompt": "the " * 120}, 400, "prompt"),
         ({"prompt": "the " * 30, "max_tokens": 100}, 400, "max_tokens"),
         ({"prompt": "the", "model": "gpt-4"}, 404, "model"),
+        ({"prompt": "the", "model": 5}, 400, "model"),
+        ({"prompt": "a \ud800 b"}, 400, "prompt"),
+        ({"prompt": []}, 400, "prompt"),
+        ({"prompt": [1.5]}, 400, "prompt"),
+        ({"prompt": "the", "seed": 2**64}, 400, "seed"),
+        ({"prompt": "the", "seed": 1e300}, 400, "seed"),
+        ({"prompt": "the", "logit_bias": {"5": 10}}, 400, "logit_bias"),
+        ({"prompt": "the", "response_format": {"type": "json_object"}}, 400, "response_format"),
+        ({"prompt": "the", "suffix": "end"}, 400, "suffix"),
     ],
 )
 def test_bad_completion_requests_get_their_status_and_an_openai_error(lm_server, body, status, param):
     url, _ = lm_server
-    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+    raw = body if isinstance(body, bytes) else json.dumps(body).encode()  # json escapes a lone surrogate
     r = httpx.post(url + "/v1/completions", content=raw, headers={"Content-Type": "application/json"}, timeout=30)
     assert r.status_code == status, r.text
     error = r.json()["error"]
@@ -209,14 +219,15 @@ def test_bad_completion_requests_get_their_status_and_an_openai_error(lm_server,
 @pytest.mark.parametrize(
     "messages, fragment",
     [(None, "messages"), ([], "messages"), ([{"role": "bot", "content": "x"}], "role"),
-     ([{"role": "user", "content": 5}], "content"), ("hello", "messages")],
+     ([{"role": "user", "content": 5}], "content"), ("hello", "messages"),
+     ([{"role": "user", "content": "a \ud800"}], "not valid Unicode")],
 )  # fmt: skip
 def test_bad_chat_requests_name_the_field(lm_server, messages, fragment):
     url, _ = lm_server
     body = {} if messages is None else {"messages": messages}
-    r = httpx.post(url + "/v1/chat/completions", json=body, timeout=30)
+    r = httpx.post(url + "/v1/chat/completions", content=json.dumps(body), timeout=30)
     assert r.status_code == 400
-    assert r.json()["error"]["param"] == "messages" and fragment in r.json()["error"]["message"]
+    assert r.json()["error"]["param"].startswith("messages") and fragment in r.json()["error"]["message"]
 
 
 def test_an_oversized_body_is_413_and_the_server_goes_on(lm_server):
@@ -281,6 +292,80 @@ def test_a_client_that_disconnects_mid_stream_frees_its_slot(lm, tok):
         assert engine.stats.generation_tokens < 100
         engine.fault_hook = None
         assert client(url).completions.create(model="tiny", prompt="the", max_tokens=3).choices  # still serving
+
+
+def test_a_client_that_leaves_a_non_streamed_request_frees_its_slot(lm, tok):
+    app, engine = make_app(lm, tok)
+    _slow(engine, 0.01)  # 100 tokens a second: faster than the server's half-second wait, so tokens keep coming
+    with serving(app) as url:
+        with pytest.raises(httpx.TimeoutException):
+            httpx.post(url + "/v1/completions", json={"prompt": "the", "max_tokens": 100, "temperature": 1.0},
+                       timeout=0.3)  # fmt: skip
+        deadline = time.monotonic() + 5
+        while engine.running() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert engine.running() == 0 and engine.stats.requests_finished["cancelled"] == 1
+        assert engine.stats.generation_tokens < 100
+
+
+def test_echo_and_its_logprob_offsets(lm_server, lm, tok):
+    url, _ = lm_server
+    out = httpx.post(url + "/v1/completions", json={"prompt": "the cat", "max_tokens": 3, "temperature": 0,
+                                                    "echo": True, "logprobs": 1}, timeout=30).json()  # fmt: skip
+    choice = out["choices"][0]
+    want = reference_lm(lm, tok, "the cat", 3)[0]
+    assert choice["text"] == "the cat" + want
+    offsets, tokens = choice["logprobs"]["text_offset"], choice["logprobs"]["tokens"]
+    assert offsets[0] == len("the cat") and offsets == sorted(offsets)
+    for offset, token in zip(offsets, tokens):  # each token's text where its offset says (special ones write none)
+        if tok.token_to_id(token) is None or token not in ("<pad>", "</s>", "<unk>") and not token.startswith("<extra"):
+            assert choice["text"][offset : offset + len(token)] == token
+
+
+def test_a_model_by_its_id_and_the_busy_servers_retry_after(lm, tok):
+    app, engine = make_app(lm, tok, max_batch_size=1, max_queue=0)
+    _slow(engine, 0.05)
+    with serving(app) as url:
+        assert client(url).models.retrieve("tiny").id == "tiny"
+        assert httpx.get(url + "/v1/models/other", timeout=30).status_code == 404
+        body = {"prompt": "the", "max_tokens": 40, "temperature": 1.0}
+
+        def post(_):
+            r = httpx.post(url + "/v1/completions", json=body, timeout=30)
+            return r.status_code, r.headers.get("retry-after")
+
+        results = _concurrently(post, range(3), workers=3)
+        assert (429, "1") in results, results
+
+
+def test_shutdown_ends_every_stream_cleanly(lm, tok):
+    """The drain the shutdown signal starts: at its deadline every running and waiting request
+    gets an ending (an error event and [DONE] in a stream, a 503 otherwise), not a cut connection."""
+    app, engine = make_app(lm, tok, max_batch_size=2)
+    _slow(engine, 0.02)
+    with serving(app) as url:
+        def stream(_):
+            body = {"prompt": "the", "max_tokens": 100, "temperature": 1.0, "stream": True}
+            with httpx.stream("POST", url + "/v1/completions", json=body, timeout=30) as r:
+                return [line for line in r.iter_lines() if line.startswith("data: ")]
+
+        def plain(_):
+            r = httpx.post(url + "/v1/completions", json={"prompt": "the", "max_tokens": 100, "temperature": 1.0},
+                           timeout=30)  # fmt: skip
+            return r.status_code, r.json()
+
+        with concurrent.futures.ThreadPoolExecutor(5) as pool:
+            streams = [pool.submit(stream, i) for i in range(3)]
+            plains = [pool.submit(plain, i) for i in range(2)]
+            time.sleep(0.3)
+            engine.drain(0.2)
+            for f in streams:
+                lines = f.result(timeout=20)
+                assert lines[-1] == "data: [DONE]" and '"error"' in lines[-2], lines[-2:]
+            for f in plains:
+                status, body = f.result(timeout=20)
+                assert status == 503 and "shutting down" in body["error"]["message"]
+        assert httpx.get(url + "/health", timeout=30).status_code == 503  # draining: no longer healthy
 
 
 def test_a_failure_inside_one_request_spares_the_others(lm, tok):
@@ -415,3 +500,26 @@ def test_limits_of_an_encoder_decoder_server(tok):
         plain = httpx.post(url + "/v1/completions", json={"prompt": "the cat", "temperature": 0, "max_tokens": 5},
                            timeout=30).json()  # fmt: skip
         assert chat["choices"][0]["message"]["content"] == plain["choices"][0]["text"]  # chat: the last user message
+
+
+def test_a_multilingual_translation_run_takes_the_language_on_both_endpoints(tok):
+    """A run whose prefix names the source language: completions and chat both format the source
+    with the request's source_lang, as training did; without it the error names the field."""
+    from switchformer.serve.prompts import PromptFormatter
+    from switchformer.serve.protocol import APIError
+    from switchformer.train.config import TrainConfig
+
+    config = TrainConfig(model="t5", objective="seq2seq", source_prefix="<{source_lang}> ", source_lang="de,fr",
+                         target_lang="en")  # fmt: skip
+    formatter = PromptFormatter(tok, tiny_t5(), config)
+    want = tok.encode("<fr> the cat").ids + [1]
+    assert formatter.completion_ids("the cat", source_lang="fr") == want
+    assert formatter.chat_ids([{"role": "user", "content": "the cat"}], source_lang="fr") == want
+    for call in (lambda: formatter.completion_ids("the cat"),
+                 lambda: formatter.chat_ids([{"role": "user", "content": "the cat"}])):  # fmt: skip
+        with pytest.raises(APIError) as caught:
+            call()
+        assert caught.value.param == "source_lang" and 'give "source_lang"' in caught.value.message
+    with pytest.raises(APIError) as caught:
+        formatter.completion_ids("the cat", source_lang="cs")
+    assert caught.value.param == "source_lang" and "'cs'" in caught.value.message

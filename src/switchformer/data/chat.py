@@ -142,7 +142,7 @@ def encode_chat(tokenizer, messages, add_generation_prompt: bool) -> tuple[list[
         if found is not None:
             raise ValueError(
                 f"messages[{i}].content: holds the special token {found!r} as text, which the chat template "
-                "reserves (it would end the turn)"
+                "reserves (the tokenizer would read it as that token, not as text)"
             )
         content = encode(message["content"])
         scored = message["role"] == "assistant"

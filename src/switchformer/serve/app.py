@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import hmac
 import importlib.resources
+import json
 import threading
 import time
 import uuid
@@ -103,7 +104,7 @@ def create_app(
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, err: APIError):
-        return JSONResponse(err.body(), status_code=err.status)
+        return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, err: StarletteHTTPException):
@@ -134,6 +135,8 @@ def create_app(
 
     def check_model(body: dict) -> None:
         name = body.get("model")
+        if name is not None and not isinstance(name, str):
+            raise APIError(400, f"model: expected a string, got {json.dumps(name)}", "model")
         if name is not None and name != model_name:
             raise APIError(404, f"model: {name!r} is not served here; this server serves {model_name!r}", "model",
                            code="model_not_found")  # fmt: skip
@@ -147,7 +150,8 @@ def create_app(
         try:
             engine.submit(request)
         except QueueFull as err:
-            raise APIError(429, f"the server is busy: {err}; retry later", kind="rate_limit_error") from None
+            raise APIError(429, f"the server is busy: {err}; retry later", kind="rate_limit_error",
+                           headers={"Retry-After": "1"}) from None  # fmt: skip
         except EngineStopped as err:
             raise APIError(503, str(err), kind="server_error") from None
         return request, events
@@ -155,13 +159,18 @@ def create_app(
     async def collect(http: Request, request: EngineRequest, events: _Events, logprobs) -> tuple[str, dict]:
         """The whole text and the final event of a non-streamed request."""
         text = []
+        checked = time.monotonic()
         while True:
             try:
                 kind, payload = await asyncio.wait_for(events.queue.get(), timeout=0.5)
             except TimeoutError:
+                kind = None
+            if time.monotonic() - checked >= 0.5:  # tokens may come faster than the wait times out
+                checked = time.monotonic()
                 if await http.is_disconnected():
                     request.cancel()
-                    raise APIError(499, "the client closed the connection") from None
+                    raise APIError(499, "the client closed the connection")
+            if kind is None:
                 continue
             if kind == "token":
                 text.append(payload["text"])
@@ -207,8 +216,8 @@ def create_app(
                         metrics.request_duration.observe(time.monotonic() - request.arrival)
                         yield "".join(out) + _sse("[DONE]")
                         return
-                    else:
-                        yield "".join(out) + _sse(_engine_error(payload).body())
+                    else:  # the status line has gone: the error is an event, then the stream ends
+                        yield "".join(out) + _sse(_engine_error(payload).body()) + _sse("[DONE]")
                         return
                 if out:
                     yield "".join(out)
@@ -244,14 +253,22 @@ def create_app(
         streamed = protocol._boolean(body, "stream", False)
         include_usage = protocol.stream_options(body)
         echo = protocol._boolean(body, "echo", False)
-        params = protocol.sampling_params(body, "completions", default_completion_tokens, limits)
+        if echo and formatter.family == "t5":
+            raise APIError(400, "echo: a text-to-text model's answer does not continue its prompt", "echo")
+        # a text-to-text answer is a whole translation: by default as long as the server allows
+        default = default_completion_tokens if formatter.family == "lm" else None
+        params = protocol.sampling_params(body, "completions", default, limits)
         languages = {k: _optional_string(body, k) for k in ("source_lang", "target_lang")}
-        ids = formatter.completion_ids(prompt, **languages)
+        ids = await asyncio.to_thread(formatter.completion_ids, prompt, **languages)  # off the event loop
         protocol.fit_max_tokens(params, len(ids), limits, "prompt", body.get("max_tokens") is not None)
-        prefix = prompt if echo and isinstance(prompt, str) and formatter.family == "lm" else ""
+        if echo and isinstance(prompt, list):
+            prompt = formatter.tokenizer.decode(prompt, skip_special_tokens=False)
+        prefix = prompt if echo else ""
         rid = f"cmpl-{uuid.uuid4().hex[:24]}"
         request, events = submit(ids, params)
-        logprobs = protocol.LogprobsBuilder(formatter.tokenizer, "completions") if params.logprobs is not None else None
+        logprobs = None
+        if params.logprobs is not None:  # the generated tokens' (an echoed prompt's are not computed)
+            logprobs = protocol.LogprobsBuilder(formatter.tokenizer, "completions", offset=len(prefix))
         if streamed:
             def piece(text, lp):
                 return protocol.completion_object(rid, model_name, text, None, lp, None)
@@ -281,7 +298,8 @@ def create_app(
         streamed = protocol._boolean(body, "stream", False)
         include_usage = protocol.stream_options(body)
         params = protocol.sampling_params(body, "chat", None, limits)
-        ids = formatter.chat_ids(messages)
+        languages = {k: _optional_string(body, k) for k in ("source_lang", "target_lang")}
+        ids = await asyncio.to_thread(formatter.chat_ids, messages, **languages)
         asked = body.get("max_tokens") is not None or body.get("max_completion_tokens") is not None
         protocol.fit_max_tokens(params, len(ids), limits, "messages", asked)
         rid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
@@ -314,6 +332,14 @@ def create_app(
         created = int(time.time())
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
                                             "owned_by": "switchformer"}]}  # fmt: skip
+
+    @app.get("/v1/models/{name}")
+    async def model(http: Request, name: str):
+        authorize(http)
+        if name != model_name:
+            raise APIError(404, f"model: {name!r} is not served here; this server serves {model_name!r}", "model",
+                           code="model_not_found")  # fmt: skip
+        return {"id": model_name, "object": "model", "created": int(time.time()), "owned_by": "switchformer"}
 
     @app.get("/health")
     async def health():

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import math
 import os
+import socket
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +41,8 @@ def load_source(source: str | Path) -> Served:
     from switchformer.train.run import check_tokenizer_fits, is_hugging_face_source, load_run, run_dir_of
 
     path = Path(source)
+    if path.is_file():
+        raise ValueError(f"{path}: a file; serve takes a run directory, a checkpoint or a Hugging Face directory")
     if is_hugging_face_source(path):
         from switchformer.interop.hf import from_hf
         from switchformer.train.init_from import source_tokenizer
@@ -64,16 +68,22 @@ def limits_for(served: Served, max_prompt_tokens: int | None, max_tokens: int | 
         limits = Limits(max_prompt_tokens or context - 1, max_tokens or context - 1, context)
         if limits.max_prompt_tokens >= context:
             raise ValueError(f"--max-prompt-tokens: {limits.max_prompt_tokens}; the model's context is {context}")
+        if limits.max_tokens >= context:
+            raise ValueError(f"--max-tokens: {limits.max_tokens}; the model's context is {context} (prompt included)")
         return limits
     length = served.config.seq_len if served.config is not None else HF_DEFAULT_LENGTH
     return Limits(max_prompt_tokens or length, max_tokens or length, None)
 
 
-def _check_positive(args) -> None:
+def _check_flags(args) -> None:
     for flag in ("max_batch_size", "max_prompt_tokens", "max_tokens", "request_timeout", "shutdown_timeout"):
         value = getattr(args, flag)
-        if value is not None and value <= 0:
-            raise ValueError(f"--{flag.replace('_', '-')}: must be > 0, got {value}")
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise ValueError(f"--{flag.replace('_', '-')}: must be a finite number > 0, got {value}")
+    for flag in ("api_key", "served_model_name"):
+        value = getattr(args, flag)
+        if value is not None and not value.strip():
+            raise ValueError(f"--{flag.replace('_', '-')}: empty")
     if args.max_queue < 0:
         raise ValueError(f"--max-queue: must be >= 0, got {args.max_queue}")
     if not 0 < args.port < 65536:
@@ -88,7 +98,7 @@ def build_app(args):
     from switchformer.serve.prompts import PromptFormatter
 
     check_serve_installed()
-    _check_positive(args)
+    _check_flags(args)
     served = load_source(args.source)
     device = resolve_device(args.device)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
@@ -114,12 +124,38 @@ def build_app(args):
     return app, served, limits, api_key, name
 
 
+def bind(host: str, port: int) -> socket.socket:
+    """The listening socket, bound before anything is announced: a port in use or an unknown host
+    is a one-line error of ours, not the HTTP server's."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as err:
+        raise ValueError(f"--host: {host!r} cannot be resolved ({err.strerror})") from None
+    family, _, _, _, address = infos[0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+    except OSError as err:
+        sock.close()
+        raise ValueError(f"--port: cannot listen on {host}:{port} ({err.strerror})") from None
+    return sock
+
+
 def run_serve(args) -> int:
     import uvicorn
 
     from switchformer.generation import routing_description
 
     app, served, limits, api_key, name = build_app(args)
+    sock = bind(args.host, args.port)
+    engine = app.state.engine
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame):  # the signal: running requests get their ending first
+            engine.drain(args.shutdown_timeout)
+            super().handle_exit(sig, frame)
+
     family = "encoder-decoder (text-to-text)" if limits.context is None else "decoder-only"
     print(
         f"serving {name!r}: {family}, routing {routing_description(served.model, args.routing)}, up to "
@@ -131,8 +167,10 @@ def run_serve(args) -> int:
     )
     if api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: serving on {args.host} without --api-key: anyone who reaches it can use it", file=sys.stderr)
-    uvicorn.run(
-        app, host=args.host, port=args.port, log_level=args.log_level,
-        timeout_graceful_shutdown=args.shutdown_timeout,
-    )  # fmt: skip
+    # the HTTP server waits for the connections the drain ends (a little after its deadline)
+    config = uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=args.shutdown_timeout + 5)
+    try:
+        Server(config).run(sockets=[sock])
+    except KeyboardInterrupt:  # uvicorn raises the caught Ctrl-C again once it has shut down cleanly
+        pass
     return 0

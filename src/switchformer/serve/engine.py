@@ -318,6 +318,7 @@ class Engine:
         self._cond = threading.Condition()
         self._accepting = True
         self._closed = False
+        self._drain_deadline: float | None = None  # set by drain(): past it, what remains is ended
         self._thread: threading.Thread | None = None
         self.fault_hook: Callable[[Request], None] | None = None  # tests: raise inside one request
 
@@ -332,7 +333,10 @@ class Engine:
             if not self._accepting:
                 raise EngineStopped("the server is shutting down")
             if len(self._waiting) >= self.max_queue + max(self.max_batch_size - len(self.batch), 0):
-                raise QueueFull(f"{len(self._waiting)} requests are waiting (max_queue {self.max_queue})")
+                raise QueueFull(
+                    f"{len(self.batch)} requests running and {len(self._waiting)} waiting (max_batch_size "
+                    f"{self.max_batch_size}, max_queue {self.max_queue})"
+                )
             self._waiting.append(request)
             self._cond.notify()
 
@@ -342,13 +346,22 @@ class Engine:
     def running(self) -> int:
         return len(self.batch)
 
-    def stop(self, timeout: float = 10.0) -> None:
-        """Take no new requests; let the running and waiting ones finish for up to ``timeout``
-        seconds; end the rest with an error (503); stop the thread."""
+    def drain(self, timeout: float) -> None:
+        """Take no new requests; the running and waiting ones may finish within ``timeout``
+        seconds, after which the scheduler ends each with an error (503). Returns at once (the
+        server calls it when the shutdown signal comes, so that every client gets an ending
+        before the HTTP server closes connections)."""
         with self._cond:
             self._accepting = False
+            deadline = time.monotonic() + timeout
+            self._drain_deadline = min(self._drain_deadline or deadline, deadline)
             self._cond.notify()
-        end = time.monotonic() + timeout
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """:meth:`drain`, wait until nothing runs or waits (at most ``timeout`` seconds and a
+        little more for the scheduler to end the rest), then stop the thread."""
+        self.drain(timeout)
+        end = time.monotonic() + timeout + 2.0
         while time.monotonic() < end and (self._waiting or len(self.batch)) and self._thread_alive():
             time.sleep(0.02)
         with self._cond:
@@ -370,6 +383,9 @@ class Engine:
                     self._cond.wait(timeout=0.5)
                 if self._closed:
                     break
+            if self._drain_deadline is not None and time.monotonic() > self._drain_deadline:
+                self._end_all(("the server is shutting down", 503))
+                continue
             try:
                 with torch.inference_mode(), scope.active():
                     self._retire_gone()
@@ -380,11 +396,15 @@ class Engine:
                 log.exception("scheduler iteration failed")
                 for slot in reversed(range(len(self.batch))):
                     self._finish(slot, error=("internal error in the scheduler", 500))
+        self._end_all(("the server is shutting down", 503))
+
+    def _end_all(self, error: tuple[str, int]) -> None:
         for slot in reversed(range(len(self.batch))):
-            self._finish(slot, error=("the server is shutting down", 503))
-        while self._waiting:
-            request = self._waiting.popleft()
-            request.emit("error", {"message": "the server is shutting down", "status": 503})
+            self._finish(slot, error=error)
+        with self._cond:
+            waiting, self._waiting = list(self._waiting), collections.deque()
+        for request in waiting:
+            request.emit("error", {"message": error[0], "status": error[1]})
 
     def _retire_gone(self) -> None:
         now = time.monotonic()

@@ -32,6 +32,16 @@ class PromptFormatter:
     def _encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False).ids
 
+    def language_error(self, err: ValueError) -> APIError:
+        """A language error of the run's formatting, in the request's terms (fields, not flags)."""
+        text = str(err)
+        side = "target" if text.startswith("--target-lang") or "the target language" in text else "source"
+        field = f"{side}_lang"
+        if text.startswith("source_prefix"):
+            return APIError(400, f"{field}: the run's source_prefix {self.config.source_prefix!r} names the {side} "
+                            f"language; give \"{field}\" in the request", field)  # fmt: skip
+        return APIError(400, f"{field}: {text.split(': ', 1)[-1]}", field)
+
     def completion_ids(self, prompt: str | list[int], source_lang=None, target_lang=None) -> list[int]:
         if self.family == "lm":
             return list(prompt) if isinstance(prompt, list) else self._encode(prompt)
@@ -48,21 +58,27 @@ class PromptFormatter:
 
         try:
             check_languages(self.config, source_lang, target_lang)
+            return encoder_text(Pair(text, "", source_lang, target_lang), self.config)
         except ValueError as err:
-            field = "target_lang" if str(err).startswith("--target-lang") else "source_lang"
-            raise APIError(400, f"{field}: {str(err).split(': ', 1)[-1]}", field) from None
-        return encoder_text(Pair(text, "", source_lang, target_lang), self.config)
+            raise self.language_error(err) from None
 
-    def chat_ids(self, messages: list) -> list[int]:
+    def chat_ids(self, messages: list, source_lang=None, target_lang=None) -> list[int]:
         from switchformer.data.chat import check_messages, encode_chat
+        from switchformer.serve.protocol import check_text
 
         try:
             checked = check_messages(messages, "messages")
-            if self.family == "t5":
-                users = [m for m in checked if m["role"] == "user"]
-                if not users:
-                    raise ValueError("messages: a text-to-text model translates the last user message; there is none")
-                return self._encode(self.source_text(users[-1]["content"])) + [self.eos]
+        except ValueError as err:
+            raise APIError(400, str(err), "messages") from None
+        for i, message in enumerate(checked):
+            check_text(f"messages[{i}].content", message["content"])
+        if self.family == "t5":
+            users = [m for m in checked if m["role"] == "user"]
+            if not users:
+                raise APIError(400, "messages: a text-to-text model answers the last user message; there is none",
+                               "messages")  # fmt: skip
+            return self._encode(self.source_text(users[-1]["content"], source_lang, target_lang)) + [self.eos]
+        try:
             return encode_chat(self.tokenizer, checked, True)[0]
         except ValueError as err:
             raise APIError(400, str(err), "messages") from None

@@ -23,10 +23,12 @@ class APIError(Exception):
     """An error the server answers with ``status`` and OpenAI's error object."""
 
     def __init__(
-        self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error", code=None
-    ):
+        self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error", code=None,
+        headers: dict | None = None,
+    ):  # fmt: skip
         super().__init__(message)
         self.status, self.message, self.param, self.kind, self.code = status, message, param, kind, code
+        self.headers = headers
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
@@ -36,6 +38,8 @@ def parse_body(raw: bytes) -> dict:
     """The JSON object of a request body; 400 for anything else."""
     try:
         body = json.loads(raw)
+    except RecursionError:
+        raise APIError(400, "the request body is nested too deeply to be read") from None
     except UnicodeDecodeError:
         raise APIError(400, "the request body is not UTF-8 text") from None
     except json.JSONDecodeError as err:
@@ -44,6 +48,16 @@ def parse_body(raw: bytes) -> dict:
     if not isinstance(body, dict):
         raise APIError(400, f"the request body must be a JSON object, got {type(body).__name__}")
     return body
+
+
+def check_text(name: str, text: str) -> str:
+    """``text`` if it is valid Unicode (JSON's escapes can carry a lone surrogate, which no
+    tokenizer reads); else a 400 naming ``name``."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise APIError(400, f"{name}: not valid Unicode (a lone surrogate at character {err.start})", name) from None
+    return text
 
 
 def _type_name(value) -> str:
@@ -101,6 +115,22 @@ def _stop(body: dict) -> list[str]:
     return [s for s in value if s]
 
 
+# OpenAI fields that would change the answer and that this server does not implement: refused
+# rather than ignored (an ignored logit_bias or response_format gives the client a wrong answer)
+UNSUPPORTED = ("logit_bias", "tools", "functions", "tool_choice", "function_call", "suffix", "response_format")
+
+
+def refuse_unsupported(body: dict) -> None:
+    for name in UNSUPPORTED:
+        value = body.get(name)
+        if name == "response_format" and value in (None, {"type": "text"}):
+            continue
+        if name in ("tool_choice", "function_call") and value in (None, "none"):
+            continue
+        if value not in (None, {}, [], ""):
+            raise APIError(400, f"{name}: not supported by this server", name)
+
+
 @dataclass
 class Limits:
     """What one request may ask: ``max_prompt_tokens`` (prompt or source), ``max_tokens`` (new
@@ -131,13 +161,14 @@ def sampling_params(body: dict, endpoint: str, default_max_tokens: int | None, l
         logprobs = (top or 0) if wants else None
     else:
         logprobs = _integer(body, "logprobs", None, 0, MAX_LOGPROBS["completions"])
+    refuse_unsupported(body)
     top_k = _integer(body, "top_k", 0, -1)
     return SamplingParams(
         max_tokens=max_tokens if max_tokens is not None else 0,  # 0: fit_max_tokens fills it in
         temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
         top_p=_number(body, "top_p", 1.0, 0.0, 1.0, open_low=True),
         top_k=max(top_k, 0),  # -1 (vLLM's "off") and 0 both mean no top-k
-        seed=_integer(body, "seed", None),
+        seed=_integer(body, "seed", None, -(2**63), 2**63 - 1),
         stop=_stop(body),
         presence_penalty=_number(body, "presence_penalty", 0.0, -2.0, 2.0),
         frequency_penalty=_number(body, "frequency_penalty", 0.0, -2.0, 2.0),
@@ -180,7 +211,9 @@ def completion_prompt(body: dict, vocab_size: int) -> str | list[int]:
     if isinstance(prompt, str):
         if not prompt:
             raise APIError(400, "prompt: empty", "prompt")
-        return prompt
+        return check_text("prompt", prompt)
+    if prompt == []:
+        raise APIError(400, "prompt: empty", "prompt")
     if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
         bad = [t for t in prompt if not 0 <= t < vocab_size]
         if bad:
@@ -190,7 +223,7 @@ def completion_prompt(body: dict, vocab_size: int) -> str | list[int]:
         raise APIError(400, f"prompt: one prompt per request, got {len(prompt)}", "prompt")
     if prompt is None:
         raise APIError(400, "prompt: missing (a string)", "prompt")
-    raise APIError(400, f"prompt: expected a string, got {_type_name(prompt)}", "prompt")
+    raise APIError(400, f"prompt: expected a string or an array of token ids, got {_type_name(prompt)}", "prompt")
 
 
 def chat_messages(body: dict) -> list:
@@ -272,17 +305,19 @@ class LogprobsBuilder:
     """Log-probabilities of the generated tokens in the endpoint's shape: completions'
     ``{tokens, token_logprobs, top_logprobs, text_offset}`` or chat's ``{content: [...]}``."""
 
-    def __init__(self, tokenizer, endpoint: str):
+    def __init__(self, tokenizer, endpoint: str, offset: int = 0):
+        """``offset``: where the generated text starts in the returned text (an echoed prompt's length)."""
         self.tokenizer, self.endpoint = tokenizer, endpoint
-        self.entries: list[tuple[int, float, list]] = []
-        self.offset = 0
+        self.entries: list[tuple[int, float, list, int]] = []
+        self.offset = offset
 
     def add(self, choice) -> dict | None:
         """Records ``choice`` (a :class:`TokenChoice`); returns the piece for a stream chunk."""
         if choice.logprob is None:
             return None
         entry = (choice.token, choice.logprob, choice.top or [], self.offset)
-        self.offset += len(self._piece(choice.token))
+        # offsets are into the returned text, where special tokens write nothing
+        self.offset += len(self.tokenizer.decode([choice.token], skip_special_tokens=True))
         self.entries.append(entry)
         return self._shape([entry])
 
