@@ -135,6 +135,12 @@ def test_seeded_sampling_is_reproducible_and_differs_between_seeds(lm_server):
     assert len({sample(s) for s in range(4)}) > 1
 
 
+def test_a_tiny_temperature_is_greedy_not_nan(lm_server, lm, tok):
+    url, _ = lm_server
+    out = client(url).completions.create(model="tiny", prompt="the cat", max_tokens=8, temperature=1e-40)
+    assert out.choices[0].text == reference_lm(lm, tok, "the cat", 8)[0]
+
+
 def test_stop_strings_cut_the_text_streamed_or_not(lm_server, lm, tok):
     url, _ = lm_server
     c = client(url)

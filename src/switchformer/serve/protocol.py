@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from switchformer.serve.sampling import SamplingParams
 
 MAX_STOP_STRINGS = 4  # as OpenAI
+GREEDY_BELOW = 1e-5  # a temperature below this decodes greedily (as vLLM's sampling epsilon)
 MAX_LOGPROBS = {"completions": 5, "chat": 20}  # alternatives per token, as OpenAI
 
 
@@ -163,9 +164,12 @@ def sampling_params(body: dict, endpoint: str, default_max_tokens: int | None, l
         logprobs = _integer(body, "logprobs", None, 0, MAX_LOGPROBS["completions"])
     refuse_unsupported(body)
     top_k = _integer(body, "top_k", 0, -1)
+    temperature = _number(body, "temperature", 1.0, 0.0, 2.0)
+    if temperature < GREEDY_BELOW:  # logits / 1e-40 overflow to inf; so small a temperature is argmax anyway
+        temperature = 0.0
     return SamplingParams(
         max_tokens=max_tokens if max_tokens is not None else 0,  # 0: fit_max_tokens fills it in
-        temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
+        temperature=temperature,
         top_p=_number(body, "top_p", 1.0, 0.0, 1.0, open_low=True),
         top_k=max(top_k, 0),  # -1 (vLLM's "off") and 0 both mean no top-k
         seed=_integer(body, "seed", None, -(2**63), 2**63 - 1),
