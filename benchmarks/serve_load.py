@@ -53,7 +53,10 @@ def start_server(run: Path, port: int, args) -> subprocess.Popen:
                "--max-batch-size", str(args.max_batch_size), "--max-queue", "1024"]  # fmt: skip
     if args.device:
         command += ["--device", args.device]
-    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    env = dict(os.environ)
+    if args.server_threads:  # the server's PyTorch threads (the clients need a core of their own here)
+        env["OMP_NUM_THREADS"] = str(args.server_threads)
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=env)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -99,7 +102,9 @@ async def level(url: str, texts: list[str], clients: int, max_tokens: int) -> di
             results.append(await one_request(client, url, text, max_tokens))
 
     limits = httpx.Limits(max_connections=clients + 4)
-    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+    # TCP_NODELAY on the clients' side too: small writes never wait for a delayed ACK
+    transport = httpx.AsyncHTTPTransport(limits=limits, socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)])
+    async with httpx.AsyncClient(timeout=600, transport=transport) as client:
         start = time.perf_counter()
         await asyncio.gather(*(worker(client) for _ in range(clients)))
         elapsed = time.perf_counter() - start
@@ -125,6 +130,10 @@ def main() -> None:
     parser.add_argument("--max-batch-size", type=int, default=64, help="the server's --max-batch-size")
     parser.add_argument("--rounds", type=int, default=3, help="kept rounds (one more warms up)")
     parser.add_argument("--device", help="the server's --device")
+    parser.add_argument(
+        "--server-threads", type=int, default=max((os.cpu_count() or 2) - 1, 1),
+        help="OMP_NUM_THREADS of the server (default: all cores but one, which the clients use)",
+    )  # fmt: skip
     args = parser.parse_args()
     levels = sorted(set(args.clients) | {1})
     texts = prompts(args.requests)
@@ -153,7 +162,8 @@ def main() -> None:
                 server.kill()
     base = statistics.median(r["tokens_per_s"] for r in kept[1])
     print(f"\nserve load: {run.name if args.run else args.preset + ' preset model'}, {args.requests} requests of "
-          f"{args.max_tokens} new tokens per level, server --max-batch-size {args.max_batch_size}, "
+          f"{args.max_tokens} new tokens per level, server --max-batch-size {args.max_batch_size} on "
+          f"{args.server_threads} thread(s), "
           f"{os.cpu_count()} CPUs, medians of {args.rounds} rounds\n")  # fmt: skip
     print("| clients | tokens/s | x one at a time | p50 TTFT (ms) | p99 TTFT (ms) | p50 per token (ms) "
           "| p99 per token (ms) |")  # fmt: skip
