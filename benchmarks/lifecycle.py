@@ -134,9 +134,10 @@ def plot(root: Path, args) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    start = {"step": 0, "time": 0.0, "loss": final_loss(root / "dense-0")}  # both start from the dense run
     for seed in args.seeds:
         for name, colour in (("continue-dense", "tab:blue"), ("continue-upcycled", "tab:red")):
-            points = curve(root / f"{name}-{seed}")
+            points = [start, *curve(root / f"{name}-{seed}")]
             label = f"{name.split('-')[1]} (seed {seed})"
             style = "-" if seed == args.seeds[0] else "--"
             axes[0].plot([p["step"] for p in points], [p["loss"] for p in points], style, color=colour, label=label)
