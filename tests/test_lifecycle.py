@@ -7,7 +7,6 @@ own logits, Hugging Face's forward, hand-written loops, a plain training of the 
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import math
 from pathlib import Path
@@ -15,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from test_run_commands import TEXT, snapshot  # noqa: E402  (the same corpus and read-only check)
 
 from switchformer.cli import main
 from switchformer.lifecycle.distill import (
@@ -29,20 +29,6 @@ from switchformer.moe import SwitchMoE
 from switchformer.train.evaluation import model_forward
 from switchformer.train.run import load_run
 from switchformer.train.trainer import Trainer
-
-TEXT = (
-    "The quick brown fox jumps over the lazy dog. Sparse experts route each token to one feed-forward network.\n"
-    "A router sends tokens to experts; capacity limits how many each expert takes. Dropped tokens skip the layer.\n"
-) * 30
-
-
-def snapshot(folder: Path) -> dict[str, str]:
-    """Every file under ``folder`` with its content hash and mode: what reading it must not change."""
-    return {
-        str(p.relative_to(folder)): f"{hashlib.sha256(p.read_bytes()).hexdigest()} {oct(p.stat().st_mode)}"
-        for p in sorted(folder.rglob("*"))
-        if p.is_file()
-    }
 
 
 def switch_layers(model) -> list[SwitchMoE]:
