@@ -610,6 +610,24 @@ def test_distill_through_the_cli_makes_a_dense_student(distilled_run, teacher_ru
     assert summary["step"] == 15 and math.isfinite(summary["eval_loss"])
 
 
+def test_a_distilled_run_records_its_teacher_and_logs_the_labels_cross_entropy(distilled_run, teacher_run):
+    record = json.loads((distilled_run / "distill.json").read_text())
+    assert record["teacher"] == str(teacher_run.resolve()) and record["alpha"] == 0.75 and record["copied_weights"]
+    rows = [json.loads(line) for line in (distilled_run / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "ce_loss" in r]
+    # the logged ce_loss is the labels' cross-entropy; loss is the objective, which mixes in the teacher
+    assert steps and all(abs(r["loss"] - r["ce_loss"]) > 1e-6 for r in steps)
+
+
+def test_distill_into_a_folder_of_other_files_is_refused(teacher_run, tmp_path, capsys):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert main(["distill", str(teacher_run), str(out), "--max-steps", "2", "--no-progress"]) == 2
+    assert "already holds files" in capsys.readouterr().err
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
 def test_distill_with_alpha_0_is_plain_training_of_the_same_student(teacher_run, distilled_run, tmp_path, capsys):
     """alpha 0: the labels alone, so the run is a plain training of the same dense twin from the same
     initialisation (the teacher's shared weights, the same seed)."""
@@ -677,7 +695,7 @@ def test_the_trainer_loss_mixes_the_teachers_probabilities_and_the_labels(distil
             want = alpha * soft + (1 - alpha) * plain.ce_loss
             torch.testing.assert_close(out.loss, want, atol=1e-5, rtol=0)
             torch.testing.assert_close(out.ce_loss, want, atol=1e-5, rtol=0)
-            torch.testing.assert_close(out.hard_loss, plain.ce_loss, atol=1e-5, rtol=0)
+            torch.testing.assert_close(out.label_ce_loss, plain.ce_loss, atol=1e-5, rtol=0)
             torch.testing.assert_close(out.soft_loss, soft, atol=1e-5, rtol=0)
             assert out.aux_loss is None and out.z_loss is None
         assert [layer.eval_capacity_factor for layer in teacher_layers] == [0.1] * len(teacher_layers)  # restored
@@ -702,7 +720,11 @@ def test_the_trainer_loss_mixes_the_teachers_probabilities_and_the_labels(distil
 @pytest.mark.parametrize(
     "flags, message",
     [
-        (["--set", "vocab_size=512"], "vocab_size: the student must share the teacher's vocabulary"),
+        (["--set", "vocab_size=512"], "--set vocab_size: the student shares the teacher's vocabulary"),
+        (["--set", "model=t5"], "--set model: the student is of the teacher's family"),
+        (["--set", "tokenizer_kind=unigram"], "--set tokenizer_kind: the student uses the teacher's tokenizer"),
+        (["--set", "max_steps=5"], "--set max_steps: give --max-steps"),
+        (["--set", "top_k=2"], "--set top_k: the student is dense"),
         (["--set", "num_experts=4"], "num_experts: the student is dense"),
         (["--set", "sparse_step=2"], "sparse_step: the student is dense"),
         (["--alpha", "1.5"], "--alpha"),

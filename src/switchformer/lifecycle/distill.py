@@ -31,6 +31,18 @@ from switchformer.train.evaluation import evaluate, model_forward
 from switchformer.train.trainer import Trainer
 
 SIZE_FIELDS = ("d_model", "num_layers", "num_heads", "d_ff", "activation")
+# student settings distill decides itself: the teacher's family, data, tokenizer and vocabulary, a
+# dense model, the step count of --max-steps, the run directory OUT
+FIXED_FIELDS = {
+    "model": "the student is of the teacher's family", "objective": "the student learns the teacher's task",
+    "data": "the student trains on the teacher's data", "valid_data": "the student is validated as the teacher",
+    "tokenizer": "the student uses the teacher's tokenizer",
+    "tokenizer_kind": "the student uses the teacher's tokenizer",
+    "vocab_size": "the student shares the teacher's vocabulary", "init_from": "the student starts from the teacher",
+    "num_experts": "the student is dense", "sparse_step": "the student is dense", "top_k": "the student is dense",
+    "normalize_gates": "the student is dense", "max_steps": "give --max-steps", "run_name": "OUT names the run",
+    "out_dir": "OUT names the run",
+}  # fmt: skip
 
 
 def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, scored: Tensor, temperature: float) -> Tensor:
@@ -57,11 +69,12 @@ def scored_positions(model, batch: dict) -> Tensor:
 
 @dataclass
 class DistillOutput:
-    """What the trainer reads of a forward: ``ce_loss`` is the distillation objective here."""
+    """What the trainer reads of a forward: ``ce_loss`` is the distillation objective it trains
+    on; ``label_ce_loss``, the labels' cross-entropy, is what it logs as ``ce_loss``."""
 
     loss: Tensor
     ce_loss: Tensor
-    hard_loss: Tensor
+    label_ce_loss: Tensor
     soft_loss: Tensor
     aux_loss: None = None
     z_loss: None = None
@@ -168,7 +181,7 @@ def student_init_state(teacher, train, model_values: dict) -> tuple[dict, list[s
 def run_distill(args) -> int:
     """``switchformer distill TEACHER OUT``: parse, build the student, train, print the summary."""
     from switchformer.train.config import TrainConfig, parse_setting
-    from switchformer.train.rundir import claim_run
+    from switchformer.train.rundir import claim_run, looks_like_a_run
 
     check_distill_settings(args.alpha, args.temperature, args.max_steps)
     fields = set(TrainConfig.__dataclass_fields__)
@@ -179,17 +192,35 @@ def run_distill(args) -> int:
         if not sep or key not in fields:
             raise ValueError(f"--set {item}: expected KEY=VALUE with KEY a training setting")
         sets[key] = parse_setting(key, value)
+        if key in FIXED_FIELDS:
+            raise ValueError(f"--set {key}: {FIXED_FIELDS[key]}; distill does not take it")
     if args.seed is not None:
         sets["seed"] = args.seed
+    out = Path(args.out)
+    if out.is_file():
+        raise ValueError(f"{out}: a file; distill writes the student's run into a new or empty folder")
+    if out.is_dir() and any(out.iterdir()) and not looks_like_a_run(out):
+        raise FileExistsError(f"{out}: already holds files; distill writes into a new or empty folder")
     teacher, train, model_values = build_student(args.teacher, args.out, sets, args.max_steps)
     init_state, copied = student_init_state(teacher, train, model_values)
-    out = Path(args.out)
-    lock = claim_run(out, resume=False)
+    try:  # a distillation stopped before its first checkpoint starts over; one with a checkpoint is kept
+        lock = claim_run(out, resume=False)
+    except FileExistsError:
+        raise FileExistsError(
+            f"{out}: already holds a run with a checkpoint; continue it with switchformer train --resume {out} (on "
+            "labels only: the teacher is not part of the run), or choose another OUT"
+        ) from None
     total = len(init_state)
     print(f"distilling {args.teacher} -> {out}: a dense student ({total} tensors, {len(copied)} of them the "
           f"teacher's), alpha {args.alpha}, temperature {args.temperature}, {args.max_steps} steps",
           flush=True)  # fmt: skip
     try:
+        from switchformer.train.rundir import write_json_atomic
+
+        # what made this student, which config.json (a training run's) cannot say
+        record = {"teacher": str(Path(args.teacher).resolve()), "alpha": args.alpha,
+                  "temperature": args.temperature, "copied_weights": copied}  # fmt: skip
+        write_json_atomic(out / "distill.json", record)
         trainer = DistillTrainer(
             train, out, teacher=teacher, alpha=args.alpha, temperature=args.temperature,
             progress=not args.no_progress, device=args.device, model_config=model_values, init_state=init_state,

@@ -437,7 +437,9 @@ class Trainer:
             loss.backward()
             # logged values: this rank's share, so that the mean over ranks is the global figure
             totals["loss"] += float(loss.detach())
-            totals["ce_loss"] += float(out.ce_loss.detach()) * ce_weight if scored[micro] else 0.0
+            # logged: the labels' cross-entropy (a distillation's objective mixes in the teacher's)
+            label_ce = getattr(out, "label_ce_loss", out.ce_loss)
+            totals["ce_loss"] += float(label_ce.detach()) * ce_weight if scored[micro] else 0.0
             for key in ("aux_loss", "z_loss"):
                 value = getattr(out, key)
                 totals[key] += float(value.detach()) / config.grad_accum if value is not None else 0.0
