@@ -619,6 +619,21 @@ def test_a_distilled_run_records_its_teacher_and_logs_the_labels_cross_entropy(d
     assert steps and all(abs(r["loss"] - r["ce_loss"]) > 1e-6 for r in steps)
 
 
+def test_a_missing_or_file_source_and_a_file_out_are_named(teacher_run, dense_run, tmp_path, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    cases = [
+        (["upcycle", str(tmp_path / "nope"), str(tmp_path / "o1"), "--num-experts", "4"], "nope: not found"),
+        (["upcycle", str(afile), str(tmp_path / "o2"), "--num-experts", "4"], "afile: a file"),
+        (["upcycle", str(dense_run), str(afile), "--num-experts", "4"], "afile: a file; upcycle writes"),
+        (["distill", str(tmp_path / "nope"), str(tmp_path / "o3"), "--max-steps", "2"], "nope: not found"),
+        (["distill", str(teacher_run), str(afile), "--max-steps", "2"], "afile: a file; distill writes"),
+    ]
+    for args, message in cases:
+        assert main(args) == 2
+        assert message in capsys.readouterr().err, args
+
+
 def test_distill_into_a_folder_of_other_files_is_refused(teacher_run, tmp_path, capsys):
     out = tmp_path / "mine"
     out.mkdir()

@@ -134,6 +134,9 @@ def build_student(teacher_source: str | Path, out: str | Path, sets: dict, max_s
     from switchformer.models import dense_twin_config
     from switchformer.train.run import load_run, run_dir_of
 
+    if not Path(teacher_source).is_dir():
+        state = "a file" if Path(teacher_source).exists() else "not found"
+        raise FileNotFoundError(f"{teacher_source}: {state}; the teacher is a Switch run or checkpoint")
     teacher, _, teacher_train = load_run(teacher_source, need_tokenizer=False)
     teacher_dir = run_dir_of(teacher_source)
     if Path(out).resolve().is_relative_to(teacher_dir.resolve()):

@@ -111,6 +111,11 @@ def upcycle(
     from switchformer.train.rundir import write_file_atomic, write_json_atomic
 
     source, out = Path(source), Path(out)
+    if not source.is_dir():
+        raise FileNotFoundError(f"{source}: {'a file' if source.exists() else 'not found'}; upcycle takes a run, "
+                                "a checkpoint or a Hugging Face directory")  # fmt: skip
+    if out.is_file():
+        raise ValueError(f"{out}: a file; upcycle writes a run into a new or empty folder")
     if out.resolve().is_relative_to(run_dir_of(source).resolve()):
         raise ValueError(f"{out}: inside the source {source}; upcycle writes nothing into what it reads")
     if out.exists() and any(out.iterdir()):
