@@ -12,6 +12,7 @@ every round; a warm-up round is not kept) and medians are reported.
     python benchmarks/serve_load.py                           # the tiny preset's model, CPU (minutes)
     python benchmarks/serve_load.py --clients 1 16 --rounds 1 --requests 16    # a quick look
     python benchmarks/serve_load.py --run runs/my-run --device cuda
+    OMP_NUM_THREADS=1 python benchmarks/serve_load.py --engine-only     # the ceiling: no HTTP, no clients
 """
 
 from __future__ import annotations
@@ -114,6 +115,43 @@ async def level(url: str, texts: list[str], clients: int, max_tokens: int) -> di
     return {"tokens_per_s": tokens / elapsed, "ttft": ttft, "tpot": tpot, "requests": len(results), "tokens": tokens}
 
 
+def engine_only(run: Path, levels: list[int], max_tokens: int, rounds: int) -> None:
+    """The scheduler's decoding step without HTTP, in this process: ms per step with N requests
+    decoding together (their prefills excluded), the ceiling of what batching gives end to end."""
+    import torch
+
+    from switchformer.models.common import DecodingScope
+    from switchformer.serve.command import load_source
+    from switchformer.serve.engine import Engine, Request
+    from switchformer.serve.sampling import SamplingParams
+
+    served = load_source(run)
+    model, tok = served.model, served.tokenizer
+    context = model.config.max_seq_len
+    texts = prompts(max(levels))
+
+    def step_ms(n: int) -> float:
+        engine = Engine(model, tok, max_batch_size=n, max_request_tokens=context)
+        for text in texts[:n]:
+            ids = tok.encode(text).ids[: context - max_tokens - 1]
+            engine._waiting.append(Request(ids, SamplingParams(max_tokens=max_tokens, temperature=0), lambda *a: None))
+        with torch.inference_mode(), DecodingScope().active():
+            engine._admit()
+            start, steps = time.perf_counter(), 0
+            while len(engine.batch):
+                engine._step()
+                steps += 1
+        return (time.perf_counter() - start) / max(steps, 1) * 1e3
+
+    times = {n: statistics.median(step_ms(n) for _ in range(rounds)) for n in levels}
+    threads = torch.get_num_threads()
+    print(f"\nthe scheduler's decoding step alone (no HTTP, {threads} thread(s), medians of {rounds}):\n")
+    print("| requests | ms per step | tokens/s | x one at a time |")
+    print("|---:|---:|---:|---:|")
+    for n in levels:
+        print(f"| {n} | {times[n]:.2f} | {n / times[n] * 1e3:.0f} | {n * times[1] / times[n]:.2f}x |")
+
+
 def percentile(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
@@ -134,11 +172,15 @@ def main() -> None:
         "--server-threads", type=int, default=max((os.cpu_count() or 2) - 1, 1),
         help="OMP_NUM_THREADS of the server (default: all cores but one, which the clients use)",
     )  # fmt: skip
+    parser.add_argument("--engine-only", action="store_true", help="the scheduler's step alone, no server")
     args = parser.parse_args()
     levels = sorted(set(args.clients) | {1})
     texts = prompts(args.requests)
     with tempfile.TemporaryDirectory() as tmp:
         run = Path(args.run) if args.run else make_run(Path(tmp), args.preset)
+        if args.engine_only:
+            engine_only(run, levels, args.max_tokens, args.rounds)
+            return
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
