@@ -7,7 +7,9 @@ The test suite runs on CPU; this script checks on a device what the tests cannot
    and ``auto`` picks one that runs;
 3. bf16 training: the trainer's bf16 autocast on the ``test`` preset for 30 steps (finite, falling
    loss), with every router's logits in float32 (selective precision);
-4. speed: a few interleaved training steps and greedy generations against Hugging Face, as
+4. serving: the continuous-batching engine's greedy tokens equal ``generate`` alone (fp32), and it
+   runs in bf16, both model families;
+5. speed: a few interleaved training steps and greedy generations against Hugging Face, as
    ``vs_transformers.py`` (run that script with ``--device cuda`` for the full table).
 
 Prints one line per check and exits 1 if any failed.
@@ -184,6 +186,74 @@ def check_speed(device: torch.device, steps: int) -> None:
         print(f"     E={experts} training step: HF {hf_t * 1e3:.1f} ms, ours {our_t * 1e3:.1f} ms, {hf_t / our_t:.2f}x")
 
 
+def _serve(model, tok, prompts: list[list[int]]) -> tuple[bool, dict]:
+    """Greedy requests (``max_tokens`` 8, 9, ...) through a started engine of 5 slots; (all ended in
+    time, {request: (final event, tokens)})."""
+    import threading
+
+    from switchformer.serve.engine import Engine, Request
+    from switchformer.serve.sampling import SamplingParams
+
+    engine = Engine(model, tok, max_batch_size=5, max_request_tokens=64, max_source_tokens=64, columns=72)
+    results, done = {}, threading.Event()
+
+    def emitter(i: int):
+        out: list[int] = []
+
+        def emit(kind, payload):
+            if kind == "token":
+                out.append(payload["choice"].token)
+                return
+            results[i] = (kind, out)
+            if len(results) == len(prompts):
+                done.set()
+
+        return emit
+
+    engine.start()
+    for i, ids in enumerate(prompts):
+        engine.submit(Request(ids, SamplingParams(max_tokens=8 + i, temperature=0), emitter(i)))
+    finished = done.wait(120)
+    engine.stop()
+    return finished, results
+
+
+def check_serving(device: torch.device) -> None:
+    """The server's engine on the device: 12 greedy requests over 5 slots (admissions, retirements,
+    cache shifts) give each request's tokens of ``generate`` alone, both families, fp32; in bf16 the
+    engine must run and its tokens are compared (batched bf16 products may round differently)."""
+    from switchformer.data.tokenizer import train_tokenizer
+    from switchformer.models import SwitchLM, SwitchLMConfig, SwitchT5, SwitchT5Config
+
+    words = "the a cat dog sat on mat ran fast slow big small red blue green house tree sun moon river".split()
+    g = torch.Generator().manual_seed(0)
+    texts = [" ".join(words[int(i)] for i in torch.randint(len(words), (3 + 2 * n,), generator=g)) for n in range(12)]
+    tok = train_tokenizer(texts * 20, 400, "bpe")
+    torch.manual_seed(0)
+    lm = SwitchLM(SwitchLMConfig(vocab_size=400, d_model=64, num_layers=2, num_heads=4, d_ff=128, num_experts=4,
+                                 sparse_step=1, max_seq_len=128, init_scale=1.0))  # fmt: skip
+    t5 = SwitchT5(SwitchT5Config(vocab_size=400, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4,
+                                 num_experts=4, encoder_sparse_step=1, decoder_sparse_step=1, init_scale=1.0,
+                                 dropout_rate=0.0))  # fmt: skip
+    for dtype in (torch.float32, torch.bfloat16):
+        for model in (lm, t5):
+            model = model.to(device=device, dtype=dtype).eval()
+            t5_family = isinstance(model, SwitchT5)
+            prompts = [tok.encode(t).ids + ([1] if t5_family else []) for t in texts]
+            finished, results = _serve(model, tok, prompts)
+            same = 0
+            for i, ids in enumerate(prompts):
+                ref = model.generate(torch.tensor([ids], device=device), max_new_tokens=8 + i, do_sample=False)[0]
+                ref = ref[(1 if t5_family else len(ids)) :].tolist()
+                ref = ref[: ref.index(1)] if 1 in ref else ref
+                same += finished and i in results and results[i][0] == "done" and results[i][1] == ref
+            name = f"serve engine {'t5' if t5_family else 'lm'} {str(dtype).split('.')[-1]}"
+            exact = dtype == torch.float32
+            report(name, finished and (same == len(prompts) or not exact),
+                   f"{same}/{len(prompts)} requests equal generate alone" + ("" if exact else " (bf16: compared)"))
+    lm.float(), t5.float()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda")
@@ -202,6 +272,7 @@ def main() -> int:
     check_host_syncs(device)
     check_expert_grad_layout(device)
     check_bf16_training(device)
+    check_serving(device)
     if not args.skip_speed:
         check_speed(device, args.steps)
     print(f"{len(FAILURES)} failed ({', '.join(FAILURES) or 'none'}) in {time.perf_counter() - start:.0f} s")

@@ -50,7 +50,8 @@ def lm():
 
 @pytest.fixture(scope="module")
 def lm_server(lm, tok):
-    app, engine = make_app(lm, tok, max_batch_size=6, columns=80)  # few slots and columns: queueing and shifts
+    # few slots, and columns between one request's longest and twice it: queueing and shifts
+    app, engine = make_app(lm, tok, max_batch_size=6, limits=Limits(60, 60, 64), max_request_tokens=64, columns=80)
     with serving(app) as url:
         yield url, engine
 
@@ -109,7 +110,7 @@ def test_sixteen_concurrent_greedy_requests_equal_generate_alone(lm_server, lm, 
 
 def test_encoder_decoder_under_load_equals_generate_alone(tok):
     model = tiny_t5()
-    app, engine = make_app(model, tok, max_batch_size=5, columns=40)
+    app, engine = make_app(model, tok, max_batch_size=5, limits=Limits(64, 36, None), columns=40)
     with serving(app) as url:
         c = client(url)
 

@@ -136,3 +136,14 @@ def test_cache_shifts_keep_each_rows_keys():
     batch.place([torch.arange(7.0).view(1, 7, 1)])  # a longer prompt: b shifts right
     batch.rows.append("c")
     assert batch.length == 7 and keys(0) == [5.0, 20.0, 21.0, 22.0, 23.0, 24.0] and keys(1) == list(range(7))
+
+
+def test_an_engine_whose_columns_cannot_hold_a_request_is_refused():
+    from serve_helpers import tiny_lm, tokenizer
+
+    from switchformer.serve.engine import Engine
+
+    with pytest.raises(ValueError, match="columns: 48 must exceed max_request_tokens=64"):
+        Engine(tiny_lm(), tokenizer(), max_request_tokens=64, columns=48)
+    with pytest.raises(ValueError, match="max_batch_size"):
+        Engine(tiny_lm(), tokenizer(), max_request_tokens=64, max_batch_size=0)

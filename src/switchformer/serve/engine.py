@@ -278,8 +278,10 @@ class Engine:
     its own; ``stop`` ends it (running requests finish within ``timeout`` seconds, or get an
     error). ``max_batch_size``: requests decoded together; ``max_queue``: requests waiting beyond
     them (:class:`QueueFull` past it); ``max_prefill_tokens``: prompt tokens admitted per
-    iteration before the running requests step again (at least one prompt); ``columns``: cache
-    positions per slot (default twice the longest request a request may be)."""
+    iteration before the running requests step again (at least one prompt); ``max_request_tokens``:
+    the most positions one request may take (prompt and answer; the server's limits keep requests
+    within it); ``columns``: cache positions per slot, more than ``max_request_tokens`` (default
+    twice it: fewer shifts). Raises ``ValueError`` for sizes that cannot hold a request."""
 
     def __init__(
         self,
@@ -308,6 +310,8 @@ class Engine:
         parameter = next(model.parameters())
         self.device, dtype = parameter.device, parameter.dtype
         columns = columns or 2 * max_request_tokens
+        if columns <= max_request_tokens:  # a request's keys plus the step's column must always fit
+            raise ValueError(f"columns: {columns} must exceed max_request_tokens={max_request_tokens}")
         if self.family == "t5":
             self.batch: _Batch = _T5Batch(model, max_batch_size, columns, max_source_tokens, self.device, dtype)
         else:
