@@ -147,3 +147,25 @@ def test_an_engine_whose_columns_cannot_hold_a_request_is_refused():
         Engine(tiny_lm(), tokenizer(), max_request_tokens=64, columns=48)
     with pytest.raises(ValueError, match="max_batch_size"):
         Engine(tiny_lm(), tokenizer(), max_request_tokens=64, max_batch_size=0)
+
+
+def test_the_engine_refuses_a_request_its_cache_cannot_hold():
+    from serve_helpers import tiny_lm, tiny_t5, tokenizer
+
+    from switchformer.serve.engine import Engine, Request
+    from switchformer.serve.sampling import SamplingParams
+
+    def request(prompt, max_tokens):
+        return Request([5] * prompt, SamplingParams(max_tokens=max_tokens), lambda *a: None)
+
+    lm = Engine(tiny_lm(), tokenizer(), max_request_tokens=64)
+    with pytest.raises(ValueError, match="max_request_tokens=64"):
+        lm.submit(request(60, 5))
+    lm.submit(request(60, 4))  # exactly fits (not started: it only waits)
+    t5 = Engine(tiny_t5(), tokenizer(), max_request_tokens=17, max_source_tokens=32)
+    with pytest.raises(ValueError, match="max_source_tokens=32"):
+        t5.submit(request(33, 4))
+    with pytest.raises(ValueError, match="max_request_tokens=17"):
+        t5.submit(request(8, 17))
+    with pytest.raises(ValueError, match="needs a prompt"):
+        t5.submit(request(0, 4))

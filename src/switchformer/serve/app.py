@@ -154,6 +154,8 @@ def create_app(
                            headers={"Retry-After": "1"}) from None  # fmt: skip
         except EngineStopped as err:
             raise APIError(503, str(err), kind="server_error") from None
+        except ValueError as err:  # past the limits already checked; the engine's own guard
+            raise APIError(400, str(err), code="context_length_exceeded") from None
         return request, events
 
     async def collect(http: Request, request: EngineRequest, events: _Events, logprobs) -> tuple[str, dict]:

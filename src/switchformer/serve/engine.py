@@ -306,6 +306,7 @@ class Engine:
         self.eos = model.config.eos_token_id
         self.max_batch_size, self.max_queue, self.max_prefill_tokens = max_batch_size, max_queue, max_prefill_tokens
         self.routing = routing
+        self.max_request_tokens, self.max_source_tokens = max_request_tokens, max_source_tokens
         self.routing_text = routing_description(model, routing)  # refuses an unknown mode now, not at a step
         parameter = next(model.parameters())
         self.device, dtype = parameter.device, parameter.dtype
@@ -333,6 +334,10 @@ class Engine:
         self._thread.start()
 
     def submit(self, request: Request) -> None:
+        """Queue ``request``. Raises ``ValueError`` for a request the cache cannot hold (the server's
+        limits keep requests within it: this guards direct use), :class:`QueueFull`,
+        :class:`EngineStopped`."""
+        self.check_fits(len(request.prompt_ids), request.params.max_tokens)
         with self._cond:
             if not self._accepting:
                 raise EngineStopped("the server is shutting down")
@@ -343,6 +348,20 @@ class Engine:
                 )
             self._waiting.append(request)
             self._cond.notify()
+
+    def check_fits(self, prompt_tokens: int, max_tokens: int) -> None:
+        """``ValueError`` naming what does not fit this engine's cache: an empty prompt, a prompt and
+        answer longer than ``max_request_tokens`` (decoder-only), a source longer than
+        ``max_source_tokens`` or an answer longer than ``max_request_tokens - 1`` (encoder-decoder)."""
+        if prompt_tokens < 1 or max_tokens < 1:
+            raise ValueError(f"request: needs a prompt and max_tokens >= 1 (got {prompt_tokens} and {max_tokens})")
+        if self.family == "lm" and prompt_tokens + max_tokens > self.max_request_tokens:
+            raise ValueError(f"request: {prompt_tokens} prompt tokens and max_tokens {max_tokens} exceed the "
+                             f"engine's max_request_tokens={self.max_request_tokens}")  # fmt: skip
+        if self.family == "t5" and (prompt_tokens > self.max_source_tokens or max_tokens >= self.max_request_tokens):
+            raise ValueError(f"request: a source of {prompt_tokens} tokens and max_tokens {max_tokens} exceed the "
+                             f"engine's max_source_tokens={self.max_source_tokens} or max_request_tokens="
+                             f"{self.max_request_tokens} (less one for the decoder start)")  # fmt: skip
 
     def queue_length(self) -> int:
         return len(self._waiting)
