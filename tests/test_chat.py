@@ -507,3 +507,44 @@ def test_eval_scores_a_chat_run(chat_run, tmp_path, capsys):
     data = write_jsonl(tmp_path / "test.jsonl", synthetic_conversations(10, 42))
     assert main(["eval", str(chat_run), "--data", str(data), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["eval_loss"] < 2.0
+
+
+@pytest.mark.parametrize(
+    "row, objective, where",
+    [
+        ({"text": "bad \ud800 text"}, None, "field 'text': not valid Unicode"),
+        ({"messages": [{"role": "user", "content": "hi \udfff"}, {"role": "assistant", "content": "ok"}]}, "chat",
+         "messages[0].content: not valid Unicode"),
+        ({"messages": [{"role": "user", "content": [{"type": "text", "text": "\ud83d"}]},
+                       {"role": "assistant", "content": "ok"}]}, "chat", "messages[0].content: not valid Unicode"),
+    ],
+)  # fmt: skip
+def test_a_lone_surrogate_in_jsonl_training_data_is_named_at_its_line(row, objective, where, tmp_path, capsys):
+    """JSON's \\ud800 escapes make strings no tokenizer reads: every JSONL reader names the file and line."""
+    import json
+
+    from switchformer.cli import main
+
+    good = {"text": "fine text"} if objective is None else {
+        "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}]}  # fmt: skip
+    data = tmp_path / "data.jsonl"
+    data.write_text(json.dumps(good) + "\n" + json.dumps(row) + "\n")  # json.dumps escapes the surrogate
+    args = ["train", "--preset", "test", "--model", "lm", "--data", str(data), "--max-steps", "1", "--no-progress",
+            "--out-dir", str(tmp_path / "runs")]  # fmt: skip
+    if objective:
+        args += ["--set", f"objective={objective}"]
+    assert main(args) == 2
+    assert f"data.jsonl:2: {where}" in capsys.readouterr().err
+
+
+def test_a_lone_surrogate_in_a_pair_is_named_at_its_line(tmp_path):
+    import json
+
+    from switchformer.data.files import DataError
+    from switchformer.data.pairs import load_pairs
+
+    data = tmp_path / "pairs.jsonl"
+    rows = [{"source": "ok", "target": "ok"}, {"source": "a\ud800", "target": "b"}]
+    data.write_text("\n".join(json.dumps(row) for row in rows))
+    with pytest.raises(DataError, match="pairs.jsonl:2: field 'source': not valid Unicode"):
+        load_pairs([data], None, None)

@@ -38,6 +38,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from switchformer.data.formatting import lone_surrogate
+
 ROLES = ("system", "user", "assistant")
 GENERATION_PROMPT = "<|assistant|>\n"
 
@@ -62,9 +64,9 @@ def _type_name(value) -> str:
 
 def _content_text(content, where: str) -> str:
     """A message's content as one string: a string as it is, a list of text parts joined with
-    newlines; anything else is a ``ValueError`` naming ``where``."""
+    newlines; anything else, or text that is not valid Unicode, is a ``ValueError`` naming ``where``."""
     if isinstance(content, str):
-        return content
+        return _unicode(content, where)
     if not isinstance(content, list):
         raise ValueError(f"{where}: must be a string (or a list of text parts), got {_type_name(content)}")
     texts = []
@@ -80,7 +82,14 @@ def _content_text(content, where: str) -> str:
         if not isinstance(part.get("text"), str):
             raise ValueError(f"{where}[{j}].text: must be a string, got {_type_name(part.get('text'))}")
         texts.append(part["text"])
-    return "\n".join(texts)
+    return _unicode("\n".join(texts), where)
+
+
+def _unicode(text: str, where: str) -> str:
+    position = lone_surrogate(text)
+    if position is not None:
+        raise ValueError(f"{where}: not valid Unicode (a lone surrogate at character {position})")
+    return text
 
 
 def check_messages(messages, where: str = "messages") -> list[dict]:

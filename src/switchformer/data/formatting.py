@@ -50,6 +50,16 @@ class Pair(NamedTuple):
     target_lang: str | None = None
 
 
+def lone_surrogate(text: str) -> int | None:
+    """The position of the first lone surrogate in ``text`` (JSON's ``\\ud800`` escapes make
+    them; no tokenizer reads one), or None when ``text`` is valid Unicode."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        return err.start
+    return None
+
+
 def is_language_code(value) -> bool:
     """Whether ``value`` can be a language code: letters and digits, with ``-`` or ``_`` between
     (``de``, ``pt-br``, ``zh_Hans``). The one check of every language a user or a file gives."""

@@ -13,6 +13,7 @@ import math
 import time
 from dataclasses import dataclass
 
+from switchformer.data.formatting import lone_surrogate
 from switchformer.serve.sampling import SamplingParams
 
 MAX_STOP_STRINGS = 4  # as OpenAI
@@ -54,10 +55,9 @@ def parse_body(raw: bytes) -> dict:
 def check_text(name: str, text: str) -> str:
     """``text`` if it is valid Unicode (JSON's escapes can carry a lone surrogate, which no
     tokenizer reads); else a 400 naming ``name``."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as err:
-        raise APIError(400, f"{name}: not valid Unicode (a lone surrogate at character {err.start})", name) from None
+    position = lone_surrogate(text)
+    if position is not None:
+        raise APIError(400, f"{name}: not valid Unicode (a lone surrogate at character {position})", name)
     return text
 
 
