@@ -129,11 +129,14 @@ def check_distill_settings(alpha: float, temperature: float, max_steps: int) -> 
 
 
 def build_student(teacher_source: str | Path, out: str | Path, sets: dict, max_steps: int):
-    """(teacher model, student train config, student model config dict, the teacher's tokenizer
-    file, copied weight names). Reads the teacher only."""
+    """(teacher model, student train config, student model config dict). Reads the teacher only.
+    Raises ``ValueError`` for a setting in ``sets`` that distill decides itself (:data:`FIXED_FIELDS`)."""
     from switchformer.models import dense_twin_config
     from switchformer.train.run import load_run, run_dir_of
 
+    for key in sets:
+        if key in FIXED_FIELDS:
+            raise ValueError(f"--set {key}: {FIXED_FIELDS[key]}; distill does not take it")
     if not Path(teacher_source).is_dir():
         state = "a file" if Path(teacher_source).exists() else "not found"
         raise FileNotFoundError(f"{teacher_source}: {state}; the teacher is a Switch run or checkpoint")
@@ -147,12 +150,6 @@ def build_student(teacher_source: str | Path, out: str | Path, sets: dict, max_s
     if not tokenizer.exists():
         raise FileNotFoundError(f"{tokenizer}: missing; the student trains with the teacher's tokenizer")
     vocab = teacher.config.vocab_size
-    if "vocab_size" in sets and sets["vocab_size"] != vocab:
-        raise ValueError(f"vocab_size: the student must share the teacher's vocabulary ({vocab}), got "
-                         f"{sets['vocab_size']}")  # fmt: skip
-    for field in ("num_experts", "sparse_step"):
-        if field in sets:
-            raise ValueError(f"{field}: the student is dense; distill makes a dense model of a Switch teacher")
     out = Path(out)
     fixed = dict(max_steps=max_steps, sparse_step=0, init_from=None, run_name=out.name, out_dir=str(out.parent),
                  tokenizer=str(tokenizer.resolve()))  # fmt: skip
@@ -195,8 +192,6 @@ def run_distill(args) -> int:
         if not sep or key not in fields:
             raise ValueError(f"--set {item}: expected KEY=VALUE with KEY a training setting")
         sets[key] = parse_setting(key, value)
-        if key in FIXED_FIELDS:
-            raise ValueError(f"--set {key}: {FIXED_FIELDS[key]}; distill does not take it")
     if args.seed is not None:
         sets["seed"] = args.seed
     out = Path(args.out)
