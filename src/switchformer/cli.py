@@ -294,11 +294,11 @@ def cmd_generate(args) -> int:
     model, tokenizer, config = load_run(args.run)
     print(f"routing: {routing_description(model, args.routing)}", file=sys.stderr)
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
-    try:
-        prompt.encode("utf-8")
-    except UnicodeEncodeError as err:  # bytes that are not UTF-8 arrive as lone surrogates
+    from switchformer.data.formatting import lone_surrogate
+
+    if (position := lone_surrogate(prompt)) is not None:  # bytes that are not UTF-8 arrive as lone surrogates
         where = "--prompt" if args.prompt is not None else "standard input"
-        raise ValueError(f"prompt: {where} is not valid UTF-8 (character {err.start})") from None
+        raise ValueError(f"prompt: {where} is not valid UTF-8 (character {position})")
     if not prompt.strip() and args.prompt is None:
         raise ValueError("prompt: give --prompt or text on standard input")
     seq2seq = config.resolved_objective == "seq2seq"  # the prompt is a source: its translation alone is printed

@@ -70,8 +70,6 @@ class _Events:
 
 
 def _sse(data: dict | str) -> str:
-    import json
-
     return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n"
 
 
