@@ -281,16 +281,16 @@ def test_torchrun_training_matches_one_process(tmp_path):
     assert sorted(a) == sorted(b) == list(range(1, 7))
     for step in a:
         assert abs(a[step] - b[step]) < 1e-5, (step, a[step], b[step])
-    # each rank wrote its expert shard (so the experts really were split), rank 0 the consolidated file
+    # a DCP checkpoint and the consolidated weights for single-process commands
     checkpoint = sorted((tmp_path / "two" / "checkpoints").iterdir())[-1]
-    assert (checkpoint / "experts-ep1-of-2.safetensors").exists() and (checkpoint / "model.safetensors").exists()
+    assert (checkpoint / "dcp" / ".metadata").exists() and (checkpoint / "model.safetensors").exists()
     # the consolidated checkpoint serves single-process commands
     from switchformer.cli import load_run
 
     model, _, _ = load_run(tmp_path / "two")
     reference, _, _ = load_run(tmp_path / "one")
     for name, tensor in reference.state_dict().items():
-        torch.testing.assert_close(model.state_dict()[name], tensor, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(model.state_dict()[name], tensor, atol=1e-5, rtol=1e-4, msg=name)
 
 
 # ----------------------------------------------------------------------------- state outside autograd
@@ -345,10 +345,11 @@ def test_aux_loss_free_biases_are_the_same_on_every_replica_and_as_one_process(d
     run_workers(_aux_loss_free_replicas, 2, defer, tmp_path=tmp_path)
 
 
-def _dp_config(data, batch_size, grad_accum):
+def _dp_config(data, batch_size, grad_accum, fsdp=True):
     from switchformer.train.config import build_config
 
     values = dict(
+        fsdp=fsdp,
         model="t5", objective="seq2seq", data=[data], d_model=16, num_layers=1, num_heads=2, d_ff=16,
         num_experts=2, sparse_step=1, precision="fp32", max_steps=1, grad_clip=1e9, aux_loss_coef=0.0,
         z_loss_coef=0.0, vocab_size=400, seq_len=32, batch_size=batch_size, grad_accum=grad_accum,
@@ -363,24 +364,30 @@ def _trainer_gradient(config, run_dir) -> dict[str, torch.Tensor]:
     trainer = Trainer(config, run_dir, progress=False)
     seen = {}
 
-    def record():  # the gradient the optimizer would apply, after reduce_gradients
-        seen.update({n: p.grad.detach().clone() for n, p in trainer.model.named_parameters() if p.grad is not None})
+    def record():  # the gradient the optimizer would apply (FSDP's shards gathered: a collective)
+        from torch.distributed.tensor import DTensor
+
+        for n, p in trainer.model.named_parameters():
+            if p.grad is not None:
+                seen[n] = (p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad).detach().clone()
 
     trainer.optimizer.step = record
     assert trainer.train_step() is not None
     return seen
 
 
-def _dp_gradient(rank, world, data, run_dir, batch_size, grad_accum, out):
-    gradient = _trainer_gradient(_dp_config(data, batch_size, grad_accum), run_dir)
+def _dp_gradient(rank, world, data, run_dir, batch_size, grad_accum, out, fsdp):
+    gradient = _trainer_gradient(_dp_config(data, batch_size, grad_accum, fsdp), run_dir)
     if rank == 0:
         torch.save(gradient, out)
     dist.barrier()  # no rank tears the group down while another is still in a collective
 
 
-def test_trainer_gradient_over_ranks_and_micro_batches_equals_one_process(tmp_path):
+@pytest.mark.parametrize("fsdp", [True, False], ids=["fsdp", "replicated"])
+def test_trainer_gradient_over_ranks_and_micro_batches_equals_one_process(fsdp, tmp_path):
     """Issue 13, fault 1 over ranks: uneven targets (2 to 17 label tokens), split over 2 ranks and
-    micro-batches, give the one-process gradient of the mean over every label token."""
+    micro-batches, give the one-process gradient of the mean over every label token, with FSDP2's
+    reduction during backward and with the replicated weights' reduction after it."""
     from uneven_pairs import write_uneven_pairs
 
     data = write_uneven_pairs(tmp_path)
@@ -392,7 +399,7 @@ def test_trainer_gradient_over_ranks_and_micro_batches_equals_one_process(tmp_pa
         out = tmp_path / f"grad{grad_accum}.pt"
         errors = tmp_path / f"errors{grad_accum}"
         errors.mkdir()
-        run_workers(_dp_gradient, 2, str(data), str(run_dir), batch_size, grad_accum, str(out), tmp_path=errors)
+        run_workers(_dp_gradient, 2, str(data), str(run_dir), batch_size, grad_accum, str(out), fsdp, tmp_path=errors)
         split = {reference_name(n): g for n, g in torch.load(out, weights_only=True).items()}
         # reduce_gradients gives a zero gradient to parameters without one (a rank may route no
         # token to an expert), where one process leaves None: the same update under SGD/Adam

@@ -60,9 +60,11 @@ __all__ = [
     "model_state",
     "read_safetensors",
     "read_state",
+    "restore_rng",
     "resume_checkpoint",
     "save_checkpoint",
     "write_checkpoint_files",
+    "write_state_file",
     "write_json_atomic",
     "write_text_atomic",
 ]
@@ -120,11 +122,22 @@ def write_checkpoint_files(
     if weights is not None:
         file = tmp / "model.safetensors"
         _library_write(lambda: save_file(weights, str(file)), file)
-        rng = base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()
-        write_file_atomic(tmp / "state.json.part", json.dumps(dict(extra, step=step, rng=rng), indent=2).encode())
+        write_state_file(tmp, step, extra)
     if optimizer_state is not None:
         file = tmp / optimizer_name
         _library_write(lambda: torch.save(optimizer_state, file), file)
+
+
+def write_state_file(tmp: Path, step: int, extra: dict) -> None:
+    """``state.json.part`` (renamed to ``state.json`` last, by :func:`finish_checkpoint`): ``extra``,
+    the step and this process's RNG state."""
+    rng = base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()
+    write_file_atomic(tmp / "state.json.part", json.dumps(dict(extra, step=step, rng=rng), indent=2).encode())
+
+
+def restore_rng(state: dict) -> None:
+    """The CPU RNG state ``state.json`` recorded (see :func:`write_state_file`)."""
+    torch.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(state["rng"])), dtype=torch.uint8))
 
 
 def _replace_dir(src: Path, dst: Path) -> None:
@@ -144,10 +157,12 @@ def _replace_dir(src: Path, dst: Path) -> None:
 def finish_checkpoint(tmp: Path, keep_last: int) -> Path:
     """Sync every file, mark complete (state.json last), rename into place, prune old checkpoints."""
     mode = default_file_mode()
-    for file in tmp.iterdir():  # libraries create some files 0600; every process's parts are here now
+    for file in tmp.rglob("*"):  # libraries create some files 0600; every process's parts are here now
         if file.is_file() and file.name != "state.json.part":
             os.chmod(file, mode)
             fsync_file(file)
+        elif file.is_dir():
+            fsync_dir(file)
     os.replace(tmp / "state.json.part", tmp / "state.json")
     fsync_dir(tmp)
     final = tmp.parent / tmp.name[1:].rsplit(".", 1)[0]
@@ -449,6 +464,5 @@ def _load_checkpoint(path: Path, model, optimizer, optimizer_name: str, load_wei
         optimizer.load_state_dict(saved)
     except (KeyError, RuntimeError, ValueError, TypeError, IndexError) as err:
         raise RunFileError(file, f"does not fit this model's optimizer ({one_line(err)})") from None
-    rng = torch.frombuffer(bytearray(base64.b64decode(state["rng"])), dtype=torch.uint8)
-    torch.set_rng_state(rng)
+    restore_rng(state)
     return state

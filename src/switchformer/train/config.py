@@ -75,6 +75,7 @@ class TrainConfig:
     seed: int = 0
     # scale (under torchrun): experts split over this many ranks; batch_size is per rank
     expert_parallel: int = 1
+    fsdp: bool = True  # shard weights, gradients and optimizer state (FSDP2); false: replicate them
     dist_timeout_s: float = 300.0
     # bookkeeping
     out_dir: str = "runs"
@@ -613,6 +614,12 @@ RESUMABLE_FIELDS = (
     "dist_timeout_s",
     "num_beams",
     "length_penalty",
+    # the layout: DCP checkpoints reshard to any; batch_size is per rank, so a run resumed on another
+    # number of processes changes it (the trainer checks the global batch stays the same)
+    "expert_parallel",
+    "fsdp",
+    "batch_size",
+    "grad_accum",
 )
 
 

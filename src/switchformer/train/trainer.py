@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -21,14 +22,21 @@ from switchformer.generation import routing_description
 from switchformer.models import SwitchLM, SwitchT5
 from switchformer.models.common import weighted_router_loss
 from switchformer.parallel import (
+    DCP_FOLDER,
     apply_expert_parallel,
+    apply_fsdp,
     check_same_config,
-    consolidate_shards,
+    checkpoint_state,
+    export_safetensors,
+    grad_norm,
     init_distributed,
-    is_expert_parameter,
-    load_full_state,
+    load_dcp,
+    load_full_state_into,
+    local_tensor,
     reduce_gradients,
-    save_shards,
+    save_dcp,
+    scale_gradients,
+    sum_over_world,
 )
 from switchformer.routing import defer_bias_updates, discard_bias_updates, sync_bias_updates
 from switchformer.runtime import resolve_device, reuse_freed_memory
@@ -39,10 +47,12 @@ from switchformer.train.checkpoint import (
     load_checkpoint,
     load_model_weights,
     read_safetensors,
+    read_state,
+    restore_rng,
     resume_checkpoint,
     save_checkpoint,
-    write_checkpoint_files,
     write_json_atomic,
+    write_state_file,
     write_text_atomic,
 )
 from switchformer.train.config import TrainConfig
@@ -103,28 +113,39 @@ def build_optimizer(config: TrainConfig, model: torch.nn.Module) -> torch.optim.
 
 
 def clip_grad_norm(model: torch.nn.Module, max_norm: float, parallel) -> float:
-    """Clip by the norm of the whole model's gradient; under expert parallelism the expert shards
-    of an EP group together make up each expert weight's gradient."""
+    """Clip by the norm of the whole model's gradient (under torchrun: over every rank's shards,
+    :func:`switchformer.parallel.grad_norm`, the figure one process computes on the whole model)."""
     if parallel is None:
         return float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
-    shared_sq, expert_sq = torch.zeros(()), torch.zeros(())
-    for name, param in model.named_parameters():
-        if param.grad is None:
-            continue
-        sq = param.grad.detach().float().pow(2).sum().cpu()
-        if is_expert_parameter(name):
-            expert_sq += sq
-        else:
-            shared_sq += sq
-    expert_sq = expert_sq.to(next(model.parameters()).device)
-    dist.all_reduce(expert_sq, group=parallel.ep_group)
-    total = math.sqrt(float(shared_sq) + float(expert_sq))
+    total = grad_norm(model, parallel)
     scale = max_norm / (total + 1e-6)
     if scale < 1:
-        for param in model.parameters():
-            if param.grad is not None:
-                param.grad.mul_(scale)
+        scale_gradients(model, scale)
     return total
+
+
+def global_batch(config: TrainConfig, world: int) -> int:
+    """Sequences (or pairs, conversations) per optimizer step over every rank."""
+    return config.batch_size * config.grad_accum * world
+
+
+def check_global_batch(config: TrainConfig, state: dict, world: int) -> None:
+    """A run resumed on another number of processes must keep its global batch (``batch_size`` is
+    per rank): the checkpoint's, when it records one, or a ValueError naming the setting to give."""
+    saved = state.get("global_batch")
+    if saved is None or saved == global_batch(config, world):
+        return
+    per_rank, rest = divmod(saved, world * config.grad_accum)
+    fix = (
+        f"give --set batch_size={per_rank}"
+        if per_rank and not rest
+        else f"choose batch_size and grad_accum with batch_size x grad_accum x {world} = {saved}"
+    )
+    raise ValueError(
+        f"batch_size: the checkpoint was trained with a global batch of {saved} (saved with "
+        f"{state.get('world_size', '?')} processes), here batch_size {config.batch_size} x grad_accum "
+        f"{config.grad_accum} x {world} processes = {global_batch(config, world)}; {fix}"
+    )
 
 
 def autocast_context(config: TrainConfig, device: torch.device):
@@ -157,8 +178,13 @@ class Trainer:
         self.run_dir = Path(run_dir)
         self.parallel = None
         if int(os.environ.get("WORLD_SIZE", "1")) > 1 or config.expert_parallel > 1:
-            self.parallel = init_distributed(config.expert_parallel, config.dist_timeout_s)
+            self.parallel = init_distributed(config.expert_parallel, config.dist_timeout_s, config.fsdp)
             check_same_config(config.to_dict(), self.parallel)
+            if config.fsdp and config.optimizer == "adafactor":
+                raise ValueError(
+                    "optimizer: adafactor factors whole matrices, which FSDP shards; use adamw, or --set fsdp=false "
+                    "to keep weights whole on every rank"
+                )
         self.is_main = self.parallel is None or self.parallel.is_main
         self.rank, self.world = (0, 1) if self.parallel is None else (self.parallel.rank, self.parallel.world_size)
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -201,6 +227,8 @@ class Trainer:
         if self.parallel is not None:  # full seeded init on every rank, then each keeps its experts
             apply_expert_parallel(self.model, self.parallel)
         self.model.to(self.device)
+        if self.parallel is not None and self.parallel.fsdp:
+            apply_fsdp(self.model, self.parallel)  # before the optimizer: it holds the sharded weights
         self.optimizer = build_optimizer(config, self.model)
         self.step = 0
         self.bad_steps = 0
@@ -214,16 +242,19 @@ class Trainer:
                 checkpoint = self.run_dir  # a converted run: its weights, a fresh optimizer, step 0
             if checkpoint is None:
                 raise FileNotFoundError(no_checkpoint_message(self.run_dir))
-            loader = None
-            if self.parallel is not None:
-                loader = lambda full: load_full_state(self.model, full, self.parallel)  # noqa: E731
-            if checkpoint == self.run_dir:
-                if loader is None:
+            if (checkpoint / DCP_FOLDER).is_dir():  # any layout: DCP reshards to this one
+                state = read_state(checkpoint)
+                load_dcp(checkpoint / DCP_FOLDER, self.model, self.optimizer, self.parallel)
+                restore_rng(state)
+                check_global_batch(config, state, self.world)
+            elif checkpoint == self.run_dir:  # a converted run: its weights, a fresh optimizer, step 0
+                if self.parallel is None:
                     load_model_weights(self.model, self.run_dir)
                 else:
-                    loader(read_safetensors(self.run_dir / "model.safetensors"))
+                    self._load_full_weights(read_safetensors(self.run_dir / "model.safetensors"))
                 state = {"step": 0}
             else:
+                loader = None if self.parallel is None else self._load_full_weights
                 state = load_checkpoint(checkpoint, self.model, self.optimizer, self.optimizer_file, loader)
             self.step, self.bad_steps = state["step"], state.get("bad_steps", 0)
             if config.max_steps < self.step:
@@ -250,6 +281,13 @@ class Trainer:
             self.tensorboard = SummaryWriter(str(self.run_dir / "tensorboard"))
 
     # -- bookkeeping -----------------------------------------------------------------------
+
+    def _load_full_weights(self, full: dict) -> None:
+        """An unsharded state dict (``model.safetensors``) into this rank's model, any layout."""
+        if self.parallel is None:
+            self.model.load_state_dict(full)
+            return
+        load_full_state_into(checkpoint_state(self.model, None, self.parallel)["model"], full)
 
     @property
     def optimizer_file(self) -> str:
@@ -332,11 +370,12 @@ class Trainer:
         """The first weight or optimizer-state tensor holding NaN or infinity (None: all finite;
         under torchrun, any rank's makes every rank's answer non-None)."""
         names = {id(p): n for n, p in self.model.named_parameters()}
-        tensors = [(f"weight {n}", t) for n, t in self.model.state_dict().items()]
+        tensors = [(f"weight {n}", local_tensor(t)) for n, t in self.model.state_dict().items()]
         for param, entry in self.optimizer.state.items():
             for field, value in entry.items():
                 if isinstance(value, torch.Tensor):
-                    tensors.append((f"optimizer state {field} of {names.get(id(param), 'a parameter')}", value))
+                    label = f"optimizer state {field} of {names.get(id(param), 'a parameter')}"
+                    tensors.append((label, local_tensor(value)))
         tensors = [(n, t) for n, t in tensors if t.dtype.is_floating_point or t.dtype.is_complex]
         bad = [(~torch.isfinite(t.detach())).any() for _, t in tensors]
         flag = torch.zeros((), device=self.device)
@@ -360,22 +399,30 @@ class Trainer:
                 f"saved and {kept}; lower lr or raise warmup_steps"
             )
         self._saved_step = self.step
-        extra = {"bad_steps": self.bad_steps, "world_size": self.world, "train_time": self.train_time()}
+        extra = {
+            "bad_steps": self.bad_steps,
+            "world_size": self.world,
+            "global_batch": global_batch(self.config, self.world),
+            "train_time": self.train_time(),
+        }
         if self.parallel is None:
             return save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, extra, self.config.keep_last)
-        # every rank writes its own part (expert shard, optimizer state), rank 0 the shared weights
-        # and then one consolidated model.safetensors for single-process eval/generate; one rename
+        # every rank writes its shards of model and optimizer state (DCP) and of the consolidated
+        # model.safetensors; rank 0 then writes state.json and renames the folder into place
         holder = [str(begin_checkpoint(self.run_dir, self.step)) if self.is_main else None]
         dist.broadcast_object_list(holder, src=0)
         tmp = Path(holder[0])
-        save_shards(self.model, self.parallel, tmp)
-        write_checkpoint_files(tmp, self.step, None, self.optimizer.state_dict(), extra, self.optimizer_file)
-        dist.barrier()
-        final = None
-        if self.is_main:
-            full = consolidate_shards(tmp, self.parallel.expert_parallel_size)
-            write_checkpoint_files(tmp, self.step, full, None, extra)
-            final = finish_checkpoint(tmp, self.config.keep_last)
+        try:
+            save_dcp(tmp / DCP_FOLDER, self.model, self.optimizer, self.parallel)
+            export_safetensors(tmp, self.model, self.parallel)
+            final = None
+            if self.is_main:
+                write_state_file(tmp, self.step, extra)
+                final = finish_checkpoint(tmp, self.config.keep_last)
+        except BaseException:
+            if self.is_main:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
         dist.barrier()
         return final or latest_checkpoint(self.run_dir)
 
@@ -431,7 +478,12 @@ class Trainer:
             if scored[micro]:  # a micro-batch with no label token has a NaN mean and adds nothing
                 loss = loss + out.ce_loss * ce_weight
             # the model's own total guards too (any non-finite term of it skips the step)
-            if not torch.isfinite(loss) or (scored[micro] and not torch.isfinite(out.loss)):
+            ok = bool(torch.isfinite(loss)) and (not scored[micro] or bool(torch.isfinite(out.loss)))
+            if self.parallel is not None:  # every rank runs backward (its collectives) or none does
+                flag = torch.tensor(float(ok), device=self.device)
+                dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+                ok = bool(flag.item())
+            if not ok:
                 finite = False
                 break
             loss.backward()
@@ -447,18 +499,16 @@ class Trainer:
             # model's labels (chat) are its inputs' own positions, not more tokens
             decoder_tokens = batch["labels"].numel() if "labels" in batch and config.model == "t5" else 0
             tokens += batch["input_ids"].numel() + decoder_tokens
-        if self.parallel is not None:  # every rank skips together
-            flag = torch.tensor(float(finite), device=self.device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-            finite = bool(flag.item())
-        grad_norm = None
+        norm = None
         if finite:
-            if self.parallel is not None:
-                reduce_gradients(self.model, self.parallel)  # syncs the routers' selection biases too
-            else:
+            if self.parallel is None:
                 sync_bias_updates(self.model)
-            grad_norm = clip_grad_norm(self.model, config.grad_clip, self.parallel)
-            finite = math.isfinite(grad_norm)
+            elif self.parallel.fsdp:  # FSDP reduced the gradients during backward
+                sync_bias_updates(self.model, sum_over_world)
+            else:
+                reduce_gradients(self.model, self.parallel)  # syncs the routers' selection biases too
+            norm = clip_grad_norm(self.model, config.grad_clip, self.parallel)
+            finite = math.isfinite(norm)
         if not finite:
             discard_bias_updates(self.model)
             self.optimizer.zero_grad(set_to_none=True)
@@ -484,7 +534,7 @@ class Trainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        return dict(totals, lr=lr, grad_norm=grad_norm, tokens=tokens)
+        return dict(totals, lr=lr, grad_norm=norm, tokens=tokens)
 
     def train(self) -> dict:
         """Train to ``max_steps``, evaluate, checkpoint, write summary.json; the run's lock and

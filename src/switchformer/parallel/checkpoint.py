@@ -1,0 +1,163 @@
+"""Checkpoints of any layout with ``torch.distributed.checkpoint`` (DCP): every rank writes its own
+shards of the model and optimizer state in parallel, and any other layout (world size, expert
+parallel size, FSDP or not, one process) reads them back, resharded by DCP.
+
+What makes that work is one naming and one global shape for every tensor, whatever the layout:
+:func:`checkpoint_state` presents each weight under its unsharded name (``...experts.w_in``, never
+``.experts.local.``) as a DTensor of the unsharded model's shape, whose local part is this rank's
+own storage. Expert shards: ``Shard(0)`` over ``ep`` (each rank of a row has ``E/P`` experts),
+and over ``edp`` ``Shard(1)`` under FSDP or ``Replicate()`` without it; dense weights: FSDP's own
+DTensors, or plain tensors when replicated (DCP saves one copy). Optimizer state (AdamW's
+moments; the step count) follows its parameter, under ``optim.<name>.<field>``. DCP loads in
+place, into the model's and optimizer's own tensors.
+
+A consolidated ``model.safetensors`` (unsharded names and shapes, for single-process ``eval``,
+``generate``, ``serve``, ``convert``) is written from the same state by DCP's Hugging Face writer:
+each rank writes its shards, which are then merged one tensor at a time, so no rank ever holds the
+whole model.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+
+from switchformer.parallel.expert import global_name, is_expert_parameter
+from switchformer.parallel.fsdp import local_tensor
+from switchformer.parallel.groups import ParallelState
+
+DCP_FOLDER = "dcp"
+
+
+def _contiguous_stride(shape) -> tuple[int, ...]:
+    stride, running = [], 1
+    for size in reversed(shape):
+        stride.append(running)
+        running *= size
+    return tuple(reversed(stride))
+
+
+def _as_global(name: str, tensor: torch.Tensor, state: ParallelState | None) -> torch.Tensor:
+    """``tensor`` (a weight of ``name`` or its optimizer state) as the unsharded model's tensor:
+    itself in one process, for a dense weight (FSDP's DTensor, or a replicated plain tensor) and
+    for a step count; for an expert shard, a DTensor over the ``(edp, ep)`` mesh. Every non-scalar
+    tensor of an expert shard (the weight, AdamW's moments, Adafactor's factored rows) has the
+    experts first, so it is ``Shard(0)`` over ``ep``."""
+    if state is None or not is_expert_parameter(name) or tensor.dim() == 0:
+        return tensor
+    full = (tensor.shape[0] * state.expert_parallel_size, *tensor.shape[1:])
+    over_edp = Shard(1) if isinstance(tensor, DTensor) else Replicate()  # FSDP shards dim 1 over edp
+    return DTensor.from_local(
+        local_tensor(tensor),
+        state.mesh,
+        [over_edp, Shard(0)],
+        run_check=False,
+        shape=torch.Size(full),
+        stride=_contiguous_stride(full),
+    )
+
+
+def checkpoint_state(model: nn.Module, optimizer: torch.optim.Optimizer | None, state: ParallelState | None) -> dict:
+    """``{"model": {name: tensor}, "optim": {name: {field: tensor}}}`` under unsharded names,
+    sharing storage with the model and optimizer (see the module's docstring)."""
+    weights = {global_name(name): _as_global(name, t, state) for name, t in model.state_dict().items()}
+    result = {"model": weights}
+    if optimizer is not None:
+        names = {id(p): n for n, p in model.named_parameters()}
+        moments = {}
+        for param, entry in optimizer.state.items():
+            name = names[id(param)]
+            moments[global_name(name)] = {
+                field: _as_global(name, value, state)
+                for field, value in entry.items()
+                if isinstance(value, torch.Tensor)
+            }
+        result["optim"] = moments
+    return result
+
+
+@torch.no_grad()
+def load_full_state_into(targets: dict[str, torch.Tensor], full: dict[str, torch.Tensor]) -> None:
+    """Unsharded tensors (``full``, by unsharded name: a ``model.safetensors``) into ``targets``
+    (:func:`checkpoint_state`'s), each rank copying only its own part.
+
+    Raises KeyError naming a tensor ``full`` lacks, ValueError for one of another shape."""
+    for name, target in targets.items():
+        if name not in full:
+            raise KeyError(f"{name}: missing")
+        source = full[name]
+        if tuple(source.shape) != tuple(target.shape):
+            raise ValueError(f"{name}: shape {tuple(source.shape)}, the model has {tuple(target.shape)}")
+        if isinstance(target, DTensor):  # this rank's part, cut locally (every rank holds the whole)
+            part = distribute_tensor(source.to(target.dtype), target.device_mesh, target.placements, src_data_rank=None)
+            target.to_local().copy_(part.to_local())
+        else:
+            target.copy_(source)
+
+
+def ensure_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Give every parameter its optimizer state (zeros), so that a checkpoint can load into it:
+    one step at learning rate 0 over zero gradients, which changes no weight."""
+    if all(p in optimizer.state for group in optimizer.param_groups for p in group["params"]):
+        return
+    saved = [group["lr"] for group in optimizer.param_groups]
+    for group in optimizer.param_groups:
+        group["lr"] = 0.0
+        for param in group["params"]:
+            param.grad = torch.zeros_like(param)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    for group, lr in zip(optimizer.param_groups, saved):
+        group["lr"] = lr
+
+
+def save_dcp(directory: Path, model: nn.Module, optimizer, state: ParallelState | None) -> None:
+    """Model and optimizer state into ``directory`` (every rank calls it; each writes its shards)."""
+    import torch.distributed.checkpoint as dcp
+
+    dcp.save(checkpoint_state(model, optimizer, state), storage_writer=dcp.FileSystemWriter(str(directory)))
+
+
+def load_dcp(directory: Path, model: nn.Module, optimizer, state: ParallelState | None) -> None:
+    """A DCP checkpoint of any layout into this rank's model and optimizer, in place.
+
+    Raises :class:`switchformer.train.rundir.RunFileError` naming the folder when it does not fit
+    (another model, missing tensors)."""
+    import torch.distributed.checkpoint as dcp
+
+    from switchformer.train.rundir import RunFileError, one_line
+
+    if optimizer is not None:
+        ensure_optimizer_state(model, optimizer)
+    target = checkpoint_state(model, optimizer, state)
+    try:
+        dcp.load(target, storage_reader=dcp.FileSystemReader(str(directory)), no_dist=state is None)
+    except Exception as err:  # DCP wraps every rank's failure in CheckpointException
+        raise RunFileError(Path(directory), f"does not fit this model and optimizer ({one_line(err)})") from None
+
+
+def export_safetensors(directory: Path, model: nn.Module, state: ParallelState) -> Path:
+    """``directory/model.safetensors``: the whole model under unsharded names and shapes, written
+    by every rank's shards and merged tensor by tensor (every rank calls it)."""
+    import torch.distributed.checkpoint as dcp
+
+    directory = Path(directory)
+    staging = directory / ".consolidating"
+    writer = dcp.HuggingFaceStorageWriter(str(staging), save_distributed=True, enable_consolidation=True)
+    dcp.save(checkpoint_state(model, None, state)["model"], storage_writer=writer)
+    dist.barrier()
+    final = directory / "model.safetensors"
+    if state.is_main:
+        merged = sorted(staging.glob("*.safetensors"))
+        if len(merged) != 1:
+            raise RuntimeError(f"{staging}: expected one consolidated safetensors file, found {len(merged)}")
+        os.replace(merged[0], final)
+        shutil.rmtree(staging)
+    dist.barrier()
+    return final

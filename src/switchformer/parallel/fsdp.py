@@ -1,0 +1,107 @@
+"""FSDP2 (``torch.distributed.fsdp.fully_shard``) over the run's mesh, applied from outside the model.
+
+- Expert shards (each rank's ``E / P`` experts, after :func:`~switchformer.parallel.expert.apply_expert_parallel`)
+  are sharded over the ``edp`` column, on their second dimension (``d_model`` of ``w_in``, ``d_ff``
+  of ``w_out``): the first, the expert dimension, is often smaller than the column (as torchtitan
+  also does). Their gradients are summed over the column and divided by the whole world ``W``,
+  not the column's size, since every dense gradient is a mean over ``W`` ranks too.
+- Every transformer block is one FSDP unit over the whole world (``dp``); the root unit holds
+  the rest (embeddings, final norms). All-gathers of the next block overlap the current one's
+  compute and the reduce-scatter of gradients overlaps backward: the engine does it, not a loop
+  after backward.
+
+Gradient clipping over sharded gradients: :func:`grad_norm` (the norm of the whole model's
+gradient, exactly what one process computes).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.tensor import DTensor, Shard
+
+from switchformer.parallel.expert import ExpertParallelExperts, is_expert_parameter
+from switchformer.parallel.groups import ParallelState
+
+
+def transformer_blocks(model: nn.Module) -> list[nn.Module]:
+    """The repeated blocks of either model family, in order (LM ``blocks``; T5 encoder's then decoder's)."""
+    blocks = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and name.split(".")[-1] == "blocks":
+            blocks.extend(module)
+    return blocks
+
+
+def apply_fsdp(model: nn.Module, state: ParallelState) -> nn.Module:
+    """Shard ``model`` (already expert-parallel and on its device) in place; returns it.
+
+    The methods other than ``forward`` that run the model (``generate``, ``encode``, ``decode``)
+    are registered, so that the root's weights are gathered for them too."""
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+
+    world = state.world_size
+    edp_mesh = state.mesh["edp"]
+    for module in model.modules():
+        if isinstance(module, ExpertParallelExperts):
+            fully_shard(module.local, mesh=edp_mesh, shard_placement_fn=lambda param: Shard(1))
+            module.local.set_gradient_divide_factor(float(world))
+            if edp_mesh.size() > 1:
+                # gloo has no pre-multiplied sum: sum, then scale (also exact on NCCL). Not on a
+                # column of one rank, where torch 2.13 would divide by the factor twice.
+                module.local.set_force_sum_reduction_for_comms(True)
+    for name, module in model.named_modules():
+        # T5's relative position bias lives in the first block but the stack calls it before any
+        # block runs: a unit of its own, gathered when called
+        if name.endswith("relative_attention_bias"):
+            fully_shard(module, mesh=state.dp_mesh)
+    for block in transformer_blocks(model):
+        fully_shard(block, mesh=state.dp_mesh)
+    fully_shard(model, mesh=state.dp_mesh)
+    for method in ("generate", "encode", "decode"):
+        if callable(getattr(model, method, None)):
+            register_fsdp_forward_method(model, method)
+    return model
+
+
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of ``t`` (a DTensor's local shard; a plain tensor itself)."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+@torch.no_grad()
+def grad_norm(model: nn.Module, state: ParallelState) -> float:
+    """The L2 norm of the whole model's gradient (every expert of every rank, every dense weight
+    once), the same on every rank.
+
+    Sharded (FSDP): every rank holds a distinct piece of every gradient, so the squares summed over
+    the world are the total. Replicated: dense gradients are whole on every rank (already
+    reduced); expert shards differ along the ``ep`` row only."""
+    dense_sq, expert_sq = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
+    for name, param in model.named_parameters():
+        if param.grad is None:
+            continue
+        sq = local_tensor(param.grad).detach().double().pow(2).sum().cpu()
+        if is_expert_parameter(name):
+            expert_sq += sq
+        else:
+            dense_sq += sq
+    device = next(model.parameters()).device
+    if state.fsdp:
+        total = (dense_sq + expert_sq).to(device)
+        dist.all_reduce(total)
+    else:
+        expert_sq = expert_sq.to(device)
+        dist.all_reduce(expert_sq, group=state.ep_group)
+        total = dense_sq.to(device) + expert_sq
+    return math.sqrt(float(total))
+
+
+@torch.no_grad()
+def scale_gradients(model: nn.Module, scale: float) -> None:
+    for param in model.parameters():
+        if param.grad is not None:
+            local_tensor(param.grad).mul_(scale)
