@@ -1,0 +1,111 @@
+"""FSDP2 with expert parallelism on a DeviceMesh, and DCP checkpoints that reshard (CPU, gloo,
+127.0.0.1, spawned processes with deadlines): several processes compute what one process computes
+on the global batch, and a run saved on one layout resumes on another."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+from test_parallel import BATCH_PER_RANK, CONFIG, SEQ, TIMEOUT_S, free_port, global_batch, reference_name, run_workers
+
+from switchformer import SwitchLM, SwitchLMConfig
+from switchformer.parallel import apply_expert_parallel, apply_fsdp, is_expert_parameter, make_groups
+from switchformer.train.trainer import clip_grad_norm
+
+EIGHT = dict(CONFIG, num_experts=8)
+UNUSED = 5  # the expert no token reaches
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def seeded_model() -> SwitchLM:
+    """The same weights on every rank and in the reference; expert ``UNUSED``'s router row is zero
+    and the others' large, so that (checked below) no token picks it."""
+    torch.manual_seed(0)
+    model = SwitchLM(SwitchLMConfig(**EIGHT))
+    with torch.no_grad():
+        for layer in model.sparse_layers():
+            layer.router.weight.mul_(20.0)
+            layer.router.weight[UNUSED] = 0.0
+    return model
+
+
+def uneven_labels(ids: torch.Tensor) -> torch.Tensor:
+    """Labels with a different number of scored tokens on every rank (1 to 7 masked per row)."""
+    labels = ids.clone()
+    for row in range(ids.shape[0]):
+        labels[row, : 1 + row % (SEQ - 1)] = -100
+    return labels
+
+
+def _fsdp_matches_one_process(rank, world, ep):
+    ids = global_batch(world)
+    labels = uneven_labels(ids)
+    rows = slice(rank * BATCH_PER_RANK, (rank + 1) * BATCH_PER_RANK)
+    reference = seeded_model()
+    for layer in reference.sparse_layers():  # routing groups: each rank's local tokens
+        layer.group_size = BATCH_PER_RANK * SEQ
+    state = make_groups(ep, fsdp=True)
+    model = apply_fsdp(apply_expert_parallel(seeded_model(), state), state)
+    assert state.mesh.shape == (world // ep, ep)
+    ref_params = dict(reference.named_parameters())
+    opt_ref = torch.optim.AdamW(reference.parameters(), lr=1e-2, fused=True)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
+    scored = (labels != -100).sum(1)
+    global_scored = int(scored.sum())
+    local_scored = int(scored[rows].sum())
+    assert len({int(scored[r * BATCH_PER_RANK : (r + 1) * BATCH_PER_RANK].sum()) for r in range(world)}) == world
+    for step in range(3):
+        ref_out = reference(ids, labels=labels)
+        out = model(ids[rows], labels=labels[rows])
+        counts = torch.stack([aux.tokens_per_expert for _, aux in ref_out.router_stats.layers]).sum(0)
+        assert counts[UNUSED] == 0 and counts.sum() > 0, counts  # the premise: one expert gets nothing
+        # the trainer's weights: cross-entropy by this rank's share of the global batch's label tokens
+        loss = out.ce_loss * (local_scored * world / global_scored) + (out.loss - out.ce_loss)
+        mean = torch.stack([loss.detach(), (out.loss - out.ce_loss).detach()])
+        dist.all_reduce(mean)
+        mean /= world
+        want = torch.stack([ref_out.ce_loss + ref_out.loss - ref_out.ce_loss, ref_out.loss - ref_out.ce_loss])
+        torch.testing.assert_close(mean, want.detach(), atol=1e-5, rtol=1e-5, msg=f"step {step}: losses")
+        opt.zero_grad()
+        opt_ref.zero_grad()
+        ref_out.loss.backward()
+        loss.backward()
+        # clipping below the gradient's norm: the norm over every shard must be the whole model's
+        norm = clip_grad_norm(model, 0.5, state)
+        ref_norm = clip_grad_norm(reference, 0.5, None)
+        assert abs(norm - ref_norm) < 1e-5 * max(1.0, ref_norm), (step, norm, ref_norm)
+        for name, param in model.named_parameters():
+            grad, ref_grad = full(param.grad), ref_params[reference_name(name)].grad
+            if is_expert_parameter(name):
+                n = grad.shape[0]
+                ref_grad = ref_grad[state.ep_rank * n : (state.ep_rank + 1) * n]
+            torch.testing.assert_close(grad, ref_grad, atol=1e-5, rtol=1e-4, msg=f"step {step}: gradient {name}")
+        opt.step()
+        opt_ref.step()
+    for name, param in model.named_parameters():
+        weight, ref_weight = full(param.detach()), ref_params[reference_name(name)].detach()
+        if is_expert_parameter(name):
+            n = weight.shape[0]
+            ref_weight = ref_weight[state.ep_rank * n : (state.ep_rank + 1) * n]
+        torch.testing.assert_close(weight, ref_weight, atol=1e-5, rtol=1e-5, msg=f"weight {name}")
+
+
+@pytest.mark.parametrize("world, ep", [(4, 2), (2, 2), (2, 1)], ids=["ep2xfsdp2", "ep2", "fsdp2"])
+def test_fsdp_with_expert_parallelism_matches_one_process(world, ep, tmp_path):
+    """Three AdamW steps (with clipping) over uneven label counts per rank and an expert that
+    receives no token: losses, gradients and weights equal one process on the global batch."""
+    run_workers(_fsdp_matches_one_process, world, ep, tmp_path=tmp_path)
