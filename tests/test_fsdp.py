@@ -109,3 +109,65 @@ def test_fsdp_with_expert_parallelism_matches_one_process(world, ep, tmp_path):
     """Three AdamW steps (with clipping) over uneven label counts per rank and an expert that
     receives no token: losses, gradients and weights equal one process on the global batch."""
     run_workers(_fsdp_matches_one_process, world, ep, tmp_path=tmp_path)
+
+
+# ----------------------------------------------------------------------------- DCP checkpoints across layouts
+
+
+def _switchformer(args: list[str], processes: int, env=None) -> subprocess.CompletedProcess:
+    """``switchformer`` in one process, or under torchrun with ``processes`` ranks on 127.0.0.1."""
+    launch = [sys.executable, "-m", "switchformer"]
+    if processes > 1:
+        launch = [
+            sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
+            "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "-m", "switchformer",
+        ]  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
+    return subprocess.run([*launch, *args], capture_output=True, text=True, timeout=TIMEOUT_S, env=env)
+
+
+def _losses(run: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if "ce_loss" in r}
+
+
+def test_checkpoint_of_4_processes_resumes_on_2_and_on_1(tmp_path):
+    """Saved on 4 processes (EP=2 x FSDP=2), resumed on 2 (EP=1 and EP=2) and on 1 with the same
+    global batch: the steps after the checkpoint have the losses of the run that never stopped,
+    which needs the optimizer's moments, the step count and the weights all resharded."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("".join(f"Switch layer {i} routes token {i * 7 % 13} to one expert of many.\n" for i in range(400)))
+    common = [
+        "--preset", "test", "--data", str(corpus), "--no-progress", "--out-dir", str(tmp_path), "--max-steps", "4",
+        "--set", "vocab_size=400", "--set", "seq_len=32", "--set", "group_size=32",  # routing per sequence
+        "--set", "checkpoint_every=2", "--set", "keep_last=3", "--set", "eval_every=100", "--set", "lr=3e-3",
+    ]  # fmt: skip
+    whole = _switchformer(["train", *common, "--run-name", "four", "--expert-parallel", "2", "--set", "batch_size=1"], 4)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    four = tmp_path / "four"
+    saved = four / "checkpoints" / "step_0000002"
+    assert (saved / "dcp" / ".metadata").is_file() and (saved / "model.safetensors").is_file()
+    assert json.loads((saved / "state.json").read_text())["global_batch"] == 4
+    reference = _losses(four)
+    layouts = {"two-ep1": (2, 1, 2), "two-ep2": (2, 2, 2), "one": (1, 1, 4)}
+    for name, (processes, ep, batch) in layouts.items():
+        run = tmp_path / name
+        shutil.copytree(four, run)
+        shutil.rmtree(run / "checkpoints" / "step_0000004")
+        result = _switchformer(
+            ["train", "--resume", str(run), "--expert-parallel", str(ep), "--set", f"batch_size={batch}",
+             "--no-progress"],
+            processes,
+        )  # fmt: skip
+        assert result.returncode == 0, (name, result.stderr[-3000:])
+        resumed = _losses(run)
+        for step in (3, 4):
+            assert abs(resumed[step] - reference[step]) < 1e-5, (name, step, resumed[step], reference[step])
+    # the global batch is kept: 2 processes with the 4-process batch_size are refused by name
+    run = tmp_path / "wrong-batch"
+    shutil.copytree(four, run)
+    shutil.rmtree(run / "checkpoints" / "step_0000004")
+    result = _switchformer(["train", "--resume", str(run), "--no-progress"], 2)
+    assert result.returncode != 0
+    assert "batch_size: the checkpoint was trained with a global batch of 4" in result.stderr
+    assert "give --set batch_size=2" in result.stderr
