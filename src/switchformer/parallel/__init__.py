@@ -18,7 +18,14 @@ from switchformer.parallel.expert import (
     global_name,
     is_expert_parameter,
 )
-from switchformer.parallel.fsdp import apply_fsdp, grad_norm, local_tensor, scale_gradients, transformer_blocks
+from switchformer.parallel.fsdp import (
+    apply_fsdp,
+    grad_norm,
+    local_tensor,
+    scale_gradients,
+    transformer_blocks,
+    whole_weights,
+)
 from switchformer.parallel.groups import ParallelState, check_same_config, init_distributed, make_groups
 from switchformer.parallel.replicate import (
     consolidate_shards,
@@ -57,4 +64,5 @@ __all__ = [
     "scale_gradients",
     "sum_over_world",
     "transformer_blocks",
+    "whole_weights",
 ]

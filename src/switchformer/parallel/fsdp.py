@@ -16,6 +16,7 @@ gradient, exactly what one process computes).
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -65,6 +66,26 @@ def apply_fsdp(model: nn.Module, state: ParallelState) -> nn.Module:
         if callable(getattr(model, method, None)):
             register_fsdp_forward_method(model, method)
     return model
+
+
+@contextlib.contextmanager
+def whole_weights(model: nn.Module):
+    """Every FSDP unit of ``model`` gathered for the duration of the block, so that code calling
+    into submodules directly (generation's key/value caches, T5's cross-attention projections)
+    sees whole weights; resharded after. Costs the whole model's weights on every rank: for a
+    short sample, not for training."""
+    from torch.distributed.fsdp import FSDPModule
+
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for unit in units:
+        unit.set_reshard_after_forward(False)
+        unit.unshard()
+    try:
+        yield model
+    finally:
+        for unit in units:
+            unit.reshard()
+            unit.set_reshard_after_forward(True)
 
 
 def local_tensor(t: torch.Tensor) -> torch.Tensor:

@@ -37,6 +37,7 @@ from switchformer.parallel import (
     save_dcp,
     scale_gradients,
     sum_over_world,
+    whole_weights,
 )
 from switchformer.routing import defer_bias_updates, discard_bias_updates, sync_bias_updates
 from switchformer.runtime import resolve_device, reuse_freed_memory
@@ -633,15 +634,17 @@ class Trainer:
                 "source_lang": getattr(pair, "source_lang", None),
                 "target_lang": getattr(pair, "target_lang", None),
             }
-        return generate_text(
-            self.model,
-            self.data.tokenizer,
-            prompt if prompt is not None else self.config.sample_prompt,
-            max_new_tokens or self.config.sample_tokens,
-            seed=self.config.seed,
-            config=self.config,  # a seq2seq run samples as it translates (its formatting, greedy)
-            **extra,
-        )
+        sharded = self.parallel is not None and self.parallel.fsdp
+        with whole_weights(self.model) if sharded else contextlib.nullcontext():
+            return generate_text(
+                self.model,
+                self.data.tokenizer,
+                prompt if prompt is not None else self.config.sample_prompt,
+                max_new_tokens or self.config.sample_tokens,
+                seed=self.config.seed,
+                config=self.config,  # a seq2seq run samples as it translates (its formatting, greedy)
+                **extra,
+            )
 
 
 def with_data_languages(config: TrainConfig, data: Data) -> TrainConfig:
