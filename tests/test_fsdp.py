@@ -136,13 +136,17 @@ def test_checkpoint_of_4_processes_resumes_on_2_and_on_1(tmp_path):
     global batch: the steps after the checkpoint have the losses of the run that never stopped,
     which needs the optimizer's moments, the step count and the weights all resharded."""
     corpus = tmp_path / "corpus.txt"
-    corpus.write_text("".join(f"Switch layer {i} routes token {i * 7 % 13} to one expert of many.\n" for i in range(400)))
+    corpus.write_text(
+        "".join(f"Switch layer {i} routes token {i * 7 % 13} to one expert of many.\n" for i in range(400))
+    )
     common = [
         "--preset", "test", "--data", str(corpus), "--no-progress", "--out-dir", str(tmp_path), "--max-steps", "4",
         "--set", "vocab_size=400", "--set", "seq_len=32", "--set", "group_size=32",  # routing per sequence
         "--set", "checkpoint_every=2", "--set", "keep_last=3", "--set", "eval_every=100", "--set", "lr=3e-3",
     ]  # fmt: skip
-    whole = _switchformer(["train", *common, "--run-name", "four", "--expert-parallel", "2", "--set", "batch_size=1"], 4)
+    whole = _switchformer(
+        ["train", *common, "--run-name", "four", "--expert-parallel", "2", "--set", "batch_size=1"], 4
+    )
     assert whole.returncode == 0, whole.stderr[-3000:]
     four = tmp_path / "four"
     saved = four / "checkpoints" / "step_0000002"
@@ -171,3 +175,68 @@ def test_checkpoint_of_4_processes_resumes_on_2_and_on_1(tmp_path):
     assert result.returncode != 0
     assert "batch_size: the checkpoint was trained with a global batch of 4" in result.stderr
     assert "give --set batch_size=2" in result.stderr
+
+
+# ----------------------------------------------------------------------------- failures
+
+
+def _rank_killed_mid_run(rank, world, corpus, run_dir):
+    from switchformer.parallel import failure_message
+    from switchformer.train.config import build_config
+    from switchformer.train.trainer import Trainer
+
+    config = build_config(
+        "test",
+        overrides=dict(data=[corpus], vocab_size=400, max_steps=6, batch_size=1, expert_parallel=2, eval_every=100),
+    )
+    trainer = Trainer(config, run_dir, progress=False)
+    if rank == world - 1:
+        step = trainer.train_step
+
+        def dies():  # killed at its third step, mid-run, without a word
+            if trainer.step == 2:
+                os._exit(1)
+            return step()
+
+        trainer.train_step = dies
+    start = time.monotonic()
+    with pytest.raises(RuntimeError) as raised:
+        trainer.train()
+    assert time.monotonic() - start < 60
+    message = failure_message(raised.value)
+    assert message is not None and message.startswith(f"rank {rank} of {world}: lost contact"), raised.value
+
+
+def test_a_rank_killed_mid_step_ends_every_rank_with_a_message(tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("Switch layers route every token to one expert of many.\n" * 400)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    from switchformer.train.config import build_config
+    from switchformer.train.data import prepare_data
+
+    prepare_data(build_config("test", overrides=dict(data=[str(corpus)], vocab_size=400)), run_dir)  # the tokenizer
+    errors = tmp_path / "errors"
+    errors.mkdir()
+    import torch.multiprocessing as mp
+    from test_parallel import _worker
+
+    started = time.monotonic()
+    context = mp.start_processes(
+        _worker,
+        args=(4, free_port(), _rank_killed_mid_run, (str(corpus), str(run_dir)), str(errors)),
+        nprocs=4,
+        join=False,
+        start_method="spawn",
+    )
+    try:  # every process runs to its end (join() would stop at the first to fail)
+        while any(p.is_alive() for p in context.processes) and time.monotonic() - started < TIMEOUT_S:
+            time.sleep(0.2)
+    finally:
+        for process in context.processes:
+            if process.is_alive():
+                process.kill()
+    assert time.monotonic() - started < TIMEOUT_S, "the surviving ranks did not stop"
+    problems = sorted(errors.glob("rank*.txt"))
+    assert not problems, problems[0].read_text()
+    assert [p.exitcode for p in context.processes] == [0, 0, 0, 1]  # the survivors' checks passed

@@ -717,11 +717,15 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:  # one clear line; the traceback with --debug
         if args.debug:
             raise
+        from switchformer.parallel.groups import failure_message
         from switchformer.train.trainer import TrainingError
 
         known = (ValueError, FileNotFoundError, FileExistsError, TrainingError, OSError)
         prefix = "" if isinstance(err, known) else f"{type(err).__name__}: "
-        print(f"switchformer: error: {prefix}{err}", file=sys.stderr)
+        message = failure_message(err) or f"{prefix}{err}"
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not message.startswith("rank "):
+            message = f"rank {os.environ.get('RANK', '?')}: {message}"  # which of the processes says it
+        print(f"switchformer: error: {message}", file=sys.stderr)
         return 2
 
 

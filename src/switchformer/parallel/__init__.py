@@ -26,7 +26,13 @@ from switchformer.parallel.fsdp import (
     transformer_blocks,
     whole_weights,
 )
-from switchformer.parallel.groups import ParallelState, check_same_config, init_distributed, make_groups
+from switchformer.parallel.groups import (
+    ParallelState,
+    check_same_config,
+    failure_message,
+    init_distributed,
+    make_groups,
+)
 from switchformer.parallel.replicate import (
     consolidate_shards,
     gather_full_state,
@@ -48,6 +54,7 @@ __all__ = [
     "consolidate_shards",
     "ensure_optimizer_state",
     "export_safetensors",
+    "failure_message",
     "gather_full_state",
     "global_name",
     "grad_norm",

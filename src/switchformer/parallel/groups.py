@@ -93,3 +93,22 @@ def check_same_config(config: dict, state: ParallelState) -> None:
     if len(set(gathered)) != 1:
         bad = [r for r, d in enumerate(gathered) if d != gathered[0]]
         raise ValueError(f"config: ranks {bad} run a different configuration than rank 0")
+
+
+# What gloo and NCCL say when a peer process is gone or silent (torch raises them as RuntimeError or
+# DistBackendError, whose text is the library's own)
+_PEER_LOST = ("connection closed by peer", "connection reset by peer", "broken pipe", "timed out", "timeout")
+
+
+def failure_message(err: BaseException) -> str | None:
+    """The one line a process of a distributed run prints when ``err`` means another process
+    stopped (crashed, was killed, or hung past ``dist_timeout_s``); None for any other error."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    if not any(sign in text.lower() for sign in _PEER_LOST):
+        return None
+    return (
+        f"rank {dist.get_rank()} of {dist.get_world_size()}: lost contact with another process of the run, "
+        f"which stopped or hung (its own error, if any, is above; the cause here: {text})"
+    )
