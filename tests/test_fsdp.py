@@ -102,6 +102,17 @@ def _fsdp_matches_one_process(rank, world, ep):
             n = weight.shape[0]
             ref_weight = ref_weight[state.ep_rank * n : (state.ep_rank + 1) * n]
         torch.testing.assert_close(weight, ref_weight, atol=1e-5, rtol=1e-5, msg=f"weight {name}")
+    # the memory estimate (`info --world-size --expert-parallel`) is what this rank really holds
+    from switchformer.parallel import local_tensor
+    from switchformer.parallel.memory import estimate_rank_memory
+
+    held = sum(local_tensor(p).numel() for p in model.parameters())
+    grads = sum(local_tensor(p.grad).numel() for p in model.parameters() if p.grad is not None)
+    moments = sum(local_tensor(v).numel() for entry in opt.state.values() for v in entry.values())
+    with torch.device("meta"):
+        unsharded = SwitchLM(SwitchLMConfig(**EIGHT))
+    estimate = estimate_rank_memory(unsharded, world, ep, rank, fsdp=True)
+    assert (estimate.parameters, estimate.gradients, estimate.optimizer) == (held, grads, moments)
 
 
 @pytest.mark.parametrize("world, ep", [(4, 2), (2, 2), (2, 1)], ids=["ep2xfsdp2", "ep2", "fsdp2"])

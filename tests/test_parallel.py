@@ -142,6 +142,15 @@ def _equivalence(rank, world, ep):
     if rank == 0:
         for name, tensor in reference.state_dict().items():
             torch.testing.assert_close(full[name], tensor, atol=1e-5, rtol=1e-5, msg=name)
+    # the memory estimate of the replicated layout (fsdp=false) is what this rank holds
+    from switchformer.parallel.memory import estimate_rank_memory
+
+    with torch.device("meta"):
+        unsharded = SwitchLM(SwitchLMConfig(**CONFIG))
+    estimate = estimate_rank_memory(unsharded, world, ep, rank, fsdp=False)
+    held = sum(p.numel() for p in model.parameters())
+    moments = sum(v.numel() for entry in opt.state.values() for v in entry.values())
+    assert (estimate.parameters, estimate.optimizer) == (held, moments)
 
 
 @pytest.mark.parametrize("world, ep", [(2, 2), (4, 2)])

@@ -59,6 +59,7 @@ EPILOGS = {
     "info": """examples:
   switchformer info runs/quick
   switchformer info --preset compare
+  switchformer info --preset compare --world-size 8 --expert-parallel 4   # memory per rank
   switchformer info --d-model 768 --d-ff 3072 --num-experts 128       # one Switch layer""",
     "report": """examples:
   switchformer report runs/quick --out quick-plots   # loss, expert load, dropped fraction
@@ -423,6 +424,8 @@ def cmd_info(args) -> int:
             model = build_model(train, train.vocab_size)
         title = f"preset {args.preset}: {train.model}"
     else:
+        if args.world_size is not None or args.expert_parallel is not None or args.no_fsdp:
+            raise ValueError("--world-size: memory per rank needs a model: give a run directory or --preset")
         return _layer_info(args)
     counts = model.num_parameters()
     config = model.config
@@ -437,6 +440,14 @@ def cmd_info(args) -> int:
     print(f"  experts per Switch layer: {config.num_experts}, top-{config.top_k}")
     print(f"  parameters: {counts['total']:,} total, {counts['active']:,} active per token")
     print(f"  forward FLOPs per token: {counts['flops_per_token']:,}")
+    if args.world_size is not None or args.expert_parallel is not None:
+        from switchformer.parallel.memory import memory_report
+
+        world = args.world_size or 1
+        fsdp = not args.no_fsdp and world > 1
+        optimizer = getattr(train, "optimizer", "adamw")
+        for line in memory_report(model, world, args.expert_parallel or 1, fsdp, optimizer):
+            print(line)
     return 0
 
 
@@ -686,6 +697,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-experts", type=int, default=8)
     p.add_argument("--top-k", type=int, default=1)
     p.add_argument("--activation", default="relu")
+    p.add_argument(
+        "--world-size",
+        type=int,
+        metavar="W",
+        help="with a run or --preset: memory per rank (parameters, gradients, optimizer state) over W processes",
+    )
+    p.add_argument("--expert-parallel", type=int, metavar="P", help="with --world-size: experts split over P ranks")
+    p.add_argument("--no-fsdp", action="store_true", help="with --world-size: weights replicated (fsdp=false)")
 
     p = command("report", "PNG plots of a run: losses, expert load, dropped tokens", cmd_report)
     p.add_argument("run", help="run directory")

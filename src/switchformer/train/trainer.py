@@ -125,6 +125,18 @@ def clip_grad_norm(model: torch.nn.Module, max_norm: float, parallel) -> float:
     return total
 
 
+def held_elements(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, int]:
+    """Elements of parameters, gradients and optimizer state this process holds (its shards only)."""
+    params = list(model.parameters())
+    return {
+        "parameters": sum(local_tensor(p).numel() for p in params),
+        "gradients": sum(local_tensor(p.grad).numel() for p in params if p.grad is not None),
+        "optimizer": sum(
+            local_tensor(v).numel() for entry in optimizer.state.values() for v in entry.values() if torch.is_tensor(v)
+        ),
+    }
+
+
 def global_batch(config: TrainConfig, world: int) -> int:
     """Sequences (or pairs, conversations) per optimizer step over every rank."""
     return config.batch_size * config.grad_accum * world
@@ -233,6 +245,7 @@ class Trainer:
         self.optimizer = build_optimizer(config, self.model)
         self.step = 0
         self.bad_steps = 0
+        self.memory: dict | None = None  # this rank's parameters, gradients, optimizer state (elements)
         self.history: list[dict] = []
         self.time_offset = 0.0  # training seconds before this process (a resumed run's clock goes on)
         self._clock_start: float | None = None
@@ -533,6 +546,8 @@ class Trainer:
             totals = dict(zip(totals, (values / self.world).tolist()))
             tokens *= self.world
         self.optimizer.step()
+        if self.memory is None:  # what this rank holds through a step, once the optimizer state exists
+            self.memory = held_elements(self.model, self.optimizer)
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         return dict(totals, lr=lr, grad_norm=norm, tokens=tokens)
@@ -598,6 +613,7 @@ class Trainer:
             "checkpoint": str(checkpoint),
             "run_dir": str(self.run_dir),
             "parameters": self.model.num_parameters(),
+            "memory_per_rank": self.memory,  # rank 0's: elements of parameters, gradients, optimizer state
             "sample": self.sample(),
         }
         if self.config.resolved_objective == "seq2seq":  # sides cut to seq_len tokens (also logged at the start)
