@@ -251,3 +251,56 @@ def test_a_rank_killed_mid_step_ends_every_rank_with_a_message(tmp_path):
     problems = sorted(errors.glob("rank*.txt"))
     assert not problems, problems[0].read_text()
     assert [p.exitcode for p in context.processes] == [0, 0, 0, 1]  # the survivors' checks passed
+
+
+# ----------------------------------------------------------------------------- state outside autograd
+
+
+def _bias_config(corpus: str, batch_size: int, expert_parallel: int):
+    from switchformer.train.config import build_config
+
+    values = dict(
+        data=[corpus], vocab_size=400, seq_len=32, group_size=32, routing="aux_loss_free", max_steps=3,
+        batch_size=batch_size, expert_parallel=expert_parallel, precision="fp32", eval_every=100,
+    )  # fmt: skip
+    return build_config("test", overrides=values)
+
+
+def _biases_after_three_steps(config, run_dir) -> tuple[list[float], list[torch.Tensor]]:
+    from switchformer.train.trainer import Trainer
+
+    trainer = Trainer(config, run_dir, progress=False)
+    losses = [trainer.train_step()["loss"] for _ in range(3)]
+    biases = [layer.router.expert_bias.clone() for layer in trainer.model.sparse_layers()]
+    trainer.close()
+    return losses, biases
+
+
+def _fsdp_biases(rank, world, corpus, run_dir, out):
+    losses, biases = _biases_after_three_steps(_bias_config(corpus, 1, 2), run_dir)
+    for bias in biases:  # identical on every replica
+        gathered = [torch.empty_like(bias) for _ in range(world)]
+        dist.all_gather(gathered, bias)
+        assert all(torch.equal(other, bias) for other in gathered), gathered
+    if rank == 0:
+        torch.save({"losses": losses, "biases": biases}, out)
+    dist.barrier()
+
+
+def test_aux_loss_free_biases_under_fsdp_equal_one_process(tmp_path):
+    """The selection biases (buffers FSDP does not reduce) get one update over every rank's load:
+    the same on both ranks of an FSDP2 x EP=2 run and equal to one process on the global batch."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("".join(f"Expert {i % 5} takes token {i * 3 % 11} of line {i}.\n" for i in range(400)))
+    whole_losses, whole_biases = _biases_after_three_steps(_bias_config(str(corpus), 2, 1), tmp_path / "one")
+    assert any(bias.abs().sum() > 0 for bias in whole_biases)  # the biases did move
+    run_dir = tmp_path / "two"
+    run_dir.mkdir()
+    shutil.copy(tmp_path / "one" / "tokenizer.json", run_dir / "tokenizer.json")
+    out = tmp_path / "two.pt"
+    run_workers(_fsdp_biases, 2, str(corpus), str(run_dir), str(out), tmp_path=tmp_path)
+    split = torch.load(out, weights_only=True)
+    for got, want in zip(split["biases"], whole_biases):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+    for got, want in zip(split["losses"], whole_losses):
+        assert abs(got - want) < 1e-5, (split["losses"], whole_losses)

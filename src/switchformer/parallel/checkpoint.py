@@ -139,7 +139,10 @@ def load_dcp(directory: Path, model: nn.Module, optimizer, state: ParallelState 
     try:
         dcp.load(target, storage_reader=dcp.FileSystemReader(str(directory)), no_dist=state is None)
     except Exception as err:  # DCP wraps every rank's failure in CheckpointException
-        raise RunFileError(Path(directory), f"does not fit this model and optimizer ({one_line(err)})") from None
+        raise RunFileError(
+            Path(directory),
+            f"cannot be loaded into this model and optimizer: damaged or another model's ({one_line(err)})",
+        ) from None
 
 
 def export_safetensors(directory: Path, model: nn.Module, state: ParallelState) -> Path:

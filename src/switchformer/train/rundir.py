@@ -518,17 +518,14 @@ def is_checkpoint_folder(path: Path) -> bool:
 def checkpoint_problem(path: Path) -> str | None:
     """What makes a checkpoint folder incomplete (None: its files are in place)."""
     missing = [name for name in ("model.safetensors", "state.json") if not (path / name).is_file()]
+    if (path / "dcp").is_dir() and not (path / "dcp" / ".metadata").is_file():  # DCP writes it last
+        missing.append("dcp/.metadata")
     return f"incomplete checkpoint: {' and '.join(missing)} missing" if missing else None
 
 
 def is_complete_checkpoint(path: Path) -> bool:
     """A checkpoint folder counts once its last file (``state.json``) is in place."""
-    return (
-        path.is_dir()
-        and path.name.startswith(CHECKPOINT_PREFIX)
-        and (path / "state.json").is_file()
-        and (path / "model.safetensors").is_file()
-    )
+    return path.is_dir() and path.name.startswith(CHECKPOINT_PREFIX) and checkpoint_problem(path) is None
 
 
 def checkpoint_folders(run_dir) -> list[Path]:
