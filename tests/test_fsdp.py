@@ -304,3 +304,112 @@ def test_aux_loss_free_biases_under_fsdp_equal_one_process(tmp_path):
         torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
     for got, want in zip(split["losses"], whole_losses):
         assert abs(got - want) < 1e-5, (split["losses"], whole_losses)
+
+
+def test_checkpoint_of_one_process_resumes_on_2_with_expert_parallelism(tmp_path):
+    """A single-process checkpoint (model.safetensors, optimizer.pt) resumes on 2 processes with
+    EP=2 and FSDP2: each rank keeps its part of the weights and of the optimizer's moments."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("".join(f"Token {i * 5 % 17} goes to expert {i % 4}, line {i}.\n" for i in range(400)))
+    common = [
+        "--preset", "test", "--data", str(corpus), "--no-progress", "--out-dir", str(tmp_path), "--max-steps", "4",
+        "--set", "vocab_size=400", "--set", "seq_len=32", "--set", "group_size=32", "--set", "checkpoint_every=2",
+        "--set", "keep_last=3", "--set", "eval_every=100", "--set", "lr=3e-3", "--set", "batch_size=2",
+    ]  # fmt: skip
+    whole = _switchformer(["train", *common, "--run-name", "one"], 1)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    one = tmp_path / "one"
+    assert (one / "checkpoints" / "step_0000002" / "optimizer.pt").is_file()
+    run = tmp_path / "two"
+    shutil.copytree(one, run)
+    shutil.rmtree(run / "checkpoints" / "step_0000004")
+    args = ["train", "--resume", str(run), "--expert-parallel", "2", "--set", "batch_size=1", "--no-progress"]
+    result = _switchformer(args, 2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    reference, resumed = _losses(one), _losses(run)
+    for step in (3, 4):
+        assert abs(resumed[step] - reference[step]) < 1e-5, (step, resumed[step], reference[step])
+
+
+def test_t5_under_fsdp_trains_samples_and_serves_single_process_commands(tmp_path):
+    """A seq2seq T5 run on 2 processes (EP=2, FSDP2): its end-of-training sample (generation calls
+    into blocks directly, so every unit is gathered for it), a consolidated checkpoint that
+    `translate` reads in one process, and a damaged DCP shard named on --resume."""
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(
+        "".join(json.dumps({"source": f"ein haus {i}", "target": f"a house {i}"}) + "\n" for i in range(300))
+    )
+    args = [
+        "train", "--model", "t5", "--preset", "test", "--data", str(pairs), "--no-progress", "--out-dir",
+        str(tmp_path), "--run-name", "t5", "--max-steps", "4", "--set", "objective=seq2seq", "--set",
+        "vocab_size=400", "--set", "batch_size=2", "--expert-parallel", "2",
+    ]  # fmt: skip
+    result = _switchformer(args, 2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = tmp_path / "t5"
+    summary = json.loads((run / "summary.json").read_text())
+    assert isinstance(summary["sample"], str) and summary["memory_per_rank"]["parameters"] > 0
+    translated = subprocess.run(
+        [sys.executable, "-m", "switchformer", "translate", str(run)],
+        input="ein haus 3\n",
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+    )
+    assert translated.returncode == 0, translated.stderr
+    assert len(translated.stdout.splitlines()) == 1
+    shard = sorted((run / "checkpoints" / "step_0000004" / "dcp").glob("*.distcp"))[-1]
+    shard.write_bytes(shard.read_bytes()[:100])  # cut short
+    resumed = _switchformer(["train", "--resume", str(run), "--max-steps", "6", "--no-progress",
+                             "--set", "batch_size=4", "--expert-parallel", "1"], 1)  # fmt: skip
+    assert resumed.returncode == 2
+    assert "step_0000004/dcp: cannot be loaded into this model and optimizer: damaged" in resumed.stderr
+
+
+# ----------------------------------------------------------------------------- DCP in one process
+
+
+def _trained_model_and_optimizer(seed: int):
+    torch.manual_seed(seed)
+    model = SwitchLM(SwitchLMConfig(**EIGHT))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    ids = global_batch(1)
+    model(ids, labels=ids).loss.backward()
+    optimizer.step()
+    return model, optimizer
+
+
+def test_dcp_round_trip_in_one_process_restores_weights_and_optimizer(tmp_path):
+    from switchformer.parallel import load_dcp, save_dcp
+
+    model, optimizer = _trained_model_and_optimizer(0)
+    save_dcp(tmp_path / "dcp", model, optimizer, None)
+    other, other_optimizer = _trained_model_and_optimizer(1)  # other weights and moments
+    load_dcp(tmp_path / "dcp", other, other_optimizer, None)
+    for (name, tensor), loaded in zip(model.state_dict().items(), other.state_dict().values()):
+        assert torch.equal(tensor, loaded), name
+    for param, loaded in zip(model.parameters(), other.parameters()):
+        for field, value in optimizer.state[param].items():
+            assert torch.equal(value, other_optimizer.state[loaded][field]), field
+
+
+def test_dcp_metadata_that_would_run_code_is_refused(tmp_path):
+    """DCP reads its .metadata with plain pickle; switchformer reads it with an allow-list, so a
+    planted pickle runs nothing and the resume names the folder."""
+    import pickle
+
+    from switchformer.parallel import load_dcp, save_dcp
+    from switchformer.train.rundir import RunFileError
+
+    model, optimizer = _trained_model_and_optimizer(0)
+    save_dcp(tmp_path / "dcp", model, optimizer, None)
+    marker = tmp_path / "ran"
+
+    class Planted:
+        def __reduce__(self):
+            return (Path.touch, (marker,))
+
+    (tmp_path / "dcp" / ".metadata").write_bytes(pickle.dumps(Planted()))
+    with pytest.raises(RunFileError, match=r"dcp: cannot be loaded .*refused pathlib\.Path\.touch"):
+        load_dcp(tmp_path / "dcp", model, optimizer, None)
+    assert not marker.exists()

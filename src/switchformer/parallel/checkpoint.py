@@ -19,8 +19,11 @@ whole model.
 
 from __future__ import annotations
 
+import importlib
 import os
+import pickle
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -117,11 +120,55 @@ def ensure_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -
         group["lr"] = lr
 
 
+# What DCP's ``.metadata`` pickle may name: its own dataclasses, tensor shapes, dtypes and layouts.
+_METADATA_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem")
+_METADATA_GLOBALS = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath")}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Reads DCP's ``.metadata`` without running anything it names: only the classes DCP's own
+    metadata is made of are found (torch's ``weights_only`` idea, for the one pickle DCP reads
+    with plain ``pickle.load``)."""
+
+    def find_class(self, module: str, name: str):
+        allowed = (module, name) in _METADATA_GLOBALS or (
+            module in _METADATA_MODULES and isinstance(getattr(importlib.import_module(module), name, None), type)
+        )
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            allowed = True
+        if not allowed:
+            raise pickle.UnpicklingError(f"refused {module}.{name}: not part of a checkpoint's metadata")
+        return super().find_class(module, name)
+
+
+def _safe_reader(directory: Path):
+    """DCP's file reader, with ``.metadata`` read by :class:`_MetadataUnpickler`."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    class SafeFileSystemReader(dcp.FileSystemReader):
+        def read_metadata(self, *args, **kwargs):
+            with open(Path(directory) / ".metadata", "rb") as file:
+                metadata = _MetadataUnpickler(file).load()
+            if not isinstance(metadata, dcp.Metadata):
+                raise pickle.UnpicklingError(f"not DCP metadata but {type(metadata).__name__}")
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    return SafeFileSystemReader(str(directory))
+
+
 def save_dcp(directory: Path, model: nn.Module, optimizer, state: ParallelState | None) -> None:
-    """Model and optimizer state into ``directory`` (every rank calls it; each writes its shards)."""
+    """Model and optimizer state into ``directory`` (every rank calls it; each writes its shards;
+    ``state`` None: one process)."""
     import torch.distributed.checkpoint as dcp
 
-    dcp.save(checkpoint_state(model, optimizer, state), storage_writer=dcp.FileSystemWriter(str(directory)))
+    writer = dcp.FileSystemWriter(str(directory))
+    with warnings.catch_warnings():  # one process: DCP warns that it assumes so
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.save(checkpoint_state(model, optimizer, state), storage_writer=writer, no_dist=state is None)
 
 
 def load_dcp(directory: Path, model: nn.Module, optimizer, state: ParallelState | None) -> None:
@@ -131,18 +178,26 @@ def load_dcp(directory: Path, model: nn.Module, optimizer, state: ParallelState 
     (another model, missing tensors)."""
     import torch.distributed.checkpoint as dcp
 
-    from switchformer.train.rundir import RunFileError, one_line
+    from switchformer.train.rundir import RunFileError
 
     if optimizer is not None:
         ensure_optimizer_state(model, optimizer)
     target = checkpoint_state(model, optimizer, state)
     try:
-        dcp.load(target, storage_reader=dcp.FileSystemReader(str(directory)), no_dist=state is None)
-    except Exception as err:  # DCP wraps every rank's failure in CheckpointException
+        with warnings.catch_warnings():  # one process: DCP warns that it assumes so
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(target, storage_reader=_safe_reader(directory), no_dist=state is None)
+    except (Exception, dcp.CheckpointException) as err:  # DCP wraps each rank's failure (a BaseException)
         raise RunFileError(
             Path(directory),
-            f"cannot be loaded into this model and optimizer: damaged or another model's ({one_line(err)})",
+            f"cannot be loaded into this model and optimizer: damaged or another model's ({_root_cause(err)})",
         ) from None
+
+
+def _root_cause(err: BaseException) -> str:
+    """The last line of an error (DCP's carry every rank's traceback), up to its first sentence."""
+    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+    return (lines[-1] if lines else type(err).__name__).split(". ")[0]
 
 
 def export_safetensors(directory: Path, model: nn.Module, state: ParallelState) -> Path:

@@ -27,6 +27,7 @@ from switchformer.parallel import (
     apply_fsdp,
     check_same_config,
     checkpoint_state,
+    ensure_optimizer_state,
     export_safetensors,
     grad_norm,
     init_distributed,
@@ -61,9 +62,11 @@ from switchformer.train.data import Data, prepare_data
 from switchformer.train.evaluation import EvalResult, evaluate, model_forward, scored_tokens
 from switchformer.train.rundir import (
     MetricsLog,
+    RunFileError,
     RunLock,
     line_numbers,
     no_checkpoint_message,
+    one_line,
     read_json_lines,
     remove_leftovers,
 )
@@ -123,6 +126,17 @@ def clip_grad_norm(model: torch.nn.Module, max_norm: float, parallel) -> float:
     if scale < 1:
         scale_gradients(model, scale)
     return total
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    """``{"a": {"b": t}}`` as ``{"a.b": t}``."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def held_elements(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, int]:
@@ -267,9 +281,13 @@ class Trainer:
                 else:
                     self._load_full_weights(read_safetensors(self.run_dir / "model.safetensors"))
                 state = {"step": 0}
+            elif self.parallel is not None and (checkpoint / "optimizer.pt").is_file():
+                state = self._load_one_process_checkpoint(checkpoint)  # saved by one process, resumed on many
+                check_global_batch(config, state, self.world)
             else:
                 loader = None if self.parallel is None else self._load_full_weights
                 state = load_checkpoint(checkpoint, self.model, self.optimizer, self.optimizer_file, loader)
+                check_global_batch(config, state, self.world)
             self.step, self.bad_steps = state["step"], state.get("bad_steps", 0)
             if config.max_steps < self.step:
                 raise ValueError(
@@ -302,6 +320,32 @@ class Trainer:
             self.model.load_state_dict(full)
             return
         load_full_state_into(checkpoint_state(self.model, None, self.parallel)["model"], full)
+
+    def _load_one_process_checkpoint(self, checkpoint: Path) -> dict:
+        """A single-process checkpoint (``model.safetensors``, ``optimizer.pt``) into this rank's
+        shards: every rank reads the whole files and keeps its part. ``optimizer.pt`` numbers the
+        parameters in the optimizer's order (:func:`build_optimizer`'s groups), the same in every
+        layout, which gives each saved state its parameter's name."""
+        from switchformer.parallel import global_name
+        from switchformer.train.checkpoint import read_optimizer_state
+
+        state = read_state(checkpoint)
+        ensure_optimizer_state(self.model, self.optimizer)
+        targets = checkpoint_state(self.model, self.optimizer, self.parallel)
+        full = {"model": read_safetensors(checkpoint / "model.safetensors")}
+        file = checkpoint / "optimizer.pt"
+        saved = read_optimizer_state(file)
+        names = {id(p): global_name(n) for n, p in self.model.named_parameters()}
+        order = [names[id(p)] for group in self.optimizer.param_groups for p in group["params"]]
+        try:
+            full["optim"] = {order[int(index)]: entry for index, entry in saved["state"].items()}
+            for part in ("model", "optim"):
+                flat_targets = _flatten(targets[part])
+                load_full_state_into(flat_targets, _flatten(full[part]))
+        except (KeyError, IndexError, ValueError, RuntimeError) as err:
+            raise RunFileError(checkpoint, f"does not fit this model and optimizer ({one_line(err)})") from None
+        restore_rng(state)
+        return state
 
     @property
     def optimizer_file(self) -> str:
