@@ -156,7 +156,8 @@ def _print_summary(summary: dict, config) -> None:
                 f"  {name}: max/mean expert load {r['max_load_over_mean']:.2f}, dropped {r['dropped_fraction']:.1%}, "
                 f"router entropy {r['router_entropy']:.2f} nats"
             )
-    print(f"sample: {summary['sample']!r}")
+    if summary["sample"] is not None:  # sample_tokens=0: none
+        print(f"sample: {summary['sample']!r}")
     print(f"run directory: {summary['run_dir']}")
 
 

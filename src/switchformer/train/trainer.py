@@ -658,7 +658,7 @@ class Trainer:
             "run_dir": str(self.run_dir),
             "parameters": self.model.num_parameters(),
             "memory_per_rank": self.memory,  # rank 0's: elements of parameters, gradients, optimizer state
-            "sample": self.sample(),
+            "sample": self.sample() if self.config.sample_tokens else None,  # 0: none (FSDP gathers the model for it)
         }
         if self.config.resolved_objective == "seq2seq":  # sides cut to seq_len tokens (also logged at the start)
             summary["truncated"] = {
