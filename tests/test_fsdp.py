@@ -218,29 +218,19 @@ def _rank_killed_mid_run(rank, world, corpus, run_dir):
     assert message is not None and message.startswith(f"rank {rank} of {world}: lost contact"), raised.value
 
 
-def test_a_rank_killed_mid_step_ends_every_rank_with_a_message(tmp_path):
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text("Switch layers route every token to one expert of many.\n" * 400)
-    run_dir = tmp_path / "run"
-    run_dir.mkdir()
-    from switchformer.train.config import build_config
-    from switchformer.train.data import prepare_data
-
-    prepare_data(build_config("test", overrides=dict(data=[str(corpus)], vocab_size=400)), run_dir)  # the tokenizer
-    errors = tmp_path / "errors"
-    errors.mkdir()
+def _run_to_the_end(fn, world: int, args: tuple, errors: Path) -> list[int]:
+    """``fn(rank, world, *args)`` on ``world`` spawned gloo processes, each run to its own end
+    (``run_workers`` stops at the first to fail); their exit codes. A worker's failed check leaves
+    its traceback in ``errors``."""
     import torch.multiprocessing as mp
     from test_parallel import _worker
 
+    errors.mkdir(exist_ok=True)
     started = time.monotonic()
     context = mp.start_processes(
-        _worker,
-        args=(4, free_port(), _rank_killed_mid_run, (str(corpus), str(run_dir)), str(errors)),
-        nprocs=4,
-        join=False,
-        start_method="spawn",
+        _worker, args=(world, free_port(), fn, args, str(errors)), nprocs=world, join=False, start_method="spawn"
     )
-    try:  # every process runs to its end (join() would stop at the first to fail)
+    try:
         while any(p.is_alive() for p in context.processes) and time.monotonic() - started < TIMEOUT_S:
             time.sleep(0.2)
     finally:
@@ -250,7 +240,65 @@ def test_a_rank_killed_mid_step_ends_every_rank_with_a_message(tmp_path):
     assert time.monotonic() - started < TIMEOUT_S, "the surviving ranks did not stop"
     problems = sorted(errors.glob("rank*.txt"))
     assert not problems, problems[0].read_text()
-    assert [p.exitcode for p in context.processes] == [0, 0, 0, 1]  # the survivors' checks passed
+    return [p.exitcode for p in context.processes]
+
+
+def _corpus_and_tokenizer(tmp_path: Path) -> tuple[Path, Path]:
+    from switchformer.train.config import build_config
+    from switchformer.train.data import prepare_data
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("Switch layers route every token to one expert of many.\n" * 400)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    prepare_data(build_config("test", overrides=dict(data=[str(corpus)], vocab_size=400)), run_dir)  # the tokenizer
+    return corpus, run_dir
+
+
+def test_a_rank_killed_mid_step_ends_every_rank_with_a_message(tmp_path):
+    corpus, run_dir = _corpus_and_tokenizer(tmp_path)
+    codes = _run_to_the_end(_rank_killed_mid_run, 4, (str(corpus), str(run_dir)), tmp_path / "errors")
+    assert codes == [0, 0, 0, 1]  # the survivors' checks passed
+
+
+def _rank_killed_mid_save(rank, world, corpus, run_dir):
+    from switchformer.train import trainer as trainer_module
+    from switchformer.train.config import build_config
+    from switchformer.train.trainer import Trainer
+
+    config = build_config(
+        "test",
+        overrides=dict(data=[corpus], vocab_size=400, max_steps=4, batch_size=1, expert_parallel=2, eval_every=100,
+                       checkpoint_every=2),
+    )  # fmt: skip
+    trainer = Trainer(config, run_dir, progress=False)
+    if rank == 1:
+        export = trainer_module.export_safetensors
+
+        def dies(directory, model, state):  # the second save: its DCP shards are written, then the kill
+            if trainer.step == 4:
+                os._exit(1)
+            return export(directory, model, state)
+
+        trainer_module.export_safetensors = dies
+    with pytest.raises(RuntimeError):
+        trainer.train()
+
+
+def test_a_rank_killed_mid_save_leaves_the_last_complete_checkpoint(tmp_path):
+    from switchformer.train.checkpoint import latest_checkpoint, list_checkpoints
+
+    corpus, run_dir = _corpus_and_tokenizer(tmp_path)
+    codes = _run_to_the_end(_rank_killed_mid_save, 2, (str(corpus), str(run_dir)), tmp_path / "errors")
+    assert codes == [0, 1]
+    assert [p.name for p in list_checkpoints(run_dir)] == ["step_0000002"]
+    assert latest_checkpoint(run_dir).name == "step_0000002"
+    # the half-written step 4 is gone or left under a temporary name that the next writer removes
+    assert not (run_dir / "checkpoints" / "step_0000004").exists()
+    resumed = _switchformer(["train", "--resume", str(run_dir), "--no-progress", "--set", "batch_size=2",
+                             "--expert-parallel", "1"], 1)  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step_0000002", "step_0000004"]
 
 
 # ----------------------------------------------------------------------------- state outside autograd
