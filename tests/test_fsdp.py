@@ -115,10 +115,12 @@ def _fsdp_matches_one_process(rank, world, ep):
     assert (estimate.parameters, estimate.gradients, estimate.optimizer) == (held, grads, moments)
 
 
-@pytest.mark.parametrize("world, ep", [(4, 2), (2, 2), (2, 1)], ids=["ep2xfsdp2", "ep2", "fsdp2"])
+@pytest.mark.parametrize("world, ep", [(4, 2), (2, 2), (2, 1), (3, 1)], ids=["ep2xfsdp2", "ep2", "fsdp2", "fsdp3"])
 def test_fsdp_with_expert_parallelism_matches_one_process(world, ep, tmp_path):
     """Three AdamW steps (with clipping) over uneven label counts per rank and an expert that
-    receives no token: losses, gradients and weights equal one process on the global batch."""
+    receives no token: losses, gradients and weights equal one process on the global batch. On 3
+    ranks the experts' w_in [8, 16, 48] is sharded on its third dimension (16 is not a multiple of
+    3) and every dense weight unevenly."""
     run_workers(_fsdp_matches_one_process, world, ep, tmp_path=tmp_path)
 
 
@@ -185,7 +187,7 @@ def test_checkpoint_of_4_processes_resumes_on_2_and_on_1(tmp_path):
     result = _switchformer(["train", "--resume", str(run), "--no-progress"], 2)
     assert result.returncode != 0
     assert "batch_size: the checkpoint was trained with a global batch of 4" in result.stderr
-    assert "give --set batch_size=2" in result.stderr
+    assert "give --set grad_accum=2 (each rank keeps its micro-batch of 1" in result.stderr
 
 
 # ----------------------------------------------------------------------------- failures
@@ -390,7 +392,7 @@ def test_t5_under_fsdp_trains_samples_and_serves_single_process_commands(tmp_pat
     args = [
         "train", "--model", "t5", "--preset", "test", "--data", str(pairs), "--no-progress", "--out-dir",
         str(tmp_path), "--run-name", "t5", "--max-steps", "4", "--set", "objective=seq2seq", "--set",
-        "vocab_size=400", "--set", "batch_size=2", "--expert-parallel", "2",
+        "checkpoint_every=2", "--set", "vocab_size=400", "--set", "batch_size=2", "--expert-parallel", "2",
     ]  # fmt: skip
     result = _switchformer(args, 2)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -411,7 +413,15 @@ def test_t5_under_fsdp_trains_samples_and_serves_single_process_commands(tmp_pat
     resumed = _switchformer(["train", "--resume", str(run), "--max-steps", "6", "--no-progress",
                              "--set", "batch_size=4", "--expert-parallel", "1"], 1)  # fmt: skip
     assert resumed.returncode == 2
-    assert "step_0000004/dcp: cannot be loaded into this model and optimizer: damaged" in resumed.stderr
+    assert f"step_0000004/dcp/{shard.name}: cut short: 100 bytes, the metadata needs" in resumed.stderr
+    assert "to resume from step_0000002 instead, move step_0000004 out of" in resumed.stderr
+    (run / "checkpoints" / "step_0000004" / "dcp" / ".metadata").unlink()  # DCP's last file: incomplete
+    resumed = _switchformer(["train", "--resume", str(run), "--no-progress"], 1)
+    assert "step_0000004: incomplete checkpoint: dcp/.metadata missing" in resumed.stderr, resumed.stderr
+    shutil.rmtree(run / "checkpoints" / "step_0000004" / "dcp")  # the whole folder: state.json says DCP
+    resumed = _switchformer(["train", "--resume", str(run), "--no-progress"], 1)
+    assert "step_0000004: incomplete checkpoint: dcp/.metadata missing" in resumed.stderr, resumed.stderr
+    assert "Traceback" not in resumed.stderr
 
 
 # ----------------------------------------------------------------------------- DCP in one process
@@ -458,6 +468,129 @@ def test_dcp_metadata_that_would_run_code_is_refused(tmp_path):
             return (Path.touch, (marker,))
 
     (tmp_path / "dcp" / ".metadata").write_bytes(pickle.dumps(Planted()))
-    with pytest.raises(RunFileError, match=r"dcp: cannot be loaded .*refused pathlib\.Path\.touch"):
+    with pytest.raises(RunFileError, match=r"dcp/\.metadata: damaged .*refused pathlib\.Path\.touch"):
         load_dcp(tmp_path / "dcp", model, optimizer, None)
     assert not marker.exists()
+
+
+# ----------------------------------------------------------------------------- layouts refused at start-up
+
+
+def test_expert_shard_dimension_is_the_first_that_divides_evenly():
+    from switchformer.parallel.fsdp import expert_shard_dim
+
+    assert expert_shard_dim("w", (4, 32, 128), 1) == 1
+    assert expert_shard_dim("w", (4, 32, 128), 2) == 1
+    assert expert_shard_dim("w", (4, 30, 128), 4) == 2
+    with pytest.raises(ValueError, match=r"^fsdp: w \[4, 32, 128\] cannot be split evenly over the 3 ranks"):
+        expert_shard_dim("w", (4, 32, 128), 3)
+
+
+@pytest.mark.parametrize(
+    "world, changes, message",
+    [
+        (3, {}, r"fsdp: blocks\.1\.ffn\.mlp\.experts\.w_in \[4, 32, 128\] cannot be split evenly over the 3 ranks"),
+        (4, {"expert_parallel": 3}, "expert_parallel: world size 4 is not a multiple of 3"),
+        (3, {"expert_parallel": 3}, "num_experts: 4 experts cannot be split over 3 expert-parallel ranks"),
+        (2, {"optimizer": "adafactor"}, "optimizer: adafactor factors whole matrices, which FSDP shards"),
+    ],
+)
+def test_layouts_that_cannot_work_are_refused_before_anything_runs(world, changes, message):
+    from switchformer.train.config import build_config
+    from switchformer.train.trainer import check_layout
+
+    config = build_config("test", overrides=changes)
+    with pytest.raises(ValueError, match=message):
+        check_layout(config, None, world)
+    from dataclasses import replace
+
+    if "optimizer" in changes or world == 3 and not changes:  # the replicated layout takes them
+        check_layout(replace(config, fsdp=False), None, world)
+
+
+def test_expert_parallelism_without_torchrun_says_how_to_launch(tmp_path, monkeypatch):
+    from switchformer.train.config import build_config
+    from switchformer.train.trainer import Trainer
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with pytest.raises(ValueError, match=r"expert_parallel: 2 splits the experts over 2 processes.*torchrun"):
+        Trainer(build_config("test", overrides=dict(expert_parallel=2)), tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--world-size", "-4", "--expert-parallel", "2"], "--world-size: must be >= 1, got -4"),
+        (["--world-size", "0"], "--world-size: must be >= 1, got 0"),
+        (["--world-size", "2", "--expert-parallel", "0"], "--expert-parallel: must be >= 1, got 0"),
+        (["--no-fsdp"], "--no-fsdp: memory per rank needs --world-size W"),
+        (["--world-size", "3"], "fsdp: blocks.1.ffn.mlp.experts.w_in"),
+        (["--world-size", "4", "--expert-parallel", "3"], "world size 4 is not a multiple of 3"),
+    ],
+)
+def test_info_memory_flags_are_checked(flags, message, capsys):
+    from switchformer.cli import main
+
+    assert main(["info", "--preset", "test", *flags]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_info_memory_per_rank_prints_the_estimate(capsys):
+    from switchformer.cli import main
+
+    assert main(["info", "--preset", "test", "--world-size", "4", "--expert-parallel", "2"]) == 0
+    out = capsys.readouterr().out
+    with torch.device("meta"):
+        from switchformer.train.config import build_config
+        from switchformer.train.trainer import build_model
+
+        config = build_config("test")
+        model = build_model(config, config.vocab_size)
+    from switchformer.parallel.memory import estimate_rank_memory
+
+    fullest = max((estimate_rank_memory(model, 4, 2, r) for r in range(4)), key=lambda m: m.total)
+    assert f"({fullest.parameters:,} values)" in out
+    assert "world 4, expert parallel 2, FSDP2: weights sharded; adamw" in out
+
+
+# ----------------------------------------------------------------------------- evaluation over ranks
+
+
+class _Split:
+    """A validation split of fixed rows (what ``evaluate`` reads: ``len`` and ``rows``)."""
+
+    def __init__(self, ids: torch.Tensor):
+        self.ids = ids
+
+    def __len__(self) -> int:
+        return self.ids.shape[0]
+
+    def rows(self, index: torch.Tensor) -> dict:
+        return {"input_ids": self.ids[index], "labels": self.ids[index]}
+
+
+@pytest.mark.parametrize("rows", [7, 3, 1])
+def test_evaluation_split_over_ranks_sums_to_one_process_on_the_global_batch(rows):
+    """Each rank scores its part of every global evaluation batch (a rank past the end runs a
+    stand-in that counts for nothing): the ranks' sums are one process's figures with
+    batch_size x world, for splits that fill the last batch, leave a rank empty, or hold one row."""
+    from dataclasses import replace
+
+    from switchformer.train.config import build_config
+    from switchformer.train.evaluation import evaluate
+
+    model = seeded_model().eval()
+    for layer in model.sparse_layers():
+        layer.group_size = SEQ  # routing per sequence: the same whatever the batch
+    split = _Split(torch.randint(1, EIGHT["vocab_size"], (rows, SEQ), generator=torch.Generator().manual_seed(3)))
+    config = replace(build_config("test"), batch_size=2, eval_batches=2, precision="fp32")
+    whole = evaluate(model, split, replace(config, batch_size=4), "cpu")
+    parts = [evaluate(model, split, config, "cpu", rank=r, world=2) for r in range(2)]
+    tokens = sum(p.tokens for p in parts)
+    assert tokens == whole.tokens
+    loss = sum(p.loss * p.tokens for p in parts if p.tokens) / tokens
+    assert abs(loss - whole.loss) < 1e-6
+    for layer, stats in whole.routing.items():
+        summed = [sum(values) for values in zip(*(p.routing[layer]["tokens_per_expert"] for p in parts))]
+        assert summed == stats["tokens_per_expert"], layer

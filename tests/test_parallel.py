@@ -290,6 +290,11 @@ def test_torchrun_training_matches_one_process(tmp_path):
     assert sorted(a) == sorted(b) == list(range(1, 7))
     for step in a:
         assert abs(a[step] - b[step]) < 1e-5, (step, a[step], b[step])
+    # evaluation too: each rank scores its part of every global batch of the validation split
+    one_summary, two_summary = (json.loads((tmp_path / run / "summary.json").read_text()) for run in ("one", "two"))
+    assert abs(one_summary["eval_loss"] - two_summary["eval_loss"]) < 1e-5
+    for layer, stats in one_summary["routing"].items():
+        assert two_summary["routing"][layer]["tokens_per_expert"] == stats["tokens_per_expert"], layer
     # a DCP checkpoint and the consolidated weights for single-process commands
     checkpoint = sorted((tmp_path / "two" / "checkpoints").iterdir())[-1]
     assert (checkpoint / "dcp" / ".metadata").exists() and (checkpoint / "model.safetensors").exists()

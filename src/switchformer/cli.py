@@ -441,13 +441,16 @@ def cmd_info(args) -> int:
     print(f"  experts per Switch layer: {config.num_experts}, top-{config.top_k}")
     print(f"  parameters: {counts['total']:,} total, {counts['active']:,} active per token")
     print(f"  forward FLOPs per token: {counts['flops_per_token']:,}")
+    if args.no_fsdp and args.world_size is None:
+        raise ValueError("--no-fsdp: memory per rank needs --world-size W")
     if args.world_size is not None or args.expert_parallel is not None:
         from switchformer.parallel.memory import memory_report
 
-        world = args.world_size or 1
-        fsdp = not args.no_fsdp and world > 1
+        world = 1 if args.world_size is None else args.world_size
+        fsdp = getattr(train, "fsdp", True) and not args.no_fsdp and world > 1  # a run's own setting first
         optimizer = getattr(train, "optimizer", "adamw")
-        for line in memory_report(model, world, args.expert_parallel or 1, fsdp, optimizer):
+        expert_parallel = 1 if args.expert_parallel is None else args.expert_parallel
+        for line in memory_report(model, world, expert_parallel, fsdp, optimizer):
             print(line)
     return 0
 

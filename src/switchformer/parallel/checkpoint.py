@@ -6,7 +6,7 @@ What makes that work is one naming and one global shape for every tensor, whatev
 :func:`checkpoint_state` presents each weight under its unsharded name (``...experts.w_in``, never
 ``.experts.local.``) as a DTensor of the unsharded model's shape, whose local part is this rank's
 own storage. Expert shards: ``Shard(0)`` over ``ep`` (each rank of a row has ``E/P`` experts),
-and over ``edp`` ``Shard(1)`` under FSDP or ``Replicate()`` without it; dense weights: FSDP's own
+and over ``edp`` FSDP's ``Shard(1)`` or ``Shard(2)``, or ``Replicate()`` without FSDP; dense weights: FSDP's own
 DTensors, or plain tensors when replicated (DCP saves one copy). Optimizer state (AdamW's
 moments; the step count) follows its parameter, under ``optim.<name>.<field>``. DCP loads in
 place, into the model's and optimizer's own tensors.
@@ -55,7 +55,7 @@ def _as_global(name: str, tensor: torch.Tensor, state: ParallelState | None) -> 
     if state is None or not is_expert_parameter(name) or tensor.dim() == 0:
         return tensor
     full = (tensor.shape[0] * state.expert_parallel_size, *tensor.shape[1:])
-    over_edp = Shard(1) if isinstance(tensor, DTensor) else Replicate()  # FSDP shards dim 1 over edp
+    over_edp = tensor.placements[0] if isinstance(tensor, DTensor) else Replicate()  # FSDP: Shard(1) or (2)
     return DTensor.from_local(
         local_tensor(tensor),
         state.mesh,
@@ -141,17 +141,45 @@ class _MetadataUnpickler(pickle.Unpickler):
         return super().find_class(module, name)
 
 
+def read_metadata(directory: Path):
+    """``directory/.metadata`` read by :class:`_MetadataUnpickler`, and every shard file it names
+    checked to be there and long enough. Raises :class:`switchformer.train.rundir.RunFileError`
+    naming the file and what is wrong (before DCP, whose own errors are a traceback per rank)."""
+    import torch.distributed.checkpoint as dcp
+
+    from switchformer.train.rundir import RunFileError, one_line
+
+    file = Path(directory) / ".metadata"
+    try:
+        with open(file, "rb") as stream:
+            metadata = _MetadataUnpickler(stream).load()
+    except FileNotFoundError:
+        raise RunFileError(file, "missing; DCP writes it last, so the checkpoint is incomplete") from None
+    except Exception as err:  # refused, cut short, not a pickle
+        raise RunFileError(file, f"damaged or not a DCP checkpoint's metadata ({one_line(err)})") from None
+    if not isinstance(metadata, dcp.Metadata):
+        raise RunFileError(file, f"not a DCP checkpoint's metadata (it holds a {type(metadata).__name__})")
+    ends: dict[str, int] = {}
+    for info in (metadata.storage_data or {}).values():
+        path = str(getattr(info, "relative_path", ""))
+        ends[path] = max(ends.get(path, 0), int(getattr(info, "offset", 0)) + int(getattr(info, "length", 0)))
+    for path, end in sorted(ends.items()):
+        shard = Path(directory) / path
+        if not shard.is_file():
+            raise RunFileError(shard, "missing: a shard of this checkpoint; the checkpoint is incomplete")
+        if shard.stat().st_size < end:
+            raise RunFileError(shard, f"cut short: {shard.stat().st_size} bytes, the metadata needs {end}")
+    return metadata
+
+
 def _safe_reader(directory: Path):
-    """DCP's file reader, with ``.metadata`` read by :class:`_MetadataUnpickler`."""
+    """DCP's file reader, with ``.metadata`` read by :func:`read_metadata`."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.metadata import StorageMeta
 
     class SafeFileSystemReader(dcp.FileSystemReader):
         def read_metadata(self, *args, **kwargs):
-            with open(Path(directory) / ".metadata", "rb") as file:
-                metadata = _MetadataUnpickler(file).load()
-            if not isinstance(metadata, dcp.Metadata):
-                raise pickle.UnpicklingError(f"not DCP metadata but {type(metadata).__name__}")
+            metadata = read_metadata(Path(directory))
             if getattr(metadata, "storage_meta", None) is None:
                 metadata.storage_meta = StorageMeta()
             metadata.storage_meta.load_id = self.load_id
@@ -180,6 +208,7 @@ def load_dcp(directory: Path, model: nn.Module, optimizer, state: ParallelState 
 
     from switchformer.train.rundir import RunFileError
 
+    read_metadata(Path(directory))  # a damaged or planted checkpoint is named before DCP reads it
     if optimizer is not None:
         ensure_optimizer_state(model, optimizer)
     target = checkpoint_state(model, optimizer, state)

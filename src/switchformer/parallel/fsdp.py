@@ -37,6 +37,25 @@ def transformer_blocks(model: nn.Module) -> list[nn.Module]:
     return blocks
 
 
+def expert_shard_dim(name: str, shape: tuple[int, ...], column: int) -> int:
+    """The dimension FSDP shards an expert shard ``[E/P, a, b]`` on over a column of ``column``
+    ranks: the second (``d_model`` of ``w_in``, ``d_ff`` of ``w_out``), else the third, whichever
+    ``column`` divides (FSDP2 shards unevenly only on the first, and the first, the experts, is
+    split by expert parallelism already).
+
+    Raises ValueError naming the weight and the settings that would fit."""
+    if column == 1:
+        return 1
+    for dim in (1, 2):
+        if dim < len(shape) and shape[dim] % column == 0:
+            return dim
+    raise ValueError(
+        f"fsdp: {name} {list(shape)} cannot be split evenly over the {column} ranks that hold the same experts "
+        f"(FSDP2 shards it on d_model or d_ff, which must be a multiple of {column}); choose an expert-parallel size "
+        f"or a number of processes for which (processes / expert_parallel) divides d_model or d_ff, or --set fsdp=false"
+    )
+
+
 def apply_fsdp(model: nn.Module, state: ParallelState) -> nn.Module:
     """Shard ``model`` (already expert-parallel and on its device) in place; returns it.
 
@@ -46,9 +65,12 @@ def apply_fsdp(model: nn.Module, state: ParallelState) -> nn.Module:
 
     world = state.world_size
     edp_mesh = state.mesh["edp"]
-    for module in model.modules():
+    column = edp_mesh.size()
+    for name, module in model.named_modules():
         if isinstance(module, ExpertParallelExperts):
-            fully_shard(module.local, mesh=edp_mesh, shard_placement_fn=lambda param: Shard(1))
+            dims = {param: expert_shard_dim(f"{name}.{n}", tuple(param.shape), column)
+                    for n, param in module.local.named_parameters()}  # fmt: skip
+            fully_shard(module.local, mesh=edp_mesh, shard_placement_fn=lambda param, dims=dims: Shard(dims[param]))
             module.local.set_gradient_divide_factor(float(world))
             if edp_mesh.size() > 1:
                 # gloo has no pre-multiplied sum: sum, then scale (also exact on NCCL). Not on a

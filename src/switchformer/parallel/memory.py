@@ -8,7 +8,8 @@ gathers for one unit at a time (reported separately: :attr:`RankMemory.gathered`
 buffers, and the framework's own overhead (CUDA context, allocator caching).
 
 Layout per tensor: an expert weight ``[E, a, b]`` is cut into ``E / P`` experts per rank, whose
-second dimension FSDP splits over the ``W / P`` ranks of the column; a dense weight's first
+second dimension (else third, whichever divides evenly) FSDP splits over the ``W / P`` ranks of the
+column; a dense weight's first
 dimension FSDP splits over all ``W`` ranks. FSDP splits as ``torch.chunk`` does (``ceil(n / k)``
 rows each, the last ranks fewer or none). Without FSDP every rank holds every dense weight and its
 ``E / P`` experts whole.
@@ -52,8 +53,12 @@ def local_shape(name: str, shape: tuple[int, ...], world: int, expert_parallel: 
     if _is_expert(name):
         shape = (shape[0] // expert_parallel, *shape[1:])
         if fsdp and len(shape) > 1:
+            from switchformer.parallel.fsdp import expert_shard_dim
+
             column = world // expert_parallel
-            shape = (shape[0], _chunk(shape[1], column, rank // expert_parallel), *shape[2:])
+            dim = expert_shard_dim(name, shape, column)
+            shape = tuple(_chunk(size, column, rank // expert_parallel) if d == dim else size
+                          for d, size in enumerate(shape))  # fmt: skip
         return shape
     if fsdp and shape:
         return (_chunk(shape[0], world, rank), *shape[1:])
@@ -93,7 +98,9 @@ def estimate_rank_memory(
     for name, param in model.named_parameters():
         shape = tuple(param.shape)
         if _is_expert(name) and shape[0] % expert_parallel:
-            raise ValueError(f"expert_parallel: {shape[0]} experts of {name} cannot be split over {expert_parallel}")
+            raise ValueError(
+                f"num_experts: {shape[0]} experts cannot be split over {expert_parallel} expert-parallel ranks ({name})"
+            )
         mine = local_shape(name, shape, world, expert_parallel, rank, fsdp)
         params += math.prod(mine)
         optim += _optimizer_elements(mine, optimizer)
@@ -119,6 +126,8 @@ def _unit_of(name: str) -> str:
 
 def _mib(elements: int, bytes_per_value: int) -> str:
     size = elements * bytes_per_value / 2**20
+    if size < 1:
+        return f"{size * 1024:,.1f} KiB"
     return f"{size:,.1f} MiB" if size < 10 * 1024 else f"{size / 1024:,.1f} GiB"
 
 
@@ -127,6 +136,12 @@ def memory_report(
 ) -> list[str]:
     """The lines ``switchformer info --world-size W --expert-parallel P`` prints: the fullest rank's
     parameters, gradients and optimizer state (float32 unless ``bytes_per_value`` says otherwise)."""
+    if world < 1:
+        raise ValueError(f"--world-size: must be >= 1, got {world}")
+    if expert_parallel < 1:
+        raise ValueError(f"--expert-parallel: must be >= 1, got {expert_parallel}")
+    if fsdp and world > 1 and optimizer == "adafactor":
+        raise ValueError("optimizer: this run's adafactor needs weights whole on every rank: add --no-fsdp")
     ranks = [estimate_rank_memory(model, world, expert_parallel, r, fsdp, optimizer) for r in range(world)]
     top = max(ranks, key=lambda m: m.total)
     layout = "FSDP2: weights sharded" if fsdp else "replicated weights (fsdp=false)"

@@ -64,6 +64,7 @@ __all__ = [
     "resume_checkpoint",
     "save_checkpoint",
     "write_checkpoint_files",
+    "with_earlier_hint",
     "write_state_file",
     "write_json_atomic",
     "write_text_atomic",
@@ -434,11 +435,17 @@ def load_checkpoint(path: Path, model, optimizer, optimizer_name: str = "optimiz
     try:
         return _load_checkpoint(path, model, optimizer, optimizer_name, load_weights)
     except RunFileError as err:
-        earlier = [p for p in list_checkpoints(path.parent.parent) if p.name < path.name]
-        if not earlier:
-            raise
-        hint = f"to resume from {earlier[-1].name} instead, move {path.name} out of {path.parent}"
-        raise RunFileError(err.file, f"{err.problem}; {hint}") from None
+        raise with_earlier_hint(path, err) from None
+
+
+def with_earlier_hint(path: Path, err: RunFileError) -> RunFileError:
+    """``err`` (a file of checkpoint ``path`` cannot be used) with how to resume from the
+    checkpoint before it, when there is one."""
+    earlier = [p for p in list_checkpoints(path.parent.parent) if p.name < path.name]
+    if not earlier:
+        return err
+    hint = f"to resume from {earlier[-1].name} instead, move {path.name} out of {path.parent}"
+    return RunFileError(err.file, f"{err.problem}; {hint}")
 
 
 def _load_checkpoint(path: Path, model, optimizer, optimizer_name: str, load_weights) -> dict:

@@ -50,10 +50,27 @@ def model_forward(model, batch: dict, label_smoothing: float = 0.0):
     return model(batch["input_ids"], labels=batch["input_ids"], **extra)
 
 
-def evaluate(model, valid, config: TrainConfig, device, max_batches: int | None = None, forward=None) -> EvalResult:
+def evaluate(
+    model,
+    valid,
+    config: TrainConfig,
+    device,
+    max_batches: int | None = None,
+    forward=None,
+    rank: int = 0,
+    world: int = 1,
+    reduce_sum=None,
+) -> EvalResult:
     """Score up to ``max_batches`` (default ``config.eval_batches``) batches of ``config.batch_size``
-    rows of the split ``valid`` in order; the model's mode is restored afterwards. ``forward(batch)``
-    runs the model on a batch already on ``device`` (default: the model's keyword call)."""
+    rows per rank of the split ``valid`` in order; the model's mode is restored afterwards.
+    ``forward(batch)`` runs the model on a batch already on ``device`` (default: the model's keyword
+    call).
+
+    Under torchrun (``world`` ranks, ``reduce_sum`` summing a tensor over them): each evaluation
+    batch is ``world`` times larger and every rank scores its own part, so the figures are those of
+    one process scoring the same rows with ``batch_size x world`` (the global batch), whatever the
+    number of processes. A rank whose part lies past the end of the split still runs the model
+    (its collectives must meet the others') on a stand-in row that counts for nothing."""
     from switchformer.train.trainer import autocast_context
 
     if max_batches is not None and max_batches < 1:
@@ -62,18 +79,26 @@ def evaluate(model, valid, config: TrainConfig, device, max_batches: int | None 
     was_training = model.training
     model.eval()
     batches = max_batches or config.eval_batches
+    rows_per_batch = config.batch_size * world
+    batches = min(batches, max(1, math.ceil(len(valid) / rows_per_batch)))  # a small split: what there is
     total_loss, total_tokens = 0.0, 0
     counts, dropped, entropy, seen = {}, {}, {}, 0
     try:
         with torch.no_grad():
             for b in range(batches):
-                start = b * config.batch_size
-                if start >= len(valid):  # a small validation split: use what there is
-                    break
-                index = torch.arange(start, min(start + config.batch_size, len(valid)))
+                start = b * rows_per_batch + rank * config.batch_size
+                stop = min(start + config.batch_size, len(valid), (b + 1) * rows_per_batch)
+                counted = start < stop
+                index = torch.arange(start, stop) if counted else torch.tensor([len(valid) - 1])
                 batch = {k: v.to(device) for k, v in valid.rows(index).items()}
                 with autocast_context(config, device):
                     out = forward(batch)
+                if not counted:  # the layers' names (every rank sums the same tensors), no counts
+                    for name, aux in out.router_stats.layers:
+                        counts.setdefault(name, torch.zeros_like(aux.tokens_per_expert.cpu()))
+                        dropped.setdefault(name, 0.0)
+                        entropy.setdefault(name, 0.0)
+                    continue
                 tokens = scored_tokens(batch)
                 if tokens:
                     total_loss += out.ce_loss.item() * tokens
@@ -85,12 +110,23 @@ def evaluate(model, valid, config: TrainConfig, device, max_batches: int | None 
                 seen += 1
     finally:
         model.train(was_training)
+    if reduce_sum is not None:  # every rank's sums, so every rank reports the global figures
+        names = sorted(counts) if counts else []
+        scalars = torch.tensor([total_loss, total_tokens, seen], dtype=torch.float64, device=device)
+        scalars = reduce_sum(scalars).cpu()
+        total_loss, total_tokens, seen = float(scalars[0]), int(scalars[1]), int(scalars[2])
+        for name in names:
+            packed = torch.cat(
+                [counts[name].double(), torch.tensor([dropped[name], entropy[name]], dtype=torch.float64)]
+            )
+            packed = reduce_sum(packed.to(device)).cpu()
+            counts[name], dropped[name], entropy[name] = packed[:-2].long(), float(packed[-2]), float(packed[-1])
     loss = total_loss / total_tokens if total_tokens else float("nan")
     routing = {
         name: {
             "tokens_per_expert": counts[name].tolist(),
-            "dropped_fraction": dropped[name] / seen,
-            "router_entropy": entropy[name] / seen,
+            "dropped_fraction": dropped[name] / max(seen, 1),
+            "router_entropy": entropy[name] / max(seen, 1),
             "max_load_over_mean": float(counts[name].max() / counts[name].float().mean().clamp_min(1e-9)),
         }
         for name in counts

@@ -515,10 +515,21 @@ def is_checkpoint_folder(path: Path) -> bool:
     return _CHECKPOINT_NAME.fullmatch(path.name) is not None and path.is_dir() and not path.is_symlink()
 
 
+def _dcp_format(path: Path) -> bool:
+    """Whether checkpoint ``path`` was written with DCP (its ``dcp/`` folder, or its ``state.json``
+    says so: the folder may be what is missing)."""
+    if (path / "dcp").is_dir():
+        return True
+    try:
+        return json.loads((path / "state.json").read_text(encoding="utf-8")).get("checkpoint_format") == "dcp"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def checkpoint_problem(path: Path) -> str | None:
     """What makes a checkpoint folder incomplete (None: its files are in place)."""
     missing = [name for name in ("model.safetensors", "state.json") if not (path / name).is_file()]
-    if (path / "dcp").is_dir() and not (path / "dcp" / ".metadata").is_file():  # DCP writes it last
+    if _dcp_format(path) and not (path / "dcp" / ".metadata").is_file():  # DCP writes it last
         missing.append("dcp/.metadata")
     return f"incomplete checkpoint: {' and '.join(missing)} missing" if missing else None
 

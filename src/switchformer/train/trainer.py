@@ -53,6 +53,7 @@ from switchformer.train.checkpoint import (
     restore_rng,
     resume_checkpoint,
     save_checkpoint,
+    with_earlier_hint,
     write_json_atomic,
     write_state_file,
     write_text_atomic,
@@ -151,6 +152,22 @@ def held_elements(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> d
     }
 
 
+def check_layout(config: TrainConfig, model_config: dict | None, world: int) -> None:
+    """The model fits the layout ``world`` processes with ``config.expert_parallel`` give: the
+    experts split evenly, FSDP can shard every expert weight, Adafactor only without FSDP. Raises
+    ValueError naming the setting (checked on the ``meta`` device: no memory, no weights)."""
+    from switchformer.parallel.memory import estimate_rank_memory
+
+    if config.fsdp and config.optimizer == "adafactor":
+        raise ValueError(
+            "optimizer: adafactor factors whole matrices, which FSDP shards; use adamw, or --set fsdp=false "
+            "to keep weights whole on every rank"
+        )
+    with torch.device("meta"):
+        model = build_model(config, config.vocab_size, model_config)
+    estimate_rank_memory(model, world, config.expert_parallel, 0, config.fsdp, config.optimizer)
+
+
 def global_batch(config: TrainConfig, world: int) -> int:
     """Sequences (or pairs, conversations) per optimizer step over every rank."""
     return config.batch_size * config.grad_accum * world
@@ -158,16 +175,23 @@ def global_batch(config: TrainConfig, world: int) -> int:
 
 def check_global_batch(config: TrainConfig, state: dict, world: int) -> None:
     """A run resumed on another number of processes must keep its global batch (``batch_size`` is
-    per rank): the checkpoint's, when it records one, or a ValueError naming the setting to give."""
+    per rank): the checkpoint's, when it records one, or a ValueError naming the setting to give.
+    The advice keeps each rank's micro-batch where it can (``grad_accum``): a micro-batch is a
+    routing group, so its size decides capacity and the router losses."""
     saved = state.get("global_batch")
     if saved is None or saved == global_batch(config, world):
         return
+    accum, accum_rest = divmod(saved, world * config.batch_size)
     per_rank, rest = divmod(saved, world * config.grad_accum)
-    fix = (
-        f"give --set batch_size={per_rank}"
-        if per_rank and not rest
-        else f"choose batch_size and grad_accum with batch_size x grad_accum x {world} = {saved}"
-    )
+    if accum and not accum_rest:
+        fix = (
+            f"give --set grad_accum={accum} (each rank keeps its micro-batch of {config.batch_size}, so routing "
+            "groups and losses go on as before)"
+        )
+    elif per_rank and not rest:
+        fix = f"give --set batch_size={per_rank}"
+    else:
+        fix = f"choose batch_size and grad_accum with batch_size x grad_accum x {world} = {saved}"
     raise ValueError(
         f"batch_size: the checkpoint was trained with a global batch of {saved} (saved with "
         f"{state.get('world_size', '?')} processes), here batch_size {config.batch_size} x grad_accum "
@@ -204,14 +228,17 @@ class Trainer:
         self.config = config
         self.run_dir = Path(run_dir)
         self.parallel = None
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1 or config.expert_parallel > 1:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world == 1 and config.expert_parallel > 1:
+            raise ValueError(
+                f"expert_parallel: {config.expert_parallel} splits the experts over {config.expert_parallel} "
+                "processes, and one runs here: launch under torchrun (torchrun --nproc_per_node N -m switchformer "
+                f"train ..., N a multiple of {config.expert_parallel}), or give --expert-parallel 1"
+            )
+        if world > 1:
+            check_layout(config, model_config, world)  # before any file is written: a clear error on every rank
             self.parallel = init_distributed(config.expert_parallel, config.dist_timeout_s, config.fsdp)
             check_same_config(config.to_dict(), self.parallel)
-            if config.fsdp and config.optimizer == "adafactor":
-                raise ValueError(
-                    "optimizer: adafactor factors whole matrices, which FSDP shards; use adamw, or --set fsdp=false "
-                    "to keep weights whole on every rank"
-                )
         self.is_main = self.parallel is None or self.parallel.is_main
         self.rank, self.world = (0, 1) if self.parallel is None else (self.parallel.rank, self.parallel.world_size)
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -272,7 +299,10 @@ class Trainer:
                 raise FileNotFoundError(no_checkpoint_message(self.run_dir))
             if (checkpoint / DCP_FOLDER).is_dir():  # any layout: DCP reshards to this one
                 state = read_state(checkpoint)
-                load_dcp(checkpoint / DCP_FOLDER, self.model, self.optimizer, self.parallel)
+                try:
+                    load_dcp(checkpoint / DCP_FOLDER, self.model, self.optimizer, self.parallel)
+                except RunFileError as err:
+                    raise with_earlier_hint(checkpoint, err) from None
                 restore_rng(state)
                 check_global_batch(config, state, self.world)
             elif checkpoint == self.run_dir:  # a converted run: its weights, a fresh optimizer, step 0
@@ -458,6 +488,7 @@ class Trainer:
             )
         self._saved_step = self.step
         extra = {
+            "checkpoint_format": "single" if self.parallel is None else "dcp",  # dcp: its folder must be there
             "bad_steps": self.bad_steps,
             "world_size": self.world,
             "global_batch": global_batch(self.config, self.world),
@@ -507,7 +538,12 @@ class Trainer:
     # -- evaluation ------------------------------------------------------------------------
 
     def evaluate(self, max_batches: int | None = None) -> EvalResult:
-        return evaluate(self.model, self.data.valid, self.config, self.device, max_batches, self.forward)
+        if self.parallel is None:
+            return evaluate(self.model, self.data.valid, self.config, self.device, max_batches, self.forward)
+        return evaluate(
+            self.model, self.data.valid, self.config, self.device, max_batches, self.forward,
+            rank=self.rank, world=self.world, reduce_sum=sum_over_world,
+        )  # fmt: skip
 
     # -- training --------------------------------------------------------------------------
 
@@ -634,10 +670,11 @@ class Trainer:
                 if self.step % config.eval_every == 0 and self.step < config.max_steps:
                     result_eval = self.evaluate()
                     self.log_metrics({"step": self.step, "time": self.train_time(), **result_eval.to_dict()})
-                    bar.write(
-                        f"step {self.step}: validation loss {result_eval.loss:.4f}, "
-                        f"perplexity {result_eval.perplexity:.2f}"
-                    )
+                    if self.is_main:  # printed once, by rank 0
+                        bar.write(
+                            f"step {self.step}: validation loss {result_eval.loss:.4f}, "
+                            f"perplexity {result_eval.perplexity:.2f}"
+                        )
                 if self.step % config.checkpoint_every == 0 and self.step < config.max_steps:
                     self.save()
         finally:
