@@ -570,27 +570,63 @@ class _Split:
         return {"input_ids": self.ids[index], "labels": self.ids[index]}
 
 
-@pytest.mark.parametrize("rows", [7, 3, 1])
-def test_evaluation_split_over_ranks_sums_to_one_process_on_the_global_batch(rows):
-    """Each rank scores its part of every global evaluation batch (a rank past the end runs a
-    stand-in that counts for nothing): the ranks' sums are one process's figures with
-    batch_size x world, for splits that fill the last batch, leave a rank empty, or hold one row."""
+@pytest.mark.parametrize("rows", [13, 7, 3, 1])
+@pytest.mark.parametrize("world, grad_accum", [(2, 1), (2, 2), (4, 1)])
+def test_evaluation_split_over_ranks_sums_to_one_process_on_the_global_batch(rows, world, grad_accum):
+    """An evaluation batch is the global batch, run in chunks of batch_size rows (routing groups,
+    like training micro-batches), each rank taking every world-th chunk (a rank left without one
+    runs a stand-in that counts for nothing): the ranks' sums are one process's figures with the
+    same global batch as batch_size x grad_accum, whatever the split; splits that fill the last
+    batch, leave ranks empty, or hold one row."""
     from dataclasses import replace
 
     from switchformer.train.config import build_config
     from switchformer.train.evaluation import evaluate
 
-    model = seeded_model().eval()
-    for layer in model.sparse_layers():
-        layer.group_size = SEQ  # routing per sequence: the same whatever the batch
+    model = seeded_model().eval()  # routing groups: each forward's rows (no group_size)
     split = _Split(torch.randint(1, EIGHT["vocab_size"], (rows, SEQ), generator=torch.Generator().manual_seed(3)))
-    config = replace(build_config("test"), batch_size=2, eval_batches=2, precision="fp32")
-    whole = evaluate(model, split, replace(config, batch_size=4), "cpu")
-    parts = [evaluate(model, split, config, "cpu", rank=r, world=2) for r in range(2)]
+    config = replace(build_config("test"), batch_size=2, grad_accum=grad_accum, eval_batches=2, precision="fp32")
+    whole = evaluate(model, split, replace(config, grad_accum=grad_accum * world), "cpu")
+    parts = [evaluate(model, split, config, "cpu", rank=r, world=world) for r in range(world)]
     tokens = sum(p.tokens for p in parts)
-    assert tokens == whole.tokens
+    assert tokens == whole.tokens == min(rows, 2 * 2 * grad_accum * world) * SEQ  # scored_tokens: labels given
     loss = sum(p.loss * p.tokens for p in parts if p.tokens) / tokens
     assert abs(loss - whole.loss) < 1e-6
     for layer, stats in whole.routing.items():
         summed = [sum(values) for values in zip(*(p.routing[layer]["tokens_per_expert"] for p in parts))]
         assert summed == stats["tokens_per_expert"], layer
+
+
+def test_dcp_metadata_naming_bytes_is_refused(tmp_path):
+    """DCP reads a bytes entry's data with torch.load(weights_only=False): metadata that declares one
+    (switchformer saves tensors only) is refused before any data is read."""
+    import pickle
+
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+
+    from switchformer.parallel import load_dcp, save_dcp
+    from switchformer.parallel.checkpoint import _MetadataUnpickler
+    from switchformer.train.rundir import RunFileError
+
+    model, optimizer = _trained_model_and_optimizer(0)
+    save_dcp(tmp_path / "dcp", model, optimizer, None)
+    file = tmp_path / "dcp" / ".metadata"
+    with open(file, "rb") as stream:
+        metadata = _MetadataUnpickler(stream).load()
+    metadata.state_dict_metadata["model.embed.weight"] = BytesStorageMetadata()
+    file.write_bytes(pickle.dumps(metadata))
+    with pytest.raises(RunFileError, match=r"\.metadata: damaged .*refused .*BytesStorageMetadata"):
+        load_dcp(tmp_path / "dcp", model, optimizer, None)
+
+
+def test_train_refuses_a_layout_before_it_writes_anything(tmp_path, monkeypatch, capsys):
+    from switchformer.cli import main
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("Switch layers route every token to one expert of many.\n" * 50)
+    args = ["train", "--preset", "test", "--data", str(corpus), "--out-dir", str(tmp_path / "runs"), "--run-name", "x"]
+    assert main([*args, "--expert-parallel", "2", "--no-progress"]) == 2
+    err = capsys.readouterr()
+    assert "expert_parallel: 2 splits the experts over 2 processes" in err.err and "training" not in err.out
+    assert not (tmp_path / "runs" / "x").exists()

@@ -237,6 +237,9 @@ def cmd_train(args) -> int:
         if distributed and not config.run_name:
             raise ValueError("--run-name: required under torchrun, so that every rank writes to the same run")
         run_dir = _run_dir(config)
+    from switchformer.train.trainer import check_start_layout
+
+    check_start_layout(config, model_values)  # a layout that cannot work: refused before anything is written
     main_rank = int(os.environ.get("RANK", "0")) == 0
     # one writer per run directory (rank 0 locks it); under the lock, a fresh run over one holding a
     # checkpoint is refused (--resume it) and one over a run stopped before its first starts over

@@ -123,6 +123,9 @@ def ensure_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -
 # What DCP's ``.metadata`` pickle may name: its own dataclasses, tensor shapes, dtypes and layouts.
 _METADATA_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem")
 _METADATA_GLOBALS = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath")}
+# An entry of bytes makes DCP read its data with torch.load(weights_only=False); switchformer's
+# checkpoints hold tensors only
+_REFUSED = {"BytesStorageMetadata"}
 
 
 class _MetadataUnpickler(pickle.Unpickler):
@@ -132,7 +135,9 @@ class _MetadataUnpickler(pickle.Unpickler):
 
     def find_class(self, module: str, name: str):
         allowed = (module, name) in _METADATA_GLOBALS or (
-            module in _METADATA_MODULES and isinstance(getattr(importlib.import_module(module), name, None), type)
+            module in _METADATA_MODULES
+            and name not in _REFUSED
+            and isinstance(getattr(importlib.import_module(module), name, None), type)
         )
         if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
             allowed = True
@@ -159,6 +164,11 @@ def read_metadata(directory: Path):
         raise RunFileError(file, f"damaged or not a DCP checkpoint's metadata ({one_line(err)})") from None
     if not isinstance(metadata, dcp.Metadata):
         raise RunFileError(file, f"not a DCP checkpoint's metadata (it holds a {type(metadata).__name__})")
+    for key, entry in (metadata.state_dict_metadata or {}).items():
+        if not isinstance(entry, dcp.TensorStorageMetadata):  # bytes would be unpickled by DCP
+            raise RunFileError(
+                file, f"{key} is not a tensor ({type(entry).__name__}); refused, switchformer saves tensors"
+            )
     ends: dict[str, int] = {}
     for info in (metadata.storage_data or {}).values():
         path = str(getattr(info, "relative_path", ""))

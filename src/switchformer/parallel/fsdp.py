@@ -49,10 +49,12 @@ def expert_shard_dim(name: str, shape: tuple[int, ...], column: int) -> int:
     for dim in (1, 2):
         if dim < len(shape) and shape[dim] % column == 0:
             return dim
+    sizes = " or ".join(str(size) for size in shape[1:3])
     raise ValueError(
         f"fsdp: {name} {list(shape)} cannot be split evenly over the {column} ranks that hold the same experts "
-        f"(FSDP2 shards it on d_model or d_ff, which must be a multiple of {column}); choose an expert-parallel size "
-        f"or a number of processes for which (processes / expert_parallel) divides d_model or d_ff, or --set fsdp=false"
+        f"(FSDP2 shards it on its second or third dimension, {sizes}, one of which must be a multiple of {column}); "
+        "choose the number of processes and expert-parallel size so that processes / expert_parallel divides one, "
+        "or keep weights whole (train: --set fsdp=false; info: --no-fsdp)"
     )
 
 

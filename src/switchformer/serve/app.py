@@ -270,6 +270,7 @@ def create_app(
         if params.logprobs is not None:  # the generated tokens' (an echoed prompt's are not computed)
             logprobs = protocol.LogprobsBuilder(formatter.tokenizer, "completions", offset=len(prefix))
         if streamed:
+
             def piece(text, lp):
                 return protocol.completion_object(rid, model_name, text, None, lp, None)
 
@@ -306,6 +307,7 @@ def create_app(
         request, events = submit(ids, params)
         logprobs = protocol.LogprobsBuilder(formatter.tokenizer, "chat") if params.logprobs is not None else None
         if streamed:
+
             def piece(text, lp):
                 return protocol.chat_chunk(rid, model_name, {"content": text} if text else {}, None, lp)
 

@@ -62,8 +62,10 @@ def check_text(name: str, text: str) -> str:
 
 
 def _type_name(value) -> str:
-    return "null" if value is None else {bool: "boolean", str: "string", list: "array", dict: "object"}.get(
-        type(value), "number"
+    return (
+        "null"
+        if value is None
+        else {bool: "boolean", str: "string", list: "array", dict: "object"}.get(type(value), "number")
     )
 
 

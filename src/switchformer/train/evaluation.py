@@ -60,17 +60,19 @@ def evaluate(
     rank: int = 0,
     world: int = 1,
     reduce_sum=None,
+    rows_per_batch: int | None = None,
 ) -> EvalResult:
-    """Score up to ``max_batches`` (default ``config.eval_batches``) batches of ``config.batch_size``
-    rows per rank of the split ``valid`` in order; the model's mode is restored afterwards.
-    ``forward(batch)`` runs the model on a batch already on ``device`` (default: the model's keyword
-    call).
+    """Score up to ``max_batches`` (default ``config.eval_batches``) evaluation batches of the split
+    ``valid`` in order; the model's mode is restored afterwards. ``forward(batch)`` runs the model
+    on a batch already on ``device`` (default: the model's keyword call).
 
-    Under torchrun (``world`` ranks, ``reduce_sum`` summing a tensor over them): each evaluation
-    batch is ``world`` times larger and every rank scores its own part, so the figures are those of
-    one process scoring the same rows with ``batch_size x world`` (the global batch), whatever the
-    number of processes. A rank whose part lies past the end of the split still runs the model
-    (its collectives must meet the others') on a stand-in row that counts for nothing."""
+    An evaluation batch is ``rows_per_batch`` rows (default: the global batch, ``batch_size x
+    grad_accum x world``), run through the model in chunks of ``batch_size`` rows (each chunk a
+    routing group, as a training micro-batch is), so the figures do not depend on how many
+    processes share the work. Under torchrun (``world`` ranks, ``reduce_sum`` summing a tensor over
+    them), rank ``r`` runs chunks ``r, r + world, ...`` and the sums are reduced; a rank with fewer
+    chunks than another still runs the model (its collectives must meet the others') on a
+    stand-in row that counts for nothing."""
     from switchformer.train.trainer import autocast_context
 
     if max_batches is not None and max_batches < 1:
@@ -79,17 +81,22 @@ def evaluate(
     was_training = model.training
     model.eval()
     batches = max_batches or config.eval_batches
-    rows_per_batch = config.batch_size * world
-    batches = min(batches, max(1, math.ceil(len(valid) / rows_per_batch)))  # a small split: what there is
+    if rows_per_batch is None:
+        rows_per_batch = config.batch_size * config.grad_accum * world
+    rows = min(len(valid), batches * rows_per_batch)  # a small split: what there is
+    chunks = [
+        (start, min(start + config.batch_size, (start // rows_per_batch + 1) * rows_per_batch, rows))
+        for start in _chunk_starts(rows, rows_per_batch, config.batch_size)
+    ]
+    mine = chunks[rank::world]
+    calls = math.ceil(len(chunks) / world)  # the same on every rank
     total_loss, total_tokens = 0.0, 0
     counts, dropped, entropy, seen = {}, {}, {}, 0
     try:
         with torch.no_grad():
-            for b in range(batches):
-                start = b * rows_per_batch + rank * config.batch_size
-                stop = min(start + config.batch_size, len(valid), (b + 1) * rows_per_batch)
-                counted = start < stop
-                index = torch.arange(start, stop) if counted else torch.tensor([len(valid) - 1])
+            for call in range(calls):
+                counted = call < len(mine)
+                index = torch.arange(*mine[call]) if counted else torch.tensor([len(valid) - 1])
                 batch = {k: v.to(device) for k, v in valid.rows(index).items()}
                 with autocast_context(config, device):
                     out = forward(batch)
@@ -133,6 +140,34 @@ def evaluate(
     }
     perplexity = math.exp(min(loss, 50)) if total_tokens else float("nan")
     return EvalResult(loss, perplexity, total_tokens, routing)
+
+
+def _chunk_starts(rows: int, rows_per_batch: int, chunk: int) -> list[int]:
+    """First rows of the ``chunk``-row pieces of each evaluation batch (a batch's last piece may be
+    shorter; pieces never straddle two batches)."""
+    return [
+        b + offset for b in range(0, rows, rows_per_batch) for offset in range(0, min(rows_per_batch, rows - b), chunk)
+    ]
+
+
+def run_global_batch(source: str | Path, config: TrainConfig) -> int:
+    """The global batch a run trained with (its latest checkpoint's ``state.json`` records it, for
+    any number of processes), else ``batch_size x grad_accum``: training's evaluation batch, so
+    ``eval`` in one process scores the rows training's evaluation scored."""
+    import json
+
+    from switchformer.train.checkpoint import latest_checkpoint
+    from switchformer.train.run import run_dir_of
+
+    source = Path(source)
+    folder = source if (source / "state.json").is_file() else latest_checkpoint(run_dir_of(source), warn=False)
+    try:
+        saved = json.loads((Path(folder) / "state.json").read_text(encoding="utf-8")).get("global_batch")
+    except (OSError, TypeError, ValueError, AttributeError):
+        saved = None
+    if isinstance(saved, int) and not isinstance(saved, bool) and saved >= 1:
+        return saved
+    return config.batch_size * config.grad_accum
 
 
 def evaluate_run(
@@ -200,13 +235,14 @@ def evaluate_run(
     valid = evaluation_split(config, tokenizer, data, documents)
     if len(valid) == 0:
         raise ValueError(f"{data or source}: no validation rows to evaluate")
+    rows_per_batch = run_global_batch(source, config)  # the rows training's evaluation scored per batch
     if (data or metrics) and batches is None:  # a user's test set, or BLEU: every row, not the run's eval_batches
-        batches = math.ceil(len(valid) / config.batch_size)
+        batches = math.ceil(len(valid) / rows_per_batch)
     with inference_routing(model, routing):
-        result = evaluate(model, valid, config, target, batches)
+        result = evaluate(model, valid, config, target, batches, rows_per_batch=rows_per_batch)
     scores = {}
     if metrics:
-        rows = min(len(valid), batches * config.batch_size)  # the pairs the loss scored
+        rows = min(len(valid), (batches or config.eval_batches) * rows_per_batch)  # the pairs the loss scored
         pairs = documents[:rows]  # the split's pairs, in its row order
         scores = translation_scores(model, tokenizer, config, pairs, metrics, settings, routing, source_lang, progress)
     return {

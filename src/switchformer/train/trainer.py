@@ -152,6 +152,20 @@ def held_elements(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> d
     }
 
 
+def check_start_layout(config: TrainConfig, model_config: dict | None) -> None:
+    """The layout of the processes this command runs in (torchrun's ``WORLD_SIZE``, or one) fits
+    ``config``: a ValueError naming the setting otherwise (see :func:`check_layout`)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1 and config.expert_parallel > 1:
+        raise ValueError(
+            f"expert_parallel: {config.expert_parallel} splits the experts over {config.expert_parallel} "
+            "processes, and one runs here: launch under torchrun (torchrun --nproc_per_node N -m switchformer "
+            f"train ..., N a multiple of {config.expert_parallel}), or give --expert-parallel 1"
+        )
+    if world > 1:
+        check_layout(config, model_config, world)
+
+
 def check_layout(config: TrainConfig, model_config: dict | None, world: int) -> None:
     """The model fits the layout ``world`` processes with ``config.expert_parallel`` give: the
     experts split evenly, FSDP can shard every expert weight, Adafactor only without FSDP. Raises
@@ -163,6 +177,12 @@ def check_layout(config: TrainConfig, model_config: dict | None, world: int) -> 
             "optimizer: adafactor factors whole matrices, which FSDP shards; use adamw, or --set fsdp=false "
             "to keep weights whole on every rank"
         )
+    if world % config.expert_parallel:
+        divisors = [p for p in range(1, world + 1) if world % p == 0]
+        raise ValueError(
+            f"expert_parallel: world size {world} is not a multiple of {config.expert_parallel}; give "
+            f"--expert-parallel with one of {divisors}"
+        )
     with torch.device("meta"):
         model = build_model(config, config.vocab_size, model_config)
     estimate_rank_memory(model, world, config.expert_parallel, 0, config.fsdp, config.optimizer)
@@ -171,6 +191,10 @@ def check_layout(config: TrainConfig, model_config: dict | None, world: int) -> 
 def global_batch(config: TrainConfig, world: int) -> int:
     """Sequences (or pairs, conversations) per optimizer step over every rank."""
     return config.batch_size * config.grad_accum * world
+
+
+def _processes(n) -> str:
+    return f"{n} process" if n == 1 else f"{n} processes"
 
 
 def check_global_batch(config: TrainConfig, state: dict, world: int) -> None:
@@ -190,12 +214,15 @@ def check_global_batch(config: TrainConfig, state: dict, world: int) -> None:
         )
     elif per_rank and not rest:
         fix = f"give --set batch_size={per_rank}"
+    elif saved % world:
+        fits = [n for n in range(1, saved + 1) if saved % n == 0]
+        fix = f"{saved} cannot be split evenly over {world} processes: resume on one of {fits} processes"
     else:
         fix = f"choose batch_size and grad_accum with batch_size x grad_accum x {world} = {saved}"
     raise ValueError(
         f"batch_size: the checkpoint was trained with a global batch of {saved} (saved with "
-        f"{state.get('world_size', '?')} processes), here batch_size {config.batch_size} x grad_accum "
-        f"{config.grad_accum} x {world} processes = {global_batch(config, world)}; {fix}"
+        f"{_processes(state.get('world_size', '?'))}), here batch_size {config.batch_size} x grad_accum "
+        f"{config.grad_accum} x {_processes(world)} = {global_batch(config, world)}; {fix}"
     )
 
 
@@ -228,15 +255,8 @@ class Trainer:
         self.config = config
         self.run_dir = Path(run_dir)
         self.parallel = None
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        if world == 1 and config.expert_parallel > 1:
-            raise ValueError(
-                f"expert_parallel: {config.expert_parallel} splits the experts over {config.expert_parallel} "
-                "processes, and one runs here: launch under torchrun (torchrun --nproc_per_node N -m switchformer "
-                f"train ..., N a multiple of {config.expert_parallel}), or give --expert-parallel 1"
-            )
-        if world > 1:
-            check_layout(config, model_config, world)  # before any file is written: a clear error on every rank
+        check_start_layout(config, model_config)  # `train` checks it first too, before it writes anything
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             self.parallel = init_distributed(config.expert_parallel, config.dist_timeout_s, config.fsdp)
             check_same_config(config.to_dict(), self.parallel)
         self.is_main = self.parallel is None or self.parallel.is_main
