@@ -105,6 +105,8 @@ def failure_message(err: BaseException) -> str | None:
     stopped (crashed, was killed, or hung past ``dist_timeout_s``); None for any other error."""
     if not (dist.is_available() and dist.is_initialized()):
         return None
+    if not isinstance(err, RuntimeError) or type(err).__module__.startswith("switchformer"):
+        return None  # the communication libraries raise RuntimeError (DistBackendError, ...); ours say their own
     text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     if not any(sign in text.lower() for sign in _PEER_LOST):
         return None
