@@ -71,6 +71,7 @@ class TrainConfig:
     grad_accum: int = 1
     grad_clip: float = 1.0
     label_smoothing: float = 0.0  # training cross-entropy only; eval scores the plain cross-entropy
+    bucket_by_length: bool = False  # batches of rows of similar length (less padding; seq2seq, chat)
     precision: str = "auto"  # "auto" (bf16 autocast on GPUs that support it), "fp32", "bf16"
     seed: int = 0
     # scale (under torchrun): experts split over this many ranks; batch_size is per rank

@@ -15,6 +15,7 @@ from switchformer.data.files import DataError, load_conversations, load_text
 from switchformer.data.formatting import source_text
 from switchformer.data.objectives import (
     epoch_order,
+    length_bucketed,
     pack_causal,
     pad_batch,
     span_corruption,
@@ -59,6 +60,17 @@ class Split:
             rows["labels"] = rows["labels"][:, :width]
         return rows
 
+    def lengths(self) -> Tensor:
+        """Each row's real tokens (source and target; a text row's own length), cached."""
+        if getattr(self, "_lengths", None) is None:
+            mask = self.tensors.get("attention_mask")
+            ids = self.tensors["input_ids"]
+            lengths = mask.sum(1) if mask is not None else torch.full((ids.shape[0],), ids.shape[1])
+            if "labels" in self.tensors and not self.aligned_labels:
+                lengths = lengths + (self.tensors["labels"] != -100).sum(1)
+            self._lengths = lengths
+        return self._lengths
+
     def num_tokens(self) -> int:
         ids = self.tensors["input_ids"]
         mask = self.tensors.get("attention_mask")
@@ -85,21 +97,27 @@ class Data:
         ``world`` ranks together see what one process with ``world`` times the batch sees."""
         n = len(self.train)
         start = ((step * config.grad_accum + micro) * world + rank) * config.batch_size
+        lengths = self.train.lengths() if config.bucket_by_length else None
         picks = []
         for j in range(start, start + config.batch_size):
             epoch, position = divmod(j, n)
-            picks.append(int(_cached_order(n, config.seed, epoch)[position]))
+            picks.append(int(_cached_order(n, config.seed, epoch, lengths, config.batch_size)[position]))
         return self.train.rows(torch.tensor(picks))
 
 
-_ORDERS: dict[tuple[int, int, int], Tensor] = {}
+_ORDERS: dict[tuple, Tensor] = {}
+BUCKET_POOL_BATCHES = 50  # bucket_by_length sorts windows of this many batches
 
 
-def _cached_order(n: int, seed: int, epoch: int) -> Tensor:
-    key = (n, seed, epoch)
+def _cached_order(n: int, seed: int, epoch: int, lengths: Tensor | None = None, batch_size: int = 1) -> Tensor:
+    key = (n, seed, epoch, None if lengths is None else (id(lengths), batch_size))
     if key not in _ORDERS:
         _ORDERS.clear()  # only the current epoch is ever needed
-        _ORDERS[key] = epoch_order(n, seed, epoch)
+        order = epoch_order(n, seed, epoch)
+        if lengths is not None:  # batches j * batch_size ... run on across epochs: where this one's start
+            phase = (-epoch * n) % batch_size
+            order = length_bucketed(order, lengths, batch_size, BUCKET_POOL_BATCHES * batch_size, phase, seed, epoch)
+        _ORDERS[key] = order
     return _ORDERS[key]
 
 
