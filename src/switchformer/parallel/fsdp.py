@@ -2,8 +2,9 @@
 
 - Expert shards (each rank's ``E / P`` experts, after :func:`~switchformer.parallel.expert.apply_expert_parallel`)
   are sharded over the ``edp`` column, on their second dimension (``d_model`` of ``w_in``, ``d_ff``
-  of ``w_out``): the first, the expert dimension, is often smaller than the column (as torchtitan
-  also does). Their gradients are summed over the column and divided by the whole world ``W``,
+  of ``w_out``) or else their third, whichever the column divides (:func:`expert_shard_dim`): the
+  first, the expert dimension, is often smaller than the column (torchtitan shards it on the
+  second then too). Their gradients are summed over the column and divided by the whole world ``W``,
   not the column's size, since every dense gradient is a mean over ``W`` ranks too.
 - Every transformer block is one FSDP unit over the whole world (``dp``); the root unit holds
   the rest (embeddings, final norms). All-gathers of the next block overlap the current one's
@@ -125,23 +126,21 @@ def grad_norm(model: nn.Module, state: ParallelState) -> float:
     Sharded (FSDP): every rank holds a distinct piece of every gradient, so the squares summed over
     the world are the total. Replicated: dense gradients are whole on every rank (already
     reduced); expert shards differ along the ``ep`` row only."""
-    dense_sq, expert_sq = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
+    device = local_tensor(next(model.parameters())).device
+    zero = torch.zeros((), dtype=torch.float64, device=device)
+    dense, expert = [zero], [zero]
     for name, param in model.named_parameters():
-        if param.grad is None:
-            continue
-        sq = local_tensor(param.grad).detach().double().pow(2).sum().cpu()
-        if is_expert_parameter(name):
-            expert_sq += sq
-        else:
-            dense_sq += sq
-    device = next(model.parameters()).device
+        if param.grad is not None:  # summed on the device: one host sync for the whole model
+            (expert if is_expert_parameter(name) else dense).append(
+                local_tensor(param.grad).detach().double().pow(2).sum()
+            )
+    dense_sq, expert_sq = torch.stack(dense).sum(), torch.stack(expert).sum()
     if state.fsdp:
-        total = (dense_sq + expert_sq).to(device)
+        total = dense_sq + expert_sq
         dist.all_reduce(total)
     else:
-        expert_sq = expert_sq.to(device)
         dist.all_reduce(expert_sq, group=state.ep_group)
-        total = dense_sq.to(device) + expert_sq
+        total = dense_sq + expert_sq
     return math.sqrt(float(total))
 
 
