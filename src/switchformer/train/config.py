@@ -430,7 +430,10 @@ PRESETS["mt-small"] = {
     # the paper's reduced initialisation (init_scale 0.1) is kept: T5's own (1.0) led by step 250
     # (validation loss 5.72 against 6.53) but not from step 400 on, and 2000 steps of it ended at
     # 4.0 where these 1500 ended at 3.79 (README, "Translation")
-    "max_steps": 1500,
+    # batches of similar length: 0.41 s a step instead of 0.62, so 3800 steps (8.4 epochs) fit
+    # the 30 minutes: validation loss 3.19 and BLEU 18.7 where 1500 plain steps gave 3.76 and 15.1
+    "bucket_by_length": True,
+    "max_steps": 3800,
     "eval_every": 250,
     "eval_batches": 16,
     "checkpoint_every": 500,
