@@ -129,7 +129,7 @@ def length_bucketed(order: Tensor, lengths: Tensor, batch_size: int, pool: int, 
     every batch is one sorted block. A function of its arguments only: resuming stays exact.
 
     Padding falls from a random batch's longest row to about its own length: measured on
-    Multi30k with 64 pairs a batch, a step's tokens (padding included) fall by about a third."""
+    Multi30k with 64 pairs a batch, a step's tokens (padding included) fall by 44% (benchmarks/bucketing.py)."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch + 7_919)  # a stream of its own
     out = order.clone()
     for start in range(phase, len(order), pool):
