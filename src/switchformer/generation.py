@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from switchformer.models.common import DecodingScope, check_mask, check_token_ids
-from switchformer.moe import SwitchMoE
+from switchformer.moe import SwitchMoE, switch_layers
 
 log = logging.getLogger("switchformer")
 ROUTING_MODES = ("eval", "dropless")
@@ -60,7 +60,7 @@ def routing_description(model: torch.nn.Module, routing: str = "eval") -> str:
     Raises ``ValueError`` for a ``routing`` not in :data:`ROUTING_MODES`."""
     if routing not in ROUTING_MODES:
         raise ValueError(f"routing: unknown {routing!r}; choose one of {ROUTING_MODES}")
-    layers = [m for m in model.modules() if isinstance(m, SwitchMoE)]
+    layers = switch_layers(model)
     if not layers:
         return "dense"
     if routing == "dropless":
@@ -97,7 +97,7 @@ def inference_routing(
     if routing not in ROUTING_MODES:
         raise ValueError(f"routing: unknown {routing!r}; choose one of {ROUTING_MODES}")
     if layers is None:
-        layers = [m for m in model.modules() if isinstance(m, SwitchMoE)]
+        layers = switch_layers(model)
         if layers:
             log.info("inference routing: %s", routing_description(model, routing))
     saved = [(m.eval_capacity_factor, m.expert_capacity, m.group_size) for m in layers]

@@ -288,6 +288,11 @@ class SwitchMoE(nn.Module):
         )
 
 
+def switch_layers(model: nn.Module) -> list[SwitchMoE]:
+    """Every Switch layer of ``model``, in module order (none for a dense model)."""
+    return [m for m in model.modules() if isinstance(m, SwitchMoE)]
+
+
 def num_active_expert_params(layer: SwitchMoE) -> int:
     """Expert parameters one token uses (k experts) plus the router."""
     per_expert = (layer.experts.w_in.numel() + layer.experts.w_out.numel()) // layer.num_experts

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from switchformer.moe import switch_layers
 from switchformer.train.evaluation import evaluate, model_forward
 from switchformer.train.trainer import Trainer
 
@@ -86,7 +87,7 @@ class DistillTrainer(Trainer):
     def __init__(self, config, run_dir, *, teacher, alpha: float, temperature: float, **options):
         super().__init__(config, run_dir, **options)
         self.teacher = teacher.to(self.device).eval()
-        self.teacher_layers = [m for m in self.teacher.modules() if type(m).__name__ == "SwitchMoE"]
+        self.teacher_layers = switch_layers(self.teacher)
         for p in self.teacher.parameters():
             p.requires_grad_(False)
         self.alpha, self.temperature = alpha, temperature
@@ -144,7 +145,7 @@ def build_student(teacher_source: str | Path, out: str | Path, sets: dict, max_s
     teacher_dir = run_dir_of(teacher_source)
     if Path(out).resolve().is_relative_to(teacher_dir.resolve()):
         raise ValueError(f"{out}: inside the teacher's run {teacher_dir}; distill writes nothing into what it reads")
-    if not any(type(m).__name__ == "SwitchMoE" for m in teacher.modules()):
+    if not switch_layers(teacher):
         raise ValueError(f"{teacher_source}: the teacher is dense; distill makes a dense student of a Switch teacher")
     tokenizer = teacher_dir / "tokenizer.json"
     if not tokenizer.exists():

@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from switchformer.models.common import DenseFFN
-from switchformer.moe import SwitchMoE
+from switchformer.moe import SwitchMoE, switch_layers
 
 
 def _expert_params(layer: SwitchMoE) -> int:
@@ -27,7 +27,7 @@ def parameter_counts(model: nn.Module, context_len: int | None = None) -> dict[s
     from switchformer.models.lm import LMAttention, SwitchLM
     from switchformer.models.t5 import SwitchT5, T5Attention
 
-    moe_layers = [m for m in model.modules() if isinstance(m, SwitchMoE)]
+    moe_layers = switch_layers(model)
     total = sum(p.numel() for p in model.parameters()) + sum(_absent_expert_params(m) for m in moe_layers)
     inactive = sum((m.num_experts - m.top_k) * _expert_params(m) for m in moe_layers)
     config = model.config

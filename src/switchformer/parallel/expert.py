@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from switchformer.dispatch import DispatchPlan
 from switchformer.experts import Experts
-from switchformer.moe import SwitchMoE
+from switchformer.moe import switch_layers
 from switchformer.parallel.groups import ParallelState
 
 # ----------------------------------------------------------------------------- all-to-all
@@ -111,9 +111,8 @@ def _rank_major_to_expert_major(counts: Tensor) -> Tensor:
 def apply_expert_parallel(model: nn.Module, state: ParallelState) -> nn.Module:
     """Replace the experts of every Switch layer by this rank's shard (model built identically on
     every rank from the same seed first)."""
-    for module in model.modules():
-        if isinstance(module, SwitchMoE):
-            module.experts = ExpertParallelExperts(module.experts, state)
+    for module in switch_layers(model):
+        module.experts = ExpertParallelExperts(module.experts, state)
     return model
 
 

@@ -42,7 +42,7 @@ from switchformer.generation import inference_routing, routing_description
 from switchformer.models.common import DecodingScope, RouterStats
 from switchformer.models.lm import LMCache, SwitchLM
 from switchformer.models.t5 import DecoderCache, SwitchT5
-from switchformer.moe import SwitchMoE
+from switchformer.moe import switch_layers
 from switchformer.serve.sampling import RowSampler, SamplingParams, TextStream, TokenChoice
 
 log = logging.getLogger("switchformer")
@@ -318,7 +318,7 @@ class Engine:
         else:
             self.batch = _LMBatch(model, max_batch_size, columns, self.device, dtype)
         self.stats = EngineStats()
-        self._moe_layers = [m for m in model.modules() if isinstance(m, SwitchMoE)]  # walked once, not per step
+        self._moe_layers = switch_layers(model)  # walked once, not per step
         self._waiting: collections.deque[Request] = collections.deque()
         self._cond = threading.Condition()
         self._accepting = True
