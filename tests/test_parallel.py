@@ -19,9 +19,9 @@ from switchformer import SwitchLM, SwitchLMConfig
 from switchformer.parallel import (
     apply_expert_parallel,
     check_same_config,
-    gather_full_state,
+    checkpoint_state,
     is_expert_parameter,
-    load_full_state,
+    load_full_state_into,
     make_groups,
     reduce_gradients,
 )
@@ -103,6 +103,14 @@ def sharded_model(ep):
     return apply_expert_parallel(SwitchLM(SwitchLMConfig(**CONFIG)), state), state
 
 
+def whole_state(model, state) -> dict[str, torch.Tensor]:
+    """The unsharded state dict of an expert-parallel model (gathered on every rank: a collective)."""
+    from torch.distributed.tensor import DTensor
+
+    shards = checkpoint_state(model, None, state)["model"]
+    return {name: t.full_tensor() if isinstance(t, DTensor) else t for name, t in shards.items()}
+
+
 def reference_name(name):
     return name.replace(".experts.local.", ".experts.")
 
@@ -138,7 +146,7 @@ def _equivalence(rank, world, ep):
             torch.testing.assert_close(param.grad, ref_grad, atol=1e-5, rtol=1e-4, msg=f"step {step}: {name}")
         opt.step()
         opt_ref.step()
-    full = gather_full_state(model, state)
+    full = whole_state(model, state)
     if rank == 0:
         for name, tensor in reference.state_dict().items():
             torch.testing.assert_close(full[name], tensor, atol=1e-5, rtol=1e-5, msg=name)
@@ -163,7 +171,7 @@ def _save_and_reshard(rank, world, ep, out_dir):
     with torch.no_grad():
         for p in model.parameters():  # make the weights differ from any fresh init
             p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(7)) * 0.01)
-    full = gather_full_state(model, state)
+    full = whole_state(model, state)
     if rank == 0:
         torch.save(full, Path(out_dir) / "full.pt")
     dist.barrier()
@@ -175,7 +183,7 @@ def _save_and_reshard(rank, world, ep, out_dir):
             local_state = None
         else:
             target, local_state = sharded_model(ep_size)
-            load_full_state(target, full, local_state)
+            load_full_state_into(checkpoint_state(target, None, local_state)["model"], full)
         ids = global_batch(world)[:BATCH_PER_RANK]
         got = target.eval()(ids).logits
         want = model.eval()(ids).logits

@@ -33,14 +33,7 @@ from switchformer.parallel.groups import (
     init_distributed,
     make_groups,
 )
-from switchformer.parallel.replicate import (
-    consolidate_shards,
-    gather_full_state,
-    load_full_state,
-    reduce_gradients,
-    save_shards,
-    sum_over_world,
-)
+from switchformer.parallel.replicate import reduce_gradients, sum_over_world
 
 __all__ = [
     "DCP_FOLDER",
@@ -51,23 +44,19 @@ __all__ = [
     "apply_fsdp",
     "check_same_config",
     "checkpoint_state",
-    "consolidate_shards",
     "ensure_optimizer_state",
     "export_safetensors",
     "failure_message",
-    "gather_full_state",
     "global_name",
     "grad_norm",
     "init_distributed",
     "is_expert_parameter",
     "load_dcp",
-    "load_full_state",
     "load_full_state_into",
     "local_tensor",
     "make_groups",
     "reduce_gradients",
     "save_dcp",
-    "save_shards",
     "scale_gradients",
     "sum_over_world",
     "transformer_blocks",
