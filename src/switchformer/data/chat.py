@@ -38,7 +38,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from switchformer.data.formatting import lone_surrogate
+from switchformer.data.formatting import unicode_problem
 
 ROLES = ("system", "user", "assistant")
 GENERATION_PROMPT = "<|assistant|>\n"
@@ -86,9 +86,9 @@ def _content_text(content, where: str) -> str:
 
 
 def _unicode(text: str, where: str) -> str:
-    position = lone_surrogate(text)
-    if position is not None:
-        raise ValueError(f"{where}: not valid Unicode (a lone surrogate at character {position})")
+    problem = unicode_problem(text)
+    if problem is not None:
+        raise ValueError(f"{where}: {problem}")
     return text
 
 

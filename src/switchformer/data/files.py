@@ -11,7 +11,7 @@ import json
 import zlib
 from pathlib import Path
 
-from switchformer.data.formatting import lone_surrogate
+from switchformer.data.formatting import unicode_problem
 
 TEXT_SUFFIXES = {".txt", ".md", ".rst", ".text", ""}
 
@@ -133,9 +133,8 @@ def numbered_jsonl(path: Path, fields: tuple[str, ...]) -> list[tuple[int, dict]
                 raise DataError(f"{path}:{number}: missing field {name!r}{_chat_hint(row, fields)}")
             if not isinstance(row[name], str) or not row[name].strip():
                 raise DataError(f"{path}:{number}: field {name!r} must be a non-empty string")
-            if (position := lone_surrogate(row[name])) is not None:  # a JSON \ud800 escape: no tokenizer reads it
-                raise DataError(f"{path}:{number}: field {name!r}: not valid Unicode (a lone surrogate at "
-                                f"character {position})")  # fmt: skip
+            if (problem := unicode_problem(row[name])) is not None:  # a JSON \ud800 escape: no tokenizer reads it
+                raise DataError(f"{path}:{number}: field {name!r}: {problem}")
         rows.append((number, row))
     if not rows:
         raise DataError(f"{path}: file is empty")

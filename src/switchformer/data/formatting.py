@@ -60,6 +60,13 @@ def lone_surrogate(text: str) -> int | None:
     return None
 
 
+def unicode_problem(text: str) -> str | None:
+    """What makes ``text`` unfit for a tokenizer, in words, for errors that name where it came
+    from (a file's line, a message, an HTTP field); None when it is valid Unicode."""
+    position = lone_surrogate(text)
+    return None if position is None else f"not valid Unicode (a lone surrogate at character {position})"
+
+
 def is_language_code(value) -> bool:
     """Whether ``value`` can be a language code: letters and digits, with ``-`` or ``_`` between
     (``de``, ``pt-br``, ``zh_Hans``). The one check of every language a user or a file gives."""

@@ -13,7 +13,7 @@ import math
 import time
 from dataclasses import dataclass
 
-from switchformer.data.formatting import lone_surrogate
+from switchformer.data.formatting import unicode_problem
 from switchformer.serve.sampling import SamplingParams
 
 MAX_STOP_STRINGS = 4  # as OpenAI
@@ -55,9 +55,9 @@ def parse_body(raw: bytes) -> dict:
 def check_text(name: str, text: str) -> str:
     """``text`` if it is valid Unicode (JSON's escapes can carry a lone surrogate, which no
     tokenizer reads); else a 400 naming ``name``."""
-    position = lone_surrogate(text)
-    if position is not None:
-        raise APIError(400, f"{name}: not valid Unicode (a lone surrogate at character {position})", name)
+    problem = unicode_problem(text)
+    if problem is not None:
+        raise APIError(400, f"{name}: {problem}", name)
     return text
 
 
