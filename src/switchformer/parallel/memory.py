@@ -90,7 +90,11 @@ def estimate_rank_memory(
     if world < 1 or not 0 <= rank < world:
         raise ValueError(f"world_size: must be >= 1 with rank in [0, world_size), got {world} and rank {rank}")
     if expert_parallel < 1 or world % expert_parallel:
-        raise ValueError(f"expert_parallel: world size {world} is not a multiple of {expert_parallel}")
+        divisors = [p for p in range(1, world + 1) if world % p == 0]
+        raise ValueError(
+            f"expert_parallel: world size {world} is not a multiple of {expert_parallel}; give --expert-parallel "
+            f"with one of {divisors}"
+        )
     if optimizer not in ("adamw", "adafactor"):
         raise ValueError(f"optimizer: unknown {optimizer!r}; adamw or adafactor")
     params = optim = 0

@@ -73,7 +73,7 @@ def evaluate(
     them), rank ``r`` runs chunks ``r, r + world, ...`` and the sums are reduced; a rank with fewer
     chunks than another still runs the model (its collectives must meet the others') on a
     stand-in row that counts for nothing."""
-    from switchformer.train.trainer import autocast_context
+    from switchformer.train.trainer import autocast_context, global_batch
 
     if max_batches is not None and max_batches < 1:
         raise ValueError(f"batches: must be >= 1, got {max_batches}")
@@ -82,12 +82,9 @@ def evaluate(
     model.eval()
     batches = max_batches or config.eval_batches
     if rows_per_batch is None:
-        rows_per_batch = config.batch_size * config.grad_accum * world
+        rows_per_batch = global_batch(config, world)
     rows = min(len(valid), batches * rows_per_batch)  # a small split: what there is
-    chunks = [
-        (start, min(start + config.batch_size, (start // rows_per_batch + 1) * rows_per_batch, rows))
-        for start in _chunk_starts(rows, rows_per_batch, config.batch_size)
-    ]
+    chunks = _chunks(rows, rows_per_batch, config.batch_size)
     mine = chunks[rank::world]
     calls = math.ceil(len(chunks) / world)  # the same on every rank
     total_loss, total_tokens = 0.0, 0
@@ -118,7 +115,7 @@ def evaluate(
     finally:
         model.train(was_training)
     if reduce_sum is not None:  # every rank's sums, so every rank reports the global figures
-        names = sorted(counts) if counts else []
+        names = sorted(counts)
         scalars = torch.tensor([total_loss, total_tokens, seen], dtype=torch.float64, device=device)
         scalars = reduce_sum(scalars).cpu()
         total_loss, total_tokens, seen = float(scalars[0]), int(scalars[1]), int(scalars[2])
@@ -142,12 +139,14 @@ def evaluate(
     return EvalResult(loss, perplexity, total_tokens, routing)
 
 
-def _chunk_starts(rows: int, rows_per_batch: int, chunk: int) -> list[int]:
-    """First rows of the ``chunk``-row pieces of each evaluation batch (a batch's last piece may be
-    shorter; pieces never straddle two batches)."""
-    return [
-        b + offset for b in range(0, rows, rows_per_batch) for offset in range(0, min(rows_per_batch, rows - b), chunk)
-    ]
+def _chunks(rows: int, rows_per_batch: int, size: int) -> list[tuple[int, int]]:
+    """``(start, stop)`` of the ``size``-row pieces of each evaluation batch of ``rows_per_batch``
+    rows over the first ``rows`` rows (a batch's last piece may be shorter; none straddles two)."""
+    pieces = []
+    for first in range(0, rows, rows_per_batch):
+        last = min(first + rows_per_batch, rows)
+        pieces.extend((start, min(start + size, last)) for start in range(first, last, size))
+    return pieces
 
 
 def run_global_batch(source: str | Path, config: TrainConfig) -> int:
@@ -167,7 +166,9 @@ def run_global_batch(source: str | Path, config: TrainConfig) -> int:
         saved = None
     if isinstance(saved, int) and not isinstance(saved, bool) and saved >= 1:
         return saved
-    return config.batch_size * config.grad_accum
+    from switchformer.train.trainer import global_batch
+
+    return global_batch(config, 1)
 
 
 def evaluate_run(

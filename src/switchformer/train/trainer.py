@@ -177,12 +177,6 @@ def check_layout(config: TrainConfig, model_config: dict | None, world: int) -> 
             "optimizer: adafactor factors whole matrices, which FSDP shards; use adamw, or --set fsdp=false "
             "to keep weights whole on every rank"
         )
-    if world % config.expert_parallel:
-        divisors = [p for p in range(1, world + 1) if world % p == 0]
-        raise ValueError(
-            f"expert_parallel: world size {world} is not a multiple of {config.expert_parallel}; give "
-            f"--expert-parallel with one of {divisors}"
-        )
     with torch.device("meta"):
         model = build_model(config, config.vocab_size, model_config)
     estimate_rank_memory(model, world, config.expert_parallel, 0, config.fsdp, config.optimizer)
