@@ -153,17 +153,13 @@ def run_global_batch(source: str | Path, config: TrainConfig) -> int:
     """The global batch a run trained with (its latest checkpoint's ``state.json`` records it, for
     any number of processes), else ``batch_size x grad_accum``: training's evaluation batch, so
     ``eval`` in one process scores the rows training's evaluation scored."""
-    import json
-
     from switchformer.train.checkpoint import latest_checkpoint
     from switchformer.train.run import run_dir_of
+    from switchformer.train.rundir import state_value
 
     source = Path(source)
     folder = source if (source / "state.json").is_file() else latest_checkpoint(run_dir_of(source), warn=False)
-    try:
-        saved = json.loads((Path(folder) / "state.json").read_text(encoding="utf-8")).get("global_batch")
-    except (OSError, TypeError, ValueError, AttributeError):
-        saved = None
+    saved = None if folder is None else state_value(folder, "global_batch")
     if isinstance(saved, int) and not isinstance(saved, bool) and saved >= 1:
         return saved
     from switchformer.train.trainer import global_batch

@@ -515,15 +515,20 @@ def is_checkpoint_folder(path: Path) -> bool:
     return _CHECKPOINT_NAME.fullmatch(path.name) is not None and path.is_dir() and not path.is_symlink()
 
 
+def state_value(checkpoint: Path, key: str):
+    """``key`` of checkpoint ``checkpoint``'s ``state.json``, or None when the file, its JSON or
+    the key is missing: for hints read beside the checked load (``read_state``), never instead."""
+    try:
+        state = json.loads((Path(checkpoint) / "state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return state.get(key) if isinstance(state, dict) else None
+
+
 def _dcp_format(path: Path) -> bool:
     """Whether checkpoint ``path`` was written with DCP (its ``dcp/`` folder, or its ``state.json``
     says so: the folder may be what is missing)."""
-    if (path / "dcp").is_dir():
-        return True
-    try:
-        return json.loads((path / "state.json").read_text(encoding="utf-8")).get("checkpoint_format") == "dcp"
-    except (OSError, ValueError, AttributeError):
-        return False
+    return (path / "dcp").is_dir() or state_value(path, "checkpoint_format") == "dcp"
 
 
 def checkpoint_problem(path: Path) -> str | None:
