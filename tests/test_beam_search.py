@@ -348,3 +348,24 @@ def test_same_tokens_as_hugging_face(kind):
             differs["heuristic"] += not torch.equal(got[False], got["never"])
             differs["true"] += not torch.equal(got[False], got[True])
     assert differs["heuristic"] > 0 and differs["true"] > 0
+
+
+@pytest.mark.parametrize("kind", ["t5", "switch"])
+def test_no_repeat_ngram_size_gives_hugging_faces_tokens_greedy_and_beams(kind):
+    """``no_repeat_ngram_size`` bans, at each step, every token that would complete an n-gram the
+    row already holds (decoder start token included, as Hugging Face counts it): greedy and beam
+    search give Hugging Face's tokens, and on these looping random models the ban changes them."""
+    from switchformer.interop.hf import from_hf
+
+    changed = 0
+    for seed in range(2):
+        hf = hf_model(kind, seed)
+        ours = from_hf(hf).eval()
+        ids = torch.randint(2, 8, (6, 5), generator=torch.Generator().manual_seed(seed))
+        for num_beams, n in [(1, 1), (1, 2), (1, 3), (3, 2), (2, 3)]:
+            kwargs = dict(num_beams=num_beams, no_repeat_ngram_size=n, max_new_tokens=9)
+            want = hf.generate(input_ids=ids, do_sample=False, **kwargs)
+            got = ours.generate(ids, **kwargs)
+            assert torch.equal(got, hf_tokens(want)), (seed, num_beams, n)
+            changed += not torch.equal(got, ours.generate(ids, num_beams=num_beams, max_new_tokens=9))
+    assert changed >= 5

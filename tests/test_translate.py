@@ -266,6 +266,17 @@ def test_translate_decoding_flags(mapping_run, loaded, tmp_path, capsys):
     assert captured.out.splitlines() == want
     assert all(len(line.split()) <= 3 for line in want)
     assert "beam search (3 beams, length penalty 0.5), at most 3 new tokens" in captured.err
+    repeating = ["ka ka ka ka ka ka", "lu mi lu mi lu mi lu mi"]  # their translations repeat n-grams
+    source.write_text("\n".join(repeating) + "\n", encoding="utf-8")
+    for beams in ("1", "3"):
+        assert main(["translate", str(mapping_run), "-i", str(source), "--no-progress", "--num-beams", beams]) == 0
+        free = capsys.readouterr().out.splitlines()
+        assert main(["translate", str(mapping_run), "-i", str(source), "--no-progress", "--num-beams", beams,
+                     "--no-repeat-ngram-size", "2"]) == 0  # fmt: skip
+        captured = capsys.readouterr()
+        want = row_by_row(model, tokenizer, config, repeating, num_beams=int(beams), no_repeat_ngram_size=2)
+        assert captured.out.splitlines() == want != free
+        assert "no repeated 2-gram" in captured.err
 
 
 def test_a_multilingual_run_takes_the_source_language(multilingual_run, tmp_path, capsys):
@@ -334,15 +345,20 @@ def test_generate_text_defaults_follow_the_objective(loaded, monkeypatch):
         return original(self, input_ids, attention_mask, **kwargs)
 
     monkeypatch.setattr(SwitchT5, "generate", spy)
-    generate_text(model, tokenizer, "ka lu", config=replace(config, num_beams=2, length_penalty=0.7))
+    run_decoding = replace(config, num_beams=2, length_penalty=0.7, no_repeat_ngram_size=3)
+    generate_text(model, tokenizer, "ka lu", config=run_decoding)
     ids, kwargs = calls.pop()
     assert ids == encode_sources(tokenizer, config, ["ka lu"])[0]  # no <extra_id_0>
     assert kwargs["do_sample"] is False and kwargs["repetition_penalty"] == 1.0
     assert (kwargs["num_beams"], kwargs["length_penalty"], kwargs["max_new_tokens"]) == (2, 0.7, config.seq_len)
-    generate_text(model, tokenizer, "ka lu", 4, config=replace(config, objective="span_corruption"))
+    assert kwargs["no_repeat_ngram_size"] == 3
+    generate_text(model, tokenizer, "ka lu", config=run_decoding, no_repeat_ngram_size=0)
+    assert calls.pop()[1]["no_repeat_ngram_size"] == 0  # a given value wins over the run's
+    generate_text(model, tokenizer, "ka lu", 4, config=replace(run_decoding, objective="span_corruption"))
     ids, kwargs = calls.pop()
     assert ids[-2:] == [tokenizer.token_to_id("<extra_id_0>"), 1]
     assert kwargs["do_sample"] is True and kwargs["temperature"] == 0.8 and kwargs["repetition_penalty"] == 1.1
+    assert kwargs["no_repeat_ngram_size"] == 0  # a translation run's decoding, not a sampler's
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -379,6 +395,7 @@ BAD_TRANSLATE = [
     (lambda run, tmp: ["--input", str(tmp / "in.txt"), "--length-penalty", "nan"], "length_penalty: must be"),
     (lambda run, tmp: ["--input", str(tmp / "in.txt"), "--batch-size", "0"], "batch_size: must be an integer >= 1"),
     (lambda run, tmp: ["--input", str(tmp / "in.txt"), "--max-new-tokens", "0"], "max_new_tokens: must be"),
+    (lambda run, tmp: ["--input", str(tmp / "in.txt"), "--no-repeat-ngram-size", "-1"], "no_repeat_ngram_size: must"),
     (lambda run, tmp: ["--input", str(tmp / "in.txt"), "--device", "foo"], "--device: unknown device"),
     (lambda run, tmp: ["--input", str(tmp / "in.txt"), "--source-lang", "d e"], "--source-lang: 'd e' is not"),
 ]
@@ -424,6 +441,8 @@ def test_a_multilingual_prefix_without_a_source_language_is_named(multilingual_r
 def test_eval_and_generate_misuse_is_named(mapping_run, capsys):
     cases = [
         (["eval", str(mapping_run), "--num-beams", "2"], "--num-beams: used only to translate for --metric"),
+        (["eval", str(mapping_run), "--no-repeat-ngram-size", "2"], "--no-repeat-ngram-size: used only to"),
+        (["eval", str(mapping_run), "--metric", "bleu", "--no-repeat-ngram-size", "-2"], "no_repeat_ngram_size:"),
         (["eval", str(mapping_run), "--metric", "bleu", "--num-beams", "0"], "num_beams: must be an integer >= 1"),
         (["generate", str(mapping_run), "--prompt", "ka", "--greedy", "--temperature", "0.5"], "temperature:"),
         (["generate", str(mapping_run), "--prompt", "ka", "--temperature", "0.5", "--num-beams", "2"], "num_beams:"),

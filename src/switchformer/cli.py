@@ -283,6 +283,7 @@ def cmd_eval(args) -> int:
         num_beams=args.num_beams,
         length_penalty=args.length_penalty,
         max_new_tokens=args.max_new_tokens,
+        no_repeat_ngram_size=args.no_repeat_ngram_size,
         source_lang=args.source_lang,
         progress=not args.no_progress,
     )
@@ -349,6 +350,7 @@ def cmd_generate(args) -> int:
         repetition_penalty=args.repetition_penalty,
         num_beams=args.num_beams,
         length_penalty=args.length_penalty,
+        no_repeat_ngram_size=args.no_repeat_ngram_size,
         routing=args.routing,
         streamer=stream,
         config=config,
@@ -559,6 +561,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--length-penalty", type=float, help="with --metric: beam length penalty (default: the run's)")
     p.add_argument("--max-new-tokens", type=int, help="with --metric: tokens per translation (default: seq_len)")
     p.add_argument(
+        "--no-repeat-ngram-size",
+        type=int,
+        metavar="N",
+        help="with --metric: no N-gram of tokens twice in a translation (0: off; default: the run's)",
+    )
+    p.add_argument(
         "--source-lang", metavar="CODE", help="with --metric: the language of sources whose data does not say it"
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar while translating")
@@ -577,6 +585,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--greedy", action="store_true", help="no sampling (the default on seq2seq runs)")
     p.add_argument("--num-beams", type=int, help="beam search (encoder-decoder; default: 1, seq2seq: the run's)")
     p.add_argument("--length-penalty", type=float, help="beam search length penalty (default: the run's)")
+    p.add_argument(
+        "--no-repeat-ngram-size",
+        type=int,
+        metavar="N",
+        help="no N-gram of tokens twice in the output (0: off; default: 0, seq2seq: the run's)",
+    )
     p.add_argument("--source-lang", metavar="CODE", help="seq2seq: the source language, when the prefix names it")
     p.add_argument("--target-lang", metavar="CODE", help="seq2seq: the target language, when the prefix names it")
     p.add_argument("--seed", type=int, default=0)
@@ -609,6 +623,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-beams", type=int, help="1: greedy; more: beam search (default: the run's num_beams)")
     p.add_argument("--length-penalty", type=float, help="beam search length penalty (default: the run's)")
     p.add_argument("--max-new-tokens", type=int, help="tokens per translation at most (default: the run's seq_len)")
+    p.add_argument(
+        "--no-repeat-ngram-size",
+        type=int,
+        metavar="N",
+        help="no N-gram of tokens twice in a translation, the cure for loops such as 'a man holding a man "
+        "holding ...' (0: off; default: the run's)",
+    )
     p.add_argument(
         "--source-lang", metavar="CODE", help="the language of every line, when the run's source_prefix names it"
     )

@@ -1,5 +1,5 @@
 """Text generation with a key/value cache: greedy, sampling (temperature, top-k, top-p),
-repetition penalty, beam search for the encoder-decoder, EOS handling and streaming.
+repetition penalty, n-gram repetition blocking, beam search for the encoder-decoder, EOS handling and streaming.
 
 Routing at inference: one routing truth per model. By default (``routing="eval"``) generation
 routes exactly as the model's forward does in eval mode, with its own configured eval routing
@@ -35,6 +35,7 @@ class SamplingConfig:
     top_k: int = 0
     top_p: float = 1.0
     repetition_penalty: float = 1.0
+    no_repeat_ngram_size: int = 0  # > 0: no n-gram of this many tokens occurs twice (HF's name)
     eos_token_id: int | None = None
     pad_token_id: int = 0
     generator: torch.Generator | None = None
@@ -50,6 +51,9 @@ class SamplingConfig:
             raise ValueError(f"top_p: must be in (0, 1], got {self.top_p}")
         if not (math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0):
             raise ValueError(f"repetition_penalty: must be a finite number > 0, got {self.repetition_penalty}")
+        size = self.no_repeat_ngram_size
+        if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+            raise ValueError(f"no_repeat_ngram_size: must be an integer >= 0, got {size!r}")
 
 
 def routing_description(model: torch.nn.Module, routing: str = "eval") -> str:
@@ -116,12 +120,17 @@ def inference_routing(
 
 
 def process_logits(logits: Tensor, generated: Tensor, cfg: SamplingConfig) -> Tensor:
-    """Repetition penalty (CTRL / HF convention), temperature, top-k and top-p filtering."""
+    """Repetition penalty (CTRL / HF convention), n-gram blocking, temperature, top-k and top-p
+    filtering. ``logits`` ``[rows, vocab]``, ``generated`` ``[rows, tokens]`` (the tokens so far);
+    float32 logits out."""
     logits = logits.float()
     if cfg.repetition_penalty != 1.0 and generated.numel():
         seen = logits.gather(1, generated)
         seen = torch.where(seen < 0, seen * cfg.repetition_penalty, seen / cfg.repetition_penalty)
         logits = logits.scatter(1, generated, seen)
+    if cfg.no_repeat_ngram_size:
+        banned = repeated_ngram_ends(generated, cfg.no_repeat_ngram_size, logits.shape[-1])
+        logits = logits.masked_fill(banned, float("-inf"))
     if not cfg.do_sample:
         return logits
     logits = logits / cfg.temperature
@@ -134,6 +143,24 @@ def process_logits(logits: Tensor, generated: Tensor, cfg: SamplingConfig) -> Te
         remove = cumulative - sorted_logits.softmax(-1) >= cfg.top_p  # keep the smallest set reaching top_p
         logits = logits.masked_fill(remove.scatter(1, order, remove), float("-inf"))
     return logits
+
+
+def repeated_ngram_ends(generated: Tensor, n: int, vocab_size: int) -> Tensor:
+    """Boolean ``[rows, vocab_size]``: the tokens that would complete an ``n``-gram already in the
+    row's ``generated`` ``[rows, tokens]`` (its last ``n - 1`` tokens followed by the token occur
+    earlier in the row). Banning them is Hugging Face's ``no_repeat_ngram_size`` (fairseq's
+    ``--no-repeat-ngram-size``): the cure for decoding loops such as "a man holding a man holding
+    ..." that beam search falls into on an undertrained model. ``n = 1`` bans every token seen."""
+    rows, length = generated.shape
+    banned = torch.zeros(rows, vocab_size, dtype=torch.bool, device=generated.device)
+    if n < 1 or length < n - 1 or length == 0:
+        return banned
+    windows = generated.unfold(1, n, 1) if length >= n else generated.new_empty(rows, 0, n)
+    prefix = generated[:, length - (n - 1) :]  # the last n - 1 tokens: the n-gram's beginning
+    matches = (windows[:, :, : n - 1] == prefix[:, None, :]).all(-1)  # [rows, windows]
+    hits = torch.zeros(rows, vocab_size, device=generated.device)
+    hits.scatter_add_(1, windows[:, :, n - 1], matches.float())  # several windows may end in one token
+    return hits > 0
 
 
 def choose(logits: Tensor, cfg: SamplingConfig) -> Tensor:

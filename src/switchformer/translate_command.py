@@ -101,6 +101,8 @@ def decoding_summary(settings: dict) -> str:
     how = "greedy" if settings["num_beams"] == 1 else f"beam search ({settings['num_beams']} beams"
     if settings["num_beams"] > 1:
         how += f", length penalty {settings['length_penalty']:g})"
+    if settings.get("no_repeat_ngram_size"):
+        how += f", no repeated {settings['no_repeat_ngram_size']}-gram"
     return f"{how}, at most {settings['max_new_tokens']} new tokens"
 
 
@@ -113,8 +115,8 @@ def run_translate(args) -> int:
     from switchformer.runtime import resolve_device
     from switchformer.train.run import load_run
     from switchformer.translation import (
-        check_decoding,
         check_languages,
+        check_settings,
         decoding_settings,
         require_seq2seq,
         translate,
@@ -127,10 +129,10 @@ def run_translate(args) -> int:
     lines = read_file_lines(source) if source is not None else None  # a bad byte is named before the model loads
     model, tokenizer, config = load_run(args.run)
     require_seq2seq(config, "translate")
-    settings = decoding_settings(config, args.num_beams, args.length_penalty, args.max_new_tokens)
-    check_decoding(
-        args.batch_size, settings["num_beams"], settings["length_penalty"], settings["max_new_tokens"], args.buffer_size
+    settings = decoding_settings(
+        config, args.num_beams, args.length_penalty, args.max_new_tokens, args.no_repeat_ngram_size
     )
+    check_settings(settings, args.batch_size, args.buffer_size)
     check_languages(config, args.source_lang, args.target_lang)  # a language the run does not know is named
     named = prefix_fields(config.source_prefix)
     for side, code in (("source", args.source_lang), ("target", args.target_lang)):
@@ -166,10 +168,8 @@ def run_translate(args) -> int:
             source_lang=args.source_lang,
             target_lang=args.target_lang,
             batch_size=args.batch_size,
-            num_beams=settings["num_beams"],
-            length_penalty=settings["length_penalty"],
-            max_new_tokens=settings["max_new_tokens"],
             routing=args.routing,
+            **settings,
             buffer_size=args.buffer_size,
             progress=bar.update,
             truncated=cut,

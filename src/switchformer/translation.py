@@ -101,7 +101,14 @@ def decode_output(tokenizer, row: list[int], eos: int | None) -> str:
     return one_line(tokenizer.decode(row, skip_special_tokens=True))
 
 
-def check_decoding(batch_size: int, num_beams: int, length_penalty: float, max_new_tokens: int, buffer_size: int):
+def check_decoding(
+    batch_size: int,
+    num_beams: int,
+    length_penalty: float,
+    max_new_tokens: int,
+    buffer_size: int,
+    no_repeat_ngram_size: int = 0,
+):
     """``ValueError`` naming the first bad setting."""
     from switchformer.beam import check_beam_arguments
 
@@ -109,16 +116,34 @@ def check_decoding(batch_size: int, num_beams: int, length_penalty: float, max_n
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name}: must be an integer >= 1, got {value!r}")
     check_beam_arguments(num_beams, length_penalty, False)
+    size = no_repeat_ngram_size
+    if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+        raise ValueError(f"no_repeat_ngram_size: must be an integer >= 0 (0: off), got {size!r}")
 
 
-def decoding_settings(config, num_beams=None, length_penalty=None, max_new_tokens=None) -> dict:
+def decoding_settings(
+    config, num_beams=None, length_penalty=None, max_new_tokens=None, no_repeat_ngram_size=None
+) -> dict:
     """The decoding settings actually used: each given value, else the run's (``num_beams``,
-    ``length_penalty``; ``max_new_tokens``: the run's ``seq_len``)."""
+    ``length_penalty``, ``no_repeat_ngram_size``; ``max_new_tokens``: the run's ``seq_len``)."""
     return {
         "num_beams": config.num_beams if num_beams is None else num_beams,
         "length_penalty": config.length_penalty if length_penalty is None else length_penalty,
         "max_new_tokens": config.seq_len if max_new_tokens is None else max_new_tokens,
+        "no_repeat_ngram_size": config.no_repeat_ngram_size if no_repeat_ngram_size is None else no_repeat_ngram_size,
     }
+
+
+def check_settings(settings: dict, batch_size: int = 1, buffer_size: int = 1) -> None:
+    """:func:`check_decoding` of a :func:`decoding_settings` dict."""
+    check_decoding(
+        batch_size,
+        settings["num_beams"],
+        settings["length_penalty"],
+        settings["max_new_tokens"],
+        buffer_size,
+        settings["no_repeat_ngram_size"],
+    )
 
 
 def translate(
@@ -133,6 +158,7 @@ def translate(
     num_beams: int | None = None,
     length_penalty: float | None = None,
     max_new_tokens: int | None = None,
+    no_repeat_ngram_size: int | None = None,
     routing: str = "eval",
     buffer_size: int = DEFAULT_BUFFER_SIZE,
     progress: Callable[[int], None] | None = None,
@@ -143,7 +169,8 @@ def translate(
     ``texts``: strings, or :class:`~switchformer.data.formatting.Pair` (their own languages win, for
     a multilingual prefix). ``source_lang``/``target_lang``: the languages of every string source
     (default: the run's ``source_lang``/``target_lang``), needed when the run's ``source_prefix``
-    names them. ``num_beams`` (1: greedy), ``length_penalty``: default the run's;
+    names them. ``num_beams`` (1: greedy), ``length_penalty``, ``no_repeat_ngram_size`` (0: off;
+    else no n-gram of that many tokens occurs twice in a translation): default the run's;
     ``max_new_tokens``: default the run's ``seq_len``. A source that is empty or only whitespace is
     not decoded: its translation is ``""``. ``progress(n)`` is called after each batch of ``n``
     sources (empty ones included). ``truncated``: a list that gets, per buffer, how many sources
@@ -156,10 +183,8 @@ def translate(
     from switchformer.generation import routing_description
 
     require_seq2seq(config)
-    settings = decoding_settings(config, num_beams, length_penalty, max_new_tokens)
-    check_decoding(
-        batch_size, settings["num_beams"], settings["length_penalty"], settings["max_new_tokens"], buffer_size
-    )
+    settings = decoding_settings(config, num_beams, length_penalty, max_new_tokens, no_repeat_ngram_size)
+    check_settings(settings, batch_size, buffer_size)
     routing_description(model, routing)  # an unknown routing is named before any work
     decode = _Decoding(model, tokenizer, config, source_lang, target_lang, batch_size, settings, routing, progress)
     if truncated is not None:
@@ -221,6 +246,7 @@ def _translate_buffer(decode: _Decoding, items: list) -> list[str]:
             max_new_tokens=settings["max_new_tokens"],
             num_beams=settings["num_beams"],
             length_penalty=settings["length_penalty"],
+            no_repeat_ngram_size=settings["no_repeat_ngram_size"],
             do_sample=False,
             routing=decode.routing,
         )

@@ -60,6 +60,7 @@ class TrainConfig:
     # decoding defaults of translate, generate and eval --metric on a seq2seq run
     num_beams: int = 1
     length_penalty: float = 1.0
+    no_repeat_ngram_size: int = 0  # > 0: no n-gram of this many tokens twice in a translation
     # optimisation
     optimizer: str = "adamw"  # or "adafactor"
     lr: float = 3e-3
@@ -146,7 +147,7 @@ class TrainConfig:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}: must be > 0, got {getattr(self, name)}")
         for name in ("warmup_steps", "sparse_step", "num_experts", "weight_decay", "aux_loss_coef", "z_loss_coef",
-                     "router_jitter_noise", "sample_tokens", "seed"):  # fmt: skip
+                     "router_jitter_noise", "sample_tokens", "seed", "no_repeat_ngram_size"):  # fmt: skip
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)}")
         for name in ("dropout", "expert_dropout", "router_jitter_noise", "label_smoothing"):
@@ -618,6 +619,7 @@ RESUMABLE_FIELDS = (
     "dist_timeout_s",
     "num_beams",
     "length_penalty",
+    "no_repeat_ngram_size",
     # the layout: DCP checkpoints reshard to any; batch_size is per rank, so a run resumed on another
     # number of processes changes it (the trainer checks the global batch stays the same)
     "expert_parallel",

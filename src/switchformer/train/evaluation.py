@@ -178,6 +178,7 @@ def evaluate_run(
     num_beams: int | None = None,
     length_penalty: float | None = None,
     max_new_tokens: int | None = None,
+    no_repeat_ngram_size: int | None = None,
     source_lang: str | None = None,
     progress: bool = False,
 ) -> dict:
@@ -187,7 +188,7 @@ def evaluate_run(
 
     ``metrics`` (``"bleu"``, ``"chrf"``; seq2seq runs): the same pairs are also translated
     (:func:`switchformer.translation.translate`; ``num_beams``, ``length_penalty``,
-    ``max_new_tokens`` default to the run's) and scored against their targets with sacrebleu
+    ``max_new_tokens``, ``no_repeat_ngram_size`` default to the run's) and scored against their targets with sacrebleu
     (:mod:`switchformer.train.metrics`), per source language too when there are several. With
     ``metrics``, every pair is evaluated (loss included) unless ``batches`` is given; ``progress``
     shows a bar while translating. ``source_lang``: the source language of ``data``'s pairs that
@@ -206,6 +207,7 @@ def evaluate_run(
             ("--num-beams", num_beams),
             ("--length-penalty", length_penalty),
             ("--max-new-tokens", max_new_tokens),
+            ("--no-repeat-ngram-size", no_repeat_ngram_size),
         ):
             if value is not None:
                 raise ValueError(f"{flag}: used only to translate for --metric; give --metric bleu (or chrf) too")
@@ -221,11 +223,11 @@ def evaluate_run(
         check_languages(config, source_lang)
         config = replace(config, source_lang=source_lang)
     if metrics:
-        from switchformer.translation import check_decoding, decoding_settings, require_seq2seq
+        from switchformer.translation import check_settings, decoding_settings, require_seq2seq
 
         require_seq2seq(config, "--metric (BLEU, chrF)")
-        settings = decoding_settings(config, num_beams, length_penalty, max_new_tokens)
-        check_decoding(1, settings["num_beams"], settings["length_penalty"], settings["max_new_tokens"], 1)
+        settings = decoding_settings(config, num_beams, length_penalty, max_new_tokens, no_repeat_ngram_size)
+        check_settings(settings)
     target = resolve_device(device)
     model.to(target)
     documents = evaluation_documents(config, data)  # read once: the loss's rows and, with metrics, the pairs
@@ -319,6 +321,8 @@ def format_eval(report: dict) -> str:
     if "translated_pairs" in report:
         d = report["decoding"]
         how = "greedy" if d["num_beams"] == 1 else f"{d['num_beams']} beams, length penalty {d['length_penalty']:g}"
+        if d.get("no_repeat_ngram_size"):
+            how += f", no repeated {d['no_repeat_ngram_size']}-gram"
         lines.append(
             f"translation of {report['translated_pairs']:,} pairs ({how}, at most {d['max_new_tokens']} tokens):"
         )

@@ -786,6 +786,7 @@ def generate_text(
     repetition_penalty: float | None = None,
     num_beams: int | None = None,
     length_penalty: float | None = None,
+    no_repeat_ngram_size: int | None = None,
     streamer=None,
     routing: str = "eval",
     config: TrainConfig | None = None,
@@ -803,8 +804,8 @@ def generate_text(
     - seq2seq: the prompt is a source, formatted exactly as in training (the run's
       ``source_prefix`` with ``source_lang``/``target_lang`` or the run's, EOS; see
       :mod:`switchformer.translation`); decoding is deterministic: greedy, or beam search with the
-      run's ``num_beams`` and ``length_penalty``, no repetition penalty, up to ``seq_len`` new
-      tokens. Giving ``temperature``, ``top_k`` or ``top_p`` samples instead (one beam);
+      run's ``num_beams``, ``length_penalty`` and ``no_repeat_ngram_size``, no repetition
+      penalty, up to ``seq_len`` new tokens. Giving ``temperature``, ``top_k`` or ``top_p`` samples instead (one beam);
       ``do_sample=False`` with one of them is refused by name;
     - chat (a language model trained on conversations): the prompt is one user message, or
       ``messages`` (a conversation, OpenAI's shape) when given, formatted with the chat template and
@@ -818,7 +819,8 @@ def generate_text(
     if config is not None and config.resolved_objective == "seq2seq":
         return _generate_seq2seq_text(
             model, tokenizer, prompt, max_new_tokens, config, generator, do_sample, temperature, top_k, top_p,
-            repetition_penalty, num_beams, length_penalty, streamer, routing, source_lang, target_lang,
+            repetition_penalty, num_beams, length_penalty, no_repeat_ngram_size, streamer, routing, source_lang,
+            target_lang,
         )  # fmt: skip
     chat = config is not None and config.resolved_objective == "chat"
     if messages is not None and not chat:
@@ -838,6 +840,7 @@ def generate_text(
         top_k=0 if top_k is None else top_k,
         top_p=0.95 if top_p is None else top_p,
         repetition_penalty=1.1 if repetition_penalty is None else repetition_penalty,
+        no_repeat_ngram_size=0 if no_repeat_ngram_size is None else no_repeat_ngram_size,
         generator=generator,
         streamer=streamer,
         routing=routing,
@@ -879,7 +882,7 @@ def _stream_after(tokens, streamer, eos: int, missed: bool) -> None:
 
 def _generate_seq2seq_text(
     model, tokenizer, prompt, max_new_tokens, config, generator, do_sample, temperature, top_k, top_p,
-    repetition_penalty, num_beams, length_penalty, streamer, routing, source_lang, target_lang,
+    repetition_penalty, num_beams, length_penalty, no_repeat_ngram_size, streamer, routing, source_lang, target_lang,
 ) -> str:  # fmt: skip
     """:func:`generate_text` on a seq2seq run (see there)."""
     from switchformer.translation import check_languages, encode_sources
@@ -905,6 +908,7 @@ def _generate_seq2seq_text(
         repetition_penalty=1.0 if repetition_penalty is None else repetition_penalty,
         num_beams=num_beams,
         length_penalty=config.length_penalty if length_penalty is None else length_penalty,
+        no_repeat_ngram_size=config.no_repeat_ngram_size if no_repeat_ngram_size is None else no_repeat_ngram_size,
         routing=routing,
         streamer=streamer if num_beams == 1 else None,
     )
