@@ -13,6 +13,8 @@ every round; a warm-up round is not kept) and medians are reported.
     python benchmarks/serve_load.py --clients 1 16 --rounds 1 --requests 16    # a quick look
     python benchmarks/serve_load.py --run runs/my-run --device cuda
     OMP_NUM_THREADS=1 python benchmarks/serve_load.py --engine-only     # the ceiling: no HTTP, no clients
+    OMP_NUM_THREADS=1 python benchmarks/serve_load.py --engine-only --dense-twin --rounds 7
+                                                  # the same beside the preset's FLOP-matched dense twin
 """
 
 from __future__ import annotations
@@ -41,12 +43,16 @@ def prompts(count: int, seed: int = 0) -> list[str]:
     return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 40))) for _ in range(count)]
 
 
-def make_run(folder: Path, preset: str) -> Path:
-    """A run of the preset's model after one step (the server's speed does not depend on the weights)."""
+def make_run(folder: Path, preset: str, dense: bool = False) -> Path:
+    """A run of the preset's model after one step (the server's speed does not depend on the
+    weights); ``dense``: its FLOP-matched dense twin (``sparse_step=0``)."""
+    name = "bench-dense" if dense else "bench"
     command = [sys.executable, "-m", "switchformer", "train", "--preset", preset, "--model", "lm", "--max-steps", "1",
-               "--out-dir", str(folder), "--run-name", "bench", "--no-progress"]  # fmt: skip
+               "--out-dir", str(folder), "--run-name", name, "--no-progress"]  # fmt: skip
+    if dense:
+        command += ["--set", "sparse_step=0"]
     subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
-    return folder / "bench"
+    return folder / name
 
 
 def start_server(run: Path, port: int, args) -> subprocess.Popen:
@@ -115,9 +121,11 @@ async def level(url: str, texts: list[str], clients: int, max_tokens: int) -> di
     return {"tokens_per_s": tokens / elapsed, "ttft": ttft, "tpot": tpot, "requests": len(results), "tokens": tokens}
 
 
-def engine_only(run: Path, levels: list[int], max_tokens: int, rounds: int) -> None:
+def engine_only(runs: dict[str, Path], levels: list[int], max_tokens: int, rounds: int) -> None:
     """The scheduler's decoding step without HTTP, in this process: ms per step with N requests
-    decoding together (their prefills excluded), the ceiling of what batching gives end to end."""
+    decoding together (their prefills excluded), the ceiling of what batching gives end to end.
+    Several ``runs`` (name -> run) are measured in interleaved rounds, each level of each run once
+    a round; medians."""
     import torch
 
     from switchformer.models.common import DecodingScope
@@ -125,12 +133,12 @@ def engine_only(run: Path, levels: list[int], max_tokens: int, rounds: int) -> N
     from switchformer.serve.engine import Engine, Request
     from switchformer.serve.sampling import SamplingParams
 
-    served = load_source(run)
-    model, tok = served.model, served.tokenizer
-    context = model.config.max_seq_len
+    served = {name: load_source(run) for name, run in runs.items()}
     texts = prompts(max(levels))
 
-    def step_ms(n: int) -> float:
+    def step_ms(name: str, n: int) -> float:
+        model, tok = served[name].model, served[name].tokenizer
+        context = model.config.max_seq_len
         engine = Engine(model, tok, max_batch_size=n, max_request_tokens=context)
         for text in texts[:n]:
             ids = tok.encode(text).ids[: context - max_tokens - 1]
@@ -143,13 +151,20 @@ def engine_only(run: Path, levels: list[int], max_tokens: int, rounds: int) -> N
                 steps += 1
         return (time.perf_counter() - start) / max(steps, 1) * 1e3
 
-    times = {n: statistics.median(step_ms(n) for _ in range(rounds)) for n in levels}
+    kept: dict[tuple[str, int], list[float]] = {(name, n): [] for name in runs for n in levels}
+    for _ in range(rounds):
+        for name in runs:
+            for n in levels:
+                kept[name, n].append(step_ms(name, n))
     threads = torch.get_num_threads()
-    print(f"\nthe scheduler's decoding step alone (no HTTP, {threads} thread(s), medians of {rounds}):\n")
-    print("| requests | ms per step | tokens/s | x one at a time |")
-    print("|---:|---:|---:|---:|")
-    for n in levels:
-        print(f"| {n} | {times[n]:.2f} | {n / times[n] * 1e3:.0f} | {n * times[1] / times[n]:.2f}x |")
+    print(f"\nthe scheduler's decoding step alone (no HTTP, {threads} thread(s), interleaved, medians of {rounds}):\n")
+    print("| model | requests | ms per step | tokens/s | x one at a time |")
+    print("|---|---:|---:|---:|---:|")
+    for name in runs:
+        one = statistics.median(kept[name, 1])
+        for n in levels:
+            ms = statistics.median(kept[name, n])
+            print(f"| {name} | {n} | {ms:.2f} | {n / ms * 1e3:.0f} | {n * one / ms:.2f}x |")
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -173,13 +188,22 @@ def main() -> None:
         help="OMP_NUM_THREADS of the server (default: all cores but one, which the clients use)",
     )  # fmt: skip
     parser.add_argument("--engine-only", action="store_true", help="the scheduler's step alone, no server")
+    parser.add_argument(
+        "--dense-twin", action="store_true",
+        help="with --engine-only: the preset's FLOP-matched dense twin too (sparse_step=0), interleaved",
+    )  # fmt: skip
     args = parser.parse_args()
     levels = sorted(set(args.clients) | {1})
     texts = prompts(args.requests)
     with tempfile.TemporaryDirectory() as tmp:
         run = Path(args.run) if args.run else make_run(Path(tmp), args.preset)
         if args.engine_only:
-            engine_only(run, levels, args.max_tokens, args.rounds)
+            runs = {"switch" if not args.run else run.name: run}
+            if args.dense_twin:
+                if args.run:
+                    parser.error("--dense-twin: builds the --preset's dense twin; give --preset, not --run")
+                runs["dense twin"] = make_run(Path(tmp), args.preset, dense=True)
+            engine_only(runs, levels, args.max_tokens, args.rounds)
             return
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
