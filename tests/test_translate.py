@@ -118,7 +118,8 @@ def test_translate_command_reaches_a_high_bleu(mapping_run, validation, tmp_path
     assert report["bleu_signature"].startswith("nrefs:1|case:mixed|eff:no|tok:13a|smooth:exp|version:")
     assert "nc:6" in report["chrf_signature"]
     assert report["eval_loss"] is not None and report["perplexity"] is not None
-    assert report["decoding"] == {"num_beams": 1, "length_penalty": 1.0, "max_new_tokens": 32}
+    decoding = {"num_beams": 1, "length_penalty": 1.0, "max_new_tokens": 32, "no_repeat_ngram_size": 0}
+    assert report["decoding"] == decoding
     assert "by_source_lang" not in report  # one source language
 
     # the readable summary: sacrebleu's lines with their signatures beside loss and perplexity
