@@ -1,5 +1,6 @@
 """Text generation with a key/value cache: greedy, sampling (temperature, top-k, top-p),
-repetition penalty, n-gram repetition blocking, beam search for the encoder-decoder, EOS handling and streaming.
+repetition penalty, n-gram repetition blocking, beam search for the encoder-decoder, EOS handling
+and streaming.
 
 Routing at inference: one routing truth per model. By default (``routing="eval"``) generation
 routes exactly as the model's forward does in eval mode, with its own configured eval routing
@@ -51,9 +52,13 @@ class SamplingConfig:
             raise ValueError(f"top_p: must be in (0, 1], got {self.top_p}")
         if not (math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0):
             raise ValueError(f"repetition_penalty: must be a finite number > 0, got {self.repetition_penalty}")
-        size = self.no_repeat_ngram_size
-        if isinstance(size, bool) or not isinstance(size, int) or size < 0:
-            raise ValueError(f"no_repeat_ngram_size: must be an integer >= 0, got {size!r}")
+        check_no_repeat_ngram_size(self.no_repeat_ngram_size)
+
+
+def check_no_repeat_ngram_size(size) -> None:
+    """``ValueError`` naming ``no_repeat_ngram_size`` unless it is an integer >= 0 (0: off)."""
+    if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+        raise ValueError(f"no_repeat_ngram_size: must be an integer >= 0 (0: off), got {size!r}")
 
 
 def routing_description(model: torch.nn.Module, routing: str = "eval") -> str:

@@ -111,14 +111,13 @@ def check_decoding(
 ):
     """``ValueError`` naming the first bad setting."""
     from switchformer.beam import check_beam_arguments
+    from switchformer.generation import check_no_repeat_ngram_size
 
     for name, value in (("batch_size", batch_size), ("max_new_tokens", max_new_tokens), ("buffer_size", buffer_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name}: must be an integer >= 1, got {value!r}")
     check_beam_arguments(num_beams, length_penalty, False)
-    size = no_repeat_ngram_size
-    if isinstance(size, bool) or not isinstance(size, int) or size < 0:
-        raise ValueError(f"no_repeat_ngram_size: must be an integer >= 0 (0: off), got {size!r}")
+    check_no_repeat_ngram_size(no_repeat_ngram_size)
 
 
 def decoding_settings(

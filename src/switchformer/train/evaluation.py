@@ -188,8 +188,9 @@ def evaluate_run(
 
     ``metrics`` (``"bleu"``, ``"chrf"``; seq2seq runs): the same pairs are also translated
     (:func:`switchformer.translation.translate`; ``num_beams``, ``length_penalty``,
-    ``max_new_tokens``, ``no_repeat_ngram_size`` default to the run's) and scored against their targets with sacrebleu
-    (:mod:`switchformer.train.metrics`), per source language too when there are several. With
+    ``max_new_tokens``, ``no_repeat_ngram_size`` default to the run's) and scored against their
+    targets with sacrebleu (:mod:`switchformer.train.metrics`), per source language too when there
+    are several. With
     ``metrics``, every pair is evaluated (loss included) unless ``batches`` is given; ``progress``
     shows a bar while translating. ``source_lang``: the source language of ``data``'s pairs that
     do not say theirs (one of the run's; a TSV or a pair of unnamed files)."""

@@ -805,8 +805,8 @@ def generate_text(
       ``source_prefix`` with ``source_lang``/``target_lang`` or the run's, EOS; see
       :mod:`switchformer.translation`); decoding is deterministic: greedy, or beam search with the
       run's ``num_beams``, ``length_penalty`` and ``no_repeat_ngram_size``, no repetition
-      penalty, up to ``seq_len`` new tokens. Giving ``temperature``, ``top_k`` or ``top_p`` samples instead (one beam);
-      ``do_sample=False`` with one of them is refused by name;
+      penalty, up to ``seq_len`` new tokens. Giving ``temperature``, ``top_k`` or ``top_p``
+      samples instead (one beam); ``do_sample=False`` with one of them is refused by name;
     - chat (a language model trained on conversations): the prompt is one user message, or
       ``messages`` (a conversation, OpenAI's shape) when given, formatted with the chat template and
       its generation prompt (:mod:`switchformer.data.chat`); the answer alone is returned, up to
