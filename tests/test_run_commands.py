@@ -317,3 +317,44 @@ def test_a_tokenizer_larger_than_the_model_is_named(trained, tmp_path, capsys):
         err = capsys.readouterr().err.splitlines()[-1]
         assert "tokenizer.json" in err and "more than the model's vocab_size 400" in err, err
     assert {k: v for k, v in snapshot(run).items() if k != ".lock"} == before
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["translate", "run", "--num-beams", "1.5"], "argument --num-beams: invalid int value: '1.5'"),
+        (["translate", "run", "--no-repeat-ngram-size", "abc"], "argument --no-repeat-ngram-size: invalid int"),
+        (["eval", "run", "--metric", "rouge"], "argument --metric: invalid choice: 'rouge'"),
+        (["generate", "run", "--temperature", "hot"], "argument --temperature: invalid float value"),
+        (["serve", "run", "--port", "http"], "argument --port: invalid int value"),
+        (["translate"], "the following arguments are required: run"),
+        (["train", "--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+        (["fly"], "argument command: invalid choice: 'fly'"),
+    ],
+)
+def test_argument_errors_are_one_line_pointing_to_help(capsys, argv, message):
+    """A flag's bad value, an unknown flag or a missing argument: one line, as every other error,
+    naming the flag and where to read about it (argparse would print the whole usage first)."""
+    with pytest.raises(SystemExit) as raised:
+        main(argv)
+    assert raised.value.code == 2
+    captured = capsys.readouterr()
+    lines = captured.err.splitlines()
+    assert captured.out == "" and len(lines) == 1, lines
+    assert message in lines[0] and lines[0].startswith("switchformer") and lines[0].endswith("--help)")
+
+
+@pytest.mark.parametrize(
+    "command", [["translate", "{d}", "-i", "{d}/in.txt"], ["eval", "{d}"], ["generate", "{d}", "--prompt", "hi"]]
+)
+def test_a_hugging_face_directory_where_a_run_is_needed_says_how_to_make_one(tmp_path, capsys, command):
+    hf = tmp_path / "switch-base-8"
+    hf.mkdir()
+    (hf / "config.json").write_text(json.dumps({"model_type": "switch_transformers", "d_model": 8}))
+    (hf / "in.txt").write_text("hallo\n")
+    assert main([part.format(d=hf) for part in command]) == 2
+    captured = capsys.readouterr()
+    err = [line for line in captured.err.splitlines() if line]
+    assert len(err) == 1 and "a Hugging Face model directory, not a switchformer run" in err[0], err
+    assert f"switchformer convert {hf} RUN" in err[0]
+    assert sorted(p.name for p in hf.iterdir()) == ["config.json", "in.txt"]

@@ -359,7 +359,9 @@ def test_generate_text_defaults_follow_the_objective(loaded, monkeypatch):
     ids, kwargs = calls.pop()
     assert ids[-2:] == [tokenizer.token_to_id("<extra_id_0>"), 1]
     assert kwargs["do_sample"] is True and kwargs["temperature"] == 0.8 and kwargs["repetition_penalty"] == 1.1
-    assert kwargs["no_repeat_ngram_size"] == 0  # a translation run's decoding, not a sampler's
+    assert kwargs["no_repeat_ngram_size"] == 3  # the run's, whatever its objective
+    generate_text(model, tokenizer, "ka lu", 4)
+    assert calls.pop()[1]["no_repeat_ngram_size"] == 0  # no run: off
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -562,3 +564,25 @@ def test_translate_counts_the_sources_it_cuts(mapping_run, loaded, tmp_path, cap
     (tmp_path / "short.txt").write_text("ka lu\nmi\n", encoding="utf-8")
     assert main(["translate", str(mapping_run), "-i", str(tmp_path / "short.txt"), "--no-progress"]) == 0
     assert "were cut" not in capsys.readouterr().err
+
+
+def test_beams_on_a_span_corruption_run_decode_with_beams(span_run, monkeypatch, capsys):
+    """``--num-beams`` on a run whose objective samples by default: beam search, deterministic (not
+    an error about a ``do_sample`` the command line has no flag for); with a sampling flag too, the
+    conflict is named."""
+    calls = []
+    original = SwitchT5.generate
+
+    def spy(self, input_ids, attention_mask=None, **kwargs):
+        calls.append(kwargs)
+        return original(self, input_ids, attention_mask, **kwargs)
+
+    monkeypatch.setattr(SwitchT5, "generate", spy)
+    args = ["generate", str(span_run), "--prompt", "A router sends", "--max-new-tokens", "4", "--num-beams", "2"]
+    assert main(args) == 0
+    first = capsys.readouterr().out
+    assert calls[-1]["num_beams"] == 2 and calls[-1]["do_sample"] is False
+    assert main(args) == 0 and capsys.readouterr().out == first
+    assert main([*args, "--temperature", "0.7"]) == 2
+    err = stderr_lines(capsys.readouterr())
+    assert len(err) == 1 and "num_beams: beam search is deterministic" in err[0] and "temperature" in err[0]

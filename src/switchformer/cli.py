@@ -501,8 +501,16 @@ def cmd_report(args) -> int:
 # ----------------------------------------------------------------------------- parser
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error (a flag's bad value, an unknown flag, a missing argument), as
+    every other error of the command line, pointing to ``--help`` instead of printing the usage."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="switchformer", description="Switch Transformers in PyTorch.")
+    parser = _Parser(prog="switchformer", description="Switch Transformers in PyTorch.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     parser.add_argument("-v", "--verbose", action="store_true", help="log more")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -589,7 +597,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-repeat-ngram-size",
         type=int,
         metavar="N",
-        help="no N-gram of tokens twice in the output (0: off; default: 0, seq2seq: the run's)",
+        help="no N-gram of tokens twice in the output (0: off; default: the run's no_repeat_ngram_size)",
     )
     p.add_argument("--source-lang", metavar="CODE", help="seq2seq: the source language, when the prefix names it")
     p.add_argument("--target-lang", metavar="CODE", help="seq2seq: the target language, when the prefix names it")

@@ -60,7 +60,7 @@ class TrainConfig:
     # decoding defaults of translate, generate and eval --metric on a seq2seq run
     num_beams: int = 1
     length_penalty: float = 1.0
-    no_repeat_ngram_size: int = 0  # > 0: no n-gram of this many tokens twice in a translation
+    no_repeat_ngram_size: int = 0  # > 0: no n-gram of this many tokens twice (generate: any run)
     # optimisation
     optimizer: str = "adamw"  # or "adafactor"
     lr: float = 3e-3

@@ -68,6 +68,11 @@ def read_run_config(source: str | Path) -> RunConfig:
         raise ValueError(f"{file}: invalid JSON at line {err.lineno}, column {err.colno}: {err.msg}") from None
     if not isinstance(saved, dict):
         raise ValueError(f"{file}: expected an object with 'train' and 'model' sections")
+    if "model_type" in saved:  # a Hugging Face model directory, given where a run is needed
+        raise ValueError(
+            f"{run_dir}: a Hugging Face model directory, not a switchformer run; make a run of it with "
+            f"`switchformer convert {run_dir} RUN` (or fine-tune it with `train --init-from {run_dir}`)"
+        )
     for section in ("train", "model"):
         if not isinstance(saved.get(section), dict):
             raise ValueError(f"{file}: the '{section}' section is missing or not an object")

@@ -813,7 +813,8 @@ def generate_text(
       its ``</s>``. Sampling as a language model's, but no repetition penalty (``1.0``: an answer
       often repeats the question's words).
 
-    Beam search cannot stream: its tokens go to ``streamer`` once the search has ended."""
+    ``no_repeat_ngram_size`` left ``None`` is the run's (``config``; 0 without it) for every
+    objective. Beam search cannot stream: its tokens go to ``streamer`` once the search has ended."""
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed)
     if config is not None and config.resolved_objective == "seq2seq":
@@ -833,6 +834,11 @@ def generate_text(
             repetition_penalty = 1.0
     else:
         ids = tokenizer.encode(prompt).ids
+    if num_beams is not None and num_beams > 1 and do_sample is None and isinstance(model, SwitchT5):
+        given = [n for n, v in (("temperature", temperature), ("top_k", top_k), ("top_p", top_p)) if v is not None]
+        if given:
+            raise ValueError(f"num_beams: beam search is deterministic; it cannot be combined with {given[0]}")
+        do_sample = False  # beams asked for: decode with them instead of the objective's sampling
     sampling = dict(
         max_new_tokens=64 if max_new_tokens is None else max_new_tokens,
         do_sample=True if do_sample is None else do_sample,
@@ -840,7 +846,9 @@ def generate_text(
         top_k=0 if top_k is None else top_k,
         top_p=0.95 if top_p is None else top_p,
         repetition_penalty=1.1 if repetition_penalty is None else repetition_penalty,
-        no_repeat_ngram_size=0 if no_repeat_ngram_size is None else no_repeat_ngram_size,
+        no_repeat_ngram_size=(config.no_repeat_ngram_size if config is not None else 0)
+        if no_repeat_ngram_size is None
+        else no_repeat_ngram_size,
         generator=generator,
         streamer=streamer,
         routing=routing,
