@@ -101,25 +101,6 @@ def decode_output(tokenizer, row: list[int], eos: int | None) -> str:
     return one_line(tokenizer.decode(row, skip_special_tokens=True))
 
 
-def check_decoding(
-    batch_size: int,
-    num_beams: int,
-    length_penalty: float,
-    max_new_tokens: int,
-    buffer_size: int,
-    no_repeat_ngram_size: int = 0,
-):
-    """``ValueError`` naming the first bad setting."""
-    from switchformer.beam import check_beam_arguments
-    from switchformer.generation import check_no_repeat_ngram_size
-
-    for name, value in (("batch_size", batch_size), ("max_new_tokens", max_new_tokens), ("buffer_size", buffer_size)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name}: must be an integer >= 1, got {value!r}")
-    check_beam_arguments(num_beams, length_penalty, False)
-    check_no_repeat_ngram_size(no_repeat_ngram_size)
-
-
 def decoding_settings(
     config, num_beams=None, length_penalty=None, max_new_tokens=None, no_repeat_ngram_size=None
 ) -> dict:
@@ -134,15 +115,17 @@ def decoding_settings(
 
 
 def check_settings(settings: dict, batch_size: int = 1, buffer_size: int = 1) -> None:
-    """:func:`check_decoding` of a :func:`decoding_settings` dict."""
-    check_decoding(
-        batch_size,
-        settings["num_beams"],
-        settings["length_penalty"],
-        settings["max_new_tokens"],
-        buffer_size,
-        settings["no_repeat_ngram_size"],
-    )
+    """``ValueError`` naming the first bad setting of a :func:`decoding_settings` dict, or of
+    ``batch_size`` and ``buffer_size``."""
+    from switchformer.beam import check_beam_arguments
+    from switchformer.generation import check_no_repeat_ngram_size
+
+    sizes = (("batch_size", batch_size), ("max_new_tokens", settings["max_new_tokens"]), ("buffer_size", buffer_size))
+    for name, value in sizes:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}: must be an integer >= 1, got {value!r}")
+    check_beam_arguments(settings["num_beams"], settings["length_penalty"], False)
+    check_no_repeat_ngram_size(settings["no_repeat_ngram_size"])
 
 
 def translate(

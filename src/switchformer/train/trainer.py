@@ -817,6 +817,8 @@ def generate_text(
     objective. Beam search cannot stream: its tokens go to ``streamer`` once the search has ended."""
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed)
+    if no_repeat_ngram_size is None:
+        no_repeat_ngram_size = config.no_repeat_ngram_size if config is not None else 0
     if config is not None and config.resolved_objective == "seq2seq":
         return _generate_seq2seq_text(
             model, tokenizer, prompt, max_new_tokens, config, generator, do_sample, temperature, top_k, top_p,
@@ -835,9 +837,7 @@ def generate_text(
     else:
         ids = tokenizer.encode(prompt).ids
     if num_beams is not None and num_beams > 1 and do_sample is None and isinstance(model, SwitchT5):
-        given = [n for n, v in (("temperature", temperature), ("top_k", top_k), ("top_p", top_p)) if v is not None]
-        if given:
-            raise ValueError(f"num_beams: beam search is deterministic; it cannot be combined with {given[0]}")
+        _refuse_beams_with_sampling(_sampling_given(temperature, top_k, top_p))
         do_sample = False  # beams asked for: decode with them instead of the objective's sampling
     sampling = dict(
         max_new_tokens=64 if max_new_tokens is None else max_new_tokens,
@@ -846,9 +846,7 @@ def generate_text(
         top_k=0 if top_k is None else top_k,
         top_p=0.95 if top_p is None else top_p,
         repetition_penalty=1.1 if repetition_penalty is None else repetition_penalty,
-        no_repeat_ngram_size=(config.no_repeat_ngram_size if config is not None else 0)
-        if no_repeat_ngram_size is None
-        else no_repeat_ngram_size,
+        no_repeat_ngram_size=no_repeat_ngram_size,
         generator=generator,
         streamer=streamer,
         routing=routing,
@@ -877,6 +875,20 @@ def generate_text(
     return tokenizer.decode(new, skip_special_tokens=True)
 
 
+def _sampling_given(temperature, top_k, top_p) -> list[str]:
+    """The names of the sampling settings given (not None)."""
+    settings = (("temperature", temperature), ("top_k", top_k), ("top_p", top_p))
+    return [name for name, value in settings if value is not None]
+
+
+def _refuse_beams_with_sampling(given: list[str]) -> None:
+    """``ValueError`` naming ``num_beams`` when sampling settings come with beam search."""
+    if given:
+        raise ValueError(
+            f"num_beams: beam search is deterministic; it cannot be combined with sampling ({', '.join(given)})"
+        )
+
+
 def _stream_after(tokens, streamer, eos: int, missed: bool) -> None:
     """Give ``streamer`` the tokens it did not see as they were chosen (beam search picks them at
     the end), up to and including EOS, one ``[1]`` tensor each."""
@@ -895,17 +907,13 @@ def _generate_seq2seq_text(
     """:func:`generate_text` on a seq2seq run (see there)."""
     from switchformer.translation import check_languages, encode_sources
 
-    given = [
-        name for name, value in (("temperature", temperature), ("top_k", top_k), ("top_p", top_p)) if value is not None
-    ]
+    given = _sampling_given(temperature, top_k, top_p)
     if do_sample is None:
         do_sample = bool(given)
     elif not do_sample and given:
         raise ValueError(f"{given[0]}: a sampling setting, but decoding was asked to be greedy; give one of them")
     if do_sample and num_beams is not None and num_beams > 1:
-        raise ValueError(
-            f"num_beams: beam search is deterministic; it cannot be combined with sampling ({', '.join(given)})"
-        )
+        _refuse_beams_with_sampling(given)
     if num_beams is None:
         num_beams = 1 if do_sample else config.num_beams
     check_languages(config, source_lang, target_lang)
@@ -916,7 +924,7 @@ def _generate_seq2seq_text(
         repetition_penalty=1.0 if repetition_penalty is None else repetition_penalty,
         num_beams=num_beams,
         length_penalty=config.length_penalty if length_penalty is None else length_penalty,
-        no_repeat_ngram_size=config.no_repeat_ngram_size if no_repeat_ngram_size is None else no_repeat_ngram_size,
+        no_repeat_ngram_size=no_repeat_ngram_size,
         routing=routing,
         streamer=streamer if num_beams == 1 else None,
     )
