@@ -17,6 +17,8 @@ import torch
 import torch.distributed as dist
 from test_parallel import BATCH_PER_RANK, CONFIG, SEQ, TIMEOUT_S, free_port, global_batch, reference_name, run_workers
 
+from tolerances import AdamDrift, assert_close
+
 from switchformer import SwitchLM, SwitchLMConfig
 from switchformer.parallel import apply_expert_parallel, apply_fsdp, is_expert_parameter, make_groups
 from switchformer.train.trainer import clip_grad_norm
@@ -64,6 +66,7 @@ def _fsdp_matches_one_process(rank, world, ep):
     ref_params = dict(reference.named_parameters())
     opt_ref = torch.optim.AdamW(reference.parameters(), lr=1e-2, fused=True)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
+    drift = AdamDrift(opt_ref, atol=1e-5, rtol=1e-4)  # the gradient check's tolerance
     scored = (labels != -100).sum(1)
     global_scored = int(scored.sum())
     local_scored = int(scored[rows].sum())
@@ -79,7 +82,7 @@ def _fsdp_matches_one_process(rank, world, ep):
         dist.all_reduce(mean)
         mean /= world
         want = torch.stack([ref_out.ce_loss + ref_out.loss - ref_out.ce_loss, ref_out.loss - ref_out.ce_loss])
-        torch.testing.assert_close(mean, want.detach(), atol=1e-5, rtol=1e-5, msg=f"step {step}: losses")
+        assert_close(mean, want.detach(), f"step {step}: losses", atol=1e-5, rtol=1e-5)
         opt.zero_grad()
         opt_ref.zero_grad()
         ref_out.loss.backward()
@@ -93,15 +96,16 @@ def _fsdp_matches_one_process(rank, world, ep):
             if is_expert_parameter(name):
                 n = grad.shape[0]
                 ref_grad = ref_grad[state.ep_rank * n : (state.ep_rank + 1) * n]
-            torch.testing.assert_close(grad, ref_grad, atol=1e-5, rtol=1e-4, msg=f"step {step}: gradient {name}")
+            assert_close(grad, ref_grad, f"step {step}: gradient {name}", atol=1e-5, rtol=1e-4)
+        drift.gradients()
         opt.step()
         opt_ref.step()
+        drift.stepped()
     for name, param in model.named_parameters():
-        weight, ref_weight = full(param.detach()), ref_params[reference_name(name)].detach()
-        if is_expert_parameter(name):
-            n = weight.shape[0]
-            ref_weight = ref_weight[state.ep_rank * n : (state.ep_rank + 1) * n]
-        torch.testing.assert_close(weight, ref_weight, atol=1e-5, rtol=1e-5, msg=f"weight {name}")
+        weight, reference_weight = full(param.detach()), ref_params[reference_name(name)]
+        n = weight.shape[0]
+        rows = slice(state.ep_rank * n, (state.ep_rank + 1) * n) if is_expert_parameter(name) else None
+        drift.check(weight, reference_weight, f"weight {name}", rows=rows)
     # the memory estimate (`info --world-size --expert-parallel`) is what this rank really holds
     from switchformer.parallel import local_tensor
     from switchformer.parallel.memory import estimate_rank_memory

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from tolerances import assert_close
 
 transformers = pytest.importorskip("transformers")
 
@@ -200,7 +201,7 @@ def test_training_gradients_match(build):
     for name, grad in ours_grads.items():
         if name not in hf_grads or hf_grads[name] is None:
             continue
-        torch.testing.assert_close(grad, hf_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+        assert_close(grad, hf_grads[name], f"gradient {name}", rtol=1e-4, atol=1e-6)
         checked += 1
     assert checked >= 20
     assert any("relative_attention_bias" in n for n in ours_grads)

@@ -248,9 +248,11 @@ def test_translate_reads_stdin_writes_stdout_and_keeps_line_alignment(mapping_ru
     sources = ["ka lu mi", "", "po re su ti", "vo"]
     data = "\r\n".join(sources).encode("utf-8")  # CRLF line ends, no newline after the last line
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(data), encoding="utf-8"))
-    assert main(["translate", str(mapping_run), "--no-progress", "--batch-size", "2", "--buffer-size", "3"]) == 0
+    # batches of 2 against translate's default 32: equal where no token is dropped (dropless), as promised
+    args = ["translate", str(mapping_run), "--no-progress", "--batch-size", "2", "--buffer-size", "3"]
+    assert main([*args, "--routing", "dropless"]) == 0
     out = capsys.readouterr().out
-    assert out.split("\n") == [*translate(model, tokenizer, config, sources), ""]
+    assert out.split("\n") == [*translate(model, tokenizer, config, sources, routing="dropless"), ""]
     assert out.split("\n")[1] == "" and out.split("\n")[0] == "zap wol kin"
 
 
@@ -269,13 +271,16 @@ def test_translate_decoding_flags(mapping_run, loaded, tmp_path, capsys):
     assert "beam search (3 beams, length penalty 0.5), at most 3 new tokens" in captured.err
     repeating = ["ka ka ka ka ka ka", "lu mi lu mi lu mi lu mi"]  # their translations repeat n-grams
     source.write_text("\n".join(repeating) + "\n", encoding="utf-8")
+    # a batch against each row alone: equal where no token is dropped by capacity (dropless), as promised
     for beams in ("1", "3"):
-        assert main(["translate", str(mapping_run), "-i", str(source), "--no-progress", "--num-beams", beams]) == 0
+        args = ["translate", str(mapping_run), "-i", str(source), "--no-progress", "--num-beams", beams,
+                "--routing", "dropless"]  # fmt: skip
+        assert main(args) == 0
         free = capsys.readouterr().out.splitlines()
-        assert main(["translate", str(mapping_run), "-i", str(source), "--no-progress", "--num-beams", beams,
-                     "--no-repeat-ngram-size", "2"]) == 0  # fmt: skip
+        assert main([*args, "--no-repeat-ngram-size", "2"]) == 0
         captured = capsys.readouterr()
-        want = row_by_row(model, tokenizer, config, repeating, num_beams=int(beams), no_repeat_ngram_size=2)
+        want = row_by_row(model, tokenizer, config, repeating, num_beams=int(beams), no_repeat_ngram_size=2,
+                          routing="dropless")  # fmt: skip
         assert captured.out.splitlines() == want != free
         assert "no repeated 2-gram" in captured.err
 
