@@ -16,7 +16,6 @@ import pytest
 import torch
 import torch.distributed as dist
 from test_parallel import BATCH_PER_RANK, CONFIG, SEQ, TIMEOUT_S, free_port, global_batch, reference_name, run_workers
-
 from tolerances import AdamDrift, assert_close
 
 from switchformer import SwitchLM, SwitchLMConfig

@@ -28,7 +28,8 @@ def adam_normalised_step_bound(step: int, beta1: float, beta2: float) -> float:
     """K_t: the largest ``|m_hat| / sqrt(v_hat)`` Adam can produce at ``step`` (Cauchy-Schwarz over the
     moments' weights ``a_s = (1-b1) b1^(t-s)`` and ``b_s = (1-b2) b2^(t-s)``):
     ``K_t^2 = (1-b2^t) / (1-b1^t)^2 * sum_s a_s^2 / b_s``. About 1 in the first steps."""
-    total = sum(((1 - beta1) * beta1 ** (step - s)) ** 2 / ((1 - beta2) * beta2 ** (step - s)) for s in range(1, step + 1))
+    weights = [((1 - beta1) * beta1 ** (step - s), (1 - beta2) * beta2 ** (step - s)) for s in range(1, step + 1)]
+    total = sum(a * a / b for a, b in weights)
     return math.sqrt((1 - beta2**step) / (1 - beta1**step) ** 2 * total)
 
 
