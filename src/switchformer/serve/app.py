@@ -25,6 +25,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from switchformer.data.token_bytes import TokenBytes
 from switchformer.serve import protocol
 from switchformer.serve.engine import Engine, EngineStopped, QueueFull
 from switchformer.serve.engine import Request as EngineRequest
@@ -91,6 +92,7 @@ def create_app(
     request body (413 beyond; 4 MiB by default, far more than any prompt the model takes)."""
     metrics = ServerMetrics(engine)
     vocab_size = engine.model.config.vocab_size
+    token_bytes = TokenBytes(formatter.tokenizer)  # what each token writes, for exact logprobs fields
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -268,7 +270,7 @@ def create_app(
         request, events = submit(ids, params)
         logprobs = None
         if params.logprobs is not None:  # the generated tokens' (an echoed prompt's are not computed)
-            logprobs = protocol.LogprobsBuilder(formatter.tokenizer, "completions", offset=len(prefix))
+            logprobs = protocol.LogprobsBuilder(token_bytes, "completions", offset=len(prefix))
         if streamed:
 
             def piece(text, lp):
@@ -305,7 +307,7 @@ def create_app(
         protocol.fit_max_tokens(params, len(ids), limits, "messages", asked)
         rid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
         request, events = submit(ids, params)
-        logprobs = protocol.LogprobsBuilder(formatter.tokenizer, "chat") if params.logprobs is not None else None
+        logprobs = protocol.LogprobsBuilder(token_bytes, "chat") if params.logprobs is not None else None
         if streamed:
 
             def piece(text, lp):

@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass
 
 from switchformer.data.formatting import unicode_problem
+from switchformer.data.token_bytes import PieceStream, token_text
 from switchformer.serve.sampling import SamplingParams
 
 MAX_STOP_STRINGS = 4  # as OpenAI
@@ -309,49 +310,80 @@ def usage_chunk(rid: str, model: str, obj: str, use: dict) -> dict:
 
 class LogprobsBuilder:
     """Log-probabilities of the generated tokens in the endpoint's shape: completions'
-    ``{tokens, token_logprobs, top_logprobs, text_offset}`` or chat's ``{content: [...]}``."""
+    ``{tokens, token_logprobs, top_logprobs, text_offset}`` or chat's ``{content: [...]}``.
 
-    def __init__(self, tokenizer, endpoint: str, offset: int = 0):
-        """``offset``: where the generated text starts in the returned text (an echoed prompt's length)."""
-        self.tokenizer, self.endpoint = tokenizer, endpoint
-        self.entries: list[tuple[int, float, list, int]] = []
+    Every field is exact for every token, tokens that are not whole characters included (a byte-level
+    BPE splits most non-ASCII characters; :mod:`switchformer.data.token_bytes`):
+    - ``bytes`` (chat): the bytes the token writes into the answer, so that they concatenate to the
+      answer's UTF-8; ``null`` for a special token, which writes nothing;
+    - a token's text (``token``, ``tokens``, the keys of ``top_logprobs``): its text when its bytes are
+      whole characters, else OpenAI's ``"bytes:\\xe2\\x80"``; a special token's own name. Two
+      candidates with the same text (possible only for distinct ids with equal bytes) keep the higher
+      one's key, the other's becomes ``"token_id:N"`` (vLLM's spelling), so a completions position
+      always holds as many entries as asked;
+    - ``text_offset``: the offset in the returned text of the character holding the token's first
+      byte (a token that continues a character points at that character; a special token at where
+      the next text goes)."""
+
+    def __init__(self, token_bytes, endpoint: str, offset: int = 0):
+        """``token_bytes``: the tokenizer's :class:`~switchformer.data.token_bytes.TokenBytes`;
+        ``offset``: where the generated text starts in the returned text (an echoed prompt's length)."""
+        import codecs
+
+        self.token_bytes, self.endpoint = token_bytes, endpoint
+        self.pieces = PieceStream(token_bytes)
+        self.entries: list[dict] = []
         self.offset = offset
+        self.characters = codecs.getincrementaldecoder("utf-8")("replace")
+
+    def _describe(self, token: int, piece: bytes | None) -> tuple[bytes | None, str]:
+        return piece, token_text(piece, self.token_bytes.name(token))
 
     def add(self, choice) -> dict | None:
         """Records ``choice`` (a :class:`TokenChoice`); returns the piece for a stream chunk."""
         if choice.logprob is None:
             return None
-        entry = (choice.token, choice.logprob, choice.top or [], self.offset)
-        # offsets are into the returned text, where special tokens write nothing
-        self.offset += len(self.tokenizer.decode([choice.token], skip_special_tokens=True))
+        top = [(*self._describe(a, self.pieces.piece(a)), a, alp) for a, alp in choice.top or []]
+        piece, text = self._describe(choice.token, self.pieces.add(choice.token))
+        entry = {"token": choice.token, "text": text, "bytes": piece, "logprob": choice.logprob, "top": top,
+                 "offset": self.offset}  # fmt: skip
+        if piece:
+            self.offset += len(self.characters.decode(piece, final=False))
         self.entries.append(entry)
         return self._shape([entry])
 
     def result(self) -> dict | None:
         return self._shape(self.entries) if self.entries else None
 
-    def _piece(self, token: int) -> str:
-        return self.tokenizer.decode([token], skip_special_tokens=False)
+    def _shape(self, entries: list[dict]) -> dict:
+        def as_list(piece):
+            return None if piece is None else list(piece)
 
-    def _shape(self, entries) -> dict:
         if self.endpoint == "chat":
             return {
                 "content": [
                     {
-                        "token": (text := self._piece(t)),
-                        "logprob": lp,
-                        "bytes": list(text.encode()),
+                        "token": e["text"],
+                        "logprob": e["logprob"],
+                        "bytes": as_list(e["bytes"]),
                         "top_logprobs": [
-                            {"token": (p := self._piece(a)), "logprob": alp, "bytes": list(p.encode())}
-                            for a, alp in top
+                            {"token": text, "logprob": alp, "bytes": as_list(piece)} for piece, text, _, alp in e["top"]
                         ],
                     }
-                    for t, lp, top, _ in entries
+                    for e in entries
                 ]
             }
         return {
-            "tokens": [self._piece(t) for t, *_ in entries],
-            "token_logprobs": [lp for _, lp, _, _ in entries],
-            "top_logprobs": [{self._piece(a): alp for a, alp in top} for _, _, top, _ in entries],
-            "text_offset": [offset for *_, offset in entries],
+            "tokens": [e["text"] for e in entries],
+            "token_logprobs": [e["logprob"] for e in entries],
+            "top_logprobs": [_keyed(e["top"]) for e in entries],
+            "text_offset": [e["offset"] for e in entries],
         }
+
+
+def _keyed(top: list) -> dict:
+    """Completions' ``top_logprobs`` dict, one entry per candidate (best first, as given)."""
+    out: dict[str, float] = {}
+    for _, text, token, logprob in top:
+        out[text if text not in out else f"token_id:{token}"] = logprob
+    return out
