@@ -89,21 +89,45 @@ class _Row:
 
 @dataclass
 class EngineStats:
-    """Counters the server's ``/metrics`` reads (written by the scheduler thread only)."""
+    """Counters the server's ``/metrics`` reads (written by the scheduler thread only). Every figure
+    is exact at any rate: counters are totals, the rate is a difference of totals (no sample cap), and
+    each time to first token goes straight to ``first_token_observer`` (the server's histogram)."""
 
     requests_finished: collections.Counter = field(default_factory=collections.Counter)  # by finish reason
     prompt_tokens: int = 0
     generation_tokens: int = 0
     steps: int = 0
-    time_to_first_token: collections.deque = field(default_factory=collections.deque)  # seconds; /metrics drains it
-    recent: collections.deque = field(default_factory=lambda: collections.deque(maxlen=1 << 16))  # (time, tokens)
+    first_token_observer: Callable[[float], None] | None = None  # seconds from arrival to the first token
     expert_tokens: dict[str, Tensor] = field(default_factory=dict)  # layer name -> tokens per expert
+    window: float = 10.0  # seconds the rate is measured over
+    # (time, generation_tokens) after each scheduler iteration that generated tokens, back to the last
+    # one at or before the window's start: what the rate needs, however many tokens a step makes
+    totals: collections.deque = field(default_factory=collections.deque)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
-    def tokens_per_second(self, window: float = 10.0) -> float:
-        """Generated tokens per second over the last ``window`` seconds."""
-        now = time.monotonic()
-        total = sum(n for t, n in list(self.recent) if now - t <= window)
-        return total / window
+    def record_total(self, now: float | None = None) -> None:
+        """Notes ``generation_tokens`` at ``now`` (the scheduler, after an iteration)."""
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            if self.totals and self.totals[-1][1] == self.generation_tokens:
+                return
+            self.totals.append((now, self.generation_tokens))
+            while len(self.totals) > 1 and self.totals[1][0] <= now - self.window:
+                self.totals.popleft()
+
+    def tokens_per_second(self, now: float | None = None) -> float:
+        """Tokens generated in the last ``window`` seconds, divided by the window: the total now less
+        the total at the window's start (a step's tokens count at the step's end)."""
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            totals = list(self.totals)
+        before = 0
+        for at, total in totals:
+            if at > now - self.window:
+                break
+            before = total
+        latest = totals[-1][1] if totals else 0
+        return (latest - before) / self.window
 
 
 class _Batch:
@@ -415,6 +439,7 @@ class Engine:
                     self._admit()
                     if len(self.batch):
                         self._step()
+                self.stats.record_total()
             except Exception:  # a bug outside any one request: end the running ones, keep serving
                 log.exception("scheduler iteration failed")
                 for slot in reversed(range(len(self.batch))):
@@ -548,9 +573,8 @@ class Engine:
         row.sampler.record(token)
         row.completion_tokens += 1
         self.stats.generation_tokens += 1
-        self.stats.recent.append((time.monotonic(), 1))
-        if row.completion_tokens == 1:
-            self.stats.time_to_first_token.append(time.monotonic() - request.arrival)
+        if row.completion_tokens == 1 and self.stats.first_token_observer is not None:
+            self.stats.first_token_observer(time.monotonic() - request.arrival)
         if token == self.eos:  # the end of the text: no token of it is sent
             self._finish(slot, reason="stop")
             return

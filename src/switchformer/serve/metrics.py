@@ -2,7 +2,8 @@
 
 HTTP requests by endpoint and status, time to first token and request duration (histograms) are
 observed by the server; the scheduler's figures are read from the engine at each scrape: queue
-length, running batch size, prompt and generated tokens, tokens/s over the last 10 seconds, and
+length, running batch size, prompt and generated tokens, tokens/s over the last 10 seconds (exact at any
+rate: a difference of totals), and
 for each Switch layer the tokens each expert received (``switchformer_expert_tokens_total``) and
 its share of the layer's tokens (``switchformer_expert_token_share``).
 """
@@ -71,9 +72,7 @@ class ServerMetrics:
             buckets=LATENCY_BUCKETS, registry=self.registry,
         )  # fmt: skip
         self.registry.register(_EngineCollector(engine))
+        engine.stats.first_token_observer = self.time_to_first_token.observe  # thread-safe, as every metric
 
     def render(self) -> bytes:
-        pending = self.engine.stats.time_to_first_token
-        while pending:
-            self.time_to_first_token.observe(pending.popleft())
         return generate_latest(self.registry)
