@@ -41,11 +41,13 @@ def lm_run(tmp_path_factory):
     return root / "lm"
 
 
-def test_serve_a_run_in_a_subprocess_and_stop_it_with_ctrl_c(lm_run):
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_serve_a_run_in_a_subprocess_and_stop_it_gracefully(lm_run, stop):
+    """Every graceful stop (Ctrl-C, or SIGTERM as container runtimes and systemd send it) exits 0."""
     port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "switchformer", "serve", str(lm_run), "--port", str(port)]
-    command += ["--log-level", "warning"]
+    command += ["--log-level", "warning", "--cors-origin", "https://app.example.com"]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         url = f"http://127.0.0.1:{port}"
@@ -62,7 +64,16 @@ def test_serve_a_run_in_a_subprocess_and_stop_it_with_ctrl_c(lm_run):
         assert httpx.get(url + "/v1/models", timeout=10).json()["data"][0]["id"] == "lm"
         out = httpx.post(url + "/v1/completions", json={"prompt": "the cat", "max_tokens": 4}, timeout=30).json()
         assert out["usage"]["completion_tokens"] <= 4 and out["model"] == "lm"
-        process.send_signal(signal.SIGINT)
+        # what probes and browsers send, through the real HTTP server: HEAD has GET's headers and no body
+        get, head = httpx.get(url + "/health", timeout=10), httpx.head(url + "/health", timeout=10)
+        assert head.status_code == 200 and head.content == b""
+        assert head.headers["content-length"] == get.headers["content-length"]
+        preflight = httpx.options(url + "/v1/chat/completions", timeout=10, headers={
+            "Origin": "https://app.example.com", "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization, content-type"})  # fmt: skip
+        assert preflight.status_code == 200
+        assert preflight.headers["access-control-allow-origin"] == "https://app.example.com"
+        process.send_signal(stop)
         _, err = process.communicate(timeout=30)
     finally:
         if process.poll() is None:
@@ -115,6 +126,7 @@ def test_serve_a_hugging_face_directory_equals_transformers_generate(tmp_path):
         (["--max-tokens", "100000"], "--max-tokens: 100000; the model's context is"),
         (["--api-key", " "], "--api-key: empty"),
         (["--served-model-name", ""], "--served-model-name: empty"),
+        (["--cors-origin", "https://a.example/app"], "--cors-origin: 'https://a.example/app' is not an origin"),
     ],
 )
 def test_bad_flags_are_one_line(lm_run, flags, message, capsys):

@@ -662,6 +662,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--api-key", help="require 'Authorization: Bearer KEY' on /v1/ (default: $SWITCHFORMER_API_KEY, else none)"
     )
     p.add_argument("--served-model-name", help="the model id of the API (default: the run's folder name)")
+    p.add_argument(
+        "--cors-origin", action="append", metavar="ORIGIN",
+        help="a browser origin (https://app.example.com; '*' for any) whose pages may call the API (CORS); "
+        "repeat for several (default: none)",
+    )  # fmt: skip
     p.add_argument("--max-batch-size", type=int, default=16, help="requests decoded together (default: 16)")
     p.add_argument(
         "--max-queue", type=int, default=256, help="requests waiting beyond those; more get 429 (default: 256)"

@@ -22,8 +22,10 @@ import time
 import uuid
 
 from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from switchformer.data.token_bytes import TokenBytes
 from switchformer.serve import protocol
@@ -85,11 +87,19 @@ def create_app(
     shutdown_timeout: float = 10.0,
     default_completion_tokens: int = 16,
     max_body_bytes: int = 4 << 20,
+    cors_origins: list[str] | None = None,
 ) -> FastAPI:
     """The application. It starts ``engine`` at startup and stops it at shutdown (running
     requests get ``shutdown_timeout`` seconds to finish). ``request_timeout``: seconds from
     arrival after which a request is ended with a 408 error; ``max_body_bytes``: the largest
-    request body (413 beyond; 4 MiB by default, far more than any prompt the model takes)."""
+    request body (413 beyond; 4 MiB by default, far more than any prompt the model takes);
+    ``cors_origins``: browser origins allowed to call the API from their pages (CORS; ``["*"]`` for
+    any), none by default.
+
+    HTTP conventions that load balancers, probes and browsers rely on (RFC 9110): every GET route
+    answers HEAD (same status and headers, no body), a 405 names the allowed methods in ``Allow``,
+    and ``OPTIONS`` on a route answers 204 with ``Allow`` (a CORS preflight from an allowed origin
+    gets the CORS headers instead)."""
     metrics = ServerMetrics(engine)
     vocab_size = engine.model.config.vocab_size
     token_bytes = TokenBytes(formatter.tokenizer)  # what each token writes, for exact logprobs fields
@@ -109,7 +119,27 @@ def create_app(
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, err: StarletteHTTPException):
         message = f"{request.method} {request.url.path}: {err.detail}"
-        return JSONResponse(APIError(err.status_code, message).body(), status_code=err.status_code)
+        headers = dict(getattr(err, "headers", None) or {})  # part of the answer
+        if err.status_code == 405:  # every method the resource answers, as OPTIONS names them
+            headers["Allow"] = ", ".join(allowed_methods(dict(request.scope, method="GET")))
+        return JSONResponse(APIError(err.status_code, message).body(), status_code=err.status_code, headers=headers)
+
+    def allowed_methods(scope) -> list[str]:
+        """The methods the routes at ``scope``'s path answer (OPTIONS included); none for no route."""
+        methods = set()
+        for route in app.router.routes:
+            if route.matches(scope)[0] != Match.NONE:
+                methods |= getattr(route, "methods", None) or set()
+        return sorted(methods | {"OPTIONS"}) if methods else []
+
+    @app.middleware("http")
+    async def options(request: Request, call_next):
+        if request.method != "OPTIONS":
+            return await call_next(request)
+        methods = allowed_methods(dict(request.scope, method="GET"))
+        if not methods:
+            return JSONResponse(APIError(404, f"OPTIONS {request.url.path}: Not Found").body(), status_code=404)
+        return Response(status_code=204, headers={"Allow": ", ".join(methods)})
 
     async def read_body(http: Request) -> bytes:
         """The request body, refused with 413 past ``max_body_bytes`` (read in chunks: a client
@@ -330,14 +360,14 @@ def create_app(
         headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
         return StreamingResponse(chunks, media_type="text/event-stream", headers=headers)
 
-    @app.get("/v1/models")
+    @app.api_route("/v1/models", methods=["GET", "HEAD"])
     async def models(http: Request):
         authorize(http)
         created = int(time.time())
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
                                             "owned_by": "switchformer"}]}  # fmt: skip
 
-    @app.get("/v1/models/{name}")
+    @app.api_route("/v1/models/{name}", methods=["GET", "HEAD"])
     async def model(http: Request, name: str):
         authorize(http)
         if name != model_name:
@@ -345,22 +375,27 @@ def create_app(
                            code="model_not_found")  # fmt: skip
         return {"id": model_name, "object": "model", "created": int(time.time()), "owned_by": "switchformer"}
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])
     async def health():
         alive = engine._thread_alive() and engine._accepting
         body = {"status": "ok" if alive else "unavailable", "model": model_name,
                 "running": engine.running(), "waiting": engine.queue_length()}  # fmt: skip
         return JSONResponse(body, status_code=200 if alive else 503)
 
-    @app.get("/metrics")
+    @app.api_route("/metrics", methods=["GET", "HEAD"])
     async def prometheus_metrics():
         return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    @app.get("/")
+    @app.api_route("/", methods=["GET", "HEAD"])
     async def chat_page():
         page = importlib.resources.files("switchformer.serve").joinpath("chat.html").read_text(encoding="utf-8")
         return HTMLResponse(page)
 
+    if cors_origins:  # outermost: a preflight is answered before authorization, which browsers do not send
+        app.add_middleware(
+            CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "HEAD", "POST", "OPTIONS"],
+            allow_headers=["Authorization", "Content-Type"], max_age=600,
+        )  # fmt: skip
     app.state.engine, app.state.metrics = engine, metrics
     return app
 

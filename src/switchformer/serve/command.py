@@ -8,6 +8,8 @@ import importlib.util
 import logging
 import math
 import os
+import re
+import signal
 import socket
 import sys
 from dataclasses import dataclass
@@ -84,6 +86,9 @@ def _check_flags(args) -> None:
         value = getattr(args, flag)
         if value is not None and not value.strip():
             raise ValueError(f"--{flag.replace('_', '-')}: empty")
+    for origin in args.cors_origin or []:
+        if origin != "*" and not re.fullmatch(r"https?://[^/\s:]+(:\d{1,5})?", origin):
+            raise ValueError(f"--cors-origin: {origin!r} is not an origin (scheme://host[:port], no path; or '*')")
     if args.max_queue < 0:
         raise ValueError(f"--max-queue: must be >= 0, got {args.max_queue}")
     if not 0 < args.port < 65536:
@@ -120,6 +125,7 @@ def build_app(args):
     app = create_app(
         engine, formatter, model_name=name, limits=limits, api_key=api_key,
         request_timeout=args.request_timeout, shutdown_timeout=args.shutdown_timeout,
+        cors_origins=args.cors_origin,
     )  # fmt: skip
     return app, served, limits, api_key, name
 
@@ -173,8 +179,13 @@ def run_serve(args) -> int:
         print(f"warning: serving on {args.host} without --api-key: anyone who reaches it can use it", file=sys.stderr)
     # the HTTP server waits for the connections the drain ends (a little after its deadline)
     config = uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=args.shutdown_timeout + 5)
+    # uvicorn re-raises the signal that stopped it once it has shut down cleanly, under the handler that
+    # was there before: the default one would end the process with 143 after a graceful SIGTERM
+    previous = signal.signal(signal.SIGTERM, lambda sig, frame: None)
     try:
         Server(config).run(sockets=[sock])
-    except KeyboardInterrupt:  # uvicorn raises the caught Ctrl-C again once it has shut down cleanly
+    except KeyboardInterrupt:  # Ctrl-C, raised again the same way
         pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return 0
