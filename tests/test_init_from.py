@@ -122,7 +122,8 @@ def run_args(tmp_path, corpus, name, *extra):
 
 
 def fine_tune_args(tmp_path, source, data, name, *extra):
-    return ["train", "--init-from", str(source), "--model", "t5", "--set", "objective=seq2seq", "--data", str(data),
+    # no --model: the source decides the family (a Hugging Face directory can only hold a T5-family model)
+    return ["train", "--init-from", str(source), "--set", "objective=seq2seq", "--data", str(data),
             "--preset", "test", "--out-dir", str(tmp_path / "runs"), "--run-name", name, "--no-progress",
             "--max-steps", "20", "--set", "eval_every=20", "--set", "checkpoint_every=20", *extra]  # fmt: skip
 
@@ -281,8 +282,41 @@ def test_init_from_a_run_and_contradicting_sizes(hf_switch_dir, tmp_path, capsys
     assert main(run_args(tmp_path, corpus, "bad", "--init-from", str(folder), "--set", "d_model=64")) == 2
     err = capsys.readouterr().err
     assert "d_model: the --init-from model has 32, --set d_model=64 gives 64" in err and err.count("\n") == 1
-    assert main(run_args(tmp_path, corpus, "bad2", "--init-from", str(folder), "--model", "lm")) == 2
-    assert "model: --init-from gives a t5 model" in capsys.readouterr().err
+    # the family comes from the source: a contradicting one is refused by name, wherever it was given
+    config = tmp_path / "lm.toml"
+    config.write_text('model = "lm"\n')
+    for given, where in ((["--model", "lm"], "--model"), (["--set", "model=lm"], "--set model=lm"),
+                         (["--config", str(config)], str(config))):  # fmt: skip
+        assert main(run_args(tmp_path, corpus, "bad2", "--init-from", str(folder), *given)) == 2
+        err = capsys.readouterr().err
+        assert f"model: --init-from {folder} holds a t5 model, {where} asks for 'lm'" in err, err
+        assert err.count("\n") == 1
+    assert main(run_args(tmp_path, corpus, "same", "--init-from", str(folder), "--model", "t5")) == 0  # agreeing
+    capsys.readouterr()
+    # an LM run as the source: an LM run follows, without --model, whatever the preset's family, and the
+    # source's positions bound the preset's sequence length (compare-gpu's 512 against the source's 128)
+    text = tmp_path / "text.txt"
+    text.write_text(corpus.read_text() * 40)
+    assert main(run_args(tmp_path, text, "lm", "--model", "lm")) == 0
+    assert main(["train", "--preset", "compare-gpu", "--init-from", str(tmp_path / "runs" / "lm"), "--data", str(text),
+                 "--out-dir", str(tmp_path / "runs"), "--run-name", "lm2", "--no-progress", "--max-steps", "1",
+                 "--set", "eval_every=1", "--set", "batch_size=2", "--set", "eval_batches=1",
+                 "--device", "cpu"]) == 0  # fmt: skip
+    saved = json.loads((tmp_path / "runs" / "lm2" / "config.json").read_text())
+    assert saved["train"]["model"] == "lm" and saved["train"]["seq_len"] == saved["model"]["max_seq_len"] == 128
+    assert "seq_len: 128, the source's max_seq_len (the preset's was longer)" in capsys.readouterr().out
+    # the source's positions bound a length the user gives: refused by name before anything is written
+    assert main(run_args(tmp_path, corpus, "long", "--init-from", str(tmp_path / "runs" / "lm"),
+                         "--set", "seq_len=256")) == 2  # fmt: skip
+    assert "seq_len: the --init-from model has 128 positions (max_seq_len), --set seq_len=256 gives 256" in (
+        capsys.readouterr().err)
+    assert not (tmp_path / "runs" / "long").exists()
+    # a Hugging Face directory of another family is named
+    other = tmp_path / "gpt2"
+    other.mkdir()
+    (other / "config.json").write_text('{"model_type": "gpt2"}')
+    assert main(run_args(tmp_path, corpus, "bad3", "--init-from", str(other))) == 2
+    assert f"{other}/config.json: model_type 'gpt2'; --init-from takes T5 and SwitchTransformers" in capsys.readouterr().err
 
 
 def test_init_from_without_a_tokenizer_says_what_is_missing(hf_switch_dir, tmp_path, capsys):

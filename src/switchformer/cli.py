@@ -110,7 +110,7 @@ def _add_config_args(p: argparse.ArgumentParser, default_preset: str) -> None:
 
 
 def _config_from_args(args, default_preset: str):
-    from switchformer.train.config import FLAG_NAMES, build_config
+    from switchformer.train.config import FLAG_NAMES, build_config, settings_given
 
     overrides = {
         "model": args.model,
@@ -124,6 +124,18 @@ def _config_from_args(args, default_preset: str):
         "source_lang": getattr(args, "source_lang", None),
         "target_lang": getattr(args, "target_lang", None),
     }
+    given, sources = settings_given(args.config, args.set)
+    init_from = overrides["init_from"] or given.get("init_from")
+    if init_from:  # the source decides the model family; a contradicting one is refused by name
+        from switchformer.train.init_from import source_family
+
+        family = source_family(init_from)
+        asked = args.model if args.model is not None else given.get("model")
+        if asked is not None and asked != family:
+            where = FLAG_NAMES["model"] if args.model is not None else sources["model"]
+            raise ValueError(f"model: --init-from {init_from} holds a {family} model, {where} asks for {asked!r}; "
+                             "leave it out (the family comes from the pretrained model)")  # fmt: skip
+        overrides["model"] = family
     return build_config(args.preset or default_preset, args.config, overrides, args.set, FLAG_NAMES)
 
 
@@ -213,7 +225,7 @@ def _init_from_settings(args, config):
         given["model"], sources["model"] = args.model, FLAG_NAMES["model"]
     pretrained = load_pretrained(config.init_from, tokenizer=config.tokenizer if "tokenizer" in given else None)
     check_settings_fit(pretrained, given, sources)
-    config, model_values, applied = fine_tuning_config(pretrained, config, given)
+    config, model_values, applied = fine_tuning_config(pretrained, config, given, sources)
     if int(os.environ.get("RANK", "0")) == 0:
         for line in describe_fine_tuning(applied, model_values, pretrained):
             print(line, flush=True)

@@ -108,6 +108,7 @@ _ALIASES = {
         "head_dim": "d_kv",
     },
 }
+HF_MODEL_TYPES = tuple(_ALIASES)  # the Hugging Face model_type values from_hf reads
 
 
 _NULLABLE = ("num_decoder_layers", "pad_token_id", "eos_token_id")  # int or null (eos: or a list)

@@ -20,6 +20,7 @@ commands that read a source never write into it) and copied into the new run lik
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -107,6 +108,23 @@ def load_pretrained(source: str | Path, tokenizer: str | Path | None = None) -> 
     check_special_ids(tokenizer_file, config)
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     return Pretrained(family, config, state, tokenizer_file, note)
+
+
+def source_family(source: str | Path) -> str:
+    """``"t5"`` or ``"lm"``: the model family ``source`` holds, read from its ``config.json`` alone
+    (before anything loads), so that a new run never needs to be told it. A Hugging Face directory
+    holds a T5-family model (the only ones switchformer imports; any other ``model_type`` is named)."""
+    from switchformer.interop.hf import HF_MODEL_TYPES
+    from switchformer.train.run import is_hugging_face_source, read_run_config, run_dir_of
+
+    if is_hugging_face_source(source):
+        file = run_dir_of(source) / "config.json"
+        model_type = json.loads(file.read_text(encoding="utf-8")).get("model_type")
+        if model_type not in HF_MODEL_TYPES:
+            raise ValueError(f"{file}: model_type {model_type!r}; --init-from takes T5 and SwitchTransformers "
+                             "checkpoints (or a switchformer run)")  # fmt: skip
+        return "t5"
+    return read_run_config(source).train.model
 
 
 def cache_dir() -> Path:
@@ -253,12 +271,15 @@ def check_settings_fit(pretrained: Pretrained, given: dict, sources: dict[str, s
                 )
 
 
-def fine_tuning_config(pretrained: Pretrained, config, given: dict):
+def fine_tuning_config(pretrained: Pretrained, config, given: dict, sources: dict | None = None):
     """(train config, model config, fine-tuning defaults applied) of the new run: the architecture
     and tokenizer from the pretrained model; the training-time settings the user gave (``given``)
     applied to it, :data:`FINE_TUNING_DEFAULTS` for those of them the user did not give, the source
     model's own values for the rest (capacity factors, router jitter and loss coefficients). The
-    train config states the values the model trains with."""
+    train config states the values the model trains with. A decoder-only source's ``max_seq_len``
+    bounds ``seq_len``: a preset's longer length becomes the source's, a user's is refused by name
+    (``sources``: where each given setting came from)."""
+    sources = sources or {}
     model_config = dict(pretrained.model_config)
     applied = {field: value for field, value in FINE_TUNING_DEFAULTS.items() if field not in given}
     if not is_sparse(model_config):  # a dense T5: no expert to drop out in
@@ -276,6 +297,12 @@ def fine_tuning_config(pretrained: Pretrained, config, given: dict):
     training = {field: model_config[m] for field, m in TRAINING_FIELDS.items() if m in model_config}
     if training.get("expert_dropout", 0) is None:  # T5 configs: None means the dropout rate
         training["expert_dropout"] = model_config.get("dropout_rate", 0.0)
+    context = model_config.get("max_seq_len")  # a decoder-only model's positions bound its sequences
+    if context is not None and config.seq_len > context:
+        if "seq_len" in given:
+            raise ValueError(f"seq_len: the --init-from model has {context} positions (max_seq_len), "
+                             f"{sources.get('seq_len', 'settings')} gives {given['seq_len']}")  # fmt: skip
+        applied["seq_len"] = context  # a preset's length beyond the source's: the source's, said so
     others = {field: value for field, value in applied.items() if field not in TRAINING_FIELDS}
     train = replace(
         config,
@@ -291,6 +318,9 @@ def fine_tuning_config(pretrained: Pretrained, config, given: dict):
 def describe_fine_tuning(applied: dict, model_config: dict, pretrained: Pretrained) -> list[str]:
     """Lines that tell the user what the new run took from where (printed by ``train``)."""
     lines = []
+    applied = dict(applied)
+    if "seq_len" in applied:
+        lines.append(f"seq_len: {applied.pop('seq_len')}, the source's max_seq_len (the preset's was longer)")
     if applied:
         values = ", ".join(f"{k}={v}" for k, v in applied.items())
         lines.append(
