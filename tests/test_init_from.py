@@ -316,7 +316,8 @@ def test_init_from_a_run_and_contradicting_sizes(hf_switch_dir, tmp_path, capsys
     other.mkdir()
     (other / "config.json").write_text('{"model_type": "gpt2"}')
     assert main(run_args(tmp_path, corpus, "bad3", "--init-from", str(other))) == 2
-    assert f"{other}/config.json: model_type 'gpt2'; --init-from takes T5 and SwitchTransformers" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"{other}/config.json: model_type 'gpt2'; --init-from takes T5 and SwitchTransformers" in err
 
 
 def test_init_from_without_a_tokenizer_says_what_is_missing(hf_switch_dir, tmp_path, capsys):
