@@ -121,3 +121,27 @@ def test_converted_files_get_the_users_umask(tmp_path, capsys):
     for out in ("run", "back"):
         for file in (tmp_path / out).iterdir():
             assert file.stat().st_mode & 0o777 == 0o644, file  # not mkstemp's 0600
+
+
+def test_a_hugging_face_tokenizer_that_appends_eos_is_converted_as_every_command_reads_it(tmp_path, capsys):
+    """Hub T5 tokenizers append </s> themselves; switchformer appends it too, so a converted run keeps
+    the tokenizer without that post-processor (one </s>, not two), and converting back restores it."""
+    from tokenizers.processors import TemplateProcessing
+
+    from switchformer.data.tokenizer import load_tokenizer
+
+    _, folder = hf_t5_directory(tmp_path)
+    tok = load_tokenizer(folder / "tokenizer.json")
+    tok.post_processor = TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    tok.save(str(folder / "tokenizer.json"))
+    assert tok.encode("A router").ids[-1] == 1
+    run = tmp_path / "run"
+    assert main(["convert", str(folder), str(run)]) == 0
+    assert "without its post-processor" in capsys.readouterr().out
+    converted = load_tokenizer(run / "tokenizer.json")
+    assert converted.encode("A router").ids == tok.encode("A router", add_special_tokens=False).ids
+    back = tmp_path / "back"
+    assert main(["convert", str(run), str(back)]) == 0
+    hf_tok = transformers.AutoTokenizer.from_pretrained(back)
+    assert hf_tok("A router").input_ids == tok.encode("A router").ids  # </s> once, by the tokenizer
+    assert hf_tok.eos_token == "</s>" and hf_tok.pad_token == "<pad>"

@@ -591,3 +591,56 @@ def test_beams_on_a_span_corruption_run_decode_with_beams(span_run, monkeypatch,
     assert main([*args, "--temperature", "0.7"]) == 2
     err = stderr_lines(capsys.readouterr())
     assert len(err) == 1 and "num_beams: beam search is deterministic" in err[0] and "temperature" in err[0]
+
+
+# ----------------------------------------------------------------------------- convert: a Hugging Face model end to end
+
+
+@pytest.fixture(scope="module")
+def prefixed_run(tmp_path_factory) -> Path:
+    """A seq2seq run of a few steps whose sources carry a language prefix."""
+    root = tmp_path_factory.mktemp("prefixed")
+    data = write_jsonl(root / "pairs.jsonl", mapping_pairs(200, 2))
+    args = ["train", *TRAIN_FLAGS, "--data", str(data), "--out-dir", str(root), "--run-name", "run", "--max-steps", "3"]
+    args += ["--set", "source_prefix=translate {source_language} to {target_language}: ", "--set", "source_lang=de"]
+    assert main([*args, "--set", "target_lang=en", "--set", "num_beams=2"]) == 0
+    return root / "run"
+
+
+@pytest.mark.parametrize("which", ["mapping_run", "prefixed_run"])
+def test_a_converted_run_translates_through_transformers_own_loaders_as_translate_does(which, request, tmp_path,
+                                                                                       capsys):  # fmt: skip
+    """``convert RUN HF_DIR``, then transformers' AutoTokenizer and AutoModelForSeq2SeqLM with their
+    defaults (the directory's generation config, its prefix as the text-to-text pipelines prepend it):
+    the same translations as ``switchformer translate`` (dropless: HF routes with a per-sequence
+    capacity that these short sentences never fill)."""
+    transformers = pytest.importorskip("transformers")
+    run = request.getfixturevalue(which)
+    hf_dir = tmp_path / "hf"
+    assert main(["convert", str(run), str(hf_dir)]) == 0
+    sources = [row["source"] for row in mapping_pairs(40, seed=5)]
+    (tmp_path / "src.txt").write_text("\n".join(sources) + "\n", encoding="utf-8")
+    capsys.readouterr()
+    assert main(["translate", str(run), "-i", str(tmp_path / "src.txt"), "--no-progress", "--routing", "dropless"]) == 0
+    want = capsys.readouterr().out.splitlines()
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(hf_dir)
+    model = transformers.AutoModelForSeq2SeqLM.from_pretrained(hf_dir).eval()
+    prefix = getattr(model.config, "prefix", None) or ""
+    if which == "prefixed_run":
+        assert prefix == "translate German to English: "
+        assert model.config.task_specific_params == {"translation_de_to_en": {"prefix": prefix}}
+    _, sf_tokenizer, config = load_run(run)
+    for source in sources[:5]:  # the ids switchformer feeds its model: prefix, text cut to seq_len - 1, </s>
+        want_ids = encode_sources(sf_tokenizer, config, [source])[0]
+        assert tokenizer(prefix + source, truncation=True).input_ids == want_ids
+    got = []
+    for start in range(0, len(sources), 8):
+        batch = tokenizer([prefix + s for s in sources[start : start + 8]], return_tensors="pt", padding=True,
+                          truncation=True)  # fmt: skip
+        with torch.no_grad():
+            out = model.generate(**batch)  # every setting from generation_config.json
+        got += tokenizer.batch_decode(out, skip_special_tokens=True)
+    assert got == want
+    assert model.generation_config.num_beams == config.num_beams
+    assert len(set(want)) > (5 if which == "mapping_run" else 1)  # different translations (3 steps: barely)
