@@ -132,14 +132,25 @@ def create_app(
                 methods |= getattr(route, "methods", None) or set()
         return sorted(methods | {"OPTIONS"}) if methods else []
 
-    @app.middleware("http")
-    async def options(request: Request, call_next):
-        if request.method != "OPTIONS":
-            return await call_next(request)
-        methods = allowed_methods(dict(request.scope, method="GET"))
-        if not methods:
-            return JSONResponse(APIError(404, f"OPTIONS {request.url.path}: Not Found").body(), status_code=404)
-        return Response(status_code=204, headers={"Allow": ", ".join(methods)})
+    class AnswerOptions:
+        """``OPTIONS`` on any route: 204 with ``Allow``. A plain ASGI middleware: Starlette's
+        ``BaseHTTPMiddleware`` would wrap every request's ``receive`` and hide a client's
+        disconnect from the handlers that watch for it."""
+
+        def __init__(self, inner):
+            self.inner = inner
+
+        async def __call__(self, scope, receive, send):
+            if scope["type"] != "http" or scope["method"] != "OPTIONS":
+                return await self.inner(scope, receive, send)
+            methods = allowed_methods(dict(scope, method="GET"))
+            if methods:
+                response = Response(status_code=204, headers={"Allow": ", ".join(methods)})
+            else:
+                response = JSONResponse(APIError(404, f"OPTIONS {scope['path']}: Not Found").body(), status_code=404)
+            await response(scope, receive, send)
+
+    app.add_middleware(AnswerOptions)
 
     async def read_body(http: Request) -> bytes:
         """The request body, refused with 413 past ``max_body_bytes`` (read in chunks: a client
