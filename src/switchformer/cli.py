@@ -311,8 +311,10 @@ def cmd_generate(args) -> int:
 
     model, tokenizer, config = load_run(args.run)
     print(f"routing: {routing_description(model, args.routing)}", file=sys.stderr)
-    prompt = args.prompt if args.prompt is not None else sys.stdin.read()
+    from switchformer.data.files import read_stream_text
     from switchformer.data.formatting import lone_surrogate
+
+    prompt = args.prompt if args.prompt is not None else read_stream_text(sys.stdin)
 
     if (position := lone_surrogate(prompt)) is not None:  # bytes that are not UTF-8 arrive as lone surrogates
         where = "--prompt" if args.prompt is not None else "standard input"

@@ -1,8 +1,9 @@
 """``switchformer translate RUN``: translate a file (or standard input) line by line with a seq2seq
 run, as :func:`switchformer.translation.translate` does; ``cli.py`` only parses the flags.
 
-Input: UTF-8 text, one source per line (lines end at ``\\n``; a ``\\r`` before it is dropped),
-gzipped when the file name ends in ``.gz``. A
+Input: UTF-8 text, one source per line (lines end at ``\\n``; a ``\\r`` before it is dropped; a
+byte-order mark at the start is dropped), gzipped when the file name ends in ``.gz``: the reading
+every command gives a text file (:func:`switchformer.data.files.read_text`). A
 file is read and checked whole before anything is translated, so a bad byte is named
 (``src.txt:12: not valid UTF-8``) before any output; standard input is read as it comes.
 
@@ -26,47 +27,37 @@ from pathlib import Path
 log = logging.getLogger("switchformer")
 
 
-def _decode_line(raw: bytes, name: str, number: int) -> str:
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise ValueError(f"{name}:{number}: not valid UTF-8 ({err.reason} at byte {err.start} of the line)") from None
-    if text.endswith("\n"):
-        text = text[:-1]
-    return text[:-1] if text.endswith("\r") else text
-
-
 def read_file_lines(path: Path) -> list[str]:
-    """The lines of ``path``, checked whole: ``ValueError`` naming ``path:line`` for bytes that are
-    not UTF-8, ``FileNotFoundError`` naming a missing file."""
+    """The lines of ``path``, checked whole, as every command reads a text file
+    (:func:`switchformer.data.files.read_text`: UTF-8, a leading byte-order mark dropped, lines at
+    ``\n``): ``ValueError`` naming ``path:line`` for bytes that are not UTF-8,
+    ``FileNotFoundError`` naming a missing file."""
     if not path.exists():
         raise FileNotFoundError(f"--input: {path}: no such file")
     if path.is_dir():
         raise ValueError(f"--input: {path} is a folder; give a text file with one source per line")
-    from switchformer.data.files import read_bytes
+    from switchformer.data.files import lines, read_text
 
-    data = read_bytes(path)  # gunzipped when the name ends in .gz, as training reads its data
-    return [_decode_line(raw, str(path), n) for n, raw in enumerate(_split_lines(data), 1)]
-
-
-def _split_lines(data: bytes) -> list[bytes]:
-    """``data`` split after each ``\\n`` only (``bytes.splitlines`` would also split at ``\\r``)."""
-    parts = data.split(b"\n")
-    lines = [p + b"\n" for p in parts[:-1]]
-    return lines + ([parts[-1]] if parts[-1] else [])
+    return lines(read_text(path))  # gunzipped when the name ends in .gz, as training reads its data
 
 
 def read_stream_lines(stream, name: str = "<stdin>") -> Iterator[str]:
-    """The lines of ``stream`` as they arrive (bytes decoded as UTF-8, naming ``name:line`` when they
-    are not; a text stream is taken as it is)."""
+    """The lines of ``stream`` as they arrive, by the same rules as a file (bytes decoded as UTF-8,
+    naming ``name:line`` when they are not; a byte-order mark at the start dropped; a text stream is
+    taken as it is)."""
+    from switchformer.data.files import BOM, lines
+
     binary = getattr(stream, "buffer", None)
-    if binary is None:  # already text (a test's StringIO)
-        for line in stream:
-            line = line[:-1] if line.endswith("\n") else line
-            yield line[:-1] if line.endswith("\r") else line
-        return
-    for number, raw in enumerate(binary, 1):
-        yield _decode_line(raw, name, number)
+    for number, raw in enumerate(binary if binary is not None else stream, 1):
+        if isinstance(raw, bytes):
+            try:
+                raw = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                where = f"{name}:{number}"
+                raise ValueError(f"{where}: not valid UTF-8 ({err.reason} at byte {err.start} of the line)") from None
+        if number == 1:
+            raw = raw.removeprefix(BOM)
+        yield lines(raw)[0]  # one line: its end (\n, \r\n) dropped
 
 
 def _check_paths(args) -> tuple[Path | None, Path | None]:

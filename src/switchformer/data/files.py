@@ -47,6 +47,49 @@ def read_bytes(path: Path) -> bytes:
     return data
 
 
+# The one reading of text files everywhere (training data, --valid, translate's input, eval's data,
+# prompts, config files, tokenizer and model JSON): UTF-8, a byte-order mark at the very start dropped
+# (Windows editors and Excel write one; it is no part of the first line), "\r\n" line ends read as
+# "\n", lines split at "\n" only.
+BOM = "\ufeff"
+
+
+def decode_text(data: bytes, name: str | Path) -> str:
+    """``data`` (a file's bytes) as UTF-8 text without a leading byte-order mark, its ``\r\n`` line
+    ends as ``\n``; a :class:`DataError` naming ``name`` and the line for bytes that are not UTF-8,
+    and for a file that looks binary (NUL bytes)."""
+    if b"\x00" in data[:8192]:
+        raise DataError(f"{name}: looks binary (NUL bytes); expected UTF-8 text")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        raise DataError(f"{name}:{line}: not valid UTF-8 ({err.reason} at byte {err.start})") from None
+    return text.removeprefix(BOM).replace("\r\n", "\n")
+
+
+def read_text(path: str | Path) -> str:
+    """The text of ``path`` (gunzipped when its name ends in ``.gz``), as :func:`decode_text` reads it."""
+    path = Path(path)
+    return decode_text(read_bytes(path), path)
+
+
+def read_json(path: str | Path):
+    """The JSON value of a file (a config.json, an index), read as every text file is; a
+    :class:`DataError` naming the file, line and column when it is not JSON."""
+    path = Path(path)
+    try:
+        return json.loads(read_text(path))
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path}: invalid JSON at line {err.lineno}, column {err.colno}: {err.msg}") from None
+
+
+def read_stream_text(stream, name: str = "standard input") -> str:
+    """All of ``stream`` (standard input) as one text, read as a file is (:func:`decode_text`)."""
+    binary = getattr(stream, "buffer", None)
+    return decode_text(binary.read(), name) if binary is not None else stream.read().removeprefix(BOM)
+
+
 def lines(text: str) -> list[str]:
     """``text``'s lines, split at ``\n`` only (``\r\n`` ends a line too; a last newline ends the
     last line), so line numbers are an editor's and line-aligned files stay aligned: unlike
@@ -55,19 +98,6 @@ def lines(text: str) -> list[str]:
     if out and out[-1] == "":
         out.pop()
     return [line[:-1] if line.endswith("\r") else line for line in out]
-
-
-def _read_utf8(path: Path) -> str:
-    """The text of ``path`` (gunzipped when its name ends in ``.gz``), or a :class:`DataError`
-    naming the file (and line) when it is binary or not UTF-8."""
-    data = read_bytes(path)
-    if b"\x00" in data[:8192]:
-        raise DataError(f"{path}: looks binary (NUL bytes); expected UTF-8 text")
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as err:
-        line = data[: err.start].count(b"\n") + 1
-        raise DataError(f"{path}:{line}: not valid UTF-8 ({err.reason} at byte {err.start})") from None
 
 
 def _files(paths: list[str | Path]) -> list[Path]:
@@ -95,7 +125,7 @@ def load_text(paths: list[str | Path]) -> list[str]:
         elif kind == "dataset":
             docs.extend(row["text"] for row in read_hf_dataset(path, ("text",)))
         else:
-            text = _read_utf8(path).strip()
+            text = read_text(path).strip()
             if not text:
                 raise DataError(f"{path}: file is empty")
             docs.append(text)
@@ -117,7 +147,7 @@ def read_jsonl(path: Path, fields: tuple[str, ...]) -> list[dict]:
 def numbered_jsonl(path: Path, fields: tuple[str, ...]) -> list[tuple[int, dict]]:
     """``(line number, row)`` of each non-blank line of a JSONL file; each row must hold
     ``fields`` as non-empty strings."""
-    text = _read_utf8(path)
+    text = read_text(path)
     rows = []
     for number, line in enumerate(lines(text), 1):
         if not line.strip():

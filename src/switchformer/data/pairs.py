@@ -37,12 +37,12 @@ from pathlib import Path
 from switchformer.data.files import (
     DataError,
     _files,
-    _read_utf8,
     file_kind,
     file_name,
     lines,
     numbered_jsonl,
     read_hf_dataset,
+    read_text,
 )
 from switchformer.data.formatting import Pair, is_language_code
 
@@ -134,7 +134,7 @@ def _row_pair(row: dict, where: str) -> Pair:
 
 def _tsv_rows(path: Path) -> list[tuple[dict, str]]:
     rows = []
-    for number, line in enumerate(lines(_read_utf8(path)), 1):
+    for number, line in enumerate(lines(read_text(path)), 1):
         if not line.strip():
             continue
         columns = line.split("\t")
@@ -172,7 +172,7 @@ def _with_languages(pair: Pair, where: str, sources: list[str], target: str | No
 
 def _file_lines(path: Path, cache: dict[Path, list[str]]) -> list[str]:
     if path not in cache:
-        cache[path] = lines(_read_utf8(path))
+        cache[path] = lines(read_text(path))
         if not cache[path]:
             raise DataError(f"{path}: file is empty")
     return cache[path]

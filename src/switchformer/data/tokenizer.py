@@ -55,9 +55,11 @@ def load_tokenizer(path: str | Path):
         path = path / "tokenizer.json"
     if not path.exists():
         raise FileNotFoundError(f"{path}: tokenizer file not found")
+    from switchformer.data.files import DataError, decode_text
+
     try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
+        text = decode_text(path.read_bytes(), path)  # as every text file is read (a leading BOM dropped)
+    except DataError:
         raise RunFileError(path, "not UTF-8 text (not a tokenizer file, or damaged)") from None
     try:
         tok = Tokenizer.from_str(text)

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from switchformer.data.files import read_json
 from switchformer.models.t5 import SwitchT5, SwitchT5Config
 from switchformer.train.rundir import default_file_mode
 
@@ -493,7 +494,7 @@ def _load_directory_weights(path: Path) -> dict[str, Tensor]:
     ):
         index = path / index_name
         if index.exists():
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            shards = sorted(set(read_json(index)["weight_map"].values()))
             state = {}
             for shard in shards:
                 if not (path / shard).exists():
@@ -525,7 +526,7 @@ def from_hf(source) -> SwitchT5:
         config_file = path / "config.json"
         if not config_file.exists():
             raise FileNotFoundError(f"{config_file}: not found (expected a Hugging Face model directory)")
-        hf_config = json.loads(config_file.read_text())
+        hf_config = read_json(config_file)
         hf_state = _load_directory_weights(path)
     config = config_from_hf(hf_config)
     flavour = hf_config.get("model_type")

@@ -482,10 +482,9 @@ def read_config_file(path: str | Path) -> dict:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: config file not found")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise ValueError(f"{path}: not valid UTF-8 text (byte {err.start})") from None
+    from switchformer.data.files import decode_text
+
+    text = decode_text(path.read_bytes(), path)  # as every text file is read: a leading BOM is no setting
     if path.suffix == ".toml":
         try:
             import tomllib

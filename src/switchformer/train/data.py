@@ -11,7 +11,7 @@ from torch import Tensor
 
 from switchformer.data.chat import encode_chat, prompt_messages, render_chat
 from switchformer.data.corpus import embedded_documents, split_documents
-from switchformer.data.files import DataError, load_conversations, load_text
+from switchformer.data.files import DataError, lines, load_conversations, load_text
 from switchformer.data.formatting import source_text
 from switchformer.data.objectives import (
     epoch_order,
@@ -182,9 +182,9 @@ def _carved_documents(config: TrainConfig) -> tuple[list, list]:
     if config.data:
         docs = load_text(config.data)
         if len(docs) == 1:  # one file: split its text by lines at the validation fraction
-            lines = docs[0].splitlines()
-            cut = max(1, int(len(lines) * (1 - config.validation_fraction)))
-            return ["\n".join(lines[:cut])], ["\n".join(lines[cut:]) or lines[-1]]
+            rows = lines(docs[0])  # the line rule every reader uses
+            cut = max(1, int(len(rows) * (1 - config.validation_fraction)))
+            return ["\n".join(rows[:cut])], ["\n".join(rows[cut:]) or rows[-1]]
         cut = max(1, int(len(docs) * config.validation_fraction))
         return docs[cut:], docs[:cut]
     return split_documents(embedded_documents(config.corpus, config.corpus_max_mb), config.validation_fraction)

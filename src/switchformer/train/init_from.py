@@ -20,7 +20,6 @@ commands that read a source never write into it) and copied into the new run lik
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -114,12 +113,13 @@ def source_family(source: str | Path) -> str:
     """``"t5"`` or ``"lm"``: the model family ``source`` holds, read from its ``config.json`` alone
     (before anything loads), so that a new run never needs to be told it. A Hugging Face directory
     holds a T5-family model (the only ones switchformer imports; any other ``model_type`` is named)."""
+    from switchformer.data.files import read_json
     from switchformer.interop.hf import HF_MODEL_TYPES
     from switchformer.train.run import is_hugging_face_source, read_run_config, run_dir_of
 
     if is_hugging_face_source(source):
         file = run_dir_of(source) / "config.json"
-        model_type = json.loads(file.read_text(encoding="utf-8")).get("model_type")
+        model_type = read_json(file).get("model_type")
         if model_type not in HF_MODEL_TYPES:
             raise ValueError(f"{file}: model_type {model_type!r}; --init-from takes T5 and SwitchTransformers "
                              "checkpoints (or a switchformer run)")  # fmt: skip

@@ -10,7 +10,6 @@ converted checkpoint's architecture (``d_kv``, decoder depth, untied embeddings,
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,10 +45,9 @@ def is_hugging_face_source(source: str | Path) -> bool:
     file = run_dir_of(source) / "config.json"
     if not file.exists():
         raise FileNotFoundError(f"{file}: not found (expected a Hugging Face directory or a switchformer run)")
-    try:
-        data = json.loads(file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{file}: invalid JSON ({err})") from None
+    from switchformer.data.files import read_json
+
+    data = read_json(file)
     return isinstance(data, dict) and "model_type" in data
 
 
@@ -60,12 +58,9 @@ def read_run_config(source: str | Path) -> RunConfig:
     file = run_dir / "config.json"
     if not file.exists():
         raise FileNotFoundError(f"{file}: not found (expected a switchformer run directory)")
-    try:
-        saved = json.loads(file.read_text(encoding="utf-8"))
-    except UnicodeDecodeError:
-        raise ValueError(f"{file}: not UTF-8 text") from None
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{file}: invalid JSON at line {err.lineno}, column {err.colno}: {err.msg}") from None
+    from switchformer.data.files import read_json
+
+    saved = read_json(file)
     if not isinstance(saved, dict):
         raise ValueError(f"{file}: expected an object with 'train' and 'model' sections")
     if "model_type" in saved:  # a Hugging Face model directory, given where a run is needed
