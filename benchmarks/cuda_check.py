@@ -31,9 +31,9 @@ import torch
 from vs_transformers import describe_device, generate, hf_model, interleaved_generate_times, interleaved_train_times
 
 from switchformer import SwitchMoE
-from switchformer.dispatch import grouped_mm_available
 from switchformer.interop.hf import from_hf
-from switchformer.routing import Router
+from switchformer.moe.dispatch import grouped_mm_available
+from switchformer.moe.routing import Router
 from switchformer.train.config import build_config
 from switchformer.train.trainer import Trainer
 

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from switchformer import SwitchMoE
-from switchformer.dispatch import grouped_mm_valid
+from switchformer.moe.dispatch import grouped_mm_valid
 from switchformer.runtime import reuse_freed_memory
 
 

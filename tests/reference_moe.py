@@ -1,6 +1,6 @@
 """A deliberately plain mixture-of-experts: one token at a time, Python counters for capacity.
 
-It shares no code with ``switchformer.dispatch`` or ``switchformer.routing``; it reads only the
+It shares no code with ``switchformer.moe.dispatch`` or ``switchformer.moe.routing``; it reads only the
 layer's weights and settings, so it can serve as an independent reference, forward and backward.
 """
 

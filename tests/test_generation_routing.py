@@ -8,7 +8,7 @@ import torch
 
 import switchformer as sf
 from switchformer.generation import inference_routing, routing_description
-from switchformer.moe import SwitchMoE
+from switchformer.moe.layer import SwitchMoE
 
 
 def sparse_outputs(model):

@@ -15,10 +15,10 @@ transformers = pytest.importorskip("transformers")
 
 from safetensors.torch import load_file, save_file  # noqa: E402
 
-from switchformer.experts import ACTIVATIONS  # noqa: E402
 from switchformer.interop import hf as interop  # noqa: E402
 from switchformer.interop.hf import config_from_hf, from_hf, state_dict_from_hf, to_hf  # noqa: E402
 from switchformer.models.t5 import SwitchT5, SwitchT5Config  # noqa: E402
+from switchformer.moe.experts import ACTIVATIONS  # noqa: E402
 
 TINY = dict(vocab_size=64, d_model=16, d_kv=4, num_heads=2, d_ff=24, dropout_rate=0.0, decoder_start_token_id=0)
 SWITCH_BASE = dict(

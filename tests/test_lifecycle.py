@@ -25,7 +25,7 @@ from switchformer.lifecycle.distill import (
 )
 from switchformer.lifecycle.upcycle import sparse_config, upcycle_model
 from switchformer.models import SwitchLM, SwitchLMConfig, SwitchT5, SwitchT5Config
-from switchformer.moe import SwitchMoE, switch_layers
+from switchformer.moe.layer import SwitchMoE, switch_layers
 from switchformer.train.evaluation import model_forward
 from switchformer.train.run import load_run
 from switchformer.train.trainer import Trainer

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from switchformer import SwitchMoE
-from switchformer.dispatch import grouped_mm_available
+from switchformer.moe.dispatch import grouped_mm_available
 
 
 @pytest.mark.parametrize(

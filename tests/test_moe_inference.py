@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import switchformer.moe as moe_module
+import switchformer.moe.layer as moe_module
 from switchformer import SwitchMoE
 
 CASES = [

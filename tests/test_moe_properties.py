@@ -7,7 +7,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from switchformer import SwitchMoE
-from switchformer.dispatch import grouped_mm_available
+from switchformer.moe.dispatch import grouped_mm_available
 
 BACKENDS = ["loop", "padded"] + (["grouped_mm"] if grouped_mm_available("cpu", torch.float32) else [])
 
@@ -137,7 +137,7 @@ def test_dropless_drops_nothing(case):
 def test_sync_free_dropless_plan_equals_the_masked_plan(num_experts, num_groups, tokens_per_group, top_k, seed):
     """``all_routed=True`` skips the boolean mask (a host sync on GPUs); with every assignment routed
     it must give the very same plan, field by field."""
-    from switchformer.dispatch import plan_dispatch
+    from switchformer.moe.dispatch import plan_dispatch
 
     g = torch.Generator().manual_seed(seed)
     tokens = num_groups * tokens_per_group

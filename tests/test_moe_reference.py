@@ -7,7 +7,7 @@ import torch
 from reference_moe import reference_forward
 
 from switchformer import SwitchMoE
-from switchformer.dispatch import grouped_mm_available
+from switchformer.moe.dispatch import grouped_mm_available
 
 BACKENDS = ["loop", "padded"] + (["grouped_mm"] if grouped_mm_available("cpu", torch.float32) else [])
 

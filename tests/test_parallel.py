@@ -336,7 +336,7 @@ def _aux_loss_free_replicas(rank, world, defer):
     """Issue 13, fault 3: selection biases updated outside autograd stay identical on every replica
     and equal to one process on the global batch (three SGD steps, inputs that differ per rank)."""
     from switchformer import SwitchMoE
-    from switchformer.routing import defer_bias_updates
+    from switchformer.moe.routing import defer_bias_updates
 
     def layer():
         torch.manual_seed(0)

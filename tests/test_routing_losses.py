@@ -9,7 +9,7 @@ import torch
 from reference_moe import reference_load_balancing_loss
 
 from switchformer import SwitchMoE, load_balancing_loss, router_z_loss
-from switchformer.routing import expert_capacity
+from switchformer.moe.routing import expert_capacity
 
 
 @pytest.mark.parametrize("shape", [(32, 4), (3, 16, 8), (2, 2, 10, 5)])

@@ -1,7 +1,7 @@
 """switchformer: Switch Transformers (sparse mixture-of-experts) in PyTorch."""
 
-from switchformer.moe import MoEAux, SwitchMoE
-from switchformer.routing import load_balancing_loss, router_z_loss
+from switchformer.moe.layer import MoEAux, SwitchMoE
+from switchformer.moe.routing import load_balancing_loss, router_z_loss
 
 __version__ = "0.1.0"
 

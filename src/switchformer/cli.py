@@ -478,7 +478,7 @@ def _layer_info(args) -> int:
     import torch
 
     from switchformer import SwitchMoE
-    from switchformer.moe import num_active_expert_params
+    from switchformer.moe.layer import num_active_expert_params
 
     with torch.device("meta"):  # shapes only: no memory for the weights
         layer = SwitchMoE(args.d_model, args.d_ff, args.num_experts, top_k=args.top_k, activation=args.activation)

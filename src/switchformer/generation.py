@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from switchformer.models.common import DecodingScope, check_mask, check_token_ids
-from switchformer.moe import SwitchMoE, switch_layers
+from switchformer.moe.layer import SwitchMoE, switch_layers
 
 log = logging.getLogger("switchformer")
 ROUTING_MODES = ("eval", "dropless")

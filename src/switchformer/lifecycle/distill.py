@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from switchformer.moe import switch_layers
+from switchformer.moe.layer import switch_layers
 from switchformer.train.evaluation import evaluate, model_forward
 from switchformer.train.trainer import Trainer
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from switchformer.models.common import DenseFFN
-from switchformer.moe import SwitchMoE, switch_layers
+from switchformer.moe.layer import SwitchMoE, switch_layers
 
 
 def _expert_params(layer: SwitchMoE) -> int:

@@ -15,10 +15,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from switchformer.experts import ACTIVATIONS, apply_activation
-from switchformer.init import scaled_trunc_normal_
 from switchformer.models.vocab_loss import linear_cross_entropy
-from switchformer.moe import MoEAux, SwitchMoE
+from switchformer.moe.experts import ACTIVATIONS, apply_activation
+from switchformer.moe.initialization import scaled_trunc_normal_
+from switchformer.moe.layer import MoEAux, SwitchMoE
 
 # Cached decoding's attention backends on CUDA: every SDPA backend but cuDNN's, which builds a new
 # execution plan for each new key length, and a decoding step's key length is new every step

@@ -13,8 +13,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from switchformer.experts import ACTIVATIONS
-from switchformer.init import scaled_trunc_normal_
 from switchformer.models.common import (
     DerivedWeight,
     Dropout,
@@ -32,8 +30,10 @@ from switchformer.models.common import (
     transposed_copy,
 )
 from switchformer.models.vocab_loss import IGNORE_INDEX
-from switchformer.moe import SwitchMoE
-from switchformer.routing import ROUTINGS
+from switchformer.moe.experts import ACTIVATIONS
+from switchformer.moe.initialization import scaled_trunc_normal_
+from switchformer.moe.layer import SwitchMoE
+from switchformer.moe.routing import ROUTINGS
 
 
 @dataclass

@@ -16,8 +16,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from switchformer.experts import ACTIVATIONS
-from switchformer.init import scaled_trunc_normal_
 from switchformer.models.common import (
     DerivedWeight,
     Dropout,
@@ -35,6 +33,8 @@ from switchformer.models.common import (
     output_logits,
     transposed_copy,
 )
+from switchformer.moe.experts import ACTIVATIONS
+from switchformer.moe.initialization import scaled_trunc_normal_
 
 
 @dataclass

@@ -13,9 +13,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from switchformer.dispatch import DispatchPlan
-from switchformer.experts import Experts
-from switchformer.moe import switch_layers
+from switchformer.moe.dispatch import DispatchPlan
+from switchformer.moe.experts import Experts
+from switchformer.moe.layer import switch_layers
 from switchformer.parallel.groups import ParallelState
 
 # ----------------------------------------------------------------------------- all-to-all

@@ -13,9 +13,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from switchformer.moe.routing import sync_bias_updates
 from switchformer.parallel.expert import is_expert_parameter
 from switchformer.parallel.groups import ParallelState
-from switchformer.routing import sync_bias_updates
 
 
 def sum_over_world(t: Tensor) -> Tensor:

@@ -42,7 +42,7 @@ from switchformer.generation import inference_routing, routing_description
 from switchformer.models.common import DecodingScope, RouterStats
 from switchformer.models.lm import LMCache, SwitchLM
 from switchformer.models.t5 import DecoderCache, SwitchT5
-from switchformer.moe import switch_layers
+from switchformer.moe.layer import switch_layers
 from switchformer.serve.sampling import RowSampler, SamplingParams, TextStream, TokenChoice
 
 log = logging.getLogger("switchformer")

@@ -21,6 +21,7 @@ import torch.distributed as dist
 from switchformer.generation import routing_description
 from switchformer.models import SwitchLM, SwitchT5
 from switchformer.models.common import weighted_router_loss
+from switchformer.moe.routing import defer_bias_updates, discard_bias_updates, sync_bias_updates
 from switchformer.parallel import (
     DCP_FOLDER,
     apply_expert_parallel,
@@ -40,7 +41,6 @@ from switchformer.parallel import (
     sum_over_world,
     whole_weights,
 )
-from switchformer.routing import defer_bias_updates, discard_bias_updates, sync_bias_updates
 from switchformer.runtime import resolve_device, reuse_freed_memory
 from switchformer.train.checkpoint import (
     begin_checkpoint,

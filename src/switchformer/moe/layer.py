@@ -22,9 +22,9 @@ import functools
 import torch
 from torch import Tensor, nn
 
-from switchformer.dispatch import BACKENDS, DispatchPlan, combine, plan_dispatch
-from switchformer.experts import ACTIVATIONS, Experts
-from switchformer.routing import (
+from switchformer.moe.dispatch import BACKENDS, DispatchPlan, combine, plan_dispatch
+from switchformer.moe.experts import ACTIVATIONS, Experts
+from switchformer.moe.routing import (
     PRIORITIES,
     ROUTINGS,
     AuxLossFreeRouter,

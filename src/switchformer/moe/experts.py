@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from switchformer.dispatch import DispatchPlan, grouped_linear, recycled_grad_buffer, resolve_backend
-from switchformer.init import scaled_trunc_normal_
+from switchformer.moe.dispatch import DispatchPlan, grouped_linear, recycled_grad_buffer, resolve_backend
+from switchformer.moe.initialization import scaled_trunc_normal_
 
 _gelu_tanh = functools.partial(F.gelu, approximate="tanh")
 

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from switchformer.init import scaled_trunc_normal_
+from switchformer.moe.initialization import scaled_trunc_normal_
 
 ROUTINGS = ("token_choice", "expert_choice", "aux_loss_free")
 PRIORITIES = ("position", "router_prob")
