@@ -460,7 +460,7 @@ def test_dcp_metadata_that_would_run_code_is_refused(tmp_path):
     import pickle
 
     from switchformer.parallel import load_dcp, save_dcp
-    from switchformer.train.rundir import RunFileError
+    from switchformer.runs.files import RunFileError
 
     model, optimizer = _trained_model_and_optimizer(0)
     save_dcp(tmp_path / "dcp", model, optimizer, None)
@@ -609,7 +609,7 @@ def test_dcp_metadata_naming_bytes_is_refused(tmp_path):
 
     from switchformer.parallel import load_dcp, save_dcp
     from switchformer.parallel.checkpoint import _MetadataUnpickler
-    from switchformer.train.rundir import RunFileError
+    from switchformer.runs.files import RunFileError
 
     model, optimizer = _trained_model_and_optimizer(0)
     save_dcp(tmp_path / "dcp", model, optimizer, None)

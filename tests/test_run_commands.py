@@ -230,7 +230,8 @@ def test_eval_and_generate_refuse_bad_numbers_before_any_output(trained, capsys)
 
 def test_run_json_files_hold_strict_json(tmp_path):
     """NaN is not JSON: a run's JSON files write non-finite numbers as null."""
-    from switchformer.train.rundir import MetricsLog, write_json_atomic
+    from switchformer.runs.files import write_json_atomic
+    from switchformer.runs.metrics_log import MetricsLog
 
     write_json_atomic(tmp_path / "summary.json", {"eval_loss": float("nan"), "x": [float("inf"), 1.0]})
     text = (tmp_path / "summary.json").read_text()

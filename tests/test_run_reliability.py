@@ -28,12 +28,16 @@ from safetensors.torch import load_file, save_file
 
 from switchformer.cli import main
 from switchformer.data.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
+from switchformer.runs import files as run_files
+from switchformer.runs import metrics_log as metrics_log_module
+from switchformer.runs import state as run_state
+from switchformer.runs.files import LOCK_NAME, RunFileError, RunInUseError
+from switchformer.runs.lock import RunLock
+from switchformer.runs.metrics_log import MetricsLog
 from switchformer.train import checkpoint as checkpoint_module
-from switchformer.train import rundir as rundir_module
 from switchformer.train import trainer as trainer_module
 from switchformer.train.checkpoint import latest_checkpoint, list_checkpoints
 from switchformer.train.plots import read_metrics
-from switchformer.train.rundir import LOCK_NAME, MetricsLog, RunFileError, RunInUseError, RunLock
 
 TEXT = (
     "The quick brown fox jumps over the lazy dog. Sparse experts route each token to one feed-forward network.\n"
@@ -183,7 +187,7 @@ def killed(base, tmp_path_factory):
         write_file_atomic=checkpoint_module.write_file_atomic,
         replace_dir=checkpoint_module._replace_dir,
         torch_save=torch.save,
-        text_atomic=rundir_module.write_text_atomic,
+        text_atomic=run_files.write_text_atomic,
         json_atomic=trainer_module.write_json_atomic,
         metrics_write=MetricsLog.write,
         rmtree=shutil.rmtree,
@@ -247,7 +251,7 @@ def killed(base, tmp_path_factory):
             mp.setattr(checkpoint_module, "_replace_dir", replace_dir)
             mp.setattr(checkpoint_module, "shutil", types.SimpleNamespace(rmtree=rmtree))
             mp.setattr(torch, "save", torch_save)
-            mp.setattr(rundir_module, "write_text_atomic", text_atomic)
+            mp.setattr(run_files, "write_text_atomic", text_atomic)
             mp.setattr(trainer_module, "write_json_atomic", json_atomic)
             mp.setattr(MetricsLog, "write", metrics_write)
             assert train(base, run) == 0
@@ -682,7 +686,8 @@ def test_lock_is_reentrant_in_one_process_and_exclusive_across(tmp_path):
             assert not inner.fresh
         assert (run / LOCK_NAME).exists()  # still held by the outer one
         code = (
-            "import sys; from switchformer.train.rundir import RunLock, RunInUseError\n"
+            "import sys\nfrom switchformer.runs.lock import RunLock\n"
+            "from switchformer.runs.files import RunInUseError\n"
             f"try:\n    RunLock({str(run)!r}).acquire()\nexcept RunInUseError as e:\n    print(e); sys.exit(3)\n"
         )
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
@@ -705,7 +710,7 @@ def test_a_dead_writers_lock_is_taken_over_another_hosts_is_not(tmp_path, caplog
 
 
 def test_only_rank_0_locks(tmp_path):
-    from switchformer.train.rundir import claim_run
+    from switchformer.runs.state import claim_run
 
     assert claim_run(tmp_path / "run", resume=False, main=False) is None
     assert not (tmp_path / "run" / LOCK_NAME).exists()
@@ -858,7 +863,7 @@ def test_leftover_cleanup_removes_only_temporaries(tmp_path):
     for name in (".step_0000004.abc", ".step_0000008.removed", "step_0000012"):
         (root / name).mkdir(parents=True)
         (root / name / "optimizer.pt").write_bytes(b"x")
-    removed = rundir_module.remove_leftovers(tmp_path)
+    removed = run_state.remove_leftovers(tmp_path)
     assert sorted(removed) == ["checkpoints/.step_0000004.abc", "checkpoints/.step_0000008.removed"]
     assert [p.name for p in root.iterdir()] == ["step_0000012"]
 
@@ -874,7 +879,7 @@ def test_a_metrics_line_that_is_not_utf8_is_dropped_with_a_warning(killed, base,
     number = next(i for i, line in enumerate(lines, 1) if json.loads(line)["step"] == 5)
     lines[number - 1] = lines[number - 1].replace(b'"loss"', b'"lo\xffss"')
     path.write_bytes(b"".join(lines))
-    records_before, damaged = rundir_module.read_json_lines(path)
+    records_before, damaged = metrics_log_module.read_json_lines(path)
     assert damaged == [number]
     caplog.clear()
     read_metrics(run)

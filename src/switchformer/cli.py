@@ -233,7 +233,7 @@ def _init_from_settings(args, config):
 
 
 def cmd_train(args) -> int:
-    from switchformer.train.rundir import check_resumable, claim_run
+    from switchformer.runs.state import check_resumable, claim_run
     from switchformer.train.trainer import Trainer
 
     model_values, init_state = None, None
@@ -299,7 +299,7 @@ def cmd_eval(args) -> int:
         source_lang=args.source_lang,
         progress=not args.no_progress,
     )
-    from switchformer.train.rundir import to_json
+    from switchformer.runs.files import to_json
 
     print(to_json(report, indent=2) if args.json else format_eval(report))
     return 0
@@ -402,8 +402,8 @@ def cmd_distill(args) -> int:
 
 
 def cmd_compare(args) -> int:
+    from switchformer.runs.files import write_text_atomic
     from switchformer.train.compare import format_seed_summary, format_table, run_compare, run_compare_seeds
-    from switchformer.train.rundir import write_text_atomic
 
     config = _config_from_args(args, COMPARE_PRESET)
     out_dir = Path(config.out_dir) / (config.run_name or f"compare-{time.strftime('%Y%m%d-%H%M%S')}")

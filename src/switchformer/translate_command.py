@@ -61,7 +61,7 @@ def read_stream_lines(stream, name: str = "<stdin>") -> Iterator[str]:
 
 
 def _check_paths(args) -> tuple[Path | None, Path | None]:
-    from switchformer.train.run import run_dir_of
+    from switchformer.runs.directory import run_dir_of
 
     source = Path(args.input) if args.input not in (None, "-") else None
     target = Path(args.output) if args.output not in (None, "-") else None

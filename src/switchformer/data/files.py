@@ -12,12 +12,9 @@ import zlib
 from pathlib import Path
 
 from switchformer.data.formatting import unicode_problem
+from switchformer.runs.files import BOM, DataError, decode_text, read_json  # noqa: F401 (re-exported: the one text reading)
 
 TEXT_SUFFIXES = {".txt", ".md", ".rst", ".text", ""}
-
-
-class DataError(ValueError):
-    """Bad training data; the message names the file (and line)."""
 
 
 def file_name(path: Path) -> str:
@@ -47,41 +44,10 @@ def read_bytes(path: Path) -> bytes:
     return data
 
 
-# The one reading of text files everywhere (training data, --valid, translate's input, eval's data,
-# prompts, config files, tokenizer and model JSON): UTF-8, a byte-order mark at the very start dropped
-# (Windows editors and Excel write one; it is no part of the first line), "\r\n" line ends read as
-# "\n", lines split at "\n" only.
-BOM = "\ufeff"
-
-
-def decode_text(data: bytes, name: str | Path) -> str:
-    """``data`` (a file's bytes) as UTF-8 text without a leading byte-order mark, its ``\r\n`` line
-    ends as ``\n``; a :class:`DataError` naming ``name`` and the line for bytes that are not UTF-8,
-    and for a file that looks binary (NUL bytes)."""
-    if b"\x00" in data[:8192]:
-        raise DataError(f"{name}: looks binary (NUL bytes); expected UTF-8 text")
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as err:
-        line = data[: err.start].count(b"\n") + 1
-        raise DataError(f"{name}:{line}: not valid UTF-8 ({err.reason} at byte {err.start})") from None
-    return text.removeprefix(BOM).replace("\r\n", "\n")
-
-
 def read_text(path: str | Path) -> str:
     """The text of ``path`` (gunzipped when its name ends in ``.gz``), as :func:`decode_text` reads it."""
     path = Path(path)
     return decode_text(read_bytes(path), path)
-
-
-def read_json(path: str | Path):
-    """The JSON value of a file (a config.json, an index), read as every text file is; a
-    :class:`DataError` naming the file, line and column when it is not JSON."""
-    path = Path(path)
-    try:
-        return json.loads(read_text(path))
-    except json.JSONDecodeError as err:
-        raise DataError(f"{path}: invalid JSON at line {err.lineno}, column {err.colno}: {err.msg}") from None
 
 
 def read_stream_text(stream, name: str = "standard input") -> str:

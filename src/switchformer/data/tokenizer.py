@@ -48,7 +48,7 @@ def load_tokenizer(path: str | Path):
     one line naming it (``RunFileError``)."""
     from tokenizers import Tokenizer
 
-    from switchformer.train.rundir import RunFileError, one_line
+    from switchformer.runs.files import RunFileError, one_line
 
     path = Path(path)
     if path.is_dir():
@@ -73,7 +73,7 @@ def load_tokenizer(path: str | Path):
 def save_tokenizer(tok, path: str | Path) -> None:
     """``tok`` as ``tokenizer.json``, written atomically (a kill or a full disk leaves the previous
     file or none, never part of one)."""
-    from switchformer.train.rundir import write_text_atomic
+    from switchformer.runs.files import write_text_atomic
 
     write_text_atomic(Path(path), tok.to_str(pretty=True))
 

@@ -51,8 +51,9 @@ def convert(source: str | Path, target: str | Path) -> str:
     from safetensors.torch import save
 
     from switchformer.interop.hf import from_hf, to_hf
-    from switchformer.train.run import is_hugging_face_source, load_run, run_dir_of
-    from switchformer.train.rundir import write_file_atomic, write_json_atomic
+    from switchformer.runs.directory import is_hugging_face_source, run_dir_of
+    from switchformer.runs.files import write_file_atomic, write_json_atomic
+    from switchformer.train.run import load_run
 
     source, target = Path(source), Path(target)
     if target.resolve().is_relative_to(run_dir_of(source).resolve()):
@@ -96,8 +97,8 @@ def write_hf_companions(target: Path, model_config, train: TrainConfig, tokenize
     from switchformer.data.formatting import prefix_fields, source_text
     from switchformer.data.pairs import parse_languages
     from switchformer.data.tokenizer import EOS, PAD, UNK, load_tokenizer, sentinel_ids
+    from switchformer.runs.files import to_json, write_json_atomic, write_text_atomic
     from switchformer.train.init_from import appends_special_tokens
-    from switchformer.train.rundir import to_json, write_json_atomic, write_text_atomic
 
     notes = []
     if not tokenizer_file.exists():

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from switchformer.data.files import read_json
 from switchformer.models.t5 import SwitchT5, SwitchT5Config
-from switchformer.train.rundir import default_file_mode
+from switchformer.runs.files import default_file_mode
 
 log = logging.getLogger("switchformer")
 

@@ -133,7 +133,8 @@ def build_student(teacher_source: str | Path, out: str | Path, sets: dict, max_s
     """(teacher model, student train config, student model config dict). Reads the teacher only.
     Raises ``ValueError`` for a setting in ``sets`` that distill decides itself (:data:`FIXED_FIELDS`)."""
     from switchformer.models import dense_twin_config
-    from switchformer.train.run import load_run, run_dir_of
+    from switchformer.runs.directory import run_dir_of
+    from switchformer.train.run import load_run
 
     for key in sets:
         if key in FIXED_FIELDS:
@@ -181,8 +182,8 @@ def student_init_state(teacher, train, model_values: dict) -> tuple[dict, list[s
 
 def run_distill(args) -> int:
     """``switchformer distill TEACHER OUT``: parse, build the student, train, print the summary."""
+    from switchformer.runs.state import claim_run, looks_like_a_run
     from switchformer.train.config import TrainConfig, parse_setting
-    from switchformer.train.rundir import claim_run, looks_like_a_run
 
     check_distill_settings(args.alpha, args.temperature, args.max_steps)
     fields = set(TrainConfig.__dataclass_fields__)
@@ -214,7 +215,7 @@ def run_distill(args) -> int:
           f"teacher's), alpha {args.alpha}, temperature {args.temperature}, {args.max_steps} steps",
           flush=True)  # fmt: skip
     try:
-        from switchformer.train.rundir import write_json_atomic
+        from switchformer.runs.files import write_json_atomic
 
         # what made this student, which config.json (a training run's) cannot say
         record = {"teacher": str(Path(args.teacher).resolve()), "alpha": args.alpha,

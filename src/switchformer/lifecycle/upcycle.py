@@ -106,9 +106,10 @@ def upcycle(
 
     from switchformer.interop.convert import train_settings_of
     from switchformer.interop.hf import from_hf
+    from switchformer.runs.directory import is_hugging_face_source, run_dir_of
+    from switchformer.runs.files import write_file_atomic, write_json_atomic
     from switchformer.train.init_from import source_tokenizer
-    from switchformer.train.run import build_model_from_dict, is_hugging_face_source, load_run, run_dir_of
-    from switchformer.train.rundir import write_file_atomic, write_json_atomic
+    from switchformer.train.run import build_model_from_dict, load_run
 
     source, out = Path(source), Path(out)
     if not source.is_dir():

@@ -148,11 +148,11 @@ class _MetadataUnpickler(pickle.Unpickler):
 
 def read_metadata(directory: Path):
     """``directory/.metadata`` read by :class:`_MetadataUnpickler`, and every shard file it names
-    checked to be there and long enough. Raises :class:`switchformer.train.rundir.RunFileError`
+    checked to be there and long enough. Raises :class:`switchformer.runs.files.RunFileError`
     naming the file and what is wrong (before DCP, whose own errors are a traceback per rank)."""
     import torch.distributed.checkpoint as dcp
 
-    from switchformer.train.rundir import RunFileError, one_line
+    from switchformer.runs.files import RunFileError, one_line
 
     file = Path(directory) / ".metadata"
     try:
@@ -212,11 +212,11 @@ def save_dcp(directory: Path, model: nn.Module, optimizer, state: ParallelState 
 def load_dcp(directory: Path, model: nn.Module, optimizer, state: ParallelState | None) -> None:
     """A DCP checkpoint of any layout into this rank's model and optimizer, in place.
 
-    Raises :class:`switchformer.train.rundir.RunFileError` naming the folder when it does not fit
+    Raises :class:`switchformer.runs.files.RunFileError` naming the folder when it does not fit
     (another model, missing tensors)."""
     import torch.distributed.checkpoint as dcp
 
-    from switchformer.train.rundir import RunFileError
+    from switchformer.runs.files import RunFileError
 
     read_metadata(Path(directory))  # a damaged or planted checkpoint is named before DCP reads it
     if optimizer is not None:

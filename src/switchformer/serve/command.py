@@ -40,7 +40,8 @@ class Served:
 def load_source(source: str | Path) -> Served:
     """Model, tokenizer and run config of a run, a checkpoint or a Hugging Face directory."""
     from switchformer.data.tokenizer import load_tokenizer
-    from switchformer.train.run import check_tokenizer_fits, is_hugging_face_source, load_run, run_dir_of
+    from switchformer.runs.directory import is_hugging_face_source, run_dir_of
+    from switchformer.train.run import check_tokenizer_fits, load_run
 
     path = Path(source)
     if path.is_file():

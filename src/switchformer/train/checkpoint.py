@@ -31,15 +31,13 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from switchformer.train.rundir import (
+from switchformer.runs.checkpoints import damaged_checkpoint_error, damaged_latest_checkpoint, is_complete_checkpoint
+from switchformer.runs.files import (
     CHECKPOINT_PREFIX,
     RunFileError,
-    damaged_checkpoint_error,
-    damaged_latest_checkpoint,
     default_file_mode,
     fsync_dir,
     fsync_file,
-    is_complete_checkpoint,
     make_temp_dir,
     named_error,
     one_line,

@@ -6,9 +6,9 @@ import statistics
 from dataclasses import replace
 from pathlib import Path
 
+from switchformer.runs.files import write_file_atomic
 from switchformer.train.config import TrainConfig
 from switchformer.train.plots import plot_compare
-from switchformer.train.rundir import write_file_atomic
 from switchformer.train.trainer import Trainer
 
 

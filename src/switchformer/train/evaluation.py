@@ -153,9 +153,9 @@ def run_global_batch(source: str | Path, config: TrainConfig) -> int:
     """The global batch a run trained with (its latest checkpoint's ``state.json`` records it, for
     any number of processes), else ``batch_size x grad_accum``: training's evaluation batch, so
     ``eval`` in one process scores the rows training's evaluation scored."""
+    from switchformer.runs.checkpoints import state_value
+    from switchformer.runs.directory import run_dir_of
     from switchformer.train.checkpoint import latest_checkpoint
-    from switchformer.train.run import run_dir_of
-    from switchformer.train.rundir import state_value
 
     source = Path(source)
     folder = source if (source / "state.json").is_file() else latest_checkpoint(run_dir_of(source), warn=False)

@@ -90,7 +90,8 @@ def load_pretrained(source: str | Path, tokenizer: str | Path | None = None) -> 
     """Architecture, weights and tokenizer of ``source`` (``tokenizer``: the user's own file instead
     of the source's). Errors are one line naming the file."""
     from switchformer.interop.hf import from_hf
-    from switchformer.train.run import is_hugging_face_source, load_run, run_dir_of
+    from switchformer.runs.directory import is_hugging_face_source, run_dir_of
+    from switchformer.train.run import load_run
 
     source = Path(source)
     if is_hugging_face_source(source):
@@ -115,7 +116,8 @@ def source_family(source: str | Path) -> str:
     holds a T5-family model (the only ones switchformer imports; any other ``model_type`` is named)."""
     from switchformer.data.files import read_json
     from switchformer.interop.hf import HF_MODEL_TYPES
-    from switchformer.train.run import is_hugging_face_source, read_run_config, run_dir_of
+    from switchformer.runs.directory import is_hugging_face_source, run_dir_of
+    from switchformer.train.run import read_run_config
 
     if is_hugging_face_source(source):
         file = run_dir_of(source) / "config.json"
@@ -193,7 +195,7 @@ def convert_sentencepiece(folder: Path):
         )
     from transformers import T5TokenizerFast
 
-    from switchformer.train.rundir import one_line
+    from switchformer.runs.files import one_line
 
     try:
         converted = T5TokenizerFast.from_pretrained(str(folder), local_files_only=True)

@@ -112,11 +112,11 @@ def routing_by_language_report(
     ``routing_by_language.json`` (the shares and bits) into ``out_dir`` and returns their paths.
     Reads the run, writes nothing into it. Raises ``ValueError`` for a run that is not seq2seq or
     pairs without languages."""
+    from switchformer.runs.files import write_json_atomic
     from switchformer.runtime import resolve_device
     from switchformer.train.data import evaluation_documents
     from switchformer.train.init_from import is_sparse
     from switchformer.train.run import load_run
-    from switchformer.train.rundir import write_json_atomic
     from switchformer.translation import require_seq2seq
 
     model, tokenizer, config = load_run(source)

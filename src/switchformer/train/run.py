@@ -1,11 +1,10 @@
-"""Reading a run directory: its ``config.json`` (the one source of truth for the model's
-architecture and the training settings), its model and tokenizer. Nothing here writes.
+"""A run as its commands use it: the train section as a :class:`TrainConfig`, the model rebuilt from
+the model section with the latest weights, the tokenizer. Built on the run format's one reader
+(:mod:`switchformer.runs.directory`); nothing here writes.
 
-A run directory holds ``config.json`` with two sections: ``train`` (a :class:`TrainConfig`) and
-``model`` (the model's own config: ``SwitchLMConfig`` or ``SwitchT5Config``). The model is always
-rebuilt from ``model``; ``train``'s size fields describe how a fresh run was asked for, and a
-converted checkpoint's architecture (``d_kv``, decoder depth, untied embeddings, absolute
-``expert_capacity``) may hold more than they can say.
+The model is always rebuilt from ``model``; ``train``'s size fields describe how a fresh run was
+asked for, and a converted checkpoint's architecture (``d_kv``, decoder depth, untied embeddings,
+absolute ``expert_capacity``) may hold more than they can say.
 """
 
 from __future__ import annotations
@@ -13,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from switchformer.runs.directory import read_sections
 from switchformer.train.config import TrainConfig, config_from_sources
 
 
@@ -32,46 +32,11 @@ class RunConfig:
         return build_model_from_dict(self.train_values.get("model", "lm"), self.model_values, self.file)
 
 
-def run_dir_of(source: str | Path) -> Path:
-    """The run directory of ``source``: itself, or the run holding the checkpoint ``source``."""
-    path = Path(source)
-    return path.parent.parent if (path / "state.json").exists() else path
-
-
-def is_hugging_face_source(source: str | Path) -> bool:
-    """True for a Hugging Face model directory (its ``config.json`` has ``model_type``), False for
-    a switchformer run or checkpoint. Raises a one-line error naming a missing or invalid
-    ``config.json``."""
-    file = run_dir_of(source) / "config.json"
-    if not file.exists():
-        raise FileNotFoundError(f"{file}: not found (expected a Hugging Face directory or a switchformer run)")
-    from switchformer.data.files import read_json
-
-    data = read_json(file)
-    return isinstance(data, dict) and "model_type" in data
-
-
 def read_run_config(source: str | Path) -> RunConfig:
     """``config.json`` of the run at (or holding) ``source``, checked: every error is one line that
-    names the file and what is wrong."""
-    run_dir = run_dir_of(source)
-    file = run_dir / "config.json"
-    if not file.exists():
-        raise FileNotFoundError(f"{file}: not found (expected a switchformer run directory)")
-    from switchformer.data.files import read_json
-
-    saved = read_json(file)
-    if not isinstance(saved, dict):
-        raise ValueError(f"{file}: expected an object with 'train' and 'model' sections")
-    if "model_type" in saved:  # a Hugging Face model directory, given where a run is needed
-        raise ValueError(
-            f"{run_dir}: a Hugging Face model directory, not a switchformer run; make a run of it with "
-            f"`switchformer convert {run_dir} RUN` (or fine-tune it with `train --init-from {run_dir}`)"
-        )
-    for section in ("train", "model"):
-        if not isinstance(saved.get(section), dict):
-            raise ValueError(f"{file}: the '{section}' section is missing or not an object")
-    run = RunConfig(run_dir, file, saved["train"], saved["model"])
+    names the file and what is wrong (its train section validated as a :class:`TrainConfig`)."""
+    sections = read_sections(source)
+    run = RunConfig(sections.run_dir, sections.file, sections.train_values, sections.model_values)
     run.train  # validated now: a bad field is named with the file  # noqa: B018
     return run
 

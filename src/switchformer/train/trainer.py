@@ -41,6 +41,10 @@ from switchformer.parallel import (
     sum_over_world,
     whole_weights,
 )
+from switchformer.runs.files import RunFileError, one_line
+from switchformer.runs.lock import RunLock
+from switchformer.runs.metrics_log import MetricsLog, line_numbers, read_json_lines
+from switchformer.runs.state import no_checkpoint_message, remove_leftovers
 from switchformer.runtime import resolve_device, reuse_freed_memory
 from switchformer.train.checkpoint import (
     begin_checkpoint,
@@ -61,16 +65,6 @@ from switchformer.train.checkpoint import (
 from switchformer.train.config import TrainConfig
 from switchformer.train.data import Data, prepare_data
 from switchformer.train.evaluation import EvalResult, evaluate, model_forward, scored_tokens
-from switchformer.train.rundir import (
-    MetricsLog,
-    RunFileError,
-    RunLock,
-    line_numbers,
-    no_checkpoint_message,
-    one_line,
-    read_json_lines,
-    remove_leftovers,
-)
 
 log = logging.getLogger("switchformer")
 
