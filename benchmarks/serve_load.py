@@ -128,7 +128,7 @@ def engine_only(runs: dict[str, Path], levels: list[int], max_tokens: int, round
     a round; medians."""
     import torch
 
-    from switchformer.models.common import DecodingScope
+    from switchformer.inference.scope import DecodingScope
     from switchformer.serve.command import load_source
     from switchformer.serve.engine import Engine, Request
     from switchformer.serve.sampling import SamplingParams

@@ -27,9 +27,9 @@ import torch
 from vs_transformers import SIZES, describe_device, hf_model
 
 from switchformer.data.tokenizer import special_ids, train_tokenizer
+from switchformer.inference.translation import decode_output, encode_sources, translate
 from switchformer.interop.hf import from_hf
 from switchformer.train.config import TrainConfig
-from switchformer.translation import decode_output, encode_sources, translate
 
 SIZES = dict(SIZES, tiny=dict(d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4))
 _LETTERS = random.Random(0)

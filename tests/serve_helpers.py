@@ -116,7 +116,7 @@ def assert_no_near_tie(logits: torch.Tensor, chosen: list[int], what: str) -> No
 @contextlib.contextmanager
 def recorded_choices():
     """The logits each greedy step of ``generate`` chose from (a list of ``[rows, vocab]``)."""
-    from switchformer import generation
+    from switchformer.inference import generation
 
     recorded, choose = [], generation.choose
 

@@ -1,4 +1,4 @@
-"""Beam search (switchformer.beam): scoring and the three ``early_stopping`` rules against exhaustive
+"""Beam search (switchformer.inference.beam): scoring and the three ``early_stopping`` rules against exhaustive
 search over tiny vocabularies, against Hugging Face's own beam search, and degenerate sizes."""
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import switchformer.beam as beam_module
-from switchformer.beam import beam_search, check_beam_arguments
-from switchformer.generation import SamplingConfig
+import switchformer.inference.beam as beam_module
+from switchformer.inference.beam import beam_search, check_beam_arguments
+from switchformer.inference.sampling import SamplingConfig
 
 EOS, PAD, START = 1, 0, 0
 LAYERS = 2

@@ -17,14 +17,16 @@ from hypothesis import strategies as st
 
 from switchformer.cli import main
 from switchformer.data.chat import ROLES, check_messages, encode_chat, prompt_messages, render_chat
-from switchformer.data.files import DataError, load_conversations, load_text
+from switchformer.data.files import DataError
+from switchformer.data.loaders import load_conversations, load_text
 from switchformer.data.tokenizer import special_ids, train_tokenizer
+from switchformer.inference.text import generate_text
 from switchformer.models.lm import next_token_labels
 from switchformer.train.config import build_config
 from switchformer.train.data import Split, evaluation_split, prepare_data, split_from_documents
 from switchformer.train.evaluation import scored_tokens
 from switchformer.train.run import load_run
-from switchformer.train.trainer import Trainer, generate_text
+from switchformer.train.trainer import Trainer
 
 WORDS = "apple river stone cloud tiger lemon piano rocket garden silver".split()
 TINY = ["--set", "d_model=64", "--set", "d_ff=128", "--set", "num_heads=2", "--set", "vocab_size=400"]

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import switchformer as sf
-from switchformer.models.common import DecodingScope, DerivedWeight, transposed_copy
+from switchformer.inference.scope import DecodingScope, DerivedWeight
+from switchformer.models.common import transposed_copy
 
 
 def lm(seed=0):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import switchformer as sf
-from switchformer.generation import inference_routing, routing_description
+from switchformer.inference.routing import inference_routing, routing_description
 from switchformer.moe.layer import SwitchMoE
 
 

@@ -8,14 +8,11 @@ import pytest
 import torch
 
 from switchformer import SwitchLM, SwitchLMConfig, SwitchT5, SwitchT5Config, dense_twin_config
-from switchformer.generation import (
-    SamplingConfig,
-    inference_routing,
-    process_logits,
-    stream_causal,
-    stream_seq2seq,
-)
-from switchformer.models.common import DecodingScope, DerivedWeight, output_logits, transposed_copy
+from switchformer.inference.generation import stream_causal, stream_seq2seq
+from switchformer.inference.routing import inference_routing
+from switchformer.inference.sampling import SamplingConfig, process_logits
+from switchformer.inference.scope import DecodingScope, DerivedWeight
+from switchformer.models.common import output_logits, transposed_copy
 
 
 def t5(seed=0, **overrides):

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from switchformer.generation import SamplingConfig, process_logits, repeated_ngram_ends
+from switchformer.inference.sampling import SamplingConfig, process_logits, repeated_ngram_ends
 from switchformer.models import SwitchLM, SwitchLMConfig, SwitchT5, SwitchT5Config
 
 

@@ -14,11 +14,12 @@ import pytest
 import torch
 
 from switchformer.cli import main
-from switchformer.data.files import DataError, load_text
-from switchformer.data.formatting import Pair
+from switchformer.data.files import DataError
+from switchformer.data.formatting import Pair, encoder_text
+from switchformer.data.loaders import load_text
 from switchformer.data.pairs import language_of, load_pairs
 from switchformer.train.config import build_config
-from switchformer.train.data import encoder_text, prepare_data, split_from_documents
+from switchformer.train.data import prepare_data, split_from_documents
 
 MULTI30K = Path(__file__).parents[2] / "shared/data/multi30k"
 

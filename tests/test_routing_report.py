@@ -9,7 +9,7 @@ import torch
 
 from switchformer.data.formatting import Pair
 from switchformer.data.tokenizer import special_ids, train_tokenizer
-from switchformer.generation import inference_routing
+from switchformer.inference.routing import inference_routing
 from switchformer.train.config import build_config
 from switchformer.train.routing_report import (
     expert_shares,

@@ -27,6 +27,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from switchformer.cli import main
+from switchformer.data import tokenizer as tokenizer_module
 from switchformer.data.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
 from switchformer.runs import files as run_files
 from switchformer.runs import metrics_log as metrics_log_module
@@ -251,7 +252,7 @@ def killed(base, tmp_path_factory):
             mp.setattr(checkpoint_module, "_replace_dir", replace_dir)
             mp.setattr(checkpoint_module, "shutil", types.SimpleNamespace(rmtree=rmtree))
             mp.setattr(torch, "save", torch_save)
-            mp.setattr(run_files, "write_text_atomic", text_atomic)
+            mp.setattr(tokenizer_module, "write_text_atomic", text_atomic)  # the tokenizer is saved with it
             mp.setattr(trainer_module, "write_json_atomic", json_atomic)
             mp.setattr(MetricsLog, "write", metrics_write)
             assert train(base, run) == 0

@@ -13,7 +13,9 @@ import sys
 
 import pytest
 
-from switchformer.data.files import BOM, DataError, load_conversations, load_pairs, load_text, read_json, read_text
+from switchformer.data.files import BOM, DataError, read_json, read_text
+from switchformer.data.loaders import load_conversations, load_text
+from switchformer.data.pairs import load_pairs
 
 BOM_BYTES = BOM.encode("utf-8")
 PAIRS = [("der hund läuft", "the dog runs"), ("café am see", "café by the lake"), ("ein kind", "a child")]

@@ -16,8 +16,10 @@ import torch
 from uneven_pairs import write_uneven_pairs
 
 from switchformer.cli import main
-from switchformer.data.files import DataError, load_pairs, load_text
+from switchformer.data.files import DataError
+from switchformer.data.loaders import load_text
 from switchformer.data.objectives import pack_causal, random_spans, span_corruption
+from switchformer.data.pairs import load_pairs
 from switchformer.train import checkpoint as checkpoint_module
 from switchformer.train.checkpoint import latest_checkpoint, list_checkpoints
 from switchformer.train.config import build_config

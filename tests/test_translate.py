@@ -16,9 +16,9 @@ import torch
 
 from switchformer.cli import main
 from switchformer.data.formatting import Pair
+from switchformer.inference.translation import decode_output, encode_sources, one_line, translate
 from switchformer.models import SwitchT5, SwitchT5Config
 from switchformer.train.run import load_run
-from switchformer.translation import decode_output, encode_sources, one_line, translate
 
 sacrebleu = pytest.importorskip("sacrebleu")
 
@@ -340,7 +340,7 @@ def test_generate_text_defaults_follow_the_objective(loaded, monkeypatch):
     """Seq2seq: greedy, no repetition penalty, the run's beams; span corruption keeps sampling."""
     from dataclasses import replace
 
-    from switchformer.train.trainer import generate_text
+    from switchformer.inference.text import generate_text
 
     model, tokenizer, config = loaded
     calls = []
@@ -501,7 +501,7 @@ def test_translate_reads_gzipped_input_as_training_does(mapping_run, tmp_path, c
 def test_the_run_records_its_languages_and_refuses_others(multilingual_run, tmp_path, capsys):
     from dataclasses import replace
 
-    from switchformer.translation import check_languages
+    from switchformer.inference.translation import check_languages
 
     _, _, config = load_run(multilingual_run)
     assert (config.source_lang, config.target_lang) == ("xa,xb", None)  # from the JSONL rows

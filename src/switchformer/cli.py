@@ -306,8 +306,8 @@ def cmd_eval(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from switchformer.generation import routing_description
-    from switchformer.train.trainer import generate_text
+    from switchformer.inference.routing import routing_description
+    from switchformer.inference.text import generate_text
 
     model, tokenizer, config = load_run(args.run)
     print(f"routing: {routing_description(model, args.routing)}", file=sys.stderr)

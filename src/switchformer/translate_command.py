@@ -1,5 +1,5 @@
 """``switchformer translate RUN``: translate a file (or standard input) line by line with a seq2seq
-run, as :func:`switchformer.translation.translate` does; ``cli.py`` only parses the flags.
+run, as :func:`switchformer.inference.translation.translate` does; ``cli.py`` only parses the flags.
 
 Input: UTF-8 text, one source per line (lines end at ``\\n``; a ``\\r`` before it is dropped; a
 byte-order mark at the start is dropped), gzipped when the file name ends in ``.gz``: the reading
@@ -102,16 +102,16 @@ def run_translate(args) -> int:
     from tqdm.auto import tqdm
 
     from switchformer.data.formatting import prefix_fields
-    from switchformer.generation import routing_description
-    from switchformer.runtime import resolve_device
-    from switchformer.train.run import load_run
-    from switchformer.translation import (
+    from switchformer.inference.routing import routing_description
+    from switchformer.inference.translation import (
         check_languages,
         check_settings,
         decoding_settings,
         require_seq2seq,
         translate,
     )
+    from switchformer.runtime import resolve_device
+    from switchformer.train.run import load_run
 
     source, target = _check_paths(args)
     _check_language_code("--source-lang", args.source_lang)

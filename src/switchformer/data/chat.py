@@ -39,6 +39,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from switchformer.data.formatting import unicode_problem
+from switchformer.data.tokenizer import special_ids
 
 ROLES = ("system", "user", "assistant")
 GENERATION_PROMPT = "<|assistant|>\n"
@@ -133,7 +134,6 @@ def encode_chat(tokenizer, messages, add_generation_prompt: bool) -> tuple[list[
     Raises ``ValueError`` for bad messages (see :func:`check_messages`), a content holding one of
     the tokenizer's special tokens as text (``messages[1].content: holds the special token
     '</s>'...``) or a tokenizer without ``</s>``."""
-    from switchformer.data.tokenizer import special_ids
 
     messages = check_messages(messages)
     eos = special_ids(tokenizer)["eos"]

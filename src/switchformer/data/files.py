@@ -66,7 +66,7 @@ def lines(text: str) -> list[str]:
     return [line[:-1] if line.endswith("\r") else line for line in out]
 
 
-def _files(paths: list[str | Path]) -> list[Path]:
+def files_of(paths: list[str | Path]) -> list[Path]:
     out = []
     for p in map(Path, paths):
         if not p.exists():
@@ -79,31 +79,6 @@ def _files(paths: list[str | Path]) -> list[Path]:
         else:
             out.append(p)
     return out
-
-
-def load_text(paths: list[str | Path]) -> list[str]:
-    """Documents for language modelling: one per text file, one per JSONL line (field ``text``)."""
-    docs = []
-    for path in _files(paths):
-        kind = file_kind(path)
-        if kind == "jsonl":
-            docs.extend(row["text"] for row in read_jsonl(path, ("text",)))
-        elif kind == "dataset":
-            docs.extend(row["text"] for row in read_hf_dataset(path, ("text",)))
-        else:
-            text = read_text(path).strip()
-            if not text:
-                raise DataError(f"{path}: file is empty")
-            docs.append(text)
-    return docs
-
-
-def load_pairs(paths: list[str | Path], source_lang: str | None = None, target_lang: str | None = None, **options):
-    """Sentence pairs (:class:`~switchformer.data.formatting.Pair`) for seq2seq from JSONL, TSV,
-    line-aligned text files or datasets files; see :func:`switchformer.data.pairs.load_pairs`."""
-    from switchformer.data.pairs import load_pairs as _load_pairs
-
-    return _load_pairs(paths, source_lang, target_lang, **options)
 
 
 def read_jsonl(path: Path, fields: tuple[str, ...]) -> list[dict]:
@@ -145,42 +120,6 @@ def _chat_hint(row: dict, fields: tuple[str, ...]) -> str:
             "--model lm --set objective=chat)"
         )
     return ""
-
-
-def load_conversations(paths: list[str | Path]) -> list:
-    """Conversations for the chat objective (:class:`~switchformer.data.chat.Conversation`, in file
-    and line order): one per non-blank line of JSONL files (``.jsonl``, optionally gzipped), each
-    row's ``messages`` checked by :func:`~switchformer.data.chat.check_messages`. Every problem is a
-    :class:`DataError` naming the file and line (``chats.jsonl:12: messages[1].content: must be a
-    string ...``); a conversation without an assistant message is refused too (it holds no token to
-    learn)."""
-    from switchformer.data.chat import Conversation, check_messages, has_assistant
-
-    conversations = []
-    for path in _files(paths):
-        if file_kind(path) != "jsonl":
-            raise DataError(
-                f"{path}: the chat objective reads conversations from JSONL files (.jsonl or .jsonl.gz), one "
-                '{"messages": [{"role": "user", "content": ...}, ...]} a line'
-            )
-        for number, row in numbered_jsonl(path, ()):
-            where = f"{path}:{number}"
-            if "messages" not in row:
-                raise DataError(
-                    f"{where}: missing field 'messages' (a chat row is "
-                    '{"messages": [{"role": "user", "content": ...}, {"role": "assistant", "content": ...}]})'
-                )
-            try:
-                messages = check_messages(row["messages"])
-            except ValueError as err:
-                raise DataError(f"{where}: {err}") from None
-            if not has_assistant(messages):
-                raise DataError(
-                    f"{where}: messages: no 'assistant' message; the chat objective learns only the assistant's "
-                    "turns, so this conversation teaches nothing (add the answer, or leave the line out)"
-                )
-            conversations.append(Conversation(messages, where))
-    return conversations
 
 
 def read_hf_dataset(path: Path, fields: tuple[str, ...]) -> list[dict]:

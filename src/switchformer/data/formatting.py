@@ -122,3 +122,20 @@ def source_text(text: str, prefix: str = "", source_lang: str | None = None, tar
             if f"{side}_language" in names:
                 values[f"{side}_language"] = language_name(code)
     return prefix.format(**values) + text
+
+
+def parse_languages(value: str | None) -> list[str]:
+    """The codes of a ``source_lang`` setting: ``"de,fr,cs"`` -> ``["de", "fr", "cs"]``; none -> ``[]``."""
+    return [code for code in (value or "").split(",") if code]
+
+
+def encoder_text(pair, config) -> str:
+    """The encoder input text of ``pair`` (a :class:`~switchformer.data.formatting.Pair` or a
+    ``(source, target)`` tuple) under ``config``'s ``source_prefix`` (``config``: a run's
+    ``TrainConfig``, or anything with ``source_prefix``, ``source_lang`` and ``target_lang``): the
+    pair's own languages, else the config's ``source_lang``/``target_lang`` (a ``source_lang`` of
+    several codes says no one pair's language). The one formatting training and inference share."""
+    config_sources = parse_languages(config.source_lang)
+    source_lang = getattr(pair, "source_lang", None) or (config_sources[0] if len(config_sources) == 1 else None)
+    target_lang = getattr(pair, "target_lang", None) or config.target_lang
+    return source_text(pair[0], config.source_prefix, source_lang, target_lang)

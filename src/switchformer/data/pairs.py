@@ -36,15 +36,15 @@ from pathlib import Path
 
 from switchformer.data.files import (
     DataError,
-    _files,
     file_kind,
     file_name,
+    files_of,
     lines,
     numbered_jsonl,
     read_hf_dataset,
     read_text,
 )
-from switchformer.data.formatting import Pair, is_language_code
+from switchformer.data.formatting import Pair, is_language_code, parse_languages
 
 # A language suffix: an ISO 639 code, optionally with a region or script (pt-br, zh_Hans).
 _LANGUAGE = re.compile(r"[A-Za-z]{2,3}([-_][A-Za-z0-9]{2,8})?")
@@ -52,11 +52,6 @@ _LANGUAGE = re.compile(r"[A-Za-z]{2,3}([-_][A-Za-z0-9]{2,8})?")
 NOT_LANGUAGES = frozenset(
     "txt md rst csv tsv dat raw tok bpe src tgt ref hyp out log sgm xml htm json yml ini cfg tmp bak".split()
 )
-
-
-def parse_languages(value: str | None) -> list[str]:
-    """The codes of a ``source_lang`` setting: ``"de,fr,cs"`` -> ``["de", "fr", "cs"]``; none -> ``[]``."""
-    return [code for code in (value or "").split(",") if code]
 
 
 def language_of(path: Path, known: set[str] | frozenset[str] = frozenset()) -> str | None:
@@ -95,7 +90,7 @@ def load_pairs(
     sources = parse_languages(source_lang)
     units: list[tuple[int, list[tuple[Pair, str]]]] = []  # (position of the first file, pairs with where)
     text_files: list[tuple[int, Path]] = []
-    for position, path in enumerate(_files(paths)):
+    for position, path in enumerate(files_of(paths)):
         kind = file_kind(path)
         if kind == "jsonl":
             rows = [(row, f"{path}:{number}") for number, row in numbered_jsonl(path, ("source", "target"))]

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from switchformer.data.files import DataError, decode_text
+from switchformer.runs.files import RunFileError, one_line, write_text_atomic
+
 PAD, EOS, UNK = "<pad>", "</s>", "<unk>"
 
 
@@ -48,14 +51,12 @@ def load_tokenizer(path: str | Path):
     one line naming it (``RunFileError``)."""
     from tokenizers import Tokenizer
 
-    from switchformer.runs.files import RunFileError, one_line
 
     path = Path(path)
     if path.is_dir():
         path = path / "tokenizer.json"
     if not path.exists():
         raise FileNotFoundError(f"{path}: tokenizer file not found")
-    from switchformer.data.files import DataError, decode_text
 
     try:
         text = decode_text(path.read_bytes(), path)  # as every text file is read (a leading BOM dropped)
@@ -73,7 +74,6 @@ def load_tokenizer(path: str | Path):
 def save_tokenizer(tok, path: str | Path) -> None:
     """``tok`` as ``tokenizer.json``, written atomically (a kill or a full disk leaves the previous
     file or none, never part of one)."""
-    from switchformer.runs.files import write_text_atomic
 
     write_text_atomic(Path(path), tok.to_str(pretty=True))
 

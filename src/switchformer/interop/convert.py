@@ -94,8 +94,7 @@ def write_hf_companions(target: Path, model_config, train: TrainConfig, tokenize
     penalty, n-gram blocking, at most ``seq_len`` new tokens), and in ``config.json`` the
     ``source_prefix`` as ``prefix`` and ``task_specific_params`` (what transformers' text-to-text and
     translation pipelines prepend). Returns notes for what could not be carried over."""
-    from switchformer.data.formatting import prefix_fields, source_text
-    from switchformer.data.pairs import parse_languages
+    from switchformer.data.formatting import parse_languages, prefix_fields, source_text
     from switchformer.data.tokenizer import EOS, PAD, UNK, load_tokenizer, sentinel_ids
     from switchformer.runs.files import to_json, write_json_atomic, write_text_atomic
     from switchformer.train.init_from import appends_special_tokens

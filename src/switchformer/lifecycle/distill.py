@@ -60,7 +60,7 @@ def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, scored: Te
 
 def scored_positions(model, batch: dict) -> Tensor:
     """Where the labels score a token, aligned with the logits (a causal LM's shifted targets)."""
-    if "labels" in batch and type(model).__name__ == "SwitchT5":
+    if "labels" in batch and model.is_encoder_decoder:
         return batch["labels"] != -100
     from switchformer.models.lm import next_token_labels
 
@@ -93,7 +93,7 @@ class DistillTrainer(Trainer):
         self.alpha, self.temperature = alpha, temperature
 
     def forward(self, batch: dict, label_smoothing: float = 0.0):
-        from switchformer.generation import inference_routing
+        from switchformer.inference.routing import inference_routing
 
         with torch.no_grad(), inference_routing(self.teacher, "dropless", layers=self.teacher_layers):
             teacher_logits = model_forward(self.teacher, batch).logits

@@ -3,10 +3,8 @@ the model output, router-loss bookkeeping and input checks."""
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -15,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from switchformer.inference.scope import DecodingScope, DerivedWeight
 from switchformer.models.vocab_loss import linear_cross_entropy
 from switchformer.moe.experts import ACTIVATIONS, apply_activation
 from switchformer.moe.initialization import scaled_trunc_normal_
@@ -44,65 +43,6 @@ class Dropout(nn.Dropout):
         if self.training and self.p > 0:
             return F.dropout(x, self.p, True, self.inplace)
         return x
-
-
-class DecodingScope:
-    """One generation call (or one stream), inside which :class:`DerivedWeight` copies may be kept.
-
-    Why a scope: a derived copy can only be kept while nothing can change its source weights
-    unseen. Optimizer steps, loads and in-place ops bump a tensor's version and ``.to()`` replaces
-    its storage, but edits through ``param.data`` (EMA swaps, adapter merges, manual edits) change
-    neither, and no cheap check sees them. So copies live for one scope: ``generate`` opens a fresh
-    one per call (a stream: one for all its steps), and outside any scope every call recomputes.
-    The active scope is per thread."""
-
-    _active = threading.local()
-
-    @contextlib.contextmanager
-    def active(self):
-        previous = getattr(DecodingScope._active, "scope", None)
-        DecodingScope._active.scope = self
-        try:
-            yield self
-        finally:
-            DecodingScope._active.scope = previous
-
-    @staticmethod
-    def current() -> DecodingScope | None:
-        return getattr(DecodingScope._active, "scope", None)
-
-
-class DerivedWeight:
-    """A copy of parameters in the layout a decoding step wants (fused, transposed). Inside a
-    :class:`DecodingScope` it is built on first use and kept for the rest of the scope, rebuilt if a
-    source's version, storage, dtype or device changes meanwhile; outside a scope, and in a new
-    scope, it is rebuilt, so it always equals recomputation (``param.data`` edits between
-    ``generate`` calls included). Not a parameter, not in the state dict; inference only."""
-
-    def __init__(self, build: Callable[..., Tensor]):
-        self.build = build  # a module-level function, so that models still pickle
-        self._weights: tuple[Tensor, ...] = ()
-        self._state: list | None = None
-        self._scope: DecodingScope | None = None
-        self._copy: Tensor | None = None
-
-    def __call__(self, *weights: Tensor) -> Tensor:
-        scope = DecodingScope.current()
-        if scope is None:  # nothing bounds the copy's life: recompute
-            self._copy = self._weights = self._state = None
-            with torch.no_grad():
-                return self.build(*weights)
-        state = [(w._version, w.data_ptr(), w.dtype, w.device) for w in weights]
-        same = self._weights is not None and len(weights) == len(self._weights)
-        same = same and all(a is b for a, b in zip(weights, self._weights))
-        if self._copy is None or self._scope is not scope or not same or state != self._state:
-            with torch.no_grad():
-                self._copy = self.build(*weights)
-            self._weights, self._state, self._scope = weights, state, scope
-        return self._copy
-
-    def __getstate__(self) -> dict:  # the copy is a cache: never saved, pickled or deep-copied
-        return {"build": self.build, "_weights": (), "_state": None, "_scope": None, "_copy": None}
 
 
 def transposed_copy(weight: Tensor) -> Tensor:
@@ -319,23 +259,6 @@ def check_cache_size(nbytes: int, positions: int, device) -> None:
             f"max_new_tokens: a decoding cache of {positions:,} positions needs {nbytes / 2**30:,.1f} GiB, "
             f"more than this device's memory ({available / 2**30:,.1f} GiB); ask for fewer new tokens"
         )
-
-
-def check_token_ids(name: str, ids: Tensor, vocab_size: int) -> None:
-    if ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
-        raise ValueError(f"{name}: token ids must be an integer tensor, got {ids.dtype}")
-    if ids.dim() != 2:
-        raise ValueError(f"{name}: expected shape [batch, sequence], got {tuple(ids.shape)}")
-    if ids.numel() == 0:
-        raise ValueError(f"{name}: shape {tuple(ids.shape)} holds no token (give at least one row of one token)")
-    if ids.numel() and not (0 <= (bounds := torch.aminmax(ids)).min and bounds.max < vocab_size):
-        bad = ids[(ids < 0) | (ids >= vocab_size)][0].item()
-        raise ValueError(f"{name}: token id {bad} is outside the vocabulary [0, {vocab_size})")
-
-
-def check_mask(name: str, mask: Tensor | None, ids: Tensor) -> None:
-    if mask is not None and mask.shape != ids.shape:
-        raise ValueError(f"{name}: shape {tuple(mask.shape)} does not match the token ids {tuple(ids.shape)}")
 
 
 def _deferred_logits(x: Tensor, weight: Tensor) -> Callable[[], Tensor]:

@@ -13,15 +13,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from switchformer.inference.inputs import check_mask, check_token_ids
+from switchformer.inference.scope import DerivedWeight
 from switchformer.models.common import (
-    DerivedWeight,
     Dropout,
     FeedForward,
     RMSNorm,
     RouterStats,
     check_cache_size,
-    check_mask,
-    check_token_ids,
     config_from_dict,
     decoding_attention,
     finish_output,
@@ -248,6 +247,8 @@ class SwitchLM(nn.Module):
     label_smoothing=0.0)``; ``labels`` are the input ids themselves (shifted inside), ``-100`` to
     ignore positions; ``label_smoothing`` smooths the cross-entropy (training only)."""
 
+    is_encoder_decoder = False  # Hugging Face's name: what generation and serving dispatch on
+
     def __init__(self, config: SwitchLMConfig):
         super().__init__()
         self.config = config
@@ -360,8 +361,8 @@ class SwitchLM(nn.Module):
 
     @torch.no_grad()
     def generate(self, input_ids: Tensor, attention_mask: Tensor | None = None, **kwargs) -> Tensor:
-        """Cached decoding of left-padded prompts; see :func:`switchformer.generation.generate_causal`."""
-        from switchformer.generation import generate_causal
+        """Cached decoding of left-padded prompts; see :func:`switchformer.inference.generation.generate_causal`."""
+        from switchformer.inference.generation import generate_causal
 
         return generate_causal(self, input_ids, attention_mask, **kwargs)
 

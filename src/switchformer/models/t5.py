@@ -16,16 +16,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from switchformer.inference.inputs import check_mask, check_token_ids
+from switchformer.inference.scope import DerivedWeight
 from switchformer.models.common import (
-    DerivedWeight,
     Dropout,
     FeedForward,
     ModelOutput,
     RMSNorm,
     RouterStats,
     check_cache_size,
-    check_mask,
-    check_token_ids,
     config_from_dict,
     decoding_attention,
     finish_output,
@@ -341,6 +340,8 @@ class SwitchT5(nn.Module):
     ``.router_stats``). With ``labels`` and no ``decoder_input_ids``, the decoder input is the
     labels shifted right (``decoder_start_token_id`` first, ``-100`` replaced by padding)."""
 
+    is_encoder_decoder = True  # Hugging Face's name: what generation and serving dispatch on
+
     def __init__(self, config: SwitchT5Config):
         super().__init__()
         self.config = config
@@ -516,8 +517,8 @@ class SwitchT5(nn.Module):
     @torch.no_grad()
     def generate(self, input_ids: Tensor, attention_mask: Tensor | None = None, **kwargs) -> Tensor:
         """Cached decoding: greedy, sampling (temperature, top-k, top-p), repetition penalty or beam
-        search (``num_beams``); see :func:`switchformer.generation.generate_seq2seq`."""
-        from switchformer.generation import generate_seq2seq
+        search (``num_beams``); see :func:`switchformer.inference.generation.generate_seq2seq`."""
+        from switchformer.inference.generation import generate_seq2seq
 
         return generate_seq2seq(self, input_ids, attention_mask, **kwargs)
 

@@ -29,7 +29,7 @@ def reduce_gradients(model: nn.Module, state: ParallelState) -> None:
 
     The one synchronisation point of a data-parallel step, so it also brings the state updated
     outside autograd into agreement: the aux-loss-free routers' selection biases get one update
-    over the load summed over every rank (:func:`switchformer.routing.sync_bias_updates`), the
+    over the load summed over every rank (:func:`switchformer.moe.routing.sync_bias_updates`), the
     same on every replica and equal to one process on the global batch."""
     sync_bias_updates(model, sum_over_world)
     shared, expert = [], []

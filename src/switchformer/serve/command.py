@@ -66,7 +66,7 @@ def limits_for(served: Served, max_prompt_tokens: int | None, max_tokens: int | 
     encoder-decoder's sources and answers default to the run's ``seq_len`` (512 for an import)."""
     from switchformer.serve.protocol import Limits
 
-    if type(served.model).__name__ == "SwitchLM":
+    if not served.model.is_encoder_decoder:
         context = served.model.config.max_seq_len
         limits = Limits(max_prompt_tokens or context - 1, max_tokens or context - 1, context)
         if limits.max_prompt_tokens >= context:
@@ -156,7 +156,7 @@ def bind(host: str, port: int) -> socket.socket:
 def run_serve(args) -> int:
     import uvicorn
 
-    from switchformer.generation import routing_description
+    from switchformer.inference.routing import routing_description
 
     app, served, limits, api_key, name = build_app(args)
     sock = bind(args.host, args.port)

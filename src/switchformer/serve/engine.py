@@ -38,8 +38,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from switchformer.generation import inference_routing, routing_description
-from switchformer.models.common import DecodingScope, RouterStats
+from switchformer.inference.routing import inference_routing, routing_description
+from switchformer.inference.scope import DecodingScope
+from switchformer.models.common import RouterStats
 from switchformer.models.lm import LMCache, SwitchLM
 from switchformer.models.t5 import DecoderCache, SwitchT5
 from switchformer.moe.layer import switch_layers

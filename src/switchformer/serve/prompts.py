@@ -23,7 +23,7 @@ class PromptFormatter:
         from switchformer.data.tokenizer import special_ids
 
         self.tokenizer, self.config = tokenizer, config
-        self.family = "t5" if type(model).__name__ == "SwitchT5" else "lm"
+        self.family = "t5" if model.is_encoder_decoder else "lm"
         self.eos = special_ids(tokenizer)["eos"]
         if self.family == "t5" and self.eos is None:
             raise ValueError("tokenizer: no '</s>' token to end a source with")
@@ -52,9 +52,8 @@ class PromptFormatter:
     def source_text(self, text: str, source_lang=None, target_lang=None) -> str:
         if not self.seq2seq:
             return text
-        from switchformer.data.formatting import Pair
-        from switchformer.train.data import encoder_text
-        from switchformer.translation import check_languages
+        from switchformer.data.formatting import Pair, encoder_text
+        from switchformer.inference.translation import check_languages
 
         try:
             check_languages(self.config, source_lang, target_lang)

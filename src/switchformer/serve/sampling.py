@@ -1,8 +1,8 @@
 """One request's decoding: its sampling settings, the choice of each next token from the model's
 logits, and its text as it grows (incremental detokenisation and stop strings).
 
-The choice reuses :func:`switchformer.generation.process_logits` and
-:func:`~switchformer.generation.choose`, the functions ``generate`` uses, so a request served in a
+The choice reuses :func:`switchformer.inference.sampling.process_logits` and
+:func:`~switchformer.inference.sampling.choose`, the functions ``generate`` uses, so a request served in a
 batch picks the tokens ``generate`` picks for it alone (greedy always; sampling too, for the same
 ``seed``). OpenAI's additive ``presence_penalty`` and ``frequency_penalty`` come first, over the
 tokens generated so far (OpenAI API reference, "Parameter details"); ``repetition_penalty``
@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from switchformer.generation import SamplingConfig, choose, process_logits
+from switchformer.inference.sampling import SamplingConfig, choose, process_logits
 
 
 @dataclass

@@ -33,10 +33,10 @@ def translation_quality(trainer: Trainer, config: TrainConfig, progress: bool) -
     """BLEU and chrF (sacrebleu) of a seq2seq run's model on its validation pairs, decoded with the
     run's settings (``num_beams``, ``length_penalty``), per source language too when there are
     several: what a translation user compares, beside the validation loss."""
+    from switchformer.inference.translation import decoding_settings
     from switchformer.train.data import evaluation_documents
     from switchformer.train.evaluation import translation_scores
     from switchformer.train.metrics import METRICS
-    from switchformer.translation import decoding_settings
 
     pairs = evaluation_documents(config)
     return translation_scores(

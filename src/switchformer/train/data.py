@@ -11,8 +11,9 @@ from torch import Tensor
 
 from switchformer.data.chat import encode_chat, prompt_messages, render_chat
 from switchformer.data.corpus import embedded_documents, split_documents
-from switchformer.data.files import DataError, lines, load_conversations, load_text
-from switchformer.data.formatting import source_text
+from switchformer.data.files import DataError, lines
+from switchformer.data.formatting import encoder_text
+from switchformer.data.loaders import load_conversations, load_text
 from switchformer.data.objectives import (
     epoch_order,
     length_bucketed,
@@ -21,7 +22,7 @@ from switchformer.data.objectives import (
     span_corruption,
     span_corruption_lengths,
 )
-from switchformer.data.pairs import load_pairs, parse_languages
+from switchformer.data.pairs import load_pairs
 from switchformer.data.tokenizer import load_tokenizer, save_tokenizer, sentinel_ids, special_ids, train_tokenizer
 from switchformer.train.config import TrainConfig
 
@@ -299,17 +300,6 @@ def evaluation_split(config: TrainConfig, tok, data: list[str] | None = None, do
     is not given."""
     docs = evaluation_documents(config, data) if docs is None else docs
     return split_from_documents(tok, docs, config, config.seed + 1, split_name="evaluation" if data else "validation")
-
-
-def encoder_text(pair, config: TrainConfig) -> str:
-    """The encoder input text of ``pair`` (a :class:`~switchformer.data.formatting.Pair` or a
-    ``(source, target)`` tuple) under ``config``'s ``source_prefix``: the pair's own languages, else
-    the config's ``source_lang``/``target_lang`` (a ``source_lang`` of several codes says no one
-    pair's language). The one formatting training and inference share."""
-    config_sources = parse_languages(config.source_lang)
-    source_lang = getattr(pair, "source_lang", None) or (config_sources[0] if len(config_sources) == 1 else None)
-    target_lang = getattr(pair, "target_lang", None) or config.target_lang
-    return source_text(pair[0], config.source_prefix, source_lang, target_lang)
 
 
 def _encode(tok, texts: list[str]) -> list[list[int]]:

@@ -187,14 +187,14 @@ def evaluate_run(
     (NaN as ``None``).
 
     ``metrics`` (``"bleu"``, ``"chrf"``; seq2seq runs): the same pairs are also translated
-    (:func:`switchformer.translation.translate`; ``num_beams``, ``length_penalty``,
+    (:func:`switchformer.inference.translation.translate`; ``num_beams``, ``length_penalty``,
     ``max_new_tokens``, ``no_repeat_ngram_size`` default to the run's) and scored against their
     targets with sacrebleu (:mod:`switchformer.train.metrics`), per source language too when there
     are several. With
     ``metrics``, every pair is evaluated (loss included) unless ``batches`` is given; ``progress``
     shows a bar while translating. ``source_lang``: the source language of ``data``'s pairs that
     do not say theirs (one of the run's; a TSV or a pair of unnamed files)."""
-    from switchformer.generation import inference_routing, routing_description
+    from switchformer.inference.routing import inference_routing, routing_description
     from switchformer.runtime import resolve_device
     from switchformer.train.data import evaluation_documents, evaluation_split
     from switchformer.train.metrics import check_metrics
@@ -216,7 +216,7 @@ def evaluate_run(
     if source_lang is not None:  # the language of --data's pairs that do not say theirs
         from dataclasses import replace
 
-        from switchformer.translation import check_languages, require_seq2seq
+        from switchformer.inference.translation import check_languages, require_seq2seq
 
         require_seq2seq(config, "--source-lang")
         if not data:
@@ -224,7 +224,7 @@ def evaluate_run(
         check_languages(config, source_lang)
         config = replace(config, source_lang=source_lang)
     if metrics:
-        from switchformer.translation import check_settings, decoding_settings, require_seq2seq
+        from switchformer.inference.translation import check_settings, decoding_settings, require_seq2seq
 
         require_seq2seq(config, "--metric (BLEU, chrF)")
         settings = decoding_settings(config, num_beams, length_penalty, max_new_tokens, no_repeat_ngram_size)
@@ -263,8 +263,8 @@ def translation_scores(model, tokenizer, config, pairs, metrics, settings, routi
     part of :func:`evaluate_run`'s report for ``metrics`` (see there)."""
     from tqdm.auto import tqdm
 
+    from switchformer.inference.translation import DEFAULT_BATCH_SIZE, translate
     from switchformer.train.metrics import corpus_scores, scores_by_group
-    from switchformer.translation import DEFAULT_BATCH_SIZE, translate
 
     bar = tqdm(total=len(pairs), unit="sent", desc="translating", disable=not progress, dynamic_ncols=True)
     try:

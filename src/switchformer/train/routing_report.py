@@ -36,7 +36,7 @@ def group_by_source_language(pairs: list[Pair]) -> dict[str, list[Pair]]:
 def expert_shares(model, tokenizer, config, groups: dict[str, list], device) -> dict[str, dict[str, list[float]]]:
     """``{group: {layer: [share of the group's routed tokens per expert]}}`` (each list sums to 1)
     for every Switch layer, with the model routed dropless, the pairs formatted as in training."""
-    from switchformer.generation import inference_routing
+    from switchformer.inference.routing import inference_routing
     from switchformer.train.data import split_from_documents
     from switchformer.train.evaluation import evaluate
 
@@ -112,12 +112,12 @@ def routing_by_language_report(
     ``routing_by_language.json`` (the shares and bits) into ``out_dir`` and returns their paths.
     Reads the run, writes nothing into it. Raises ``ValueError`` for a run that is not seq2seq or
     pairs without languages."""
+    from switchformer.inference.translation import require_seq2seq
     from switchformer.runs.files import write_json_atomic
     from switchformer.runtime import resolve_device
     from switchformer.train.data import evaluation_documents
     from switchformer.train.init_from import is_sparse
     from switchformer.train.run import load_run
-    from switchformer.translation import require_seq2seq
 
     model, tokenizer, config = load_run(source)
     require_seq2seq(config, "--by-language")

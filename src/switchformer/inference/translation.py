@@ -24,7 +24,11 @@ from collections.abc import Callable, Iterable, Iterator
 
 import torch
 
-from switchformer.data.formatting import Pair
+from switchformer.data.formatting import Pair, encoder_text
+from switchformer.data.tokenizer import special_ids
+from switchformer.inference.beam import check_beam_arguments
+from switchformer.inference.routing import routing_description
+from switchformer.inference.sampling import check_no_repeat_ngram_size
 
 DEFAULT_BATCH_SIZE = 32
 DEFAULT_BUFFER_SIZE = 1024
@@ -60,7 +64,6 @@ def check_languages(config, source_lang: str | None = None, target_lang: str | N
     the run was not trained on (its ``source_lang``, one code or a list), a target language other
     than the run's ``target_lang``; or (naming ``source_prefix`` and the flag to give) when the
     run's prefix names a language that neither the call nor the run's config gives."""
-    from switchformer.train.data import encoder_text
 
     trained = [code for code in (config.source_lang or "").split(",") if code]
     if source_lang is not None and trained and source_lang not in trained:
@@ -80,8 +83,6 @@ def encode_sources(
     """Encoder token ids of each source (a ``str``, or a :class:`Pair` whose own languages win over
     ``source_lang``/``target_lang``, which win over the run's): formatted, cut to ``seq_len - 1``
     tokens, EOS appended, as the training rows."""
-    from switchformer.data.tokenizer import special_ids
-    from switchformer.train.data import encoder_text
 
     eos = special_ids(tokenizer)["eos"]
     if eos is None:
@@ -117,8 +118,6 @@ def decoding_settings(
 def check_settings(settings: dict, batch_size: int = 1, buffer_size: int = 1) -> None:
     """``ValueError`` naming the first bad setting of a :func:`decoding_settings` dict, or of
     ``batch_size`` and ``buffer_size``."""
-    from switchformer.beam import check_beam_arguments
-    from switchformer.generation import check_no_repeat_ngram_size
 
     sizes = (("batch_size", batch_size), ("max_new_tokens", settings["max_new_tokens"]), ("buffer_size", buffer_size))
     for name, value in sizes:
@@ -162,7 +161,6 @@ def translate(
     whose objective is not seq2seq or a bad decoding setting; and, while iterating, for a language
     the prefix needs and nobody gives (at the first such source; :func:`check_languages` checks
     string sources up front)."""
-    from switchformer.generation import routing_description
 
     require_seq2seq(config)
     settings = decoding_settings(config, num_beams, length_penalty, max_new_tokens, no_repeat_ngram_size)
@@ -178,7 +176,6 @@ class _Decoding:
     """What every buffer of one :func:`translate` call is decoded with."""
 
     def __init__(self, model, tokenizer, config, source_lang, target_lang, batch_size, settings, routing, progress):
-        from switchformer.data.tokenizer import special_ids
 
         self.model, self.tokenizer, self.config = model, tokenizer, config
         self.source_lang, self.target_lang = source_lang, target_lang

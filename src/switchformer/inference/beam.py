@@ -10,7 +10,8 @@ import operator
 import torch
 from torch import Tensor
 
-from switchformer.generation import SamplingConfig, _decoder_start, process_logits
+from switchformer.inference.inputs import decoder_start
+from switchformer.inference.sampling import SamplingConfig, process_logits
 
 EARLY_STOPPING = (False, True, "never")  # the choices of ``early_stopping``
 
@@ -90,13 +91,13 @@ def beam_search(
     batch, device = input_ids.shape[0], input_ids.device
     steps = cfg.max_new_tokens
     if steps == 0 or batch == 0:
-        return _decoder_start(model, batch, device)
+        return decoder_start(model, batch, device)
     penalty = float(length_penalty)
     expand = torch.arange(batch, device=device).repeat_interleave(num_beams)
     memory = model.encode(input_ids, attention_mask).index_select(0, expand)
     mask = None if attention_mask is None else attention_mask.index_select(0, expand)
     cache = model.new_cache(memory, mask, steps + 1)
-    sequences = _decoder_start(model, batch * num_beams, device)
+    sequences = decoder_start(model, batch * num_beams, device)
     scores = torch.full((batch, num_beams), float("-inf"), device=device)
     scores[:, 0] = 0.0  # one live beam to start from; the others empty until there are candidates
     finished: list[list[tuple[float, Tensor]]] = [[] for _ in range(batch)]
@@ -137,7 +138,7 @@ def beam_search(
         sequences = torch.cat([sequences.index_select(0, order), tokens[:, None]], 1)
         scores = torch.tensor(next_scores, device=device).view(batch, num_beams)
         cache.reorder(order)
-    start = _decoder_start(model, 1, device)[0]
+    start = decoder_start(model, 1, device)[0]
     results = [max(pool, key=lambda item: item[0])[1] if pool else start for pool in finished]
     out = torch.full((batch, max(r.numel() for r in results)), cfg.pad_token_id, dtype=torch.long, device=device)
     for b, r in enumerate(results):
