@@ -11,7 +11,7 @@ import torch
 
 import switchformer as sf
 from switchformer.inference.scope import DecodingScope, DerivedWeight
-from switchformer.models.common import transposed_copy
+from switchformer.models.layers import transposed_copy
 
 
 def lm(seed=0):

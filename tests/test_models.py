@@ -12,7 +12,7 @@ from switchformer.inference.generation import stream_causal, stream_seq2seq
 from switchformer.inference.routing import inference_routing
 from switchformer.inference.sampling import SamplingConfig, process_logits
 from switchformer.inference.scope import DecodingScope, DerivedWeight
-from switchformer.models.common import output_logits, transposed_copy
+from switchformer.models.layers import output_logits, transposed_copy
 
 
 def t5(seed=0, **overrides):

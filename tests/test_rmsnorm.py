@@ -2,7 +2,7 @@
 
 import torch
 
-from switchformer.models.common import RMSNorm, _RMSNormFunction
+from switchformer.models.layers import RMSNorm, _RMSNormFunction
 
 
 def plain(x, weight, eps):

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from switchformer.models.common import DenseFFN, FeedForward
+from switchformer.models.layers import DenseFFN, FeedForward
 
 
 def _ffn_slots(model) -> list[tuple[str, FeedForward]]:

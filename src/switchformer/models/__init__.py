@@ -1,7 +1,7 @@
 """Switch Transformer models: the T5-style encoder-decoder and a decoder-only language model."""
 
-from switchformer.models.common import ModelOutput, RouterStats
 from switchformer.models.lm import SwitchLM, SwitchLMConfig
+from switchformer.models.outputs import ModelOutput, RouterStats
 from switchformer.models.t5 import SwitchT5, SwitchT5Config, dense_twin_config
 
 __all__ = [

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from switchformer.models.common import DenseFFN
+from switchformer.models.layers import DenseFFN
 from switchformer.moe.layer import SwitchMoE, switch_layers
 
 
@@ -24,15 +24,12 @@ def parameter_counts(model: nn.Module, context_len: int | None = None) -> dict[s
     embeddings counted once). ``flops_per_token``: forward matmul FLOPs of one token, 2 per
     multiply-add, attention over ``context_len`` keys (default: ``max_seq_len`` for SwitchLM, 512
     for SwitchT5); for the encoder-decoder, the mean of one encoder and one decoder token."""
-    from switchformer.models.lm import LMAttention, SwitchLM
-    from switchformer.models.t5 import SwitchT5, T5Attention
-
     moe_layers = switch_layers(model)
     total = sum(p.numel() for p in model.parameters()) + sum(_absent_expert_params(m) for m in moe_layers)
     inactive = sum((m.num_experts - m.top_k) * _expert_params(m) for m in moe_layers)
     config = model.config
     if context_len is None:
-        context_len = config.max_seq_len if isinstance(model, SwitchLM) else 512
+        context_len = 512 if model.is_encoder_decoder else config.max_seq_len
 
     flops = 0
     for module in model.modules():
@@ -42,12 +39,10 @@ def parameter_counts(model: nn.Module, context_len: int | None = None) -> dict[s
             flops += 2 * (module.w_in.numel() + module.w_out.numel())
         elif isinstance(module, SwitchMoE):
             flops += 2 * (module.top_k * _expert_params(module) + module.router.weight.numel())
-        if isinstance(module, T5Attention):
-            flops += 2 * 2 * context_len * module.num_heads * module.d_kv  # scores and weighted values
-        elif isinstance(module, LMAttention):
-            flops += 2 * 2 * context_len * module.num_heads * module.head_dim
+        if hasattr(module, "key_width"):  # an attention layer: scores and weighted values
+            flops += 2 * 2 * context_len * module.key_width
     if config.tie_word_embeddings:
         flops += 2 * config.vocab_size * config.d_model  # the output projection reuses the embedding
-    if isinstance(model, SwitchT5):
+    if model.is_encoder_decoder:
         flops //= 2
     return {"total": total, "active": total - inactive, "flops_per_token": flops}

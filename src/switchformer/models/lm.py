@@ -13,21 +13,22 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from switchformer.inference.generation import generate_causal
 from switchformer.inference.inputs import check_mask, check_token_ids
 from switchformer.inference.scope import DerivedWeight
-from switchformer.models.common import (
+from switchformer.models.accounting import parameter_counts
+from switchformer.models.caches import LMCache
+from switchformer.models.layers import (
     Dropout,
     FeedForward,
     RMSNorm,
-    RouterStats,
-    check_cache_size,
     config_from_dict,
     decoding_attention,
-    finish_output,
     is_sparse_layer,
     output_logits,
     transposed_copy,
 )
+from switchformer.models.outputs import RouterStats, finish_output
 from switchformer.models.vocab_loss import IGNORE_INDEX
 from switchformer.moe.experts import ACTIVATIONS
 from switchformer.moe.initialization import scaled_trunc_normal_
@@ -139,45 +140,6 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 # ----------------------------------------------------------------------------- cache
 
 
-class LMCache:
-    """Static key/value buffers per layer, the key-validity mask (left padding) and next positions."""
-
-    def __init__(self, batch: int, config: SwitchLMConfig, max_length: int, device, dtype):
-        head_dim = config.d_model // config.num_heads
-        shape = (batch, config.num_heads, max_length, head_dim)
-        size = torch.empty((), dtype=dtype).element_size()
-        check_cache_size(2 * config.num_layers * batch * config.num_heads * max_length * head_dim * size, max_length,
-                         device or "cpu")  # fmt: skip
-        self.kv = [
-            (torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
-            for _ in range(config.num_layers)
-        ]
-        self.key_valid = torch.zeros(batch, max_length, dtype=torch.bool, device=device)
-        self.length = 0
-        self.next_position = torch.zeros(batch, dtype=torch.long, device=device)
-
-    @classmethod
-    def from_buffers(cls, kv: list[tuple[Tensor, Tensor]], key_valid: Tensor, length: int, next_position: Tensor):
-        """A cache over buffers the caller owns (views of a server's per-slot storage): ``kv`` per
-        layer ``[B, heads, capacity, head_dim]``, ``key_valid`` ``[B, capacity]``, ``length`` filled
-        columns, ``next_position`` ``[B]``. Appends write into the buffers; ``next_position`` is
-        replaced by a new tensor after a call (read it back)."""
-        cache = cls.__new__(cls)
-        cache.kv, cache.key_valid, cache.length, cache.next_position = kv, key_valid, length, next_position
-        return cache
-
-    @property
-    def capacity(self) -> int:
-        return self.key_valid.shape[1]
-
-    def append(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        end = self.length + k.shape[2]
-        keys, values = self.kv[layer]
-        keys[:, :, self.length : end] = k
-        values[:, :, self.length : end] = v
-        return keys[:, :, :end], values[:, :, :end]
-
-
 # ----------------------------------------------------------------------------- blocks
 
 
@@ -186,6 +148,7 @@ class LMAttention(nn.Module):
         super().__init__()
         self.num_heads = config.num_heads
         self.head_dim = config.d_model // config.num_heads
+        self.key_width = self.num_heads * self.head_dim  # what a score and a weighted value cost per key
         self.qkv = nn.Linear(config.d_model, 3 * config.d_model, bias=False)
         self.o = nn.Linear(config.d_model, config.d_model, bias=False)
         self.dropout = config.dropout_rate
@@ -362,11 +325,9 @@ class SwitchLM(nn.Module):
     @torch.no_grad()
     def generate(self, input_ids: Tensor, attention_mask: Tensor | None = None, **kwargs) -> Tensor:
         """Cached decoding of left-padded prompts; see :func:`switchformer.inference.generation.generate_causal`."""
-        from switchformer.inference.generation import generate_causal
 
         return generate_causal(self, input_ids, attention_mask, **kwargs)
 
     def num_parameters(self) -> dict[str, int]:
-        from switchformer.models.accounting import parameter_counts
 
         return parameter_counts(self)

@@ -16,22 +16,22 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from switchformer.inference.generation import generate_seq2seq
 from switchformer.inference.inputs import check_mask, check_token_ids
 from switchformer.inference.scope import DerivedWeight
-from switchformer.models.common import (
+from switchformer.models.accounting import parameter_counts
+from switchformer.models.caches import DecoderCache, check_cache_size
+from switchformer.models.layers import (
     Dropout,
     FeedForward,
-    ModelOutput,
     RMSNorm,
-    RouterStats,
-    check_cache_size,
     config_from_dict,
     decoding_attention,
-    finish_output,
     is_sparse_layer,
     output_logits,
     transposed_copy,
 )
+from switchformer.models.outputs import ModelOutput, RouterStats, finish_output
 from switchformer.moe.experts import ACTIVATIONS
 from switchformer.moe.initialization import scaled_trunc_normal_
 
@@ -174,6 +174,7 @@ class T5Attention(nn.Module):
     def __init__(self, config: SwitchT5Config, *, has_relative_bias: bool, bidirectional: bool):
         super().__init__()
         self.num_heads, self.d_kv = config.num_heads, config.d_kv
+        self.key_width = self.num_heads * self.d_kv  # what a score and a weighted value cost per key
         inner = config.num_heads * config.d_kv
         self.q = nn.Linear(config.d_model, inner, bias=False)
         self.k = nn.Linear(config.d_model, inner, bias=False)
@@ -229,43 +230,6 @@ class T5Attention(nn.Module):
 
 
 # ----------------------------------------------------------------------------- cache
-
-
-class DecoderCache:
-    """Static key/value buffers for cached decoding: self-attention per layer (filled as tokens
-    come) and cross-attention per layer (computed once from the encoder output)."""
-
-    def __init__(
-        self,
-        self_kv: list[tuple[Tensor, Tensor]],
-        cross_kv: list[tuple[Tensor, Tensor]],
-        cross_bias: Tensor,
-        self_bias: Tensor,
-    ):
-        self.self_kv = self_kv
-        self.self_bias = self_bias
-        self.cross_kv = cross_kv
-        self.cross_bias = cross_bias
-        self.length = 0
-
-    @property
-    def capacity(self) -> int:
-        return self.self_kv[0][0].shape[2] if self.self_kv else 0
-
-    def append(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        end = self.length + k.shape[2]
-        if end > self.capacity:
-            raise ValueError(f"cache: {end} decoder positions exceed the cache size {self.capacity}")
-        keys, values = self.self_kv[layer]
-        keys[:, :, self.length : end] = k
-        values[:, :, self.length : end] = v
-        return keys[:, :, :end], values[:, :, :end]
-
-    def reorder(self, index: Tensor) -> None:
-        """Keep the batch rows ``index`` (beam search)."""
-        self.self_kv = [(k.index_select(0, index), v.index_select(0, index)) for k, v in self.self_kv]
-        self.cross_kv = [(k.index_select(0, index), v.index_select(0, index)) for k, v in self.cross_kv]
-        self.cross_bias = self.cross_bias.index_select(0, index)
 
 
 # ----------------------------------------------------------------------------- blocks and stacks
@@ -518,11 +482,9 @@ class SwitchT5(nn.Module):
     def generate(self, input_ids: Tensor, attention_mask: Tensor | None = None, **kwargs) -> Tensor:
         """Cached decoding: greedy, sampling (temperature, top-k, top-p), repetition penalty or beam
         search (``num_beams``); see :func:`switchformer.inference.generation.generate_seq2seq`."""
-        from switchformer.inference.generation import generate_seq2seq
 
         return generate_seq2seq(self, input_ids, attention_mask, **kwargs)
 
     def num_parameters(self) -> dict[str, int]:
-        from switchformer.models.accounting import parameter_counts
 
         return parameter_counts(self)

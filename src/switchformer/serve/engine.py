@@ -40,9 +40,10 @@ from torch import Tensor
 
 from switchformer.inference.routing import inference_routing, routing_description
 from switchformer.inference.scope import DecodingScope
-from switchformer.models.common import RouterStats
-from switchformer.models.lm import LMCache, SwitchLM
-from switchformer.models.t5 import DecoderCache, SwitchT5
+from switchformer.models.caches import DecoderCache, LMCache
+from switchformer.models.lm import SwitchLM
+from switchformer.models.outputs import RouterStats
+from switchformer.models.t5 import SwitchT5
 from switchformer.moe.layer import switch_layers
 from switchformer.serve.sampling import RowSampler, SamplingParams, TextStream, TokenChoice
 

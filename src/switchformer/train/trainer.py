@@ -21,7 +21,7 @@ import torch.distributed as dist
 from switchformer.inference.routing import routing_description
 from switchformer.inference.text import generate_text
 from switchformer.models import SwitchLM, SwitchT5
-from switchformer.models.common import weighted_router_loss
+from switchformer.models.outputs import weighted_router_loss
 from switchformer.moe.routing import defer_bias_updates, discard_bias_updates, sync_bias_updates
 from switchformer.parallel import (
     DCP_FOLDER,
