@@ -19,9 +19,9 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from switchformer.train.compare import steps_to_reach
+from switchformer.analysis.compare import steps_to_reach
+from switchformer.analysis.plots import _pyplot, _save
 from switchformer.train.config import build_config
-from switchformer.train.plots import _pyplot, _save
 from switchformer.train.trainer import Trainer
 
 

@@ -20,7 +20,7 @@ from tolerances import AdamDrift, assert_close
 
 from switchformer import SwitchLM, SwitchLMConfig
 from switchformer.parallel import apply_expert_parallel, apply_fsdp, is_expert_parameter, make_groups
-from switchformer.train.trainer import clip_grad_norm
+from switchformer.train.optimizer import clip_grad_norm
 
 EIGHT = dict(CONFIG, num_experts=8)
 UNUSED = 5  # the expert no token reaches
@@ -500,7 +500,7 @@ def test_expert_shard_dimension_is_the_first_that_divides_evenly():
 )
 def test_layouts_that_cannot_work_are_refused_before_anything_runs(world, changes, message):
     from switchformer.train.config import build_config
-    from switchformer.train.trainer import check_layout
+    from switchformer.train.layout import check_layout
 
     config = build_config("test", overrides=changes)
     with pytest.raises(ValueError, match=message):
@@ -546,7 +546,7 @@ def test_info_memory_per_rank_prints_the_estimate(capsys):
     out = capsys.readouterr().out
     with torch.device("meta"):
         from switchformer.train.config import build_config
-        from switchformer.train.trainer import build_model
+        from switchformer.train.run import build_model
 
         config = build_config("test")
         model = build_model(config, config.vocab_size)

@@ -7,18 +7,18 @@ import math
 import pytest
 import torch
 
-from switchformer.data.formatting import Pair
-from switchformer.data.tokenizer import special_ids, train_tokenizer
-from switchformer.inference.routing import inference_routing
-from switchformer.train.config import build_config
-from switchformer.train.routing_report import (
+from switchformer.analysis.routing_report import (
     expert_shares,
     format_shares,
     group_by_source_language,
     plot_shares,
     specialisation_bits,
 )
-from switchformer.train.trainer import build_model
+from switchformer.data.formatting import Pair
+from switchformer.data.tokenizer import special_ids, train_tokenizer
+from switchformer.inference.routing import inference_routing
+from switchformer.train.config import build_config
+from switchformer.train.run import build_model
 
 WORDS = {"de": "hund katze haus baum", "fr": "chien chat maison arbre", "en": "dog cat house tree"}
 

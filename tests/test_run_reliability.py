@@ -26,6 +26,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from switchformer.analysis.plots import read_metrics
 from switchformer.cli import main
 from switchformer.data import tokenizer as tokenizer_module
 from switchformer.data.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
@@ -38,7 +39,6 @@ from switchformer.runs.metrics_log import MetricsLog
 from switchformer.train import checkpoint as checkpoint_module
 from switchformer.train import trainer as trainer_module
 from switchformer.train.checkpoint import latest_checkpoint, list_checkpoints
-from switchformer.train.plots import read_metrics
 
 TEXT = (
     "The quick brown fox jumps over the lazy dog. Sparse experts route each token to one feed-forward network.\n"

@@ -23,7 +23,8 @@ from switchformer.data.pairs import load_pairs
 from switchformer.train import checkpoint as checkpoint_module
 from switchformer.train.checkpoint import latest_checkpoint, list_checkpoints
 from switchformer.train.config import build_config
-from switchformer.train.trainer import Trainer, learning_rate
+from switchformer.train.optimizer import learning_rate
+from switchformer.train.trainer import Trainer
 
 TEXT = (
     "The quick brown fox jumps over the lazy dog. Sparse experts route each token to one feed-forward network.\n"
@@ -354,7 +355,7 @@ def test_compare_runs_the_long_regime_by_default(tmp_path, monkeypatch, capsys):
     """`switchformer compare` with no preset trains compare-long (the issue asks that the regime
     where Switch wins be the default); `--preset compare` is the quick check."""
     from switchformer import cli
-    from switchformer.train import compare
+    from switchformer.analysis import compare
     from switchformer.train.config import PRESETS, build_config
 
     assert set(cli.PRESET_NAMES) == set(PRESETS)  # the help text lists every preset
@@ -415,7 +416,7 @@ def test_bf16_autocast_training_keeps_routers_float32(tmp_path, corpus, model):
 
 
 def test_seed_summary_reports_mean_spread_and_wins():
-    from switchformer.train.compare import format_seed_summary
+    from switchformer.analysis.compare import format_seed_summary
 
     def result(seed, switch, dense, speedup):
         rows = [{"model": "switch", "final_eval_loss": switch}, {"model": "dense", "final_eval_loss": dense}]

@@ -373,7 +373,7 @@ def test_generate_text_defaults_follow_the_objective(loaded, monkeypatch):
 
 
 def test_metrics_equal_sacrebleu_on_known_strings():
-    from switchformer.train.metrics import corpus_scores, scores_by_group
+    from switchformer.analysis.metrics import corpus_scores, scores_by_group
 
     hyps = ["the cat sat on the mat", "a dog runs in the park today", "hello world", "completely different words"]
     refs = ["the cat sat on a mat", "the dog runs in the park", "hello there world", "nothing in common"]

@@ -249,7 +249,7 @@ def cmd_train(args) -> int:
         if distributed and not config.run_name:
             raise ValueError("--run-name: required under torchrun, so that every rank writes to the same run")
         run_dir = _run_dir(config)
-    from switchformer.train.trainer import check_start_layout
+    from switchformer.train.layout import check_start_layout
 
     check_start_layout(config, model_values)  # a layout that cannot work: refused before anything is written
     main_rank = int(os.environ.get("RANK", "0")) == 0
@@ -283,7 +283,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from switchformer.train.evaluation import evaluate_run, format_eval
+    from switchformer.analysis.evaluate_run import evaluate_run, format_eval
 
     report = evaluate_run(
         args.run,
@@ -402,8 +402,8 @@ def cmd_distill(args) -> int:
 
 
 def cmd_compare(args) -> int:
+    from switchformer.analysis.compare import format_seed_summary, format_table, run_compare, run_compare_seeds
     from switchformer.runs.files import write_text_atomic
-    from switchformer.train.compare import format_seed_summary, format_table, run_compare, run_compare_seeds
 
     config = _config_from_args(args, COMPARE_PRESET)
     out_dir = Path(config.out_dir) / (config.run_name or f"compare-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -437,7 +437,7 @@ def cmd_info(args) -> int:
         title = f"{args.source}: {train.model}"
     elif args.preset:
         from switchformer.train.config import build_config
-        from switchformer.train.trainer import build_model
+        from switchformer.train.run import build_model
 
         train = build_config(args.preset)
         with torch.device("meta"):
@@ -494,7 +494,7 @@ def _layer_info(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from switchformer.train.plots import plot_run
+    from switchformer.analysis.plots import plot_run
 
     run = Path(args.run)
     out = Path(args.out) if args.out else Path.cwd() / f"{run.resolve().name}-report"
@@ -502,7 +502,7 @@ def cmd_report(args) -> int:
         raise ValueError(f"--out: {out} is inside the run {run}; reading a run never writes into it")
     paths = plot_run(run, out)
     if args.by_language:
-        from switchformer.train.routing_report import routing_by_language_report
+        from switchformer.analysis.routing_report import routing_by_language_report
 
         paths += routing_by_language_report(run, out, data=args.data, device=args.device)
     elif args.data or args.device:

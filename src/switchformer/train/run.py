@@ -12,7 +12,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
+from switchformer.data.tokenizer import load_tokenizer
+from switchformer.models import SwitchLM, SwitchLMConfig, SwitchT5, SwitchT5Config
 from switchformer.runs.directory import read_sections
+from switchformer.train.checkpoint import latest_checkpoint, load_model_weights
 from switchformer.train.config import TrainConfig, config_from_sources
 
 
@@ -43,8 +48,6 @@ def read_run_config(source: str | Path) -> RunConfig:
 
 def build_model_from_dict(family: str, values: dict, file: Path | str):
     """SwitchLM or SwitchT5 from a saved model config; errors name ``file``."""
-    from switchformer.models import SwitchLM, SwitchLMConfig, SwitchT5, SwitchT5Config
-
     try:
         if family == "lm":
             return SwitchLM(SwitchLMConfig.from_dict(values))
@@ -58,8 +61,6 @@ def load_run(source: str | Path, need_tokenizer: bool = True):
     ``model.safetensors`` of a converted run) or from one checkpoint directory. Reads only.
     Without ``need_tokenizer`` a run without ``tokenizer.json`` gives ``None`` for it (``info``,
     ``convert``: a converted checkpoint may come without one)."""
-    from switchformer.data.tokenizer import load_tokenizer
-    from switchformer.train.checkpoint import latest_checkpoint, load_model_weights
 
     path = Path(source)
     run = read_run_config(path)
@@ -82,3 +83,12 @@ def check_tokenizer_fits(tokenizer, model, file) -> None:
             f"{file}: {tokenizer.get_vocab_size()} tokens, more than the model's vocab_size "
             f"{model.config.vocab_size} (the tokenizer of another run?)"
         )
+
+
+def build_model(config: TrainConfig, vocab_size: int, model_config: dict | None = None) -> torch.nn.Module:
+    """The model a fresh run asks for (``config``'s sizes), or, given ``model_config`` (a run's saved
+    ``model`` section: the one truth for a run's architecture), exactly that model."""
+    if model_config is not None:
+        return build_model_from_dict(config.model, model_config, "config.json")
+    built = config.model_config(vocab_size)
+    return SwitchLM(built) if config.model == "lm" else SwitchT5(built)

@@ -20,7 +20,6 @@ import torch.distributed as dist
 
 from switchformer.inference.routing import routing_description
 from switchformer.inference.text import generate_text
-from switchformer.models import SwitchLM, SwitchT5
 from switchformer.models.outputs import weighted_router_loss
 from switchformer.moe.routing import defer_bias_updates, discard_bias_updates, sync_bias_updates
 from switchformer.parallel import (
@@ -31,14 +30,12 @@ from switchformer.parallel import (
     checkpoint_state,
     ensure_optimizer_state,
     export_safetensors,
-    grad_norm,
     init_distributed,
     load_dcp,
     load_full_state_into,
     local_tensor,
     reduce_gradients,
     save_dcp,
-    scale_gradients,
     sum_over_world,
     whole_weights,
 )
@@ -66,62 +63,16 @@ from switchformer.train.checkpoint import (
 from switchformer.train.config import TrainConfig
 from switchformer.train.data import Data, prepare_data
 from switchformer.train.evaluation import EvalResult, evaluate, model_forward, scored_tokens
+from switchformer.train.layout import check_global_batch, check_start_layout, global_batch
+from switchformer.train.optimizer import build_optimizer, clip_grad_norm, learning_rate
+from switchformer.train.precision import autocast_context
+from switchformer.train.run import build_model
 
 log = logging.getLogger("switchformer")
 
 
 class TrainingError(RuntimeError):
     """Training cannot go on (for example: too many non-finite losses in a row)."""
-
-
-def build_model(config: TrainConfig, vocab_size: int, model_config: dict | None = None) -> torch.nn.Module:
-    """The model a fresh run asks for (``config``'s sizes), or, given ``model_config`` (a run's saved
-    ``model`` section: the one truth for a run's architecture), exactly that model."""
-    if model_config is not None:
-        from switchformer.train.run import build_model_from_dict
-
-        return build_model_from_dict(config.model, model_config, "config.json")
-    built = config.model_config(vocab_size)
-    return SwitchLM(built) if config.model == "lm" else SwitchT5(built)
-
-
-def learning_rate(config: TrainConfig, step: int) -> float:
-    """Linear warmup, then cosine decay to 10% (or inverse square root, or constant)."""
-    if config.warmup_steps and step < config.warmup_steps:
-        return config.lr * (step + 1) / config.warmup_steps
-    if config.schedule == "constant":
-        return config.lr
-    if config.schedule == "inverse_sqrt":
-        return config.lr * math.sqrt(max(config.warmup_steps, 1) / max(step, 1))
-    progress = (step - config.warmup_steps) / max(1, config.max_steps - config.warmup_steps)
-    return config.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
-
-
-def build_optimizer(config: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    if config.optimizer == "adafactor":
-        return torch.optim.Adafactor(groups, lr=config.lr)
-    # The fused kernel makes one pass over each tensor: with stacked [E, d, f] experts the
-    # multi-pass implementation streams every expert tensor from memory eight times per step
-    # (measured 2.5x slower at E=64 on CPU).
-    try:
-        return torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, config.beta2), fused=True)
-    except (RuntimeError, ValueError, TypeError):
-        return torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, config.beta2))
-
-
-def clip_grad_norm(model: torch.nn.Module, max_norm: float, parallel) -> float:
-    """Clip by the norm of the whole model's gradient (under torchrun: over every rank's shards,
-    :func:`switchformer.parallel.grad_norm`, the figure one process computes on the whole model)."""
-    if parallel is None:
-        return float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
-    total = grad_norm(model, parallel)
-    scale = max_norm / (total + 1e-6)
-    if scale < 1:
-        scale_gradients(model, scale)
-    return total
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:
@@ -145,83 +96,6 @@ def held_elements(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> d
             local_tensor(v).numel() for entry in optimizer.state.values() for v in entry.values() if torch.is_tensor(v)
         ),
     }
-
-
-def check_start_layout(config: TrainConfig, model_config: dict | None) -> None:
-    """The layout of the processes this command runs in (torchrun's ``WORLD_SIZE``, or one) fits
-    ``config``: a ValueError naming the setting otherwise (see :func:`check_layout`)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1 and config.expert_parallel > 1:
-        raise ValueError(
-            f"expert_parallel: {config.expert_parallel} splits the experts over {config.expert_parallel} "
-            "processes, and one runs here: launch under torchrun (torchrun --nproc_per_node N -m switchformer "
-            f"train ..., N a multiple of {config.expert_parallel}), or give --expert-parallel 1"
-        )
-    if world > 1:
-        check_layout(config, model_config, world)
-
-
-def check_layout(config: TrainConfig, model_config: dict | None, world: int) -> None:
-    """The model fits the layout ``world`` processes with ``config.expert_parallel`` give: the
-    experts split evenly, FSDP can shard every expert weight, Adafactor only without FSDP. Raises
-    ValueError naming the setting (checked on the ``meta`` device: no memory, no weights)."""
-    from switchformer.parallel.memory import estimate_rank_memory
-
-    if config.fsdp and config.optimizer == "adafactor":
-        raise ValueError(
-            "optimizer: adafactor factors whole matrices, which FSDP shards; use adamw, or --set fsdp=false "
-            "to keep weights whole on every rank"
-        )
-    with torch.device("meta"):
-        model = build_model(config, config.vocab_size, model_config)
-    estimate_rank_memory(model, world, config.expert_parallel, 0, config.fsdp, config.optimizer)
-
-
-def global_batch(config: TrainConfig, world: int) -> int:
-    """Sequences (or pairs, conversations) per optimizer step over every rank."""
-    return config.batch_size * config.grad_accum * world
-
-
-def _processes(n) -> str:
-    return f"{n} process" if n == 1 else f"{n} processes"
-
-
-def check_global_batch(config: TrainConfig, state: dict, world: int) -> None:
-    """A run resumed on another number of processes must keep its global batch (``batch_size`` is
-    per rank): the checkpoint's, when it records one, or a ValueError naming the setting to give.
-    The advice keeps each rank's micro-batch where it can (``grad_accum``): a micro-batch is a
-    routing group, so its size decides capacity and the router losses."""
-    saved = state.get("global_batch")
-    if saved is None or saved == global_batch(config, world):
-        return
-    accum, accum_rest = divmod(saved, world * config.batch_size)
-    per_rank, rest = divmod(saved, world * config.grad_accum)
-    if accum and not accum_rest:
-        fix = (
-            f"give --set grad_accum={accum} (each rank keeps its micro-batch of {config.batch_size}, so routing "
-            "groups and losses go on as before)"
-        )
-    elif per_rank and not rest:
-        fix = f"give --set batch_size={per_rank}"
-    elif saved % world:
-        fits = [n for n in range(1, saved + 1) if saved % n == 0]
-        fix = f"{saved} cannot be split evenly over {world} processes: resume on one of {fits} processes"
-    else:
-        fix = f"choose batch_size and grad_accum with batch_size x grad_accum x {world} = {saved}"
-    raise ValueError(
-        f"batch_size: the checkpoint was trained with a global batch of {saved} (saved with "
-        f"{_processes(state.get('world_size', '?'))}), here batch_size {config.batch_size} x grad_accum "
-        f"{config.grad_accum} x {_processes(world)} = {global_batch(config, world)}; {fix}"
-    )
-
-
-def autocast_context(config: TrainConfig, device: torch.device):
-    use_bf16 = config.precision == "bf16" or (
-        config.precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()
-    )
-    if use_bf16:
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 class Trainer:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from switchformer.runs.metrics_log import read_json_lines
+
 
 def _pyplot():
     import matplotlib
@@ -20,7 +22,6 @@ def read_metrics(run_dir: Path) -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():
         raise FileNotFoundError(f"{path}: no metrics (is this a run directory?)")
-    from switchformer.runs.metrics_log import read_json_lines
 
     records, damaged = read_json_lines(path)  # lines cut by a kill or a full disk are skipped
     if damaged:

@@ -6,9 +6,13 @@ import statistics
 from dataclasses import replace
 from pathlib import Path
 
+from switchformer.analysis.evaluate_run import translation_scores
+from switchformer.analysis.metrics import METRICS, require_sacrebleu
+from switchformer.analysis.plots import plot_compare
+from switchformer.inference.translation import decoding_settings
 from switchformer.runs.files import write_file_atomic
 from switchformer.train.config import TrainConfig
-from switchformer.train.plots import plot_compare
+from switchformer.train.data import evaluation_documents
 from switchformer.train.trainer import Trainer
 
 
@@ -33,10 +37,6 @@ def translation_quality(trainer: Trainer, config: TrainConfig, progress: bool) -
     """BLEU and chrF (sacrebleu) of a seq2seq run's model on its validation pairs, decoded with the
     run's settings (``num_beams``, ``length_penalty``), per source language too when there are
     several: what a translation user compares, beside the validation loss."""
-    from switchformer.inference.translation import decoding_settings
-    from switchformer.train.data import evaluation_documents
-    from switchformer.train.evaluation import translation_scores
-    from switchformer.train.metrics import METRICS
 
     pairs = evaluation_documents(config)
     return translation_scores(
@@ -52,7 +52,6 @@ def run_compare(config: TrainConfig, out_dir: Path, progress: bool = True, devic
     Returns the table's rows, the speed-up in steps to the dense model's final loss and the plot."""
     seq2seq = config.resolved_objective == "seq2seq"
     if seq2seq:
-        from switchformer.train.metrics import require_sacrebleu
 
         require_sacrebleu()  # said before an hour of training, not after
     if config.sparse_step == 0:

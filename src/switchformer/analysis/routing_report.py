@@ -15,7 +15,16 @@ from pathlib import Path
 
 import torch
 
+from switchformer.analysis.plots import _pyplot, _save
 from switchformer.data.formatting import Pair
+from switchformer.inference.routing import inference_routing
+from switchformer.inference.translation import require_seq2seq
+from switchformer.runs.files import write_json_atomic
+from switchformer.runtime import resolve_device
+from switchformer.train.data import evaluation_documents, split_from_documents
+from switchformer.train.evaluation import evaluate
+from switchformer.train.init_from import is_sparse
+from switchformer.train.run import load_run
 
 
 def group_by_source_language(pairs: list[Pair]) -> dict[str, list[Pair]]:
@@ -36,9 +45,6 @@ def group_by_source_language(pairs: list[Pair]) -> dict[str, list[Pair]]:
 def expert_shares(model, tokenizer, config, groups: dict[str, list], device) -> dict[str, dict[str, list[float]]]:
     """``{group: {layer: [share of the group's routed tokens per expert]}}`` (each list sums to 1)
     for every Switch layer, with the model routed dropless, the pairs formatted as in training."""
-    from switchformer.inference.routing import inference_routing
-    from switchformer.train.data import split_from_documents
-    from switchformer.train.evaluation import evaluate
 
     shares = {}
     with inference_routing(model, "dropless"):
@@ -83,7 +89,6 @@ def format_shares(shares: dict[str, dict[str, list[float]]]) -> str:
 def plot_shares(shares: dict[str, dict[str, list[float]]], out: Path) -> Path:
     """One heatmap per Switch layer: languages (rows) x experts (columns), colour = share of the
     language's tokens."""
-    from switchformer.train.plots import _pyplot, _save
 
     plt = _pyplot()
     groups = list(shares)
@@ -112,12 +117,6 @@ def routing_by_language_report(
     ``routing_by_language.json`` (the shares and bits) into ``out_dir`` and returns their paths.
     Reads the run, writes nothing into it. Raises ``ValueError`` for a run that is not seq2seq or
     pairs without languages."""
-    from switchformer.inference.translation import require_seq2seq
-    from switchformer.runs.files import write_json_atomic
-    from switchformer.runtime import resolve_device
-    from switchformer.train.data import evaluation_documents
-    from switchformer.train.init_from import is_sparse
-    from switchformer.train.run import load_run
 
     model, tokenizer, config = load_run(source)
     require_seq2seq(config, "--by-language")
