@@ -29,7 +29,7 @@ import time
 
 import torch
 
-from switchformer.interop.hf import config_from_hf
+from switchformer.interop.hf_config import config_from_hf
 from switchformer.models import SwitchT5
 from switchformer.models.accounting import parameter_counts
 

@@ -15,8 +15,10 @@ transformers = pytest.importorskip("transformers")
 
 from safetensors.torch import load_file, save_file  # noqa: E402
 
-from switchformer.interop import hf as interop  # noqa: E402
-from switchformer.interop.hf import config_from_hf, from_hf, state_dict_from_hf, to_hf  # noqa: E402
+from switchformer.interop import hf_config as interop  # noqa: E402
+from switchformer.interop.hf import from_hf, to_hf  # noqa: E402
+from switchformer.interop.hf_config import config_from_hf  # noqa: E402
+from switchformer.interop.hf_weights import state_dict_from_hf  # noqa: E402
 from switchformer.models.t5 import SwitchT5, SwitchT5Config  # noqa: E402
 from switchformer.moe.experts import ACTIVATIONS  # noqa: E402
 
@@ -618,7 +620,7 @@ def test_reader_knows_every_field_and_default_of_transformers_config(model_type)
 
 
 def test_damaged_weight_files_are_named(tmp_path):
-    from switchformer.interop.hf import _load_directory_weights
+    from switchformer.interop.hf_weights import load_directory_weights as _load_directory_weights
 
     (tmp_path / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{bad json")
     with pytest.raises(ValueError, match=r"model\.safetensors: damaged or not a safetensors file"):

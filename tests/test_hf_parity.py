@@ -182,7 +182,7 @@ def test_training_gradients_match(build):
     position bias, experts) against HF's autograd, parameter by parameter."""
     import copy
 
-    from switchformer.interop.hf import state_dict_to_hf
+    from switchformer.interop.hf_weights import state_dict_to_hf
 
     hf = build().train()
     ours = from_hf(hf).train()

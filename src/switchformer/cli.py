@@ -423,7 +423,7 @@ def cmd_compare(args) -> int:
 
 
 def cmd_convert(args) -> int:
-    from switchformer.interop.convert import convert
+    from switchformer.lifecycle.convert import convert
 
     print(f"wrote {convert(args.source, args.target)}")
     return 0

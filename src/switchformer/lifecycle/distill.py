@@ -27,8 +27,16 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from switchformer.inference.routing import inference_routing
+from switchformer.models import dense_twin_config
+from switchformer.models.lm import next_token_labels
 from switchformer.moe.layer import switch_layers
+from switchformer.runs.directory import run_dir_of
+from switchformer.runs.files import write_json_atomic
+from switchformer.runs.state import claim_run, looks_like_a_run
+from switchformer.train.config import TrainConfig, parse_setting
 from switchformer.train.evaluation import evaluate, model_forward
+from switchformer.train.run import build_model_from_dict, load_run
 from switchformer.train.trainer import Trainer
 
 SIZE_FIELDS = ("d_model", "num_layers", "num_heads", "d_ff", "activation")
@@ -62,7 +70,6 @@ def scored_positions(model, batch: dict) -> Tensor:
     """Where the labels score a token, aligned with the logits (a causal LM's shifted targets)."""
     if "labels" in batch and model.is_encoder_decoder:
         return batch["labels"] != -100
-    from switchformer.models.lm import next_token_labels
 
     labels = batch.get("labels", batch["input_ids"])
     return next_token_labels(labels, batch.get("attention_mask")) != -100
@@ -93,7 +100,6 @@ class DistillTrainer(Trainer):
         self.alpha, self.temperature = alpha, temperature
 
     def forward(self, batch: dict, label_smoothing: float = 0.0):
-        from switchformer.inference.routing import inference_routing
 
         with torch.no_grad(), inference_routing(self.teacher, "dropless", layers=self.teacher_layers):
             teacher_logits = model_forward(self.teacher, batch).logits
@@ -132,9 +138,6 @@ def check_distill_settings(alpha: float, temperature: float, max_steps: int) -> 
 def build_student(teacher_source: str | Path, out: str | Path, sets: dict, max_steps: int):
     """(teacher model, student train config, student model config dict). Reads the teacher only.
     Raises ``ValueError`` for a setting in ``sets`` that distill decides itself (:data:`FIXED_FIELDS`)."""
-    from switchformer.models import dense_twin_config
-    from switchformer.runs.directory import run_dir_of
-    from switchformer.train.run import load_run
 
     for key in sets:
         if key in FIXED_FIELDS:
@@ -172,7 +175,6 @@ def build_student(teacher_source: str | Path, out: str | Path, sets: dict, max_s
 def student_init_state(teacher, train, model_values: dict) -> tuple[dict, list[str]]:
     """The student's initial weights: a fresh model (the run's seed) with the teacher's shared
     weights copied in; and the names copied."""
-    from switchformer.train.run import build_model_from_dict
 
     torch.manual_seed(train.seed)
     student = build_model_from_dict(train.model, model_values, "student config")
@@ -182,8 +184,6 @@ def student_init_state(teacher, train, model_values: dict) -> tuple[dict, list[s
 
 def run_distill(args) -> int:
     """``switchformer distill TEACHER OUT``: parse, build the student, train, print the summary."""
-    from switchformer.runs.state import claim_run, looks_like_a_run
-    from switchformer.train.config import TrainConfig, parse_setting
 
     check_distill_settings(args.alpha, args.temperature, args.max_steps)
     fields = set(TrainConfig.__dataclass_fields__)
@@ -215,7 +215,6 @@ def run_distill(args) -> int:
           f"teacher's), alpha {args.alpha}, temperature {args.temperature}, {args.max_steps} steps",
           flush=True)  # fmt: skip
     try:
-        from switchformer.runs.files import write_json_atomic
 
         # what made this student, which config.json (a training run's) cannot say
         record = {"teacher": str(Path(args.teacher).resolve()), "alpha": args.alpha,

@@ -32,7 +32,13 @@ from pathlib import Path
 
 import torch
 
+from switchformer.interop.hf import from_hf
+from switchformer.interop.tokenizers import source_tokenizer
+from switchformer.lifecycle.convert import train_settings_of
 from switchformer.models.layers import DenseFFN, FeedForward
+from switchformer.runs.directory import is_hugging_face_source, run_dir_of
+from switchformer.runs.files import write_file_atomic, write_json_atomic
+from switchformer.train.run import build_model_from_dict, load_run
 
 
 def _ffn_slots(model) -> list[tuple[str, FeedForward]]:
@@ -104,12 +110,6 @@ def upcycle(
     empty folder) atomically file by file. Returns a summary (parameters before and after)."""
     from safetensors.torch import save
 
-    from switchformer.interop.convert import train_settings_of
-    from switchformer.interop.hf import from_hf
-    from switchformer.runs.directory import is_hugging_face_source, run_dir_of
-    from switchformer.runs.files import write_file_atomic, write_json_atomic
-    from switchformer.train.init_from import source_tokenizer
-    from switchformer.train.run import build_model_from_dict, load_run
 
     source, out = Path(source), Path(out)
     if not source.is_dir():

@@ -48,7 +48,7 @@ def load_source(source: str | Path) -> Served:
         raise ValueError(f"{path}: a file; serve takes a run directory, a checkpoint or a Hugging Face directory")
     if is_hugging_face_source(path):
         from switchformer.interop.hf import from_hf
-        from switchformer.train.init_from import source_tokenizer
+        from switchformer.interop.tokenizers import source_tokenizer
 
         model = from_hf(path).eval()
         tokenizer_file, note = source_tokenizer(path)
