@@ -129,9 +129,9 @@ def engine_only(runs: dict[str, Path], levels: list[int], max_tokens: int, round
     import torch
 
     from switchformer.inference.scope import DecodingScope
-    from switchformer.serve.command import load_source
     from switchformer.serve.engine import Engine, Request
     from switchformer.serve.sampling import SamplingParams
+    from switchformer.serve.server import load_source
 
     served = {name: load_source(run) for name, run in runs.items()}
     texts = prompts(max(levels))

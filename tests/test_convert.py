@@ -11,8 +11,9 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from switchformer.cli import load_run, main  # noqa: E402
+from switchformer.cli import main  # noqa: E402
 from switchformer.data.tokenizer import train_tokenizer  # noqa: E402
+from switchformer.train.run import load_run  # noqa: E402
 
 TEXT = ["Sparse experts route each token to one feed-forward network.", "A router sends tokens to experts."] * 40
 

@@ -15,11 +15,12 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from switchformer.cli import load_run, main  # noqa: E402
+from switchformer.cli import main  # noqa: E402
 from switchformer.data.tokenizer import load_tokenizer, train_tokenizer  # noqa: E402
 from switchformer.interop.hf import from_hf  # noqa: E402
 from switchformer.interop.tokenizers import source_tokenizer  # noqa: E402
 from switchformer.train.init_from import FINE_TUNING_DEFAULTS  # noqa: E402
+from switchformer.train.run import load_run  # noqa: E402
 
 TEXT = "Sparse experts route each token to one feed-forward network. A router sends tokens to experts.\n" * 60
 

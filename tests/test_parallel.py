@@ -315,7 +315,7 @@ def test_torchrun_training_matches_one_process(tmp_path):
     checkpoint = sorted((tmp_path / "two" / "checkpoints").iterdir())[-1]
     assert (checkpoint / "dcp" / ".metadata").exists() and (checkpoint / "model.safetensors").exists()
     # the consolidated checkpoint serves single-process commands
-    from switchformer.cli import load_run
+    from switchformer.train.run import load_run
 
     model, _, config = load_run(tmp_path / "two")
     reference, _, _ = load_run(tmp_path / "one")

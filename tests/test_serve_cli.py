@@ -85,8 +85,9 @@ def test_serve_a_run_in_a_subprocess_and_stop_it_gracefully(lm_run, stop):
 
 def test_serve_a_hugging_face_directory_equals_transformers_generate(tmp_path):
     transformers = pytest.importorskip("transformers")
+    from switchformer.commands.serve import check_flags
     from switchformer.data.tokenizer import train_tokenizer
-    from switchformer.serve.command import build_app
+    from switchformer.serve.server import build_server
 
     tok = train_tokenizer(corpus(), 400, "bpe")
     torch.manual_seed(0)
@@ -100,7 +101,9 @@ def test_serve_a_hugging_face_directory_equals_transformers_generate(tmp_path):
     hf.save_pretrained(folder)
     tok.save(str(folder / "tokenizer.json"))
     args = build_parser().parse_args(["serve", str(folder), "--max-tokens", "12"])
-    app, served, limits, _, name = build_app(args)
+    check_flags(args)
+    server = build_server(args.source, max_tokens=args.max_tokens)
+    app, limits, name = server.app, server.limits, server.name
     assert name == "hf-switch" and limits.max_tokens == 12 and limits.context is None
     prompts = ["the cat sat", "a big red house", "moon"]
     with serving(app) as url:

@@ -354,8 +354,8 @@ def test_eval_routing_dropless_processes_every_token(tmp_path, corpus, capsys):
 def test_compare_runs_the_long_regime_by_default(tmp_path, monkeypatch, capsys):
     """`switchformer compare` with no preset trains compare-long (the issue asks that the regime
     where Switch wins be the default); `--preset compare` is the quick check."""
-    from switchformer import cli
     from switchformer.analysis import compare
+    from switchformer.commands import common as cli
     from switchformer.train.config import PRESETS, build_config
 
     assert set(cli.PRESET_NAMES) == set(PRESETS)  # the help text lists every preset

@@ -9,10 +9,14 @@ from __future__ import annotations
 import gzip
 import json
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
 
 from switchformer.data.formatting import unicode_problem
-from switchformer.runs.files import BOM, DataError, decode_text, read_json  # noqa: F401 (re-exported: the one text reading)
+
+# the one text reading lives with the run format at the ground floor; data's readers use it, and
+# DataError and read_json are this module's too, for the readers of a user's files
+from switchformer.runs.files import BOM, DataError, decode_text, read_json  # noqa: F401
 
 TEXT_SUFFIXES = {".txt", ".md", ".rst", ".text", ""}
 
@@ -142,3 +146,32 @@ def read_hf_dataset(path: Path, fields: tuple[str, ...]) -> list[dict]:
     if not rows:
         raise DataError(f"{path}: dataset is empty")
     return rows
+
+
+def read_file_lines(path: Path, flag: str = "input") -> list[str]:
+    """The lines of ``path``, checked whole, as every command reads a text file
+    (:func:`switchformer.data.files.read_text`: UTF-8, a leading byte-order mark dropped, lines at
+    ``\n``): ``ValueError`` naming ``path:line`` for bytes that are not UTF-8,
+    ``FileNotFoundError`` naming a missing file."""
+    if not path.exists():
+        raise FileNotFoundError(f"{flag}: {path}: no such file")
+    if path.is_dir():
+        raise ValueError(f"{flag}: {path} is a folder; give a text file with one line per entry")
+    return lines(read_text(path))  # gunzipped when the name ends in .gz, as training reads its data
+
+
+def read_stream_lines(stream, name: str = "<stdin>") -> Iterator[str]:
+    """The lines of ``stream`` as they arrive, by the same rules as a file (bytes decoded as UTF-8,
+    naming ``name:line`` when they are not; a byte-order mark at the start dropped; a text stream is
+    taken as it is)."""
+    binary = getattr(stream, "buffer", None)
+    for number, raw in enumerate(binary if binary is not None else stream, 1):
+        if isinstance(raw, bytes):
+            try:
+                raw = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                where = f"{name}:{number}"
+                raise ValueError(f"{where}: not valid UTF-8 ({err.reason} at byte {err.start} of the line)") from None
+        if number == 1:
+            raw = raw.removeprefix(BOM)
+        yield lines(raw)[0]  # one line: its end (\n, \r\n) dropped

@@ -34,7 +34,6 @@ from switchformer.moe.layer import switch_layers
 from switchformer.runs.directory import run_dir_of
 from switchformer.runs.files import write_json_atomic
 from switchformer.runs.state import claim_run, looks_like_a_run
-from switchformer.train.config import TrainConfig, parse_setting
 from switchformer.train.evaluation import evaluate, model_forward
 from switchformer.train.run import build_model_from_dict, load_run
 from switchformer.train.trainer import Trainer
@@ -182,26 +181,20 @@ def student_init_state(teacher, train, model_values: dict) -> tuple[dict, list[s
     return student.state_dict(), copied
 
 
-def run_distill(args) -> int:
-    """``switchformer distill TEACHER OUT``: parse, build the student, train, print the summary."""
-
-    check_distill_settings(args.alpha, args.temperature, args.max_steps)
-    fields = set(TrainConfig.__dataclass_fields__)
-    sets = {}
-    for item in args.set:
-        key, sep, value = item.partition("=")
-        key = key.strip()
-        if not sep or key not in fields:
-            raise ValueError(f"--set {item}: expected KEY=VALUE with KEY a training setting")
-        sets[key] = parse_setting(key, value)
-    if args.seed is not None:
-        sets["seed"] = args.seed
-    out = Path(args.out)
+def distill(teacher_source: str | Path, out: str | Path, max_steps: int, *, alpha: float = 0.75,
+            temperature: float = 1.0, sets: dict | None = None, device: str | None = None, progress: bool = True,
+            announce=print) -> dict:  # fmt: skip
+    """Distil the Switch run ``teacher_source`` into a dense student run at ``out`` (new or empty; one
+    stopped before its first checkpoint starts over) over ``max_steps`` steps; ``sets``: student
+    settings (field -> value) instead of the FLOP-matched dense twin's. ``announce`` gets one line
+    before training starts. Returns the trainer's summary."""
+    check_distill_settings(alpha, temperature, max_steps)
+    out = Path(out)
     if out.is_file():
         raise ValueError(f"{out}: a file; distill writes the student's run into a new or empty folder")
     if out.is_dir() and any(out.iterdir()) and not looks_like_a_run(out):
         raise FileExistsError(f"{out}: already holds files; distill writes into a new or empty folder")
-    teacher, train, model_values = build_student(args.teacher, args.out, sets, args.max_steps)
+    teacher, train, model_values = build_student(teacher_source, out, dict(sets or {}), max_steps)
     init_state, copied = student_init_state(teacher, train, model_values)
     try:  # a distillation stopped before its first checkpoint starts over; one with a checkpoint is kept
         lock = claim_run(out, resume=False)
@@ -210,23 +203,18 @@ def run_distill(args) -> int:
             f"{out}: already holds a run with a checkpoint; continue it with switchformer train --resume {out} (on "
             "labels only: the teacher is not part of the run), or choose another OUT"
         ) from None
-    total = len(init_state)
-    print(f"distilling {args.teacher} -> {out}: a dense student ({total} tensors, {len(copied)} of them the "
-          f"teacher's), alpha {args.alpha}, temperature {args.temperature}, {args.max_steps} steps",
-          flush=True)  # fmt: skip
+    announce(f"distilling {teacher_source} -> {out}: a dense student ({len(init_state)} tensors, {len(copied)} of "
+             f"them the teacher's), alpha {alpha}, temperature {temperature}, {max_steps} steps")  # fmt: skip
     try:
-
         # what made this student, which config.json (a training run's) cannot say
-        record = {"teacher": str(Path(args.teacher).resolve()), "alpha": args.alpha,
-                  "temperature": args.temperature, "copied_weights": copied}  # fmt: skip
+        record = {"teacher": str(Path(teacher_source).resolve()), "alpha": alpha, "temperature": temperature,
+                  "copied_weights": copied}  # fmt: skip
         write_json_atomic(out / "distill.json", record)
         trainer = DistillTrainer(
-            train, out, teacher=teacher, alpha=args.alpha, temperature=args.temperature,
-            progress=not args.no_progress, device=args.device, model_config=model_values, init_state=init_state,
+            train, out, teacher=teacher, alpha=alpha, temperature=temperature, progress=progress, device=device,
+            model_config=model_values, init_state=init_state,
         )  # fmt: skip
-        summary = trainer.train()
+        return trainer.train()
     finally:
         if lock is not None:
             lock.release()
-    print(f"validation loss {summary['eval_loss']:.4f} (the student's cross-entropy), run directory: {out}")
-    return 0

@@ -147,25 +147,3 @@ def upcycle(
                                              "upcycled_from": str(source.resolve())})  # fmt: skip
     before, after = dense.num_parameters(), sparse.num_parameters()
     return {"before": before, "after": after, "family": family, "config": config}
-
-
-def run_upcycle(args) -> int:
-    """``switchformer upcycle SOURCE OUT``: upcycle, then say what the new model computes at step 0."""
-    result = upcycle(
-        args.source, args.out, args.num_experts, args.sparse_step, args.top_k, args.expert_noise, args.seed,
-        args.capacity_factor, args.capacity_factor,
-    )  # fmt: skip
-    before, after = result["before"], result["after"]
-    if args.top_k == 1:
-        exact = "not the dense function at step 0 (top-1 gates scale each FFN by its router probability)"
-    elif args.capacity_factor is not None:
-        exact = "the dense function at step 0 where no token overflows an expert's capacity"
-    elif args.expert_noise:
-        exact = "the dense function at step 0 up to the expert noise"
-    else:
-        exact = "the dense model's function at step 0"
-    print(f"upcycled {args.source} -> {args.out}: {args.num_experts} experts every {args.sparse_step} layer(s), "
-          f"top-{args.top_k}; parameters {before['total']:,} -> {after['total']:,} ({after['active']:,} active per "
-          f"token); {exact}")  # fmt: skip
-    print(f"train it further: switchformer train --init-from {args.out} --run-name <name> --max-steps N")
-    return 0

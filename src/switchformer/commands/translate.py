@@ -1,5 +1,5 @@
 """``switchformer translate RUN``: translate a file (or standard input) line by line with a seq2seq
-run, as :func:`switchformer.inference.translation.translate` does; ``cli.py`` only parses the flags.
+run, as :func:`switchformer.inference.translation.translate` does.
 
 Input: UTF-8 text, one source per line (lines end at ``\\n``; a ``\\r`` before it is dropped; a
 byte-order mark at the start is dropped), gzipped when the file name ends in ``.gz``: the reading
@@ -16,48 +16,71 @@ leaves, in ``--output``, the translations of the first N input lines, never part
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import logging
 import os
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
+
+# The library is imported inside run(), on use: the parser is built from every command module, and
+# `switchformer --help` should not wait for torch.
 
 log = logging.getLogger("switchformer")
 
-
-def read_file_lines(path: Path) -> list[str]:
-    """The lines of ``path``, checked whole, as every command reads a text file
-    (:func:`switchformer.data.files.read_text`: UTF-8, a leading byte-order mark dropped, lines at
-    ``\n``): ``ValueError`` naming ``path:line`` for bytes that are not UTF-8,
-    ``FileNotFoundError`` naming a missing file."""
-    if not path.exists():
-        raise FileNotFoundError(f"--input: {path}: no such file")
-    if path.is_dir():
-        raise ValueError(f"--input: {path} is a folder; give a text file with one source per line")
-    from switchformer.data.files import lines, read_text
-
-    return lines(read_text(path))  # gunzipped when the name ends in .gz, as training reads its data
+NAME = "translate"
+HELP = "translate a file line by line with a seq2seq run (batched; greedy or beams)"
+EPILOG = """examples:
+  switchformer translate runs/de-en --input test.de --output hyp.en
+  switchformer translate runs/de-en --num-beams 4 --length-penalty 0.6 < test.de > hyp.en
+  switchformer translate runs/multi --source-lang fr --input test.fr --output hyp.en   # multilingual run
+  sacrebleu test.en < hyp.en          # or: switchformer eval runs/de-en --data test.jsonl --metric bleu"""
 
 
-def read_stream_lines(stream, name: str = "<stdin>") -> Iterator[str]:
-    """The lines of ``stream`` as they arrive, by the same rules as a file (bytes decoded as UTF-8,
-    naming ``name:line`` when they are not; a byte-order mark at the start dropped; a text stream is
-    taken as it is)."""
-    from switchformer.data.files import BOM, lines
-
-    binary = getattr(stream, "buffer", None)
-    for number, raw in enumerate(binary if binary is not None else stream, 1):
-        if isinstance(raw, bytes):
-            try:
-                raw = raw.decode("utf-8")
-            except UnicodeDecodeError as err:
-                where = f"{name}:{number}"
-                raise ValueError(f"{where}: not valid UTF-8 ({err.reason} at byte {err.start} of the line)") from None
-        if number == 1:
-            raw = raw.removeprefix(BOM)
-        yield lines(raw)[0]  # one line: its end (\n, \r\n) dropped
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run", help="run directory or checkpoint (trained with objective=seq2seq)")
+    parser.add_argument("--input", "-i", help="UTF-8 text, one source per line (default: standard input)")
+    parser.add_argument(
+        "--output",
+        "-o",
+        help="one translation per input line, written as produced (default: standard output); a stopped run "
+        "leaves the first lines' translations, whole lines only",
+    )
+    parser.add_argument("--batch-size", type=int, default=32, help="sentences decoded together (default: 32)")
+    parser.add_argument(
+        "--buffer-size",
+        type=int,
+        default=1024,
+        help="sentences read, sorted by length and translated before their output is written (default: 1024)",
+    )
+    parser.add_argument("--num-beams", type=int, help="1: greedy; more: beam search (default: the run's num_beams)")
+    parser.add_argument("--length-penalty", type=float, help="beam search length penalty (default: the run's)")
+    parser.add_argument(
+        "--max-new-tokens", type=int, help="tokens per translation at most (default: the run's seq_len)"
+    )
+    parser.add_argument(
+        "--no-repeat-ngram-size",
+        type=int,
+        metavar="N",
+        help="no N-gram of tokens twice in a translation, the cure for loops such as 'a man holding a man "
+        "holding ...' (0: off; default: the run's)",
+    )
+    parser.add_argument(
+        "--source-lang", metavar="CODE", help="the language of every line, when the run's source_prefix names it"
+    )
+    parser.add_argument(
+        "--target-lang", metavar="CODE", help="the target language, when the run's source_prefix names it"
+    )
+    parser.add_argument(
+        "--routing",
+        choices=["eval", "dropless"],
+        default="eval",
+        help="eval: the run's own eval routing (default); dropless: no token dropped, so batching never changes "
+        "a translation",
+    )
+    parser.add_argument("--device", help="cpu or cuda (default: cuda if available)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def _check_paths(args) -> tuple[Path | None, Path | None]:
@@ -97,10 +120,10 @@ def decoding_summary(settings: dict) -> str:
     return f"{how}, at most {settings['max_new_tokens']} new tokens"
 
 
-def run_translate(args) -> int:
-    """The ``translate`` command (flags as ``switchformer translate --help`` lists them)."""
+def run(args) -> int:
     from tqdm.auto import tqdm
 
+    from switchformer.data.files import read_file_lines, read_stream_lines
     from switchformer.data.formatting import prefix_fields
     from switchformer.inference.routing import routing_description
     from switchformer.inference.translation import (
@@ -117,7 +140,9 @@ def run_translate(args) -> int:
     _check_language_code("--source-lang", args.source_lang)
     _check_language_code("--target-lang", args.target_lang)
     device = resolve_device(args.device)
-    lines = read_file_lines(source) if source is not None else None  # a bad byte is named before the model loads
+    lines = (
+        read_file_lines(source, "--input") if source is not None else None
+    )  # a bad byte is named before the model loads
     model, tokenizer, config = load_run(args.run)
     require_seq2seq(config, "translate")
     settings = decoding_settings(

@@ -1,21 +1,29 @@
-"""``switchformer serve SOURCE``: load a run, a checkpoint or a Hugging Face directory, build the
-engine and the application, and run uvicorn until interrupted (graceful shutdown: running
-requests get ``--shutdown-timeout`` seconds)."""
+"""A server of a run, a checkpoint or a Hugging Face directory: the source loaded, the engine and the
+application built (:func:`build_server`), the socket bound (:func:`bind`) and uvicorn run until
+interrupted (:func:`run_server`; graceful shutdown: running requests get ``shutdown_timeout``
+seconds)."""
 
 from __future__ import annotations
 
 import importlib.util
 import logging
-import math
 import os
-import re
 import signal
 import socket
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from switchformer.data.tokenizer import load_tokenizer
+from switchformer.interop.hf import from_hf
+from switchformer.interop.tokenizers import source_tokenizer
+from switchformer.runs.directory import is_hugging_face_source, run_dir_of
+from switchformer.runtime import resolve_device
+from switchformer.serve.engine import Engine
+from switchformer.serve.prompts import PromptFormatter
+from switchformer.serve.protocol import Limits
+from switchformer.train.run import check_tokenizer_fits, load_run
 
 log = logging.getLogger("switchformer")
 
@@ -39,16 +47,11 @@ class Served:
 
 def load_source(source: str | Path) -> Served:
     """Model, tokenizer and run config of a run, a checkpoint or a Hugging Face directory."""
-    from switchformer.data.tokenizer import load_tokenizer
-    from switchformer.runs.directory import is_hugging_face_source, run_dir_of
-    from switchformer.train.run import check_tokenizer_fits, load_run
 
     path = Path(source)
     if path.is_file():
         raise ValueError(f"{path}: a file; serve takes a run directory, a checkpoint or a Hugging Face directory")
     if is_hugging_face_source(path):
-        from switchformer.interop.hf import from_hf
-        from switchformer.interop.tokenizers import source_tokenizer
 
         model = from_hf(path).eval()
         tokenizer_file, note = source_tokenizer(path)
@@ -64,7 +67,6 @@ def load_source(source: str | Path) -> Served:
 def limits_for(served: Served, max_prompt_tokens: int | None, max_tokens: int | None):
     """The request limits: a decoder-only model's context is its ``max_seq_len``; an
     encoder-decoder's sources and answers default to the run's ``seq_len`` (512 for an import)."""
-    from switchformer.serve.protocol import Limits
 
     if not served.model.is_encoder_decoder:
         context = served.model.config.max_seq_len
@@ -78,57 +80,49 @@ def limits_for(served: Served, max_prompt_tokens: int | None, max_tokens: int | 
     return Limits(max_prompt_tokens or length, max_tokens or length, None)
 
 
-def _check_flags(args) -> None:
-    for flag in ("max_batch_size", "max_prompt_tokens", "max_tokens", "request_timeout", "shutdown_timeout"):
-        value = getattr(args, flag)
-        if value is not None and not (math.isfinite(value) and value > 0):
-            raise ValueError(f"--{flag.replace('_', '-')}: must be a finite number > 0, got {value}")
-    for flag in ("api_key", "served_model_name"):
-        value = getattr(args, flag)
-        if value is not None and not value.strip():
-            raise ValueError(f"--{flag.replace('_', '-')}: empty")
-    for origin in args.cors_origin or []:
-        if origin != "*" and not re.fullmatch(r"https?://[^/\s:]+(:\d{1,5})?", origin):
-            raise ValueError(f"--cors-origin: {origin!r} is not an origin (scheme://host[:port], no path; or '*')")
-    if args.max_queue < 0:
-        raise ValueError(f"--max-queue: must be >= 0, got {args.max_queue}")
-    if not 0 < args.port < 65536:
-        raise ValueError(f"--port: must be in 1-65535, got {args.port}")
+@dataclass
+class Server:
+    """What ``serve`` runs: the application (engine not yet started), what it serves, its limits."""
+
+    app: object
+    served: Served
+    limits: object
+    api_key: str | None
+    name: str
 
 
-def build_app(args):
-    """The application for ``args`` (the parsed ``serve`` flags), engine not yet started."""
-    from switchformer.runtime import resolve_device
-    from switchformer.serve.app import create_app
-    from switchformer.serve.engine import Engine
-    from switchformer.serve.prompts import PromptFormatter
-
+def build_server(
+    source: str | Path, *, device: str | None = None, dtype: str = "float32", max_batch_size: int = 16,
+    max_queue: int = 256, max_prompt_tokens: int | None = None, max_tokens: int | None = None,
+    routing: str = "eval", api_key: str | None = None, served_model_name: str | None = None,
+    request_timeout: float = 600.0, shutdown_timeout: float = 10.0, cors_origins: list[str] | None = None,
+) -> Server:  # fmt: skip
+    """The server of ``source`` (a run, a checkpoint or a Hugging Face directory) with these settings
+    (``serve --help`` says each); ``api_key`` None: ``$SWITCHFORMER_API_KEY``, else none."""
     check_serve_installed()
-    _check_flags(args)
-    served = load_source(args.source)
-    device = resolve_device(args.device)
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
-    served.model.to(device=device, dtype=dtype)
-    limits = limits_for(served, args.max_prompt_tokens, args.max_tokens)
+    served = load_source(source)
+    served.model.to(device=resolve_device(device), dtype={"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype])
+    limits = limits_for(served, max_prompt_tokens, max_tokens)
     lm = limits.context is not None
     engine = Engine(
         served.model,
         served.tokenizer,
-        max_batch_size=args.max_batch_size,
-        max_queue=args.max_queue,
+        max_batch_size=max_batch_size,
+        max_queue=max_queue,
         max_request_tokens=limits.context if lm else limits.max_tokens + 1,
         max_source_tokens=0 if lm else limits.max_prompt_tokens,
-        routing=args.routing,
+        routing=routing,
     )
     formatter = PromptFormatter(served.tokenizer, served.model, served.config)
-    api_key = args.api_key or os.environ.get("SWITCHFORMER_API_KEY") or None
-    name = args.served_model_name or served.name
+    from switchformer.serve.app import create_app  # FastAPI: after check_serve_installed named what is missing
+
+    api_key = api_key or os.environ.get("SWITCHFORMER_API_KEY") or None
+    name = served_model_name or served.name
     app = create_app(
         engine, formatter, model_name=name, limits=limits, api_key=api_key,
-        request_timeout=args.request_timeout, shutdown_timeout=args.shutdown_timeout,
-        cors_origins=args.cors_origin,
+        request_timeout=request_timeout, shutdown_timeout=shutdown_timeout, cors_origins=cors_origins,
     )  # fmt: skip
-    return app, served, limits, api_key, name
+    return Server(app, served, limits, api_key, name)
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -153,40 +147,26 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def run_serve(args) -> int:
-    import uvicorn
+def run_server(app, sock: socket.socket, shutdown_timeout: float, log_level: str = "info") -> None:
+    """uvicorn on ``sock`` until Ctrl-C or SIGTERM; either is a graceful stop (running requests get
+    ``shutdown_timeout`` seconds to finish) that returns normally."""
+    import uvicorn  # the serve extra: imported when a server really runs
 
-    from switchformer.inference.routing import routing_description
-
-    app, served, limits, api_key, name = build_app(args)
-    sock = bind(args.host, args.port)
     engine = app.state.engine
 
-    class Server(uvicorn.Server):
+    class _Uvicorn(uvicorn.Server):
         def handle_exit(self, sig, frame):  # the signal: running requests get their ending first
-            engine.drain(args.shutdown_timeout)
+            engine.drain(shutdown_timeout)
             super().handle_exit(sig, frame)
 
-    family = "encoder-decoder (text-to-text)" if limits.context is None else "decoder-only"
-    print(
-        f"serving {name!r}: {family}, routing {routing_description(served.model, args.routing)}, up to "
-        f"{args.max_batch_size} requests at once, prompts up to {limits.max_prompt_tokens} tokens, max_tokens up to "
-        f"{limits.max_tokens}{', API key required' if api_key else ''}\n"
-        f"  http://{args.host}:{args.port}/  (chat page), /v1/completions, /v1/chat/completions, /metrics",
-        file=sys.stderr,
-        flush=True,
-    )
-    if api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
-        print(f"warning: serving on {args.host} without --api-key: anyone who reaches it can use it", file=sys.stderr)
     # the HTTP server waits for the connections the drain ends (a little after its deadline)
-    config = uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=args.shutdown_timeout + 5)
+    config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=shutdown_timeout + 5)
     # uvicorn re-raises the signal that stopped it once it has shut down cleanly, under the handler that
     # was there before: the default one would end the process with 143 after a graceful SIGTERM
     previous = signal.signal(signal.SIGTERM, lambda sig, frame: None)
     try:
-        Server(config).run(sockets=[sock])
+        _Uvicorn(config).run(sockets=[sock])
     except KeyboardInterrupt:  # Ctrl-C, raised again the same way
         pass
     finally:
         signal.signal(signal.SIGTERM, previous)
-    return 0

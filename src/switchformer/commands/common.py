@@ -1,0 +1,89 @@
+"""What several commands share: the flags of a training configuration and the config they give."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+# The presets --help names; written out so that --help needs no torch (a test holds it equal to PRESETS).
+PRESET_NAMES = ("tiny", "test", "compare", "compare-long", "compare-gpu", "mt-small")
+TRAIN_PRESET = "tiny"
+# `switchformer compare` runs, by default, the regime where the paper's effect shows on a laptop
+# (docs: results, "a small model trained long"); the 800-step `compare` preset is the quick check.
+COMPARE_PRESET = "compare-long"
+
+# Commands import the library inside run(): the parser is built from every command module, and
+# `switchformer --help` should not wait for torch.
+
+
+def add_config_arguments(p: argparse.ArgumentParser, default_preset: str) -> None:
+    """The flags of a training configuration (train, compare)."""
+    names = ", ".join(f"{name} (default)" if name == default_preset else name for name in PRESET_NAMES)
+    p.add_argument("--preset", default=None, help=names)
+    p.add_argument("--config", help="a .toml, .yaml or .json file of settings")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one setting")
+    p.add_argument("--model", choices=["lm", "t5"], help="model family")
+    p.add_argument(
+        "--data",
+        nargs="+",
+        help="text files or folders, .jsonl, .arrow/.parquet; seq2seq pairs also .tsv or line-aligned text files "
+        "(train.de train.en); .gz read as gzip (default: the embedded corpus)",
+    )
+    p.add_argument(
+        "--valid",
+        nargs="+",
+        metavar="FILE",
+        help="validation files, in --data's formats and pairing rules (default: the first validation_fraction of "
+        "--data is held out)",
+    )
+    p.add_argument(
+        "--source-lang",
+        metavar="CODE[,CODE...]",
+        help="seq2seq: the source language(s) of line-aligned files named by language (train.de); several make "
+        "a multilingual set (default: every language but the target)",
+    )
+    p.add_argument("--target-lang", metavar="CODE", help="seq2seq: the target language (train.en pairs with train.de)")
+    p.add_argument("--max-steps", type=int)
+    p.add_argument("--out-dir", help="parent folder of runs (default: runs)")
+    p.add_argument("--run-name")
+    p.add_argument("--device", help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def config_from_args(args, default_preset: str):
+    """The ``TrainConfig`` the flags of :func:`add_config_arguments` give: the preset, then the config
+    file, ``--set`` and the flags; with ``--init-from``, the model family is the source's."""
+    from switchformer.train.config import FLAG_NAMES, build_config, settings_given  # on use (start-up time)
+
+    overrides = {
+        "model": args.model,
+        "data": args.data,
+        "max_steps": args.max_steps,
+        "out_dir": args.out_dir,
+        "run_name": args.run_name,
+        "expert_parallel": getattr(args, "expert_parallel", None),
+        "init_from": getattr(args, "init_from", None),
+        "valid_data": getattr(args, "valid", None),
+        "source_lang": getattr(args, "source_lang", None),
+        "target_lang": getattr(args, "target_lang", None),
+    }
+    given, sources = settings_given(args.config, args.set)
+    init_from = overrides["init_from"] or given.get("init_from")
+    if init_from:  # the source decides the model family; a contradicting one is refused by name
+        from switchformer.train.init_from import source_family  # on use (start-up time)
+
+        family = source_family(init_from)
+        asked = args.model if args.model is not None else given.get("model")
+        if asked is not None and asked != family:
+            where = FLAG_NAMES["model"] if args.model is not None else sources["model"]
+            raise ValueError(f"model: --init-from {init_from} holds a {family} model, {where} asks for {asked!r}; "
+                             "leave it out (the family comes from the pretrained model)")  # fmt: skip
+        overrides["model"] = family
+    return build_config(args.preset or default_preset, args.config, overrides, args.set, FLAG_NAMES)
+
+
+def run_dir_for(config) -> Path:
+    """A new run's directory: ``out_dir/run_name``, or the family and the time."""
+    name = config.run_name or f"{config.model}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return Path(config.out_dir) / name
