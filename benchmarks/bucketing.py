@@ -23,8 +23,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=4)
     args = parser.parse_args()
 
-    from switchformer.train.config import build_config
     from switchformer.train.data import prepare_data
+    from switchformer.train.sources import build_config
     from switchformer.train.trainer import Trainer
 
     d = Path(args.data)

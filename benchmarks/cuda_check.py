@@ -34,7 +34,7 @@ from switchformer import SwitchMoE
 from switchformer.interop.hf import from_hf
 from switchformer.moe.dispatch import grouped_mm_available
 from switchformer.moe.routing import Router
-from switchformer.train.config import build_config
+from switchformer.train.sources import build_config
 from switchformer.train.trainer import Trainer
 
 FAILURES: list[str] = []

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from switchformer.analysis.compare import steps_to_reach
 from switchformer.analysis.plots import _pyplot, _save
-from switchformer.train.config import build_config
+from switchformer.train.sources import build_config
 from switchformer.train.trainer import Trainer
 
 

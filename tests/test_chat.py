@@ -22,10 +22,10 @@ from switchformer.data.loaders import load_conversations, load_text
 from switchformer.data.tokenizer import special_ids, train_tokenizer
 from switchformer.inference.text import generate_text
 from switchformer.models.lm import next_token_labels
-from switchformer.train.config import build_config
 from switchformer.train.data import Split, evaluation_split, prepare_data, split_from_documents
 from switchformer.train.evaluation import scored_tokens
 from switchformer.train.run import load_run
+from switchformer.train.sources import build_config
 from switchformer.train.trainer import Trainer
 
 WORDS = "apple river stone cloud tiger lemon piano rocket garden silver".split()

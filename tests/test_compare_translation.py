@@ -81,7 +81,8 @@ def test_compare_on_a_translation_task_needs_sacrebleu_before_training(tmp_path,
 
 
 def test_the_mt_small_preset_is_a_translation_setup(capsys):
-    from switchformer.train.config import PRESETS, build_config
+    from switchformer.train.presets import PRESETS
+    from switchformer.train.sources import build_config
 
     config = build_config("mt-small", overrides={"data": ["train.de", "train.en"]})
     assert (config.model, config.resolved_objective, config.num_beams) == ("t5", "seq2seq", 4)

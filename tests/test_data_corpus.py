@@ -7,8 +7,8 @@ import torch
 
 from switchformer.data.corpus import embedded_documents
 from switchformer.data.objectives import pack_causal
-from switchformer.train.config import build_config
 from switchformer.train.data import tokenizer_sample
+from switchformer.train.sources import build_config
 
 
 def test_docs_plus_packages_adds_capped_package_source_in_a_stable_order():

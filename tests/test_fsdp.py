@@ -198,7 +198,7 @@ def test_checkpoint_of_4_processes_resumes_on_2_and_on_1(tmp_path):
 
 def _rank_killed_mid_run(rank, world, corpus, run_dir):
     from switchformer.parallel import failure_message
-    from switchformer.train.config import build_config
+    from switchformer.train.sources import build_config
     from switchformer.train.trainer import Trainer
 
     config = build_config(
@@ -249,8 +249,8 @@ def _run_to_the_end(fn, world: int, args: tuple, errors: Path) -> list[int]:
 
 
 def _corpus_and_tokenizer(tmp_path: Path) -> tuple[Path, Path]:
-    from switchformer.train.config import build_config
     from switchformer.train.data import prepare_data
+    from switchformer.train.sources import build_config
 
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("Switch layers route every token to one expert of many.\n" * 400)
@@ -268,7 +268,7 @@ def test_a_rank_killed_mid_step_ends_every_rank_with_a_message(tmp_path):
 
 def _rank_killed_mid_save(rank, world, corpus, run_dir):
     from switchformer.train import trainer as trainer_module
-    from switchformer.train.config import build_config
+    from switchformer.train.sources import build_config
     from switchformer.train.trainer import Trainer
 
     config = build_config(
@@ -310,7 +310,7 @@ def test_a_rank_killed_mid_save_leaves_the_last_complete_checkpoint(tmp_path):
 
 
 def _bias_config(corpus: str, batch_size: int, expert_parallel: int):
-    from switchformer.train.config import build_config
+    from switchformer.train.sources import build_config
 
     values = dict(
         data=[corpus], vocab_size=400, seq_len=32, group_size=32, routing="aux_loss_free", max_steps=3,
@@ -499,8 +499,8 @@ def test_expert_shard_dimension_is_the_first_that_divides_evenly():
     ],
 )
 def test_layouts_that_cannot_work_are_refused_before_anything_runs(world, changes, message):
-    from switchformer.train.config import build_config
     from switchformer.train.layout import check_layout
+    from switchformer.train.sources import build_config
 
     config = build_config("test", overrides=changes)
     with pytest.raises(ValueError, match=message):
@@ -512,7 +512,7 @@ def test_layouts_that_cannot_work_are_refused_before_anything_runs(world, change
 
 
 def test_expert_parallelism_without_torchrun_says_how_to_launch(tmp_path, monkeypatch):
-    from switchformer.train.config import build_config
+    from switchformer.train.sources import build_config
     from switchformer.train.trainer import Trainer
 
     monkeypatch.delenv("WORLD_SIZE", raising=False)
@@ -545,8 +545,8 @@ def test_info_memory_per_rank_prints_the_estimate(capsys):
     assert main(["info", "--preset", "test", "--world-size", "4", "--expert-parallel", "2"]) == 0
     out = capsys.readouterr().out
     with torch.device("meta"):
-        from switchformer.train.config import build_config
         from switchformer.train.run import build_model
+        from switchformer.train.sources import build_config
 
         config = build_config("test")
         model = build_model(config, config.vocab_size)
@@ -583,8 +583,8 @@ def test_evaluation_split_over_ranks_sums_to_one_process_on_the_global_batch(row
     batch, leave ranks empty, or hold one row."""
     from dataclasses import replace
 
-    from switchformer.train.config import build_config
     from switchformer.train.evaluation import evaluate
+    from switchformer.train.sources import build_config
 
     model = seeded_model().eval()  # routing groups: each forward's rows (no group_size)
     split = _Split(torch.randint(1, EIGHT["vocab_size"], (rows, SEQ), generator=torch.Generator().manual_seed(3)))

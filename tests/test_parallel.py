@@ -382,7 +382,7 @@ def test_aux_loss_free_biases_are_the_same_on_every_replica_and_as_one_process(d
 
 
 def _dp_config(data, batch_size, grad_accum, fsdp=True):
-    from switchformer.train.config import build_config
+    from switchformer.train.sources import build_config
 
     values = dict(
         fsdp=fsdp,

@@ -18,8 +18,8 @@ from switchformer.data.files import DataError
 from switchformer.data.formatting import Pair, encoder_text
 from switchformer.data.loaders import load_text
 from switchformer.data.pairs import language_of, load_pairs
-from switchformer.train.config import build_config
 from switchformer.train.data import prepare_data, split_from_documents
+from switchformer.train.sources import build_config
 
 MULTI30K = Path(__file__).parents[2] / "shared/data/multi30k"
 

@@ -17,8 +17,8 @@ from switchformer.analysis.routing_report import (
 from switchformer.data.formatting import Pair
 from switchformer.data.tokenizer import special_ids, train_tokenizer
 from switchformer.inference.routing import inference_routing
-from switchformer.train.config import build_config
 from switchformer.train.run import build_model
+from switchformer.train.sources import build_config
 
 WORDS = {"de": "hund katze haus baum", "fr": "chien chat maison arbre", "en": "dog cat house tree"}
 

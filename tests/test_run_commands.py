@@ -209,7 +209,7 @@ def test_syntax_errors_name_the_file_in_one_line(tmp_path, capsys, suffix, text,
 
 
 def test_a_single_data_path_string_is_one_path_and_relative_paths_are_stored_resolved(tmp_path, monkeypatch):
-    from switchformer.train.config import build_config
+    from switchformer.train.sources import build_config
 
     (tmp_path / "corpus.txt").write_text(TEXT)
     (tmp_path / "settings.toml").write_text('data = "corpus.txt"\n')
@@ -301,7 +301,7 @@ def test_resume_without_the_runs_tokenizer_is_refused(trained, tmp_path, capsys)
 
 @pytest.mark.parametrize("name", ["..", "a/b", "."])
 def test_run_names_are_folder_names(name):
-    from switchformer.train.config import build_config
+    from switchformer.train.sources import build_config
 
     with pytest.raises(ValueError, match="^run_name: .* must be a folder name"):
         build_config("test", sets=[f"run_name={name}"])

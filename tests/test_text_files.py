@@ -87,7 +87,7 @@ def test_not_utf8_is_named_with_file_and_line(tmp_path):
 
 def test_config_and_tokenizer_files_with_a_byte_order_mark(tmp_path):
     from switchformer.data.tokenizer import load_tokenizer, train_tokenizer
-    from switchformer.train.config import read_config_file
+    from switchformer.train.sources import read_config_file
 
     _write(tmp_path / "a.toml", 'lr = 0.002\nmodel = "t5"\n', bom=True, crlf=True)
     assert read_config_file(tmp_path / "a.toml") == {"lr": 0.002, "model": "t5"}

@@ -22,8 +22,8 @@ from switchformer.data.objectives import pack_causal, random_spans, span_corrupt
 from switchformer.data.pairs import load_pairs
 from switchformer.train import checkpoint as checkpoint_module
 from switchformer.train.checkpoint import latest_checkpoint, list_checkpoints
-from switchformer.train.config import build_config
 from switchformer.train.optimizer import learning_rate
+from switchformer.train.sources import build_config
 from switchformer.train.trainer import Trainer
 
 TEXT = (
@@ -356,7 +356,8 @@ def test_compare_runs_the_long_regime_by_default(tmp_path, monkeypatch, capsys):
     where Switch wins be the default); `--preset compare` is the quick check."""
     from switchformer.analysis import compare
     from switchformer.commands import common as cli
-    from switchformer.train.config import PRESETS, build_config
+    from switchformer.train.presets import PRESETS
+    from switchformer.train.sources import build_config
 
     assert set(cli.PRESET_NAMES) == set(PRESETS)  # the help text lists every preset
     seen = []
@@ -513,3 +514,22 @@ def test_set_keeps_a_string_exactly_and_reads_numbers_around_spaces():
                                         "max_steps= 7 ", "capacity_factor= none"])  # fmt: skip
     assert config.source_prefix == "translate German to English: "
     assert config.max_steps == 7 and config.capacity_factor is None
+
+
+def test_a_checkpoint_in_the_pre_dcp_shard_layout_is_refused_naming_the_version(tmp_path, corpus, capsys):
+    """The hand-written shard layout of multi-process runs before DCP (optimizer-rank*.pt, no dcp/)
+    is no longer read (CHANGELOG): --resume says so in one line instead of guessing."""
+    args = ["train", "--preset", "test", "--data", str(corpus), "--no-progress", "--out-dir", str(tmp_path),
+            "--run-name", "old", "--max-steps", "4", "--set", "checkpoint_every=4",
+            "--set", "vocab_size=400"]  # fmt: skip
+    assert main(args) == 0
+    checkpoint = sorted((tmp_path / "old" / "checkpoints").iterdir())[-1]
+    optimizer = (checkpoint / "optimizer.pt").read_bytes()
+    (checkpoint / "optimizer.pt").unlink()
+    for rank in range(2):
+        (checkpoint / f"optimizer-rank{rank}.pt").write_bytes(optimizer)
+    capsys.readouterr()
+    assert main(["train", "--resume", str(tmp_path / "old"), "--max-steps", "8", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "hand-written shard layout (optimizer-rank*.pt)" in err and "resume it with that version" in err
+    assert err.count("\n") == 1

@@ -54,7 +54,7 @@ def add_config_arguments(p: argparse.ArgumentParser, default_preset: str) -> Non
 def config_from_args(args, default_preset: str):
     """The ``TrainConfig`` the flags of :func:`add_config_arguments` give: the preset, then the config
     file, ``--set`` and the flags; with ``--init-from``, the model family is the source's."""
-    from switchformer.train.config import FLAG_NAMES, build_config, settings_given  # on use (start-up time)
+    from switchformer.train.sources import FLAG_NAMES, build_config, settings_given
 
     overrides = {
         "model": args.model,

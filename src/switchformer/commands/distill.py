@@ -34,7 +34,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args) -> int:
     from switchformer.lifecycle.distill import distill
-    from switchformer.train.config import TrainConfig, parse_setting
+    from switchformer.train.config import TrainConfig
+    from switchformer.train.sources import parse_setting
 
     fields = set(TrainConfig.__dataclass_fields__)
     sets = {}

@@ -45,8 +45,8 @@ def run(args) -> int:
         model, _, train = load_run(args.source, need_tokenizer=False)
         title = f"{args.source}: {train.model}"
     elif args.preset:
-        from switchformer.train.config import build_config
         from switchformer.train.run import build_model
+        from switchformer.train.sources import build_config
 
         train = build_config(args.preset)
         with torch.device("meta"):

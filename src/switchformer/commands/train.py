@@ -94,8 +94,8 @@ def run(args) -> int:
 def _resume_settings(args):
     """The resumed run's config: its own, with the changes the flags ask for (validated; only
     bookkeeping and max_steps may change, see ``RESUMABLE_FIELDS``)."""
-    from switchformer.train.config import FLAG_NAMES, resolve_paths, resume_config, settings_given
     from switchformer.train.run import read_run_config
+    from switchformer.train.sources import FLAG_NAMES, resolve_paths, resume_config, settings_given
 
     flags_for_new_runs = (
         ("--preset", args.preset),
@@ -127,13 +127,13 @@ def _init_from_settings(args, config):
     """(config, model config, weights) of a new run started from ``config.init_from``; the size
     settings the user gave must agree with the pretrained model; the fine-tuning defaults fill in
     the training settings the user did not give (printed, on the main rank)."""
-    from switchformer.train.config import FLAG_NAMES, settings_given
     from switchformer.train.init_from import (
         check_settings_fit,
         describe_fine_tuning,
         fine_tuning_config,
         load_pretrained,
     )
+    from switchformer.train.sources import FLAG_NAMES, settings_given
 
     given, sources = settings_given(args.config, args.set)
     if args.model is not None:

@@ -34,6 +34,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tenso
 from switchformer.parallel.expert import global_name, is_expert_parameter
 from switchformer.parallel.fsdp import local_tensor
 from switchformer.parallel.groups import ParallelState
+from switchformer.runs.files import RunFileError, one_line
 
 DCP_FOLDER = "dcp"
 
@@ -152,7 +153,6 @@ def read_metadata(directory: Path):
     naming the file and what is wrong (before DCP, whose own errors are a traceback per rank)."""
     import torch.distributed.checkpoint as dcp
 
-    from switchformer.runs.files import RunFileError, one_line
 
     file = Path(directory) / ".metadata"
     try:
@@ -216,7 +216,6 @@ def load_dcp(directory: Path, model: nn.Module, optimizer, state: ParallelState 
     (another model, missing tensors)."""
     import torch.distributed.checkpoint as dcp
 
-    from switchformer.runs.files import RunFileError
 
     read_metadata(Path(directory))  # a damaged or planted checkpoint is named before DCP reads it
     if optimizer is not None:

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from switchformer.parallel.fsdp import expert_shard_dim
+
 
 @dataclass(frozen=True)
 class RankMemory:
@@ -53,7 +55,6 @@ def local_shape(name: str, shape: tuple[int, ...], world: int, expert_parallel: 
     if _is_expert(name):
         shape = (shape[0] // expert_parallel, *shape[1:])
         if fsdp and len(shape) > 1:
-            from switchformer.parallel.fsdp import expert_shard_dim
 
             column = world // expert_parallel
             dim = expert_shard_dim(name, shape, column)

@@ -11,6 +11,10 @@
 
 from __future__ import annotations
 
+from switchformer.data.chat import check_messages, encode_chat
+from switchformer.data.formatting import Pair, encoder_text
+from switchformer.data.tokenizer import special_ids
+from switchformer.inference.translation import check_languages
 from switchformer.serve.protocol import APIError
 
 
@@ -20,7 +24,6 @@ class PromptFormatter:
     directory)."""
 
     def __init__(self, tokenizer, model, config=None):
-        from switchformer.data.tokenizer import special_ids
 
         self.tokenizer, self.config = tokenizer, config
         self.family = "t5" if model.is_encoder_decoder else "lm"
@@ -52,8 +55,6 @@ class PromptFormatter:
     def source_text(self, text: str, source_lang=None, target_lang=None) -> str:
         if not self.seq2seq:
             return text
-        from switchformer.data.formatting import Pair, encoder_text
-        from switchformer.inference.translation import check_languages
 
         try:
             check_languages(self.config, source_lang, target_lang)
@@ -62,7 +63,6 @@ class PromptFormatter:
             raise self.language_error(err) from None
 
     def chat_ids(self, messages: list, source_lang=None, target_lang=None) -> list[int]:
-        from switchformer.data.chat import check_messages, encode_chat
 
         try:
             checked = check_messages(messages, "messages")  # lone surrogates in a content too

@@ -425,13 +425,13 @@ def check_optimizer_state(file: Path, saved: dict, optimizer, names: dict[int, s
                     )
 
 
-def load_checkpoint(path: Path, model, optimizer, optimizer_name: str = "optimizer.pt", load_weights=None) -> dict:
-    """Restore model (``load_weights(full_state)`` for a sharded model), optimizer and RNG; returns
-    ``state.json``. Every file is checked before it is used (see the module's docstring); a damaged
-    checkpoint's error says how to resume from the one before it, when there is one."""
+def load_checkpoint(path: Path, model, optimizer) -> dict:
+    """Restore model, optimizer and RNG of a single-process checkpoint; returns ``state.json``. Every
+    file is checked before it is used (see the module's docstring); a damaged checkpoint's error says
+    how to resume from the one before it, when there is one."""
     path = Path(path)
     try:
-        return _load_checkpoint(path, model, optimizer, optimizer_name, load_weights)
+        return _load_checkpoint(path, model, optimizer)
     except RunFileError as err:
         raise with_earlier_hint(path, err) from None
 
@@ -446,23 +446,12 @@ def with_earlier_hint(path: Path, err: RunFileError) -> RunFileError:
     return RunFileError(err.file, f"{err.problem}; {hint}")
 
 
-def _load_checkpoint(path: Path, model, optimizer, optimizer_name: str, load_weights) -> dict:
+def _load_checkpoint(path: Path, model, optimizer) -> dict:
     state = read_state(path)
-    if load_weights is None:
-        load_model_weights(model, path)
-    else:
-        weights_file = path / "model.safetensors"
-        full = read_safetensors(weights_file)
-        try:
-            load_weights(full)
-        except (KeyError, RuntimeError, ValueError, IndexError) as err:
-            raise RunFileError(weights_file, f"tensors do not match the model ({one_line(err)})") from None
-    file = path / optimizer_name
+    load_model_weights(model, path)
+    file = path / "optimizer.pt"
     if not file.exists():
-        raise FileNotFoundError(
-            f"{file}: no optimizer state for this process; resume with the number of "
-            "processes the run was saved with (model weights load into any layout)"
-        )
+        raise FileNotFoundError(f"{file}: missing; the checkpoint holds no optimizer state to resume with")
     saved = read_optimizer_state(file)
     check_optimizer_state(file, saved, optimizer, {id(p): n for n, p in model.named_parameters()})
     try:

@@ -18,7 +18,8 @@ from switchformer.data.tokenizer import load_tokenizer
 from switchformer.models import SwitchLM, SwitchLMConfig, SwitchT5, SwitchT5Config
 from switchformer.runs.directory import read_sections
 from switchformer.train.checkpoint import latest_checkpoint, load_model_weights
-from switchformer.train.config import TrainConfig, config_from_sources
+from switchformer.train.config import TrainConfig
+from switchformer.train.sources import config_from_sources
 
 
 @dataclass

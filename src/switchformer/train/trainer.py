@@ -27,35 +27,23 @@ from switchformer.parallel import (
     apply_expert_parallel,
     apply_fsdp,
     check_same_config,
-    checkpoint_state,
-    ensure_optimizer_state,
     export_safetensors,
     init_distributed,
-    load_dcp,
-    load_full_state_into,
     local_tensor,
     reduce_gradients,
     save_dcp,
     sum_over_world,
     whole_weights,
 )
-from switchformer.runs.files import RunFileError, one_line
 from switchformer.runs.lock import RunLock
 from switchformer.runs.metrics_log import MetricsLog, line_numbers, read_json_lines
-from switchformer.runs.state import no_checkpoint_message, remove_leftovers
+from switchformer.runs.state import remove_leftovers
 from switchformer.runtime import resolve_device, reuse_freed_memory
 from switchformer.train.checkpoint import (
     begin_checkpoint,
     finish_checkpoint,
     latest_checkpoint,
-    load_checkpoint,
-    load_model_weights,
-    read_safetensors,
-    read_state,
-    restore_rng,
-    resume_checkpoint,
     save_checkpoint,
-    with_earlier_hint,
     write_json_atomic,
     write_state_file,
     write_text_atomic,
@@ -63,27 +51,17 @@ from switchformer.train.checkpoint import (
 from switchformer.train.config import TrainConfig
 from switchformer.train.data import Data, prepare_data
 from switchformer.train.evaluation import EvalResult, evaluate, model_forward, scored_tokens
-from switchformer.train.layout import check_global_batch, check_start_layout, global_batch
+from switchformer.train.layout import check_start_layout, global_batch
 from switchformer.train.optimizer import build_optimizer, clip_grad_norm, learning_rate
 from switchformer.train.precision import autocast_context
-from switchformer.train.run import build_model
+from switchformer.train.resume import resume as resume_run
+from switchformer.train.run import build_model, check_tokenizer_fits
 
 log = logging.getLogger("switchformer")
 
 
 class TrainingError(RuntimeError):
     """Training cannot go on (for example: too many non-finite losses in a row)."""
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict:
-    """``{"a": {"b": t}}`` as ``{"a.b": t}``."""
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 def held_elements(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, int]:
@@ -155,8 +133,6 @@ class Trainer:
         torch.manual_seed(config.seed)  # the same initial weights whatever data preparation consumed
         self.model = build_model(config, self.data.vocab_size, model_config)
         if model_config is not None:  # a resumed run's architecture: its tokenizer must fit it
-            from switchformer.train.run import check_tokenizer_fits
-
             check_tokenizer_fits(self.data.tokenizer, self.model, self.run_dir / "tokenizer.json")
         if init_state is not None:  # --init-from: the pretrained weights, before any expert slicing
             self.model.load_state_dict(init_state)
@@ -175,32 +151,7 @@ class Trainer:
         self._clock_start: float | None = None
         if resume:
             self._claim_run()  # resuming rewrites metrics.jsonl
-            checkpoint = resume_checkpoint(self.run_dir)  # an incomplete newest one is named, not skipped
-            if checkpoint is None and (self.run_dir / "model.safetensors").exists():
-                checkpoint = self.run_dir  # a converted run: its weights, a fresh optimizer, step 0
-            if checkpoint is None:
-                raise FileNotFoundError(no_checkpoint_message(self.run_dir))
-            if (checkpoint / DCP_FOLDER).is_dir():  # any layout: DCP reshards to this one
-                state = read_state(checkpoint)
-                try:
-                    load_dcp(checkpoint / DCP_FOLDER, self.model, self.optimizer, self.parallel)
-                except RunFileError as err:
-                    raise with_earlier_hint(checkpoint, err) from None
-                restore_rng(state)
-                check_global_batch(config, state, self.world)
-            elif checkpoint == self.run_dir:  # a converted run: its weights, a fresh optimizer, step 0
-                if self.parallel is None:
-                    load_model_weights(self.model, self.run_dir)
-                else:
-                    self._load_full_weights(read_safetensors(self.run_dir / "model.safetensors"))
-                state = {"step": 0}
-            elif self.parallel is not None and (checkpoint / "optimizer.pt").is_file():
-                state = self._load_one_process_checkpoint(checkpoint)  # saved by one process, resumed on many
-                check_global_batch(config, state, self.world)
-            else:
-                loader = None if self.parallel is None else self._load_full_weights
-                state = load_checkpoint(checkpoint, self.model, self.optimizer, self.optimizer_file, loader)
-                check_global_batch(config, state, self.world)
+            state, _ = resume_run(self.run_dir, self.model, self.optimizer, self.parallel, config, self.world)
             self.step, self.bad_steps = state["step"], state.get("bad_steps", 0)
             if config.max_steps < self.step:
                 raise ValueError(
@@ -210,7 +161,6 @@ class Trainer:
             self._saved_step = self.step
             self.time_offset = float(state.get("train_time", 0.0))
             self.history = self._metrics_up_to(self.step)
-            log.info("resumed from %s at step %d", checkpoint, self.step)
         # written once everything above succeeded: a failed start leaves the run's config as it was
         if self.is_main:
             self._claim_run()
@@ -226,43 +176,6 @@ class Trainer:
             self.tensorboard = SummaryWriter(str(self.run_dir / "tensorboard"))
 
     # -- bookkeeping -----------------------------------------------------------------------
-
-    def _load_full_weights(self, full: dict) -> None:
-        """An unsharded state dict (``model.safetensors``) into this rank's model, any layout."""
-        if self.parallel is None:
-            self.model.load_state_dict(full)
-            return
-        load_full_state_into(checkpoint_state(self.model, None, self.parallel)["model"], full)
-
-    def _load_one_process_checkpoint(self, checkpoint: Path) -> dict:
-        """A single-process checkpoint (``model.safetensors``, ``optimizer.pt``) into this rank's
-        shards: every rank reads the whole files and keeps its part. ``optimizer.pt`` numbers the
-        parameters in the optimizer's order (:func:`build_optimizer`'s groups), the same in every
-        layout, which gives each saved state its parameter's name."""
-        from switchformer.parallel import global_name
-        from switchformer.train.checkpoint import read_optimizer_state
-
-        state = read_state(checkpoint)
-        ensure_optimizer_state(self.model, self.optimizer)
-        targets = checkpoint_state(self.model, self.optimizer, self.parallel)
-        full = {"model": read_safetensors(checkpoint / "model.safetensors")}
-        file = checkpoint / "optimizer.pt"
-        saved = read_optimizer_state(file)
-        names = {id(p): global_name(n) for n, p in self.model.named_parameters()}
-        order = [names[id(p)] for group in self.optimizer.param_groups for p in group["params"]]
-        try:
-            full["optim"] = {order[int(index)]: entry for index, entry in saved["state"].items()}
-            for part in ("model", "optim"):
-                flat_targets = _flatten(targets[part])
-                load_full_state_into(flat_targets, _flatten(full[part]))
-        except (KeyError, IndexError, ValueError, RuntimeError) as err:
-            raise RunFileError(checkpoint, f"does not fit this model and optimizer ({one_line(err)})") from None
-        restore_rng(state)
-        return state
-
-    @property
-    def optimizer_file(self) -> str:
-        return "optimizer.pt" if self.parallel is None else f"optimizer-rank{self.rank}.pt"
 
     @contextlib.contextmanager
     def main_first(self):
@@ -639,5 +552,3 @@ def with_data_languages(config: TrainConfig, data: Data) -> TrainConfig:
     if config.target_lang is None and target:
         changes["target_lang"] = target
     return replace(config, **changes) if changes else config
-
-
