@@ -99,12 +99,12 @@ def test_greedy_logprobs_and_alternatives():
 
 
 def test_cache_shifts_keep_each_rows_keys():
-    """_Batch bookkeeping alone: rows placed with different prompt lengths, shifted left when the
+    """Batch bookkeeping alone: rows placed with different prompt lengths, shifted left when the
     columns run out and right by a longer prompt, and moved when a row leaves, keep their keys in
     order and right-aligned at the shared column."""
-    from switchformer.serve.engine import _Batch
+    from switchformer.serve.batch import Batch
 
-    batch = _Batch(slots=3, columns=8, self_kv=[torch.zeros(3, 1, 8, 1)], device="cpu")
+    batch = Batch(slots=3, columns=8, self_kv=[torch.zeros(3, 1, 8, 1)], device="cpu")
 
     def keys(slot):
         valid = batch.key_valid[slot, : batch.length]
