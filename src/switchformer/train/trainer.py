@@ -7,7 +7,6 @@ The model is built from the config and knows nothing of training; everything her
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import os
@@ -35,9 +34,6 @@ from switchformer.parallel import (
     sum_over_world,
     whole_weights,
 )
-from switchformer.runs.lock import RunLock
-from switchformer.runs.metrics_log import MetricsLog, line_numbers, read_json_lines
-from switchformer.runs.state import remove_leftovers
 from switchformer.runtime import resolve_device, reuse_freed_memory
 from switchformer.train.checkpoint import (
     begin_checkpoint,
@@ -46,7 +42,6 @@ from switchformer.train.checkpoint import (
     save_checkpoint,
     write_json_atomic,
     write_state_file,
-    write_text_atomic,
 )
 from switchformer.train.config import TrainConfig
 from switchformer.train.data import Data, prepare_data
@@ -56,6 +51,7 @@ from switchformer.train.optimizer import build_optimizer, clip_grad_norm, learni
 from switchformer.train.precision import autocast_context
 from switchformer.train.resume import resume as resume_run
 from switchformer.train.run import build_model, check_tokenizer_fits
+from switchformer.train.run_log import RunLog
 
 log = logging.getLogger("switchformer")
 
@@ -103,9 +99,7 @@ class Trainer:
         self.is_main = self.parallel is None or self.parallel.is_main
         self.rank, self.world = (0, 1) if self.parallel is None else (self.parallel.rank, self.parallel.world_size)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self._lock: RunLock | None = None  # taken before this process's first write (rank 0)
-        self._metrics: MetricsLog | None = None  # opened at the first record
-        self._metrics_fresh = not resume  # a fresh run's metrics.jsonl starts empty
+        self.run_log = RunLog(self.run_dir, self.is_main, fresh=not resume, tensorboard=config.tensorboard)
         self._saved_step: int | None = None  # the step of the checkpoint on disk that this run wrote or loaded
         self.progress = progress and self.is_main
         default_device = "cpu"
@@ -124,7 +118,7 @@ class Trainer:
             self.data: Data = data
         else:
             if not (self.run_dir / "tokenizer.json").exists():
-                self._claim_run()  # prepare_data writes it
+                self.run_log.claim()  # prepare_data writes it
             with self.main_first():  # rank 0 trains and saves the tokenizer; the others then load it
                 self.data = prepare_data(config, self.run_dir)
         # the languages the pairs carry become the run's own, stated in config.json, so translate and
@@ -150,7 +144,7 @@ class Trainer:
         self.time_offset = 0.0  # training seconds before this process (a resumed run's clock goes on)
         self._clock_start: float | None = None
         if resume:
-            self._claim_run()  # resuming rewrites metrics.jsonl
+            self.run_log.claim()  # resuming rewrites metrics.jsonl
             state, _ = resume_run(self.run_dir, self.model, self.optimizer, self.parallel, config, self.world)
             self.step, self.bad_steps = state["step"], state.get("bad_steps", 0)
             if config.max_steps < self.step:
@@ -160,20 +154,13 @@ class Trainer:
                 )
             self._saved_step = self.step
             self.time_offset = float(state.get("train_time", 0.0))
-            self.history = self._metrics_up_to(self.step)
+            self.history = self.run_log.records_up_to(self.step)
         # written once everything above succeeded: a failed start leaves the run's config as it was
         if self.is_main:
-            self._claim_run()
+            self.run_log.claim()
             write_json_atomic(
                 self.run_dir / "config.json", {"train": config.to_dict(), "model": self.model.config.to_dict()}
             )
-        self.tensorboard = None
-        if config.tensorboard and self.is_main:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                raise ValueError("tensorboard: needs `pip install tensorboard`") from None
-            self.tensorboard = SummaryWriter(str(self.run_dir / "tensorboard"))
 
     # -- bookkeeping -----------------------------------------------------------------------
 
@@ -188,17 +175,7 @@ class Trainer:
 
     def log_metrics(self, record: dict) -> None:
         self.history.append(record)
-        if not self.is_main:
-            return
-        if self._metrics is None:
-            self._claim_run()
-            self._metrics = MetricsLog(self.run_dir / "metrics.jsonl", start_empty=self._metrics_fresh)
-            self._metrics_fresh = False
-        self._metrics.write(record)
-        if self.tensorboard is not None:
-            for key, value in record.items():
-                if isinstance(value, (int, float)) and key != "step":
-                    self.tensorboard.add_scalar(key, value, record["step"])
+        self.run_log.record(record)
 
     def train_time(self) -> float:
         """Seconds of training so far, across resumptions: the ``time`` of every metrics record."""
@@ -206,49 +183,9 @@ class Trainer:
             return self.time_offset
         return self.time_offset + time.perf_counter() - self._clock_start
 
-    def _metrics_up_to(self, step: int) -> list[dict]:
-        """On resume: the records of steps up to the checkpoint's, which become the history; the
-        file is rewritten without the later ones (the steps about to be run again) and without a
-        damaged line (cut short by the kill, not UTF-8, not a record: dropped with a warning naming
-        the file and line), so each step appears once and in order."""
-        path = self.run_dir / "metrics.jsonl"
-        if not path.exists():
-            return []
-        records, damaged = read_json_lines(path)
-        if damaged:
-            log.warning(
-                "%s: dropped %d damaged line(s) (cut short, not UTF-8 or not a record): line %s",
-                path,
-                len(damaged),
-                line_numbers(damaged),
-            )
-        kept = [record for record in records if record["step"] <= step]
-        if self.is_main:
-            write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
-        return kept
-
-    def _claim_run(self) -> None:
-        """Before this process's first write into the run directory: its lock (rank 0 only; one
-        writer per run directory, a clear error for a second), then what killed writers left there is
-        removed. Released by :meth:`close` (``train`` calls it at its end, also on an error)."""
-        if not self.is_main or self._lock is not None:
-            return
-        import weakref
-
-        lock = RunLock(self.run_dir).acquire()
-        weakref.finalize(self, lock.release)  # a Trainer dropped without close() releases it too
-        self._lock = lock
-        if lock.fresh:
-            remove_leftovers(self.run_dir)
-
     def close(self) -> None:
         """Close metrics.jsonl and release the run directory's lock."""
-        if self._metrics is not None:
-            self._metrics.close()
-            self._metrics = None
-        if self._lock is not None:
-            self._lock.release()
-            self._lock = None
+        self.run_log.close()
 
     def _non_finite_state(self) -> str | None:
         """The first weight or optimizer-state tensor holding NaN or infinity (None: all finite;
@@ -273,7 +210,7 @@ class Trainer:
         return found[0] if found else "another process's weights or optimizer state"
 
     def save(self) -> Path:
-        self._claim_run()
+        self.run_log.claim()
         broken = self._non_finite_state()
         if broken is not None:  # never saved: it would replace (and prune) the good checkpoints
             last = latest_checkpoint(self.run_dir, warn=False)
@@ -504,10 +441,9 @@ class Trainer:
                 for split, part in (("training", self.data.train), ("validation", self.data.valid))
             }
         if self.is_main:
-            self._claim_run()
+            self.run_log.claim()
             write_json_atomic(self.run_dir / "summary.json", summary)
-        if self.tensorboard is not None:
-            self.tensorboard.close()
+        self.run_log.finish()
         return summary
 
     @torch.no_grad()
