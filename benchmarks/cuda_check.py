@@ -249,8 +249,11 @@ def check_serving(device: torch.device) -> None:
                 same += finished and i in results and results[i][0] == "done" and results[i][1] == ref
             name = f"serve engine {'t5' if t5_family else 'lm'} {str(dtype).split('.')[-1]}"
             exact = dtype == torch.float32
-            report(name, finished and (same == len(prompts) or not exact),
-                   f"{same}/{len(prompts)} requests equal generate alone" + ("" if exact else " (bf16: compared)"))
+            report(
+                name,
+                finished and (same == len(prompts) or not exact),
+                f"{same}/{len(prompts)} requests equal generate alone" + ("" if exact else " (bf16: compared)"),
+            )
     lm.float(), t5.float()
 
 

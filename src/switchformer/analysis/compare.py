@@ -37,7 +37,6 @@ def translation_quality(trainer: Trainer, config: TrainConfig, progress: bool) -
     """BLEU and chrF (sacrebleu) of a seq2seq run's model on its validation pairs, decoded with the
     run's settings (``num_beams``, ``length_penalty``), per source language too when there are
     several: what a translation user compares, beside the validation loss."""
-
     pairs = evaluation_documents(config)
     return translation_scores(
         trainer.model, trainer.data.tokenizer, config, pairs, list(METRICS), decoding_settings(config), "eval", None,
@@ -52,7 +51,6 @@ def run_compare(config: TrainConfig, out_dir: Path, progress: bool = True, devic
     Returns the table's rows, the speed-up in steps to the dense model's final loss and the plot."""
     seq2seq = config.resolved_objective == "seq2seq"
     if seq2seq:
-
         require_sacrebleu()  # said before an hour of training, not after
     if config.sparse_step == 0:
         raise ValueError("sparse_step: compare needs a sparse model (sparse_step >= 1)")

@@ -32,7 +32,6 @@ def run_global_batch(source: str | Path, config: TrainConfig) -> int:
     """The global batch a run trained with (its latest checkpoint's ``state.json`` records it, for
     any number of processes), else ``batch_size x grad_accum``: training's evaluation batch, so
     ``eval`` in one process scores the rows training's evaluation scored."""
-
     source = Path(source)
     folder = source if (source / "state.json").is_file() else latest_checkpoint(run_dir_of(source), warn=False)
     saved = None if folder is None else state_value(folder, "global_batch")
@@ -69,7 +68,6 @@ def evaluate_run(
     ``metrics``, every pair is evaluated (loss included) unless ``batches`` is given; ``progress``
     shows a bar while translating. ``source_lang``: the source language of ``data``'s pairs that
     do not say theirs (one of the run's; a TSV or a pair of unnamed files)."""
-
     if batches is not None and batches < 1:
         raise ValueError(f"--batches: must be >= 1, got {batches}")
     metrics = check_metrics(metrics or [])  # sacrebleu missing is said before any work
@@ -86,14 +84,12 @@ def evaluate_run(
     if source_lang is not None:  # the language of --data's pairs that do not say theirs
         from dataclasses import replace
 
-
         require_seq2seq(config, "--source-lang")
         if not data:
             raise ValueError("--source-lang: names the language of --data's pairs; give --data too")
         check_languages(config, source_lang)
         config = replace(config, source_lang=source_lang)
     if metrics:
-
         require_seq2seq(config, "--metric (BLEU, chrF)")
         settings = decoding_settings(config, num_beams, length_penalty, max_new_tokens, no_repeat_ngram_size)
         check_settings(settings)
@@ -130,7 +126,6 @@ def translation_scores(model, tokenizer, config, pairs, metrics, settings, routi
     """Translate the sources of ``pairs`` and score them against their targets: the JSON-ready
     part of :func:`evaluate_run`'s report for ``metrics`` (see there)."""
     from tqdm.auto import tqdm
-
 
     bar = tqdm(total=len(pairs), unit="sent", desc="translating", disable=not progress, dynamic_ncols=True)
     try:

@@ -45,7 +45,6 @@ def group_by_source_language(pairs: list[Pair]) -> dict[str, list[Pair]]:
 def expert_shares(model, tokenizer, config, groups: dict[str, list], device) -> dict[str, dict[str, list[float]]]:
     """``{group: {layer: [share of the group's routed tokens per expert]}}`` (each list sums to 1)
     for every Switch layer, with the model routed dropless, the pairs formatted as in training."""
-
     shares = {}
     with inference_routing(model, "dropless"):
         for name, pairs in groups.items():
@@ -89,7 +88,6 @@ def format_shares(shares: dict[str, dict[str, list[float]]]) -> str:
 def plot_shares(shares: dict[str, dict[str, list[float]]], out: Path) -> Path:
     """One heatmap per Switch layer: languages (rows) x experts (columns), colour = share of the
     language's tokens."""
-
     plt = _pyplot()
     groups = list(shares)
     layers = list(shares[groups[0]])
@@ -117,7 +115,6 @@ def routing_by_language_report(
     ``routing_by_language.json`` (the shares and bits) into ``out_dir`` and returns their paths.
     Reads the run, writes nothing into it. Raises ``ValueError`` for a run that is not seq2seq or
     pairs without languages."""
-
     model, tokenizer, config = load_run(source)
     require_seq2seq(config, "--by-language")
     if not is_sparse(model.config.to_dict()):

@@ -124,25 +124,57 @@ def run(args) -> int:
     from tqdm.auto import tqdm
 
     from switchformer.data.files import read_file_lines, read_stream_lines
-    from switchformer.data.formatting import prefix_fields
     from switchformer.inference.routing import routing_description
-    from switchformer.inference.translation import (
-        check_languages,
-        check_settings,
-        decoding_settings,
-        require_seq2seq,
-        translate,
-    )
+    from switchformer.inference.translation import translate
     from switchformer.runtime import resolve_device
-    from switchformer.train.run import load_run
 
     source, target = _check_paths(args)
     _check_language_code("--source-lang", args.source_lang)
     _check_language_code("--target-lang", args.target_lang)
     device = resolve_device(args.device)
-    lines = (
-        read_file_lines(source, "--input") if source is not None else None
-    )  # a bad byte is named before the model loads
+    # a file is read whole first: a bad byte is named before the model loads
+    lines = read_file_lines(source, "--input") if source is not None else None
+    model, tokenizer, config, settings = _checked_run(args)
+    model.to(device)
+    if lines is None:
+        lines = read_stream_lines(sys.stdin)
+    print(
+        f"translate: {decoding_summary(settings)}, batches of {args.batch_size}; "
+        f"routing: {routing_description(model, args.routing)}",
+        file=sys.stderr,
+    )
+    total = len(lines) if isinstance(lines, list) else None
+    bar = tqdm(total=total, unit="sent", desc="translating", disable=args.no_progress, dynamic_ncols=True,
+               file=sys.stderr)  # fmt: skip
+    start, cut = time.perf_counter(), []
+    try:
+        hypotheses = translate(
+            model, tokenizer, config, lines, source_lang=args.source_lang, target_lang=args.target_lang,
+            batch_size=args.batch_size, routing=args.routing, **settings, buffer_size=args.buffer_size,
+            progress=bar.update, truncated=cut,
+        )  # fmt: skip
+        written = _write_lines(hypotheses, target)
+    finally:
+        bar.close()
+    seconds = time.perf_counter() - start
+    rate = f", {written / seconds:.1f} sentences/s" if seconds > 0 and written else ""
+    where = f" -> {target}" if target is not None else ""
+    print(f"translated {written} lines in {seconds:.1f} s{rate}{where}", file=sys.stderr)
+    if sum(cut):
+        print(
+            f"translate: {sum(cut)} of {written} sources were longer than the run's seq_len - 1 = {config.seq_len - 1} "
+            "tokens and were cut to it, as training cut its rows",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def _checked_run(args):
+    """(model, tokenizer, config, decoding settings) of the run, every setting checked against it."""
+    from switchformer.data.formatting import prefix_fields
+    from switchformer.inference.translation import check_languages, check_settings, decoding_settings, require_seq2seq
+    from switchformer.train.run import load_run
+
     model, tokenizer, config = load_run(args.run)
     require_seq2seq(config, "translate")
     settings = decoding_settings(
@@ -155,41 +187,16 @@ def run(args) -> int:
         if code is not None and not {f"{side}_lang", f"{side}_language"} & named:
             log.warning("--%s-lang: the run's source_prefix %r does not name the %s language; ignored",
                         side, config.source_prefix, side)  # fmt: skip
-    model.to(device)
-    if lines is None:
-        lines = read_stream_lines(sys.stdin)
-    print(
-        f"translate: {decoding_summary(settings)}, batches of {args.batch_size}; "
-        f"routing: {routing_description(model, args.routing)}",
-        file=sys.stderr,
-    )
-    bar = tqdm(
-        total=len(lines) if isinstance(lines, list) else None,
-        unit="sent",
-        desc="translating",
-        disable=args.no_progress,
-        dynamic_ncols=True,
-        file=sys.stderr,
-    )
-    # --output is opened at the first translation, not before: an input that fails before any
-    # line is translated (a bad byte on standard input) leaves an existing file as it was
-    out = None
-    written, start, cut = 0, time.perf_counter(), []
+    return model, tokenizer, config, settings
+
+
+def _write_lines(hypotheses, target: Path | None) -> int:
+    """Each translation as one line of ``target`` (standard output for None), written as produced;
+    returns how many. ``target`` is opened at the first translation, not before: an input that fails
+    before any line is translated (a bad byte on standard input) leaves an existing file as it was."""
+    out, written = None, 0
     try:
-        for hypothesis in translate(
-            model,
-            tokenizer,
-            config,
-            lines,
-            source_lang=args.source_lang,
-            target_lang=args.target_lang,
-            batch_size=args.batch_size,
-            routing=args.routing,
-            **settings,
-            buffer_size=args.buffer_size,
-            progress=bar.update,
-            truncated=cut,
-        ):
+        for hypothesis in hypotheses:
             if out is None:
                 out = open(target, "w", encoding="utf-8", newline="\n") if target is not None else sys.stdout  # noqa: SIM115
             try:
@@ -206,17 +213,6 @@ def run(args) -> int:
         if out is None and target is not None:  # an empty input gives an empty output file
             target.write_text("", encoding="utf-8")
     finally:
-        bar.close()
         if target is not None and out is not None:
             out.close()
-    seconds = time.perf_counter() - start
-    rate = f", {written / seconds:.1f} sentences/s" if seconds > 0 and written else ""
-    where = f" -> {target}" if target is not None else ""
-    print(f"translated {written} lines in {seconds:.1f} s{rate}{where}", file=sys.stderr)
-    if sum(cut):
-        print(
-            f"translate: {sum(cut)} of {written} sources were longer than the run's seq_len - 1 = {config.seq_len - 1} "
-            "tokens and were cut to it, as training cut its rows",
-            file=sys.stderr,
-        )
-    return 0
+    return written

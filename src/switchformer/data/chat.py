@@ -134,7 +134,6 @@ def encode_chat(tokenizer, messages, add_generation_prompt: bool) -> tuple[list[
     Raises ``ValueError`` for bad messages (see :func:`check_messages`), a content holding one of
     the tokenizer's special tokens as text (``messages[1].content: holds the special token
     '</s>'...``) or a tokenizer without ``</s>``."""
-
     messages = check_messages(messages)
     eos = special_ids(tokenizer)["eos"]
     if eos is None:

@@ -191,28 +191,43 @@ def _zip_lines(source: Path, target: Path, cache: dict) -> list[tuple[str, str, 
 def _pair_text_files(
     text_files: list[tuple[int, Path]], sources: list[str], target: str | None, label: str
 ) -> list[tuple[int, list[tuple[Pair, str]]]]:
+    """Sentence pairs of line-aligned text files: two files not named by language (source, then
+    target), or files named by language, grouped by stem (``train.de`` with ``train.en``)."""
     known = set(sources) | ({target} if target else set())
     languages = {path: language_of(path, known) for _, path in text_files}
     paths = [path for _, path in text_files]
-    unnamed = [path for path in paths if languages[path] is None]
     cache: dict[Path, list[str]] = {}
-    if unnamed:
-        if len(unnamed) == len(paths) == 2:  # a.txt b.txt: source then target
-            source, target_file = paths
-            rows = _zip_lines(source, target_file, cache)
-            return [(text_files[0][0], [(Pair(a, b), where) for a, b, where in rows])]
-        if len(unnamed) < len(paths):
-            named = next(path for path in paths if languages[path] is not None)
-            raise DataError(
-                f"{unnamed[0]}: no language in its name (like train.de or train.de.gz), while {named.name} has one: "
-                "name every line-aligned file by its language"
-            )
+    if any(languages[path] is None for path in paths):
+        return _unnamed_pairs(text_files, languages, label, cache)
+    target = _target_language(paths, languages, sources, target, label)
+    return _grouped_pairs(text_files, languages, sources, target, label, cache)
+
+
+def _unnamed_pairs(text_files, languages, label, cache):
+    """Files without a language in their names: exactly two, the source and then the target."""
+    paths = [path for _, path in text_files]
+    unnamed = [path for path in paths if languages[path] is None]
+    if len(unnamed) == len(paths) == 2:  # a.txt b.txt: source then target
+        source, target_file = paths
+        rows = _zip_lines(source, target_file, cache)
+        return [(text_files[0][0], [(Pair(a, b), where) for a, b, where in rows])]
+    if len(unnamed) < len(paths):
+        named = next(path for path in paths if languages[path] is not None)
         raise DataError(
-            f"{label}: {len(paths)} line-aligned text file(s) ({', '.join(p.name for p in paths[:4])}"
-            f"{' ...' if len(paths) > 4 else ''}) without a language in their names: seq2seq pairs come from "
-            "two text files (source, then target), from files named by language (train.de train.en, with "
-            "--source-lang/--target-lang), from .tsv (source<TAB>target) or from .jsonl ('source' and 'target')"
+            f"{unnamed[0]}: no language in its name (like train.de or train.de.gz), while {named.name} has one: "
+            "name every line-aligned file by its language"
         )
+    raise DataError(
+        f"{label}: {len(paths)} line-aligned text file(s) ({', '.join(p.name for p in paths[:4])}"
+        f"{' ...' if len(paths) > 4 else ''}) without a language in their names: seq2seq pairs come from "
+        "two text files (source, then target), from files named by language (train.de train.en, with "
+        "--source-lang/--target-lang), from .tsv (source<TAB>target) or from .jsonl ('source' and 'target')"
+    )
+
+
+def _target_language(paths, languages, sources, target, label) -> str:
+    """The target language of files named by language (the one not among ``sources``, or by order for
+    two files), every file's language checked against ``--source-lang`` and ``--target-lang``."""
     present = list(dict.fromkeys(languages[path] for path in paths))
     absent = [code for code in sources if code not in present]
     no_file = (
@@ -255,6 +270,12 @@ def _pair_text_files(
                 f"{path}: language {code!r} is neither --source-lang ({','.join(sources)}) nor --target-lang "
                 f"({target}); leave it out of {label}, or add it to --source-lang"
             )
+    return target
+
+
+def _grouped_pairs(text_files, languages, sources, target, label, cache):
+    """Files named by language, grouped by stem; each stem's source files interleaved line by line."""
+    present = list(dict.fromkeys(languages[path] for _, path in text_files))
     groups: dict[Path, dict[str, Path]] = {}
     first: dict[Path, int] = {}
     for position, path in text_files:

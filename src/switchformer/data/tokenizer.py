@@ -51,7 +51,6 @@ def load_tokenizer(path: str | Path):
     one line naming it (``RunFileError``)."""
     from tokenizers import Tokenizer
 
-
     path = Path(path)
     if path.is_dir():
         path = path / "tokenizer.json"
@@ -74,7 +73,6 @@ def load_tokenizer(path: str | Path):
 def save_tokenizer(tok, path: str | Path) -> None:
     """``tok`` as ``tokenizer.json``, written atomically (a kill or a full disk leaves the previous
     file or none, never part of one)."""
-
     write_text_atomic(Path(path), tok.to_str(pretty=True))
 
 

@@ -130,7 +130,6 @@ def generate_seq2seq(
     said there); it is deterministic, so it takes neither ``do_sample`` nor a ``streamer``. Raises
     ``ValueError`` naming the argument for a ``num_beams`` below 1, a non-finite ``length_penalty``
     or an unknown ``early_stopping``, whatever ``num_beams`` is."""
-
     cfg = _sampling_config(model, sampling)
     check_beam_arguments(num_beams, length_penalty, early_stopping)
     if num_beams > 1 and cfg.do_sample:

@@ -87,27 +87,33 @@ def generate_text(
         routing=routing,
     )
     if model.is_encoder_decoder:
-        if num_beams is not None:
-            sampling["num_beams"] = num_beams
-            if num_beams > 1:
-                sampling["streamer"] = None
-        if length_penalty is not None:
-            sampling["length_penalty"] = length_penalty
-        sentinel = tokenizer.token_to_id("<extra_id_0>")
-        source = ids + ([sentinel] if sentinel is not None else []) + [model.config.eos_token_id]
-        out = model.generate(torch.tensor([source], device=device), **sampling)
-        _stream_after(out[0, 1:], streamer, model.config.eos_token_id, sampling["streamer"] is None)
-        return tokenizer.decode(out[0, 1:].tolist(), skip_special_tokens=True)
+        return _generate_span_text(model, tokenizer, ids, sampling, num_beams, length_penalty)
     if num_beams not in (None, 1):
         raise ValueError("num_beams: beam search is for encoder-decoder (t5) runs; this is a language model")
-    if not ids:
-        ids = [model.config.eos_token_id]
+    ids = ids or [model.config.eos_token_id]  # an empty prompt: the model starts from EOS
     out = model.generate(torch.tensor([ids], device=device), **sampling)
     new = out[0, len(ids) :].tolist()
     eos = model.config.eos_token_id
     if chat and eos in new:  # the answer ends at its </s> (what follows is padding)
         new = new[: new.index(eos)]
     return tokenizer.decode(new, skip_special_tokens=True)
+
+
+def _generate_span_text(model, tokenizer, ids: list[int], sampling: dict, num_beams, length_penalty) -> str:
+    """A T5 that is no translator (span corruption, an import): the prompt, the sentinel
+    ``<extra_id_0>`` and EOS in; the span it fills out."""
+    streamer = sampling["streamer"]
+    if num_beams is not None:
+        sampling["num_beams"] = num_beams
+        if num_beams > 1:
+            sampling["streamer"] = None  # beams pick their tokens at the end: streamed after
+    if length_penalty is not None:
+        sampling["length_penalty"] = length_penalty
+    sentinel = tokenizer.token_to_id("<extra_id_0>")
+    source = ids + ([sentinel] if sentinel is not None else []) + [model.config.eos_token_id]
+    out = model.generate(torch.tensor([source], device=next(model.parameters()).device), **sampling)
+    _stream_after(out[0, 1:], streamer, model.config.eos_token_id, sampling["streamer"] is None)
+    return tokenizer.decode(out[0, 1:].tolist(), skip_special_tokens=True)
 
 
 def _sampling_given(temperature, top_k, top_p) -> list[str]:
@@ -140,7 +146,6 @@ def _generate_seq2seq_text(
     repetition_penalty, num_beams, length_penalty, no_repeat_ngram_size, streamer, routing, source_lang, target_lang,
 ) -> str:  # fmt: skip
     """:func:`generate_text` on a seq2seq run (see there)."""
-
     given = _sampling_given(temperature, top_k, top_p)
     if do_sample is None:
         do_sample = bool(given)

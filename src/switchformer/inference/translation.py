@@ -64,7 +64,6 @@ def check_languages(config, source_lang: str | None = None, target_lang: str | N
     the run was not trained on (its ``source_lang``, one code or a list), a target language other
     than the run's ``target_lang``; or (naming ``source_prefix`` and the flag to give) when the
     run's prefix names a language that neither the call nor the run's config gives."""
-
     trained = [code for code in (config.source_lang or "").split(",") if code]
     if source_lang is not None and trained and source_lang not in trained:
         raise ValueError(
@@ -83,7 +82,6 @@ def encode_sources(
     """Encoder token ids of each source (a ``str``, or a :class:`Pair` whose own languages win over
     ``source_lang``/``target_lang``, which win over the run's): formatted, cut to ``seq_len - 1``
     tokens, EOS appended, as the training rows."""
-
     eos = special_ids(tokenizer)["eos"]
     if eos is None:
         raise ValueError("tokenizer: no '</s>' token to end the source with")
@@ -118,7 +116,6 @@ def decoding_settings(
 def check_settings(settings: dict, batch_size: int = 1, buffer_size: int = 1) -> None:
     """``ValueError`` naming the first bad setting of a :func:`decoding_settings` dict, or of
     ``batch_size`` and ``buffer_size``."""
-
     sizes = (("batch_size", batch_size), ("max_new_tokens", settings["max_new_tokens"]), ("buffer_size", buffer_size))
     for name, value in sizes:
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -161,7 +158,6 @@ def translate(
     whose objective is not seq2seq or a bad decoding setting; and, while iterating, for a language
     the prefix needs and nobody gives (at the first such source; :func:`check_languages` checks
     string sources up front)."""
-
     require_seq2seq(config)
     settings = decoding_settings(config, num_beams, length_penalty, max_new_tokens, no_repeat_ngram_size)
     check_settings(settings, batch_size, buffer_size)

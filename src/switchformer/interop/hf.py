@@ -27,7 +27,6 @@ from switchformer.runs.files import default_file_mode, write_text_atomic
 log = logging.getLogger("switchformer")
 
 
-
 def from_hf(source) -> SwitchT5:
     """A :class:`SwitchT5` with the weights and outputs of a HF Switch/T5 model or checkpoint dir."""
     if isinstance(source, nn.Module):

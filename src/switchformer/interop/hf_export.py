@@ -23,7 +23,6 @@ def write_hf_companions(target: Path, model_config, train, tokenizer_file: Path)
     translation pipelines prepend). ``train``: the run's ``TrainConfig`` (``seq_len``, the decoding
     defaults, ``source_prefix`` and languages are read). Returns notes for what could not be carried
     over."""
-
     notes = []
     if not tokenizer_file.exists():
         return [f"no tokenizer: {tokenizer_file} is missing, so the directory has weights and config only"]

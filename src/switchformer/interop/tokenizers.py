@@ -32,7 +32,6 @@ def source_tokenizer(folder: Path) -> tuple[Path, str]:
     ("" when it is ``folder``'s own ``tokenizer.json`` as it is)."""
     from tokenizers import Tokenizer
 
-
     file, spiece = folder / "tokenizer.json", folder / "spiece.model"
     if file.exists():
         tok = load_tokenizer(file)
@@ -82,7 +81,6 @@ def convert_sentencepiece(folder: Path):
             "(or put the checkpoint's tokenizer.json beside it, or give one with --set tokenizer=FILE)"
         )
     from transformers import T5TokenizerFast
-
 
     try:
         converted = T5TokenizerFast.from_pretrained(str(folder), local_files_only=True)

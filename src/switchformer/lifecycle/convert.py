@@ -55,7 +55,6 @@ def convert(source: str | Path, target: str | Path) -> str:
     a source that is neither a Hugging Face T5/Switch directory nor a switchformer run."""
     from safetensors.torch import save
 
-
     source, target = Path(source), Path(target)
     if target.resolve().is_relative_to(run_dir_of(source).resolve()):
         raise ValueError(f"{target}: inside the source {source}; convert writes nothing into what it reads")
@@ -83,5 +82,3 @@ def convert(source: str | Path, target: str | Path) -> str:
     to_hf(model, target)
     notes = write_hf_companions(target, model.config, train, run_dir_of(source) / "tokenizer.json")
     return f"Hugging Face model {target}" + "".join(f"\n  {note}" for note in notes)
-
-

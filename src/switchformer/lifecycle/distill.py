@@ -137,7 +137,6 @@ def check_distill_settings(alpha: float, temperature: float, max_steps: int) -> 
 def build_student(teacher_source: str | Path, out: str | Path, sets: dict, max_steps: int):
     """(teacher model, student train config, student model config dict). Reads the teacher only.
     Raises ``ValueError`` for a setting in ``sets`` that distill decides itself (:data:`FIXED_FIELDS`)."""
-
     for key in sets:
         if key in FIXED_FIELDS:
             raise ValueError(f"--set {key}: {FIXED_FIELDS[key]}; distill does not take it")
@@ -174,7 +173,6 @@ def build_student(teacher_source: str | Path, out: str | Path, sets: dict, max_s
 def student_init_state(teacher, train, model_values: dict) -> tuple[dict, list[str]]:
     """The student's initial weights: a fresh model (the run's seed) with the teacher's shared
     weights copied in; and the names copied."""
-
     torch.manual_seed(train.seed)
     student = build_model_from_dict(train.model, model_values, "student config")
     copied = copy_shared_weights(student, teacher)

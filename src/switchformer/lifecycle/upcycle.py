@@ -110,7 +110,6 @@ def upcycle(
     empty folder) atomically file by file. Returns a summary (parameters before and after)."""
     from safetensors.torch import save
 
-
     source, out = Path(source), Path(out)
     if not source.is_dir():
         raise FileNotFoundError(f"{source}: {'a file' if source.exists() else 'not found'}; upcycle takes a run, "

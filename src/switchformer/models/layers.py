@@ -162,5 +162,3 @@ def config_from_dict(cls, data: dict):
     if unknown:
         raise ValueError(f"config: unknown fields {unknown}")
     return cls(**data)
-
-

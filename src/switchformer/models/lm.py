@@ -325,7 +325,6 @@ class SwitchLM(nn.Module):
     @torch.no_grad()
     def generate(self, input_ids: Tensor, attention_mask: Tensor | None = None, **kwargs) -> Tensor:
         """Cached decoding of left-padded prompts; see :func:`switchformer.inference.generation.generate_causal`."""
-
         return generate_causal(self, input_ids, attention_mask, **kwargs)
 
     def num_parameters(self) -> dict[str, int]:

@@ -482,7 +482,6 @@ class SwitchT5(nn.Module):
     def generate(self, input_ids: Tensor, attention_mask: Tensor | None = None, **kwargs) -> Tensor:
         """Cached decoding: greedy, sampling (temperature, top-k, top-p), repetition penalty or beam
         search (``num_beams``); see :func:`switchformer.inference.generation.generate_seq2seq`."""
-
         return generate_seq2seq(self, input_ids, attention_mask, **kwargs)
 
     def num_parameters(self) -> dict[str, int]:

@@ -153,7 +153,6 @@ def read_metadata(directory: Path):
     naming the file and what is wrong (before DCP, whose own errors are a traceback per rank)."""
     import torch.distributed.checkpoint as dcp
 
-
     file = Path(directory) / ".metadata"
     try:
         with open(file, "rb") as stream:
@@ -215,7 +214,6 @@ def load_dcp(directory: Path, model: nn.Module, optimizer, state: ParallelState 
     Raises :class:`switchformer.runs.files.RunFileError` naming the folder when it does not fit
     (another model, missing tensors)."""
     import torch.distributed.checkpoint as dcp
-
 
     read_metadata(Path(directory))  # a damaged or planted checkpoint is named before DCP reads it
     if optimizer is not None:

@@ -55,7 +55,6 @@ def local_shape(name: str, shape: tuple[int, ...], world: int, expert_parallel: 
     if _is_expert(name):
         shape = (shape[0] // expert_parallel, *shape[1:])
         if fsdp and len(shape) > 1:
-
             column = world // expert_parallel
             dim = expert_shard_dim(name, shape, column)
             shape = tuple(_chunk(size, column, rank // expert_parallel) if d == dim else size

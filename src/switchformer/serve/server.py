@@ -47,12 +47,10 @@ class Served:
 
 def load_source(source: str | Path) -> Served:
     """Model, tokenizer and run config of a run, a checkpoint or a Hugging Face directory."""
-
     path = Path(source)
     if path.is_file():
         raise ValueError(f"{path}: a file; serve takes a run directory, a checkpoint or a Hugging Face directory")
     if is_hugging_face_source(path):
-
         model = from_hf(path).eval()
         tokenizer_file, note = source_tokenizer(path)
         if note:
@@ -67,7 +65,6 @@ def load_source(source: str | Path) -> Served:
 def limits_for(served: Served, max_prompt_tokens: int | None, max_tokens: int | None):
     """The request limits: a decoder-only model's context is its ``max_seq_len``; an
     encoder-decoder's sources and answers default to the run's ``seq_len`` (512 for an import)."""
-
     if not served.model.is_encoder_decoder:
         context = served.model.config.max_seq_len
         limits = Limits(max_prompt_tokens or context - 1, max_tokens or context - 1, context)

@@ -74,7 +74,6 @@ def evaluate(
     them), rank ``r`` runs chunks ``r, r + world, ...`` and the sums are reduced; a rank with fewer
     chunks than another still runs the model (its collectives must meet the others') on a
     stand-in row that counts for nothing."""
-
     if max_batches is not None and max_batches < 1:
         raise ValueError(f"batches: must be >= 1, got {max_batches}")
     forward = forward or (lambda batch: model_forward(model, batch))
@@ -147,5 +146,3 @@ def _chunks(rows: int, rows_per_batch: int, size: int) -> list[tuple[int, int]]:
         last = min(first + rows_per_batch, rows)
         pieces.extend((start, min(start + size, last)) for start in range(first, last, size))
     return pieces
-
-

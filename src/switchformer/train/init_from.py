@@ -92,7 +92,6 @@ class Pretrained:
 def load_pretrained(source: str | Path, tokenizer: str | Path | None = None) -> Pretrained:
     """Architecture, weights and tokenizer of ``source`` (``tokenizer``: the user's own file instead
     of the source's). Errors are one line naming the file."""
-
     source = Path(source)
     if is_hugging_face_source(source):
         model, family = from_hf(source), "t5"
@@ -114,7 +113,6 @@ def source_family(source: str | Path) -> str:
     """``"t5"`` or ``"lm"``: the model family ``source`` holds, read from its ``config.json`` alone
     (before anything loads), so that a new run never needs to be told it. A Hugging Face directory
     holds a T5-family model (the only ones switchformer imports; any other ``model_type`` is named)."""
-
     if is_hugging_face_source(source):
         file = run_dir_of(source) / "config.json"
         model_type = read_json(file).get("model_type")
@@ -135,7 +133,6 @@ def check_special_ids(tokenizer_file: Path, model_config: dict) -> None:
     """The tokenizer's ``<pad>`` and ``</s>`` must be the ids the model was trained with, and its
     tokens must fit the model's vocabulary (checked here, naming the file the user gave, before
     anything is copied into the new run)."""
-
     tokenizer = load_tokenizer(tokenizer_file)
     vocab = model_config.get("vocab_size")
     if vocab is not None and tokenizer.get_vocab_size() > vocab:

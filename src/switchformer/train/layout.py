@@ -30,7 +30,6 @@ def check_layout(config: TrainConfig, model_config: dict | None, world: int) -> 
     """The model fits the layout ``world`` processes with ``config.expert_parallel`` give: the
     experts split evenly, FSDP can shard every expert weight, Adafactor only without FSDP. Raises
     ValueError naming the setting (checked on the ``meta`` device: no memory, no weights)."""
-
     if config.fsdp and config.optimizer == "adafactor":
         raise ValueError(
             "optimizer: adafactor factors whole matrices, which FSDP shards; use adamw, or --set fsdp=false "

@@ -62,7 +62,6 @@ def load_run(source: str | Path, need_tokenizer: bool = True):
     ``model.safetensors`` of a converted run) or from one checkpoint directory. Reads only.
     Without ``need_tokenizer`` a run without ``tokenizer.json`` gives ``None`` for it (``info``,
     ``convert``: a converted checkpoint may come without one)."""
-
     path = Path(source)
     run = read_run_config(path)
     model = run.build_model()
