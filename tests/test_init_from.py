@@ -137,8 +137,10 @@ def test_init_from_a_hugging_face_checkpoint_takes_its_architecture_weights_and_
     assert main(run_args(tmp_path, corpus, "ft", "--init-from", str(folder), "--model", "t5", *tiny_lr)) == 0
     run = tmp_path / "runs" / "ft"
     saved = json.loads((run / "config.json").read_text())
+    settings = run_settings(run)
     assert (saved["model"]["d_kv"], saved["model"]["num_decoder_layers"]) == (4, 3)
-    assert saved["train"]["d_model"] == 32 and saved["train"]["init_from"] == str(folder.resolve())
+    assert settings["d_model"] == 32 and settings["init_from"] == str(folder.resolve())
+    assert "d_model" not in saved["train"] and saved["model"]["d_model"] == 32  # the architecture, stored once
     assert (run / "tokenizer.json").read_bytes() == (folder / "tokenizer.json").read_bytes()
     model, _, _ = load_run(run)
     ids = torch.randint(2, 300, (2, 9), generator=torch.Generator().manual_seed(0))
@@ -168,17 +170,18 @@ def test_fine_tuning_through_the_cli(kind, request, tmp_path, pairs_file, capsys
     assert len(losses) == 20 and sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 1.0, losses
 
     saved = json.loads((run / "config.json").read_text())
+    settings = run_settings(run)
     source_config = json.loads((folder / "config.json").read_text())
     for field in ("d_model", "d_kv", "d_ff", "num_heads", "num_layers", "num_decoder_layers", "vocab_size"):
         assert saved["model"][field] == source_config[field], field
     if kind == "switch":
-        assert saved["model"]["num_experts"] == source_config["num_experts"] == saved["train"]["num_experts"]
+        assert saved["model"]["num_experts"] == source_config["num_experts"] == settings["num_experts"]
         assert saved["model"]["expert_capacity"] == 16  # the source's capacity
         assert "capacity: the source's, 16 tokens per expert and sequence" in out
     else:
         assert saved["model"]["activation"] == "gated-gelu" and not saved["model"]["tie_word_embeddings"]
     # the fine-tuning defaults, except lr, which the user set
-    train = saved["train"]
+    train = settings
     assert (train["optimizer"], train["schedule"], train["lr"]) == ("adafactor", "constant", 0.03)
     if kind == "switch":
         assert (train["dropout"], train["expert_dropout"]) == (0.1, 0.4)
@@ -262,7 +265,8 @@ def test_user_settings_beat_the_fine_tuning_defaults(hf_switch_dir, tmp_path, ca
     assert main(args) == 0
     out = capsys.readouterr().out
     saved = json.loads((tmp_path / "runs" / "mine" / "config.json").read_text())
-    train = saved["train"]
+    settings = run_settings(tmp_path / "runs" / "mine")
+    train = settings
     assert (train["dropout"], train["optimizer"], train["lr"]) == (0.2, "adamw", 0.002)
     assert (train["expert_dropout"], train["schedule"]) == (0.4, "constant")  # defaults for the rest
     assert (saved["model"]["dropout_rate"], saved["model"]["expert_dropout"]) == (0.2, 0.4)
@@ -305,7 +309,8 @@ def test_init_from_a_run_and_contradicting_sizes(hf_switch_dir, tmp_path, capsys
                  "--set", "eval_every=1", "--set", "batch_size=2", "--set", "eval_batches=1",
                  "--device", "cpu"]) == 0  # fmt: skip
     saved = json.loads((tmp_path / "runs" / "lm2" / "config.json").read_text())
-    assert saved["train"]["model"] == "lm" and saved["train"]["seq_len"] == saved["model"]["max_seq_len"] == 128
+    settings = run_settings(tmp_path / "runs" / "lm2")
+    assert settings["model"] == "lm" and settings["seq_len"] == saved["model"]["max_seq_len"] == 128
     assert "seq_len: 128, the source's max_seq_len (the preset's was longer)" in capsys.readouterr().out
     # the source's positions bound a length the user gives: refused by name before anything is written
     assert main(run_args(tmp_path, corpus, "long", "--init-from", str(tmp_path / "runs" / "lm"),
@@ -352,3 +357,11 @@ def test_a_given_tokenizer_too_large_for_the_model_is_named_before_anything_is_c
     err = capsys.readouterr().err
     assert f"{big}: " in err and "more than the model's vocab_size" in err
     assert not (tmp_path / "runs" / "ft" / "tokenizer.json").exists()
+
+
+def run_settings(run) -> dict:
+    """Every training setting of a run as its reader gives them: config.json's train section with the
+    settings the model section holds (the architecture is stored once, there)."""
+    from switchformer.train.run import read_run_config
+
+    return read_run_config(run).train_values

@@ -293,10 +293,11 @@ def test_upcycling_a_hugging_face_t5_through_the_cli_keeps_its_logits(hf_t5_dir,
     assert "the dense model's function at step 0" in capsys.readouterr().out
     assert snapshot(folder) == before  # the source is only read
     saved = json.loads((out / "config.json").read_text())
+    settings = run_settings(out)
     assert saved["model"]["num_experts"] == 4 and saved["model"]["top_k"] == 2
     assert saved["model"]["normalize_gates"] is True
     assert saved["model"]["capacity_factor"] is None and saved["model"]["eval_capacity_factor"] is None
-    assert saved["train"]["num_experts"] == 4 and saved["train"]["top_k"] == 2 and saved["train"]["model"] == "t5"
+    assert settings["num_experts"] == 4 and settings["top_k"] == 2 and settings["model"] == "t5"
     assert (out / "tokenizer.json").read_bytes() == (folder / "tokenizer.json").read_bytes()
 
     model, tokenizer, _ = load_run(out)
@@ -341,8 +342,9 @@ def upcycled_run(dense_run, tmp_path_factory) -> Path:
 
 def test_an_upcycled_run_scores_as_its_dense_source(dense_run, upcycled_run, capsys):
     saved = json.loads((upcycled_run / "config.json").read_text())
+    settings = run_settings(upcycled_run)
     assert saved["model"]["sparse_step"] == 2 and saved["model"]["num_experts"] == 4
-    assert saved["train"]["sparse_step"] == 2 and saved["train"]["normalize_gates"] is True
+    assert settings["sparse_step"] == 2 and settings["normalize_gates"] is True
     assert (upcycled_run / "tokenizer.json").read_bytes() == (dense_run / "tokenizer.json").read_bytes()
     model, _, _ = load_run(upcycled_run)
     assert len(switch_layers(model)) == 1  # 2 layers, every other one Switch
@@ -794,3 +796,11 @@ def test_a_top2_teacher_needs_the_students_size(upcycled_run, tmp_path, capsys):
     assert set(copied) == expected_copies(teacher_state, state)
     assert "blocks.0.ffn.mlp.w_in" not in copied and "blocks.0.attn.qkv.weight" in copied  # fmt: skip
     assert model_values["d_ff"] == 128 and model_values["sparse_step"] == 0
+
+
+def run_settings(run) -> dict:
+    """Every training setting of a run as its reader gives them: config.json's train section with the
+    settings the model section holds (the architecture is stored once, there)."""
+    from switchformer.train.run import read_run_config
+
+    return read_run_config(run).train_values

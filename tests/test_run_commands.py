@@ -52,7 +52,8 @@ def test_the_model_section_is_the_architecture(trained, tmp_path, capsys):
     config = json.loads((run / "config.json").read_text())
     assert main(["eval", str(run), "--json"]) == 0
     want = json.loads(capsys.readouterr().out)["eval_loss"]
-    config["train"].pop("d_model")  # an older config without the field: the default (128) is not the model's
+    assert "d_model" not in config["train"]  # the architecture is stored once, in the model section
+    config["train"]["d_model"] = 96  # an older config whose train section said another size: the model's wins
     (run / "config.json").write_text(json.dumps(config))
     assert main(["eval", str(run), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["eval_loss"] == pytest.approx(want, rel=1e-6)

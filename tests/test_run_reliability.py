@@ -30,6 +30,7 @@ from switchformer.analysis.plots import read_metrics
 from switchformer.cli import main
 from switchformer.data import tokenizer as tokenizer_module
 from switchformer.data.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
+from switchformer.runs import directory as run_directory
 from switchformer.runs import files as run_files
 from switchformer.runs import metrics_log as metrics_log_module
 from switchformer.runs import state as run_state
@@ -253,7 +254,8 @@ def killed(base, tmp_path_factory):
             mp.setattr(checkpoint_module, "shutil", types.SimpleNamespace(rmtree=rmtree))
             mp.setattr(torch, "save", torch_save)
             mp.setattr(tokenizer_module, "write_text_atomic", text_atomic)  # the tokenizer is saved with it
-            mp.setattr(trainer_module, "write_json_atomic", json_atomic)
+            mp.setattr(trainer_module, "write_json_atomic", json_atomic)  # summary.json
+            mp.setattr(run_directory, "write_json_atomic", json_atomic)  # config.json, by the run's one writer
             mp.setattr(MetricsLog, "write", metrics_write)
             assert train(base, run) == 0
     finally:

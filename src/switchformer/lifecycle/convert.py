@@ -18,35 +18,17 @@ from pathlib import Path
 from switchformer.interop.hf import from_hf, to_hf
 from switchformer.interop.hf_export import write_hf_companions
 from switchformer.interop.tokenizers import source_tokenizer
-from switchformer.runs.directory import is_hugging_face_source, run_dir_of
-from switchformer.runs.files import write_file_atomic, write_json_atomic
+from switchformer.runs.directory import is_hugging_face_source, run_dir_of, write_run
 from switchformer.train.config import TrainConfig
+from switchformer.train.model_settings import train_values
 from switchformer.train.run import load_run
 
 
 def train_settings_of(model_config) -> TrainConfig:
-    """Training settings that describe a T5-family model config (the model section stays the truth:
-    these cannot say ``d_kv`` other than ``d_model / num_heads`` or an untied head)."""
-    c = model_config
-    sparse = c.num_experts > 0 and c.encoder_sparse_step > 0
-    return TrainConfig(
-        model="t5",
-        d_model=c.d_model,
-        num_layers=c.num_layers,
-        num_heads=c.num_heads,
-        d_ff=c.d_ff,
-        vocab_size=c.vocab_size,
-        num_experts=c.num_experts if sparse else 0,
-        sparse_step=c.encoder_sparse_step if sparse else 0,
-        activation=c.activation,
-        top_k=c.top_k,
-        capacity_factor=c.capacity_factor,
-        eval_capacity_factor=c.eval_capacity_factor,
-        router_jitter_noise=c.router_jitter_noise,
-        aux_loss_coef=c.router_aux_loss_coef,
-        z_loss_coef=c.router_z_loss_coef,
-        dropout=c.dropout_rate,
-    )
+    """Training settings that describe a T5-family model config, by the one settings map (the model
+    section stays the truth: these cannot say ``d_kv`` other than ``d_model / num_heads`` or an untied
+    head)."""
+    return TrainConfig(model="t5", vocab_size=model_config.vocab_size, **train_values(model_config.to_dict(), "t5"))
 
 
 def convert(source: str | Path, target: str | Path) -> str:
@@ -62,19 +44,17 @@ def convert(source: str | Path, target: str | Path) -> str:
         raise FileExistsError(f"{target}: already holds files; convert writes into a new or empty folder")
     if is_hugging_face_source(source):  # Hugging Face -> switchformer run
         model = from_hf(source)
-        target.mkdir(parents=True, exist_ok=True)
         weights = save({k: v.contiguous() for k, v in model.state_dict().items()}, metadata={"format": "pt"})
-        write_file_atomic(target / "model.safetensors", weights)
         train = train_settings_of(model.config)
-        write_json_atomic(target / "config.json", {"train": train.to_dict(), "model": model.config.to_dict()})
         # the tokenizer as every command reads a source's: without a post-processor that appends </s>
         # (switchformer appends it itself), converted from spiece.model where that is all there is
-
         try:
             tokenizer, note = source_tokenizer(source)
         except FileNotFoundError:
+            tokenizer, note = None, None
+        write_run(target, train.run_section(), model.config.to_dict(), weights=weights, tokenizer=tokenizer)
+        if tokenizer is None:
             return f"switchformer run {target} (no tokenizer in {source}: give one with --set tokenizer=FILE)"
-        write_file_atomic(target / "tokenizer.json", tokenizer.read_bytes())
         return f"switchformer run {target}" + (f"\n  tokenizer: {note}" if note else "")
     model, _, train = load_run(source, need_tokenizer=False)
     if train.model != "t5":

@@ -36,8 +36,7 @@ from switchformer.interop.hf import from_hf
 from switchformer.interop.tokenizers import source_tokenizer
 from switchformer.lifecycle.convert import train_settings_of
 from switchformer.models.layers import DenseFFN, FeedForward
-from switchformer.runs.directory import is_hugging_face_source, run_dir_of
-from switchformer.runs.files import write_file_atomic, write_json_atomic
+from switchformer.runs.directory import is_hugging_face_source, run_dir_of, write_run
 from switchformer.train.run import build_model_from_dict, load_run
 
 
@@ -138,11 +137,8 @@ def upcycle(
     train = replace(train, num_experts=num_experts, sparse_step=sparse_step, top_k=top_k, normalize_gates=top_k > 1,
                     capacity_factor=capacity_factor, eval_capacity_factor=eval_capacity_factor,
                     router_jitter_noise=0.0, init_from=None, tokenizer=None, run_name=None)  # fmt: skip
-    out.mkdir(parents=True, exist_ok=True)
     weights = save({k: v.contiguous() for k, v in sparse.state_dict().items()}, metadata={"format": "pt"})
-    write_file_atomic(out / "model.safetensors", weights)
-    write_file_atomic(out / "tokenizer.json", Path(tokenizer_file).read_bytes())
-    write_json_atomic(out / "config.json", {"train": train.to_dict(), "model": config.to_dict(),
-                                             "upcycled_from": str(source.resolve())})  # fmt: skip
+    write_run(out, train.run_section(), config.to_dict(), weights=weights, tokenizer=Path(tokenizer_file),
+              extra={"upcycled_from": str(source.resolve())})  # fmt: skip
     before, after = dense.num_parameters(), sparse.num_parameters()
     return {"before": before, "after": after, "family": family, "config": config}

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from switchformer.inference.scope import DecodingScope, DerivedWeight
+from switchformer.moe.bounds import AT_LEAST_ONE, AT_LEAST_ZERO, FRACTION
 from switchformer.moe.experts import ACTIVATIONS, apply_activation
 from switchformer.moe.initialization import scaled_trunc_normal_
 from switchformer.moe.layer import MoEAux, SwitchMoE
@@ -162,3 +163,14 @@ def config_from_dict(cls, data: dict):
     if unknown:
         raise ValueError(f"config: unknown fields {unknown}")
     return cls(**data)
+
+
+# the model configs' size and rate settings and their bounds, for both families (the Switch layer's
+# own settings are checked by the layer, with the same bounds: switchformer.moe.layer.LAYER_BOUNDS)
+CONFIG_BOUNDS = {
+    **dict.fromkeys(("vocab_size", "d_model", "d_kv", "d_ff", "num_heads", "max_seq_len"), AT_LEAST_ONE),
+    **dict.fromkeys(("relative_attention_num_buckets", "relative_attention_max_distance"), AT_LEAST_ONE),
+    **dict.fromkeys(("num_layers", "num_decoder_layers", "sparse_step"), AT_LEAST_ZERO),
+    **dict.fromkeys(("encoder_sparse_step", "decoder_sparse_step"), AT_LEAST_ZERO),
+    "dropout_rate": FRACTION,
+}

@@ -7,6 +7,7 @@ SwiGLU (or GELU) FFN that is a causal Switch layer every ``sparse_step`` layers,
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import asdict, dataclass
 
 import torch
@@ -19,6 +20,7 @@ from switchformer.inference.scope import DerivedWeight
 from switchformer.models.accounting import parameter_counts
 from switchformer.models.caches import LMCache
 from switchformer.models.layers import (
+    CONFIG_BOUNDS,
     Dropout,
     FeedForward,
     RMSNorm,
@@ -30,6 +32,7 @@ from switchformer.models.layers import (
 )
 from switchformer.models.outputs import RouterStats, finish_output
 from switchformer.models.vocab_loss import IGNORE_INDEX
+from switchformer.moe.bounds import check_bounds
 from switchformer.moe.experts import ACTIVATIONS
 from switchformer.moe.initialization import scaled_trunc_normal_
 from switchformer.moe.layer import SwitchMoE
@@ -69,12 +72,7 @@ class SwitchLMConfig:
     eos_token_id: int | None = None
 
     def __post_init__(self):
-        for name in ("vocab_size", "d_model", "num_heads", "d_ff", "max_seq_len"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
-        for name in ("num_layers", "sparse_step"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)}")
+        check_bounds(dataclasses.asdict(self), CONFIG_BOUNDS)
         if self.d_model % self.num_heads or (self.d_model // self.num_heads) % 2:
             raise ValueError(
                 f"num_heads: d_model={self.d_model} must split into an even head size over {self.num_heads} heads"
@@ -83,8 +81,6 @@ class SwitchLMConfig:
             raise ValueError(f"activation: unknown {self.activation!r}; choose one of {sorted(ACTIVATIONS)}")
         if self.routing not in ROUTINGS:
             raise ValueError(f"routing: unknown {self.routing!r}; choose one of {ROUTINGS}")
-        if not 0 <= self.dropout_rate < 1:
-            raise ValueError(f"dropout_rate: must be in [0, 1), got {self.dropout_rate}")
         if self.has_sparse_layers:
             if self.num_experts < 1:
                 raise ValueError(f"num_experts: must be >= 1, got {self.num_experts}")

@@ -9,6 +9,7 @@ Switch layer in place of the FFN every ``sparse_step`` layers (HF's layout).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import asdict, dataclass, replace
 
@@ -22,6 +23,7 @@ from switchformer.inference.scope import DerivedWeight
 from switchformer.models.accounting import parameter_counts
 from switchformer.models.caches import DecoderCache, check_cache_size
 from switchformer.models.layers import (
+    CONFIG_BOUNDS,
     Dropout,
     FeedForward,
     RMSNorm,
@@ -32,6 +34,7 @@ from switchformer.models.layers import (
     transposed_copy,
 )
 from switchformer.models.outputs import ModelOutput, RouterStats, finish_output
+from switchformer.moe.bounds import check_bounds
 from switchformer.moe.experts import ACTIVATIONS
 from switchformer.moe.initialization import scaled_trunc_normal_
 
@@ -76,25 +79,9 @@ class SwitchT5Config:
         self.validate()
 
     def validate(self) -> None:
-        positive = (
-            "vocab_size",
-            "d_model",
-            "d_kv",
-            "d_ff",
-            "num_heads",
-            "relative_attention_num_buckets",
-            "relative_attention_max_distance",
-        )
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
-        for name in ("num_layers", "num_decoder_layers", "encoder_sparse_step", "decoder_sparse_step"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)}")
+        check_bounds(dataclasses.asdict(self), CONFIG_BOUNDS)
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"activation: unknown {self.activation!r}; choose one of {sorted(ACTIVATIONS)}")
-        if not 0 <= self.dropout_rate < 1:
-            raise ValueError(f"dropout_rate: must be in [0, 1), got {self.dropout_rate}")
         if self.has_sparse_layers and self.num_experts < 1:
             raise ValueError(f"num_experts: must be >= 1, got {self.num_experts}")
 

@@ -22,6 +22,15 @@ import functools
 import torch
 from torch import Tensor, nn
 
+from switchformer.moe.bounds import (
+    AT_LEAST_ONE,
+    AT_LEAST_ZERO,
+    CAPACITY_FACTOR,
+    FRACTION,
+    OPTIONAL_AT_LEAST_ONE,
+    POSITIVE,
+    check_bounds,
+)
 from switchformer.moe.dispatch import BACKENDS, DispatchPlan, combine, plan_dispatch
 from switchformer.moe.experts import ACTIVATIONS, Experts
 from switchformer.moe.routing import (
@@ -93,6 +102,23 @@ class MoEAux:
         return float(self.dropped) / routed if routed else 0.0
 
 
+# the layer's settings and their bounds (the model configs and the training configuration take the
+# same Bound for the same setting)
+LAYER_BOUNDS = {
+    "d_model": AT_LEAST_ONE,
+    "d_ff": AT_LEAST_ONE,
+    "num_experts": AT_LEAST_ONE,
+    "capacity_factor": CAPACITY_FACTOR,
+    "eval_capacity_factor": CAPACITY_FACTOR,
+    "min_capacity": AT_LEAST_ZERO,
+    "expert_capacity": OPTIONAL_AT_LEAST_ONE,
+    "group_size": OPTIONAL_AT_LEAST_ONE,
+    "expert_dropout": FRACTION,
+    "jitter_eps": FRACTION,
+    "init_scale": POSITIVE,
+}
+
+
 def _check(condition: bool, field: str, message: str) -> None:
     if not condition:
         raise ValueError(f"{field}: {message}")
@@ -135,23 +161,16 @@ class SwitchMoE(nn.Module):
         causal: bool = False,
     ):
         super().__init__()
-        _check(d_model >= 1, "d_model", f"must be >= 1, got {d_model}")
-        _check(d_ff >= 1, "d_ff", f"must be >= 1, got {d_ff}")
-        _check(num_experts >= 1, "num_experts", f"must be >= 1, got {num_experts}")
+        check_bounds(
+            dict(d_model=d_model, d_ff=d_ff, num_experts=num_experts, capacity_factor=capacity_factor,
+                 eval_capacity_factor=eval_capacity_factor, min_capacity=min_capacity, expert_capacity=expert_capacity,
+                 group_size=group_size, expert_dropout=expert_dropout, jitter_eps=jitter_eps, init_scale=init_scale),
+            LAYER_BOUNDS,
+        )  # fmt: skip
         _check(1 <= top_k <= num_experts, "top_k", f"must be in [1, num_experts={num_experts}], got {top_k}")
-        for name, factor in (("capacity_factor", capacity_factor), ("eval_capacity_factor", eval_capacity_factor)):
-            _check(factor is None or factor > 0, name, f"must be > 0 or None (dropless), got {factor}")
-        _check(min_capacity >= 0, "min_capacity", f"must be >= 0, got {min_capacity}")
-        _check(
-            expert_capacity is None or expert_capacity >= 1, "expert_capacity", f"must be >= 1, got {expert_capacity}"
-        )
-        _check(group_size is None or group_size >= 1, "group_size", f"must be >= 1, got {group_size}")
         _check(routing in ROUTINGS, "routing", f"unknown {routing!r}; choose one of {ROUTINGS}")
         _check(priority in PRIORITIES, "priority", f"unknown {priority!r}; choose one of {PRIORITIES}")
         _check(activation in ACTIVATIONS, "activation", f"unknown {activation!r}; choose one of {sorted(ACTIVATIONS)}")
-        _check(0 <= expert_dropout < 1, "expert_dropout", f"must be in [0, 1), got {expert_dropout}")
-        _check(0 <= jitter_eps < 1, "jitter_eps", f"must be in [0, 1), got {jitter_eps}")
-        _check(init_scale > 0, "init_scale", f"must be > 0, got {init_scale}")
         _check(backend in BACKENDS, "backend", f"unknown {backend!r}; choose one of {BACKENDS}")
         if routing == "expert_choice":
             _check(not causal, "routing", "expert_choice looks at later tokens to choose; it cannot be used causally")

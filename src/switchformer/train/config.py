@@ -12,6 +12,10 @@ from dataclasses import dataclass, field
 from switchformer.data.corpus import CORPORA
 from switchformer.data.formatting import is_language_code, prefix_fields
 from switchformer.models import SwitchLMConfig, SwitchT5Config
+from switchformer.models.layers import CONFIG_BOUNDS
+from switchformer.moe.bounds import AT_LEAST_ONE, AT_LEAST_ZERO, FRACTION, OPEN_FRACTION, POSITIVE, Bound, check_bounds
+from switchformer.moe.layer import LAYER_BOUNDS
+from switchformer.train.model_settings import MODEL_SETTINGS, model_values, train_values
 
 
 @dataclass
@@ -122,50 +126,10 @@ class TrainConfig:
                 f"objective: {self.objective!r} trains the decoder-only lm model (--model lm); the t5 model trains "
                 "with 'span_corruption' or 'seq2seq'"
             )
-        positive = (
-            "d_model",
-            "num_heads",
-            "d_ff",
-            "vocab_size",
-            "seq_len",
-            "batch_size",
-            "max_steps",
-            "grad_accum",
-            "log_every",
-            "eval_every",
-            "eval_batches",
-            "checkpoint_every",
-            "keep_last",
-            "max_bad_steps",
-            "num_beams",
-        )
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
-        for name in ("lr", "grad_clip", "init_scale", "dist_timeout_s"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name}: must be > 0, got {getattr(self, name)}")
-        for name in ("warmup_steps", "sparse_step", "num_experts", "weight_decay", "aux_loss_coef", "z_loss_coef",
-                     "router_jitter_noise", "sample_tokens", "seed", "no_repeat_ngram_size"):  # fmt: skip
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)}")
-        for name in ("dropout", "expert_dropout", "router_jitter_noise", "label_smoothing"):
-            if not getattr(self, name) < 1:
-                raise ValueError(f"{name}: must be < 1, got {getattr(self, name)}")
-        for name in ("validation_fraction", "beta2"):
-            if not 0 < getattr(self, name) < 1:
-                raise ValueError(f"{name}: must be in (0, 1), got {getattr(self, name)}")
-        for name in ("capacity_factor", "eval_capacity_factor", "corpus_max_mb", "group_size"):
-            value = getattr(self, name)
-            if value is not None and value <= 0:
-                raise ValueError(f"{name}: must be > 0 (or none), got {value}")
-        if self.expert_parallel < 1:
-            raise ValueError(f"expert_parallel: must be >= 1, got {self.expert_parallel}")
+        check_bounds(self.to_dict(), TRAIN_BOUNDS)
         for name in ("data", "valid_data"):
             if any(not path for path in getattr(self, name)):
                 raise ValueError(f"{name}: an empty path in {getattr(self, name)}")
-        if self.label_smoothing < 0:
-            raise ValueError(f"label_smoothing: must be >= 0, got {self.label_smoothing}")
         for name in ("source_lang", "target_lang"):  # source_lang: one code or several, "de,fr,cs"
             code = getattr(self, name)
             if code is None:
@@ -205,48 +169,21 @@ class TrainConfig:
         return self.objective or ("causal" if self.model == "lm" else "span_corruption")
 
     def model_config(self, vocab_size: int | None = None):
-        vocab = vocab_size or self.vocab_size
-        common = dict(
-            vocab_size=vocab,
-            d_model=self.d_model,
-            num_heads=self.num_heads,
-            d_ff=self.d_ff,
-            num_experts=self.num_experts,
-            top_k=self.top_k,
-            normalize_gates=self.normalize_gates,
-            capacity_factor=self.capacity_factor,
-            eval_capacity_factor=self.eval_capacity_factor,
-            router_jitter_noise=self.router_jitter_noise,
-            router_aux_loss_coef=self.aux_loss_coef,
-            router_z_loss_coef=self.z_loss_coef,
-            init_scale=self.init_scale,
-            dropout_rate=self.dropout,
-            pad_token_id=0,
-            eos_token_id=1,
-        )
+        """The model config these settings describe (:mod:`switchformer.train.model_settings` maps each
+        setting to its field); ``vocab_size``: the tokenizer's, when it differs from the asked one."""
+        values = dict(model_values(self, self.model), vocab_size=vocab_size or self.vocab_size, pad_token_id=0,
+                      eos_token_id=1)  # fmt: skip
         if self.model == "lm":
-            return SwitchLMConfig(
-                **common,
-                num_layers=self.num_layers,
-                activation=self.activation or "swiglu",
-                sparse_step=self.sparse_step,
-                routing=self.routing,
-                expert_dropout=self.expert_dropout,
-                group_size=self.group_size,
-                max_seq_len=max(self.seq_len, 64) * 2,
-            )
+            return SwitchLMConfig(**values, max_seq_len=max(self.seq_len, 64) * 2)
         if self.routing != "token_choice":
             raise ValueError("routing: the t5 trainer path supports token_choice routing")
-        return SwitchT5Config(
-            **common,
-            d_kv=self.d_model // self.num_heads,
-            num_layers=self.num_layers,
-            activation=self.activation or "relu",
-            encoder_sparse_step=self.sparse_step,
-            decoder_sparse_step=self.sparse_step,
-            expert_dropout=self.expert_dropout,
-            decoder_start_token_id=0,
-        )
+        return SwitchT5Config(**values, d_kv=self.d_model // self.num_heads, decoder_start_token_id=0)
+
+    def run_section(self) -> dict:
+        """The train section of a run's config.json: every setting but those the model section holds
+        (the architecture is stored once; :func:`with_model_settings` puts them back on reading)."""
+        mapped = {setting.train for setting in MODEL_SETTINGS}
+        return {name: value for name, value in self.to_dict().items() if name not in mapped}
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -289,3 +226,32 @@ def _check_type(name: str, value, hint) -> None:
 
 
 _FIELD_TYPES = typing.get_type_hints(TrainConfig)
+
+
+# Every numeric setting's bound. A setting the model or the layer also takes has their bound (written
+# once, there); the training settings have their own.
+TRAIN_BOUNDS: dict[str, Bound] = {
+    **{name: CONFIG_BOUNDS[name] for name in ("d_model", "num_heads", "d_ff", "vocab_size")},
+    "dropout": CONFIG_BOUNDS["dropout_rate"],
+    "sparse_step": CONFIG_BOUNDS["sparse_step"],
+    **{name: LAYER_BOUNDS[name] for name in ("capacity_factor", "eval_capacity_factor", "group_size",
+                                             "expert_dropout", "init_scale")},  # fmt: skip
+    "router_jitter_noise": LAYER_BOUNDS["jitter_eps"],
+    "num_experts": AT_LEAST_ZERO,  # 0: the dense baseline
+    **dict.fromkeys(("seq_len", "batch_size", "max_steps", "grad_accum", "log_every", "eval_every", "eval_batches",
+                     "checkpoint_every", "keep_last", "max_bad_steps", "num_beams", "expert_parallel"),
+                    AT_LEAST_ONE),  # fmt: skip
+    **dict.fromkeys(("lr", "grad_clip", "dist_timeout_s"), POSITIVE),
+    **dict.fromkeys(("warmup_steps", "weight_decay", "aux_loss_coef", "z_loss_coef", "sample_tokens", "seed",
+                     "no_repeat_ngram_size"), AT_LEAST_ZERO),  # fmt: skip
+    "label_smoothing": FRACTION,
+    **dict.fromkeys(("validation_fraction", "beta2"), OPEN_FRACTION),
+    "corpus_max_mb": Bound(low=0, low_open=True, optional=True),
+}
+
+
+def with_model_settings(train: dict, model: dict) -> dict:
+    """A run's train section completed with the settings its model section holds (the one truth for
+    the architecture; an older run that stored them in both is read the same way)."""
+    family = train.get("model", "lm")
+    return {**train, **train_values(model, family)}

@@ -30,20 +30,22 @@ from switchformer.interop.hf import from_hf
 from switchformer.interop.hf_config import HF_MODEL_TYPES
 from switchformer.interop.tokenizers import source_tokenizer
 from switchformer.runs.directory import is_hugging_face_source, run_dir_of
+from switchformer.train.model_settings import MODEL_SETTINGS, train_values
 from switchformer.train.run import load_run, read_run_config
 
-# training settings that describe the architecture -> the model config field each must match
-ARCHITECTURE_FIELDS = {
-    "d_model": "d_model",
-    "num_layers": "num_layers",
-    "num_heads": "num_heads",
-    "d_ff": "d_ff",
-    "num_experts": "num_experts",
-    "top_k": "top_k",
-    "normalize_gates": "normalize_gates",
-    "activation": "activation",
-    "vocab_size": "vocab_size",
-}
+
+# The settings a pretrained model decides (given ones must agree) and those applied to it, from the one
+# settings map (vocab_size too: the tokenizer must fit the embedding)
+def architecture_fields(family: str) -> dict[str, str]:
+    """Settings that describe a pretrained ``family`` model -> the model-config field each must match."""
+    fields = {s.train: s.fields(family)[0] for s in MODEL_SETTINGS if s.architecture and s.fields(family)}
+    return {**fields, "vocab_size": "vocab_size"}
+
+
+def training_fields(family: str) -> dict[str, tuple[str, ...]]:
+    """Training-time settings (a user's, or the fine-tuning defaults) -> the model-config fields they set."""
+    return {s.train: s.fields(family) for s in MODEL_SETTINGS if not s.architecture and s.fields(family)}
+
 
 # Fine-tuning defaults: what a new run started from pretrained weights gets for each of these
 # fields unless the user set it (with --set, a config file or a flag; a preset's value does not
@@ -67,18 +69,6 @@ FINE_TUNING_DEFAULTS = {
     "lr": 1e-3,
     "schedule": "constant",
 }
-
-# training-time settings (a user's, or the fine-tuning defaults) -> the model config field they set
-TRAINING_FIELDS = {
-    "capacity_factor": "capacity_factor",
-    "eval_capacity_factor": "eval_capacity_factor",
-    "router_jitter_noise": "router_jitter_noise",
-    "dropout": "dropout_rate",
-    "expert_dropout": "expert_dropout",
-    "aux_loss_coef": "router_aux_loss_coef",
-    "z_loss_coef": "router_z_loss_coef",
-}
-
 
 @dataclass
 class Pretrained:
@@ -159,7 +149,7 @@ def check_settings_fit(pretrained: Pretrained, given: dict, sources: dict[str, s
             f"model: --init-from gives a {pretrained.family} model, {sources.get('model', 'settings')} asks for "
             f"{given['model']!r}"
         )
-    for field, model_field in ARCHITECTURE_FIELDS.items():
+    for field, model_field in architecture_fields(pretrained.family).items():
         if field in given and model_field in pretrained.model_config:
             have = pretrained.model_config[model_field]
             if given[field] != have:
@@ -182,33 +172,25 @@ def fine_tuning_config(pretrained: Pretrained, config, given: dict, sources: dic
     applied = {field: value for field, value in FINE_TUNING_DEFAULTS.items() if field not in given}
     if not is_sparse(model_config):  # a dense T5: no expert to drop out in
         applied.pop("expert_dropout", None)
-    settings = {**applied, **{field: given[field] for field in TRAINING_FIELDS if field in given}}
-    for field, model_field in TRAINING_FIELDS.items():
-        if field in settings and model_field in model_config:
-            model_config[model_field] = settings[field]
+    training = training_fields(pretrained.family)
+    settings = {**applied, **{field: given[field] for field in training if field in given}}
+    for field, model_fields in training.items():
+        for model_field in model_fields:
+            if field in settings and model_field in model_config:
+                model_config[model_field] = settings[field]
     if model_config.get("expert_capacity") is not None and given.keys() & {"capacity_factor", "eval_capacity_factor"}:
         model_config["expert_capacity"] = None  # an absolute capacity would override the factors given
-    describe = {field: model_config[m] for field, m in ARCHITECTURE_FIELDS.items() if m in model_config}
-    step = model_config.get("sparse_step", model_config.get("encoder_sparse_step"))
-    if step is not None:
-        describe["sparse_step"] = step if describe.get("num_experts", 0) > 0 else 0
-    training = {field: model_config[m] for field, m in TRAINING_FIELDS.items() if m in model_config}
-    if training.get("expert_dropout", 0) is None:  # T5 configs: None means the dropout rate
-        training["expert_dropout"] = model_config.get("dropout_rate", 0.0)
+    described = train_values(model_config, pretrained.family)  # the run's settings say what it trains
+    described["vocab_size"] = model_config.get("vocab_size", config.vocab_size)
     context = model_config.get("max_seq_len")  # a decoder-only model's positions bound its sequences
     if context is not None and config.seq_len > context:
         if "seq_len" in given:
             raise ValueError(f"seq_len: the --init-from model has {context} positions (max_seq_len), "
                              f"{sources.get('seq_len', 'settings')} gives {given['seq_len']}")  # fmt: skip
         applied["seq_len"] = context  # a preset's length beyond the source's: the source's, said so
-    others = {field: value for field, value in applied.items() if field not in TRAINING_FIELDS}
+    others = {field: value for field, value in applied.items() if field not in training}
     train = replace(
-        config,
-        model=pretrained.family,
-        tokenizer=str(pretrained.tokenizer_file.resolve()),
-        **describe,
-        **training,
-        **others,
+        config, model=pretrained.family, tokenizer=str(pretrained.tokenizer_file.resolve()), **described, **others
     )
     return train, model_config, applied
 

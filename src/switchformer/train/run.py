@@ -18,7 +18,7 @@ from switchformer.data.tokenizer import load_tokenizer
 from switchformer.models import SwitchLM, SwitchLMConfig, SwitchT5, SwitchT5Config
 from switchformer.runs.directory import read_sections
 from switchformer.train.checkpoint import latest_checkpoint, load_model_weights
-from switchformer.train.config import TrainConfig
+from switchformer.train.config import TrainConfig, with_model_settings
 from switchformer.train.sources import config_from_sources
 
 
@@ -26,16 +26,24 @@ from switchformer.train.sources import config_from_sources
 class RunConfig:
     run_dir: Path
     file: Path  # the config.json it was read from
-    train_values: dict  # as saved (validated by `train`)
+    saved_train: dict  # the train section as saved (without the settings the model section holds)
     model_values: dict  # the architecture, as saved
 
     @property
+    def train_values(self) -> dict:
+        """Every training setting of the run: the train section with the model section's settings."""
+        return with_model_settings(self.saved_train, self.model_values)
+
+    @property
     def train(self) -> TrainConfig:
-        return config_from_sources(self.train_values, dict.fromkeys(self.train_values, str(self.file)))
+        where = str(self.file)
+        config_from_sources(self.saved_train, dict.fromkeys(self.saved_train, where))  # what is stored, checked
+        values = self.train_values
+        return config_from_sources(values, dict.fromkeys(values, where))
 
     def build_model(self):
         """The model this run describes, freshly initialised (weights are loaded separately)."""
-        return build_model_from_dict(self.train_values.get("model", "lm"), self.model_values, self.file)
+        return build_model_from_dict(self.saved_train.get("model", "lm"), self.model_values, self.file)
 
 
 def read_run_config(source: str | Path) -> RunConfig:

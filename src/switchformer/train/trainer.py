@@ -34,6 +34,7 @@ from switchformer.parallel import (
     sum_over_world,
     whole_weights,
 )
+from switchformer.runs.directory import write_run
 from switchformer.runtime import resolve_device, reuse_freed_memory
 from switchformer.train.checkpoint import (
     begin_checkpoint,
@@ -158,9 +159,7 @@ class Trainer:
         # written once everything above succeeded: a failed start leaves the run's config as it was
         if self.is_main:
             self.run_log.claim()
-            write_json_atomic(
-                self.run_dir / "config.json", {"train": config.to_dict(), "model": self.model.config.to_dict()}
-            )
+            write_run(self.run_dir, config.run_section(), self.model.config.to_dict())
 
     # -- bookkeeping -----------------------------------------------------------------------
 
