@@ -85,6 +85,7 @@ def beam_search(
     there its result can differ). Raises ``ValueError`` naming the argument for a
     ``num_beams`` below 1, a non-finite ``length_penalty``, an unknown ``early_stopping`` or
     ``do_sample`` (beam search is deterministic)."""
+    # long by design: one step loop of the algorithm, read top to bottom as the docstring tells it
     check_beam_arguments(num_beams, length_penalty, early_stopping)
     if cfg.do_sample:
         raise ValueError("do_sample: beam search is deterministic; do not combine it with do_sample")

@@ -52,6 +52,7 @@ def generate_text(
 
     ``no_repeat_ngram_size`` left ``None`` is the run's (``config``; 0 without it) for every
     objective. Beam search cannot stream: its tokens go to ``streamer`` once the search has ended."""
+    # long by design: most of it is the signature and the contract of every objective's defaults
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed)
     if no_repeat_ngram_size is None:

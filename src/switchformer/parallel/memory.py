@@ -20,9 +20,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
-from switchformer.parallel.fsdp import expert_shard_dim
+from switchformer.parallel.fsdp import expert_shard_dim, local_tensor
 
 
 @dataclass(frozen=True)
@@ -166,3 +167,15 @@ def memory_report(
         )
     lines.append("    activations are not counted: they grow with batch_size x seq_len")
     return lines
+
+
+def held_elements(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, int]:
+    """Elements of parameters, gradients and optimizer state this process holds (its shards only)."""
+    params = list(model.parameters())
+    return {
+        "parameters": sum(local_tensor(p).numel() for p in params),
+        "gradients": sum(local_tensor(p.grad).numel() for p in params if p.grad is not None),
+        "optimizer": sum(
+            local_tensor(v).numel() for entry in optimizer.state.values() for v in entry.values() if torch.is_tensor(v)
+        ),
+    }

@@ -398,3 +398,17 @@ def _chat_split(tok, conversations, config: TrainConfig, ids, split_name: str = 
         truncated_conversations=long,
         aligned_labels=True,
     )
+
+
+def with_data_languages(config: TrainConfig, data: Data) -> TrainConfig:
+    """``config`` with ``source_lang``/``target_lang`` filled from the training pairs' languages
+    where the user gave none (line-aligned files named by language, JSONL rows that say theirs)."""
+    from dataclasses import replace
+
+    sources, target = getattr(data, "languages", (None, None))
+    changes = {}
+    if config.source_lang is None and sources:
+        changes["source_lang"] = ",".join(sources)
+    if config.target_lang is None and target:
+        changes["target_lang"] = target
+    return replace(config, **changes) if changes else config

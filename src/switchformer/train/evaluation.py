@@ -86,8 +86,7 @@ def evaluate(
     chunks = _chunks(rows, rows_per_batch, config.batch_size)
     mine = chunks[rank::world]
     calls = math.ceil(len(chunks) / world)  # the same on every rank
-    total_loss, total_tokens = 0.0, 0
-    counts, dropped, entropy, seen = {}, {}, {}, 0
+    totals = _Totals()
     try:
         with torch.no_grad():
             for call in range(calls):
@@ -96,46 +95,66 @@ def evaluate(
                 batch = {k: v.to(device) for k, v in valid.rows(index).items()}
                 with autocast_context(config, device):
                     out = forward(batch)
-                if not counted:  # the layers' names (every rank sums the same tensors), no counts
-                    for name, aux in out.router_stats.layers:
-                        counts.setdefault(name, torch.zeros_like(aux.tokens_per_expert.cpu()))
-                        dropped.setdefault(name, 0.0)
-                        entropy.setdefault(name, 0.0)
-                    continue
-                tokens = scored_tokens(batch)
-                if tokens:
-                    total_loss += out.ce_loss.item() * tokens
-                    total_tokens += tokens
-                for name, aux in out.router_stats.layers:
-                    counts[name] = counts.get(name, 0) + aux.tokens_per_expert.cpu()
-                    dropped[name] = dropped.get(name, 0.0) + aux.dropped_fraction
-                    entropy[name] = entropy.get(name, 0.0) + float(aux.router_entropy)
-                seen += 1
+                if counted:
+                    totals.add(out, scored_tokens(batch))
+                else:  # the layers' names (every rank sums the same tensors), no counts
+                    totals.name_layers(out)
     finally:
         model.train(was_training)
     if reduce_sum is not None:  # every rank's sums, so every rank reports the global figures
-        names = sorted(counts)
-        scalars = torch.tensor([total_loss, total_tokens, seen], dtype=torch.float64, device=device)
+        totals.reduce(reduce_sum, device)
+    return totals.result()
+
+
+class _Totals:
+    """Sums over the evaluated chunks: the loss over scored tokens, and per Switch layer the tokens
+    each expert got, the dropped fraction and the router entropy."""
+
+    def __init__(self):
+        self.loss, self.tokens, self.seen = 0.0, 0, 0
+        self.counts, self.dropped, self.entropy = {}, {}, {}
+
+    def add(self, out, tokens: int) -> None:
+        if tokens:
+            self.loss += out.ce_loss.item() * tokens
+            self.tokens += tokens
+        for name, aux in out.router_stats.layers:
+            self.counts[name] = self.counts.get(name, 0) + aux.tokens_per_expert.cpu()
+            self.dropped[name] = self.dropped.get(name, 0.0) + aux.dropped_fraction
+            self.entropy[name] = self.entropy.get(name, 0.0) + float(aux.router_entropy)
+        self.seen += 1
+
+    def name_layers(self, out) -> None:
+        for name, aux in out.router_stats.layers:
+            self.counts.setdefault(name, torch.zeros_like(aux.tokens_per_expert.cpu()))
+            self.dropped.setdefault(name, 0.0)
+            self.entropy.setdefault(name, 0.0)
+
+    def reduce(self, reduce_sum, device) -> None:
+        scalars = torch.tensor([self.loss, self.tokens, self.seen], dtype=torch.float64, device=device)
         scalars = reduce_sum(scalars).cpu()
-        total_loss, total_tokens, seen = float(scalars[0]), int(scalars[1]), int(scalars[2])
-        for name in names:
-            packed = torch.cat(
-                [counts[name].double(), torch.tensor([dropped[name], entropy[name]], dtype=torch.float64)]
-            )
-            packed = reduce_sum(packed.to(device)).cpu()
-            counts[name], dropped[name], entropy[name] = packed[:-2].long(), float(packed[-2]), float(packed[-1])
-    loss = total_loss / total_tokens if total_tokens else float("nan")
-    routing = {
-        name: {
-            "tokens_per_expert": counts[name].tolist(),
-            "dropped_fraction": dropped[name] / max(seen, 1),
-            "router_entropy": entropy[name] / max(seen, 1),
-            "max_load_over_mean": float(counts[name].max() / counts[name].float().mean().clamp_min(1e-9)),
+        self.loss, self.tokens, self.seen = float(scalars[0]), int(scalars[1]), int(scalars[2])
+        for name in sorted(self.counts):
+            extra = torch.tensor([self.dropped[name], self.entropy[name]], dtype=torch.float64)
+            packed = reduce_sum(torch.cat([self.counts[name].double(), extra]).to(device)).cpu()
+            self.counts[name], self.dropped[name], self.entropy[name] = (
+                packed[:-2].long(), float(packed[-2]), float(packed[-1])
+            )  # fmt: skip
+
+    def result(self) -> EvalResult:
+        loss = self.loss / self.tokens if self.tokens else float("nan")
+        seen = max(self.seen, 1)
+        routing = {
+            name: {
+                "tokens_per_expert": counts.tolist(),
+                "dropped_fraction": self.dropped[name] / seen,
+                "router_entropy": self.entropy[name] / seen,
+                "max_load_over_mean": float(counts.max() / counts.float().mean().clamp_min(1e-9)),
+            }
+            for name, counts in self.counts.items()
         }
-        for name in counts
-    }
-    perplexity = math.exp(min(loss, 50)) if total_tokens else float("nan")
-    return EvalResult(loss, perplexity, total_tokens, routing)
+        perplexity = math.exp(min(loss, 50)) if self.tokens else float("nan")
+        return EvalResult(loss, perplexity, self.tokens, routing)
 
 
 def _chunks(rows: int, rows_per_batch: int, size: int) -> list[tuple[int, int]]:

@@ -34,6 +34,7 @@ from switchformer.parallel import (
     sum_over_world,
     whole_weights,
 )
+from switchformer.parallel.memory import held_elements
 from switchformer.runs.directory import write_run
 from switchformer.runtime import resolve_device, reuse_freed_memory
 from switchformer.train.checkpoint import (
@@ -45,7 +46,7 @@ from switchformer.train.checkpoint import (
     write_state_file,
 )
 from switchformer.train.config import TrainConfig
-from switchformer.train.data import Data, prepare_data
+from switchformer.train.data import Data, prepare_data, with_data_languages
 from switchformer.train.evaluation import EvalResult, evaluate, model_forward, scored_tokens
 from switchformer.train.layout import check_start_layout, global_batch
 from switchformer.train.optimizer import build_optimizer, clip_grad_norm, learning_rate
@@ -59,18 +60,6 @@ log = logging.getLogger("switchformer")
 
 class TrainingError(RuntimeError):
     """Training cannot go on (for example: too many non-finite losses in a row)."""
-
-
-def held_elements(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, int]:
-    """Elements of parameters, gradients and optimizer state this process holds (its shards only)."""
-    params = list(model.parameters())
-    return {
-        "parameters": sum(local_tensor(p).numel() for p in params),
-        "gradients": sum(local_tensor(p.grad).numel() for p in params if p.grad is not None),
-        "optimizer": sum(
-            local_tensor(v).numel() for entry in optimizer.state.values() for v in entry.values() if torch.is_tensor(v)
-        ),
-    }
 
 
 class Trainer:
@@ -110,33 +99,11 @@ class Trainer:
         if self.device.type == "cpu":
             reuse_freed_memory()  # see runtime.py: large expert gradients are reused, not re-faulted
         torch.manual_seed(config.seed)
-        if resume and data is None and not (self.run_dir / "tokenizer.json").exists():
-            raise FileNotFoundError(
-                f"{self.run_dir / 'tokenizer.json'}: missing; --resume continues with the run's own tokenizer "
-                "(a new one would give the model other token ids): put the tokenizer its weights were trained with"
-            )
-        if data is not None:
-            self.data: Data = data
-        else:
-            if not (self.run_dir / "tokenizer.json").exists():
-                self.run_log.claim()  # prepare_data writes it
-            with self.main_first():  # rank 0 trains and saves the tokenizer; the others then load it
-                self.data = prepare_data(config, self.run_dir)
+        self.data: Data = data if data is not None else self._prepare_data(resume)
         # the languages the pairs carry become the run's own, stated in config.json, so translate and
         # eval can name a language the model never saw
         config = self.config = with_data_languages(config, self.data)
-        torch.manual_seed(config.seed)  # the same initial weights whatever data preparation consumed
-        self.model = build_model(config, self.data.vocab_size, model_config)
-        if model_config is not None:  # a resumed run's architecture: its tokenizer must fit it
-            check_tokenizer_fits(self.data.tokenizer, self.model, self.run_dir / "tokenizer.json")
-        if init_state is not None:  # --init-from: the pretrained weights, before any expert slicing
-            self.model.load_state_dict(init_state)
-        defer_bias_updates(self.model)  # one selection-bias update per step, over all micro-batches and ranks
-        if self.parallel is not None:  # full seeded init on every rank, then each keeps its experts
-            apply_expert_parallel(self.model, self.parallel)
-        self.model.to(self.device)
-        if self.parallel is not None and self.parallel.fsdp:
-            apply_fsdp(self.model, self.parallel)  # before the optimizer: it holds the sharded weights
+        self.model = self._build_model(model_config, init_state)
         self.optimizer = build_optimizer(config, self.model)
         self.step = 0
         self.bad_steps = 0
@@ -145,21 +112,51 @@ class Trainer:
         self.time_offset = 0.0  # training seconds before this process (a resumed run's clock goes on)
         self._clock_start: float | None = None
         if resume:
-            self.run_log.claim()  # resuming rewrites metrics.jsonl
-            state, _ = resume_run(self.run_dir, self.model, self.optimizer, self.parallel, config, self.world)
-            self.step, self.bad_steps = state["step"], state.get("bad_steps", 0)
-            if config.max_steps < self.step:
-                raise ValueError(
-                    f"max_steps: {config.max_steps} is below the step {self.step} the run has reached; give at least "
-                    f"{self.step}"
-                )
-            self._saved_step = self.step
-            self.time_offset = float(state.get("train_time", 0.0))
-            self.history = self.run_log.records_up_to(self.step)
+            self._resume()
         # written once everything above succeeded: a failed start leaves the run's config as it was
         if self.is_main:
             self.run_log.claim()
             write_run(self.run_dir, config.run_section(), self.model.config.to_dict())
+
+    def _prepare_data(self, resume: bool) -> Data:
+        if resume and not (self.run_dir / "tokenizer.json").exists():
+            raise FileNotFoundError(
+                f"{self.run_dir / 'tokenizer.json'}: missing; --resume continues with the run's own tokenizer "
+                "(a new one would give the model other token ids): put the tokenizer its weights were trained with"
+            )
+        if not (self.run_dir / "tokenizer.json").exists():
+            self.run_log.claim()  # prepare_data writes it
+        with self.main_first():  # rank 0 trains and saves the tokenizer; the others then load it
+            return prepare_data(self.config, self.run_dir)
+
+    def _build_model(self, model_config: dict | None, init_state: dict | None) -> torch.nn.Module:
+        """The model, on this process's device and in its layout (expert shards, FSDP)."""
+        torch.manual_seed(self.config.seed)  # the same initial weights whatever data preparation consumed
+        model = build_model(self.config, self.data.vocab_size, model_config)
+        if model_config is not None:  # a resumed run's architecture: its tokenizer must fit it
+            check_tokenizer_fits(self.data.tokenizer, model, self.run_dir / "tokenizer.json")
+        if init_state is not None:  # --init-from: the pretrained weights, before any expert slicing
+            model.load_state_dict(init_state)
+        defer_bias_updates(model)  # one selection-bias update per step, over all micro-batches and ranks
+        if self.parallel is not None:  # full seeded init on every rank, then each keeps its experts
+            apply_expert_parallel(model, self.parallel)
+        model.to(self.device)
+        if self.parallel is not None and self.parallel.fsdp:
+            apply_fsdp(model, self.parallel)  # before the optimizer: it holds the sharded weights
+        return model
+
+    def _resume(self) -> None:
+        self.run_log.claim()  # resuming rewrites metrics.jsonl
+        state, _ = resume_run(self.run_dir, self.model, self.optimizer, self.parallel, self.config, self.world)
+        self.step, self.bad_steps = state["step"], state.get("bad_steps", 0)
+        if self.config.max_steps < self.step:
+            raise ValueError(
+                f"max_steps: {self.config.max_steps} is below the step {self.step} the run has reached; give at "
+                f"least {self.step}"
+            )
+        self._saved_step = self.step
+        self.time_offset = float(state.get("train_time", 0.0))
+        self.history = self.run_log.records_up_to(self.step)
 
     # -- bookkeeping -----------------------------------------------------------------------
 
@@ -336,20 +333,7 @@ class Trainer:
             norm = clip_grad_norm(self.model, config.grad_clip, self.parallel)
             finite = math.isfinite(norm)
         if not finite:
-            discard_bias_updates(self.model)
-            self.optimizer.zero_grad(set_to_none=True)
-            self.bad_steps += 1
-            # 1-based, as metrics.jsonl numbers the step (the one that would have made it step + 1)
-            log.warning(
-                "step %d: non-finite loss or gradient, step skipped (%d in a row)", self.step + 1, self.bad_steps
-            )
-            self.log_metrics({"step": self.step + 1, "skipped": True})
-            if self.bad_steps >= config.max_bad_steps:
-                raise TrainingError(
-                    f"{self.bad_steps} non-finite losses in a row at step {self.step + 1}; "
-                    "lower lr, raise warmup_steps or check the data"
-                )
-            self.step += 1
+            self._skip_step()
             return None
         self.bad_steps = 0
         if self.parallel is not None:  # log the global batch's losses, not this rank's share
@@ -363,6 +347,22 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         return dict(totals, lr=lr, grad_norm=norm, tokens=tokens)
+
+    def _skip_step(self) -> None:
+        """A step whose loss or gradient is not finite: nothing applied, counted, logged; too many in a
+        row end the run."""
+        discard_bias_updates(self.model)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.bad_steps += 1
+        # 1-based, as metrics.jsonl numbers the step (the one that would have made it step + 1)
+        log.warning("step %d: non-finite loss or gradient, step skipped (%d in a row)", self.step + 1, self.bad_steps)
+        self.log_metrics({"step": self.step + 1, "skipped": True})
+        if self.bad_steps >= self.config.max_bad_steps:
+            raise TrainingError(
+                f"{self.bad_steps} non-finite losses in a row at step {self.step + 1}; "
+                "lower lr, raise warmup_steps or check the data"
+            )
+        self.step += 1
 
     def train(self) -> dict:
         """Train to ``max_steps``, evaluate, checkpoint, write summary.json; the run's lock and
@@ -475,15 +475,3 @@ class Trainer:
             )
 
 
-def with_data_languages(config: TrainConfig, data: Data) -> TrainConfig:
-    """``config`` with ``source_lang``/``target_lang`` filled from the training pairs' languages
-    where the user gave none (line-aligned files named by language, JSONL rows that say theirs)."""
-    from dataclasses import replace
-
-    sources, target = getattr(data, "languages", (None, None))
-    changes = {}
-    if config.source_lang is None and sources:
-        changes["source_lang"] = ",".join(sources)
-    if config.target_lang is None and target:
-        changes["target_lang"] = target
-    return replace(config, **changes) if changes else config
