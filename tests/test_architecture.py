@@ -27,7 +27,7 @@ LAYERS = [
     {"cli", "__init__"},
     {"__main__"},
 ]
-LOCAL_IMPORTS_ALLOWED = {"commands", "cli", "__init__"}  # start-up time: the parser loads no torch
+LOCAL_IMPORTS_ALLOWED = {"commands", "cli", "__init__"}  # start-up time: the parser loads no library code
 LONG_FUNCTION_MARK = "long by design:"  # a comment inside a function over 80 lines says why
 
 

@@ -6,7 +6,7 @@ import argparse
 import time
 from pathlib import Path
 
-# The presets --help names; written out so that --help needs no torch (a test holds it equal to PRESETS).
+# The presets --help names; written out so that --help loads no training code (a test holds it equal to PRESETS).
 PRESET_NAMES = ("tiny", "test", "compare", "compare-long", "compare-gpu", "mt-small")
 TRAIN_PRESET = "tiny"
 # `switchformer compare` runs, by default, the regime where the paper's effect shows on a laptop
@@ -14,7 +14,7 @@ TRAIN_PRESET = "tiny"
 COMPARE_PRESET = "compare-long"
 
 # Commands import the library inside run(): the parser is built from every command module, and
-# `switchformer --help` should not wait for torch.
+# `switchformer --help` should not load the library (models, tokenizers, plotting).
 
 
 def add_config_arguments(p: argparse.ArgumentParser, default_preset: str) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 from switchformer.commands.common import COMPARE_PRESET, add_config_arguments, config_from_args
 
 # The library is imported inside run(), on use: the parser is built from every command module, and
-# `switchformer --help` should not wait for torch.
+# `switchformer --help` should not load the library (models, tokenizers, plotting).
 
 NAME = "compare"
 HELP = "train a Switch model and its FLOP-matched dense twin; table and plot"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 # The library is imported inside run(), on use: the parser is built from every command module, and
-# `switchformer --help` should not wait for torch.
+# `switchformer --help` should not load the library (models, tokenizers, plotting).
 
 NAME = "convert"
 HELP = "convert between Hugging Face and switchformer formats"

@@ -6,7 +6,7 @@ import argparse
 import sys
 
 # The library is imported inside run(), on use: the parser is built from every command module, and
-# `switchformer --help` should not wait for torch.
+# `switchformer --help` should not load the library (models, tokenizers, plotting).
 
 NAME = "generate"
 HELP = "generate text from a trained run, streaming tokens"

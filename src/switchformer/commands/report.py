@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 # The library is imported inside run(), on use: the parser is built from every command module, and
-# `switchformer --help` should not wait for torch.
+# `switchformer --help` should not load the library (models, tokenizers, plotting).
 
 NAME = "report"
 HELP = "PNG plots of a run: losses, expert load, dropped tokens"

@@ -8,7 +8,7 @@ import re
 import sys
 
 # The library is imported inside run(), on use: the parser is built from every command module, and
-# `switchformer --help` should not wait for torch.
+# `switchformer --help` should not load the library (models, tokenizers, plotting).
 
 NAME = "serve"
 HELP = "serve a model over an OpenAI-compatible HTTP API with continuous batching; chat page"

@@ -9,7 +9,7 @@ from pathlib import Path
 from switchformer.commands.common import TRAIN_PRESET, add_config_arguments, config_from_args, run_dir_for
 
 # The library is imported inside run(), on use: the parser is built from every command module, and
-# `switchformer --help` should not wait for torch.
+# `switchformer --help` should not load the library (models, tokenizers, plotting).
 
 NAME = "train"
 HELP = "train a Switch model (default: the tiny preset on the embedded corpus)"

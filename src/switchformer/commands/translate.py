@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 # The library is imported inside run(), on use: the parser is built from every command module, and
-# `switchformer --help` should not wait for torch.
+# `switchformer --help` should not load the library (models, tokenizers, plotting).
 
 log = logging.getLogger("switchformer")
 
