@@ -14,6 +14,8 @@ import switchformer as sf  # noqa: E402
 from switchformer.interop.hf import from_hf, to_hf  # noqa: E402
 from switchformer.moe.routing import router_z_loss  # noqa: E402
 
+pytestmark = [pytest.mark.hf]
+
 SMALL = dict(vocab_size=96, d_model=32, d_kv=8, d_ff=64, num_heads=4, dropout_rate=0.0, decoder_start_token_id=0)
 
 

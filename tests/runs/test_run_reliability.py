@@ -22,6 +22,7 @@ import types
 from pathlib import Path
 
 import pytest
+import shared
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
@@ -41,19 +42,11 @@ from switchformer.train import checkpoint as checkpoint_module
 from switchformer.train import trainer as trainer_module
 from switchformer.train.checkpoint import latest_checkpoint, list_checkpoints
 
-TEXT = (
-    "The quick brown fox jumps over the lazy dog. Sparse experts route each token to one feed-forward network.\n"
-    "A router sends tokens to experts; capacity limits how many each expert takes. Dropped tokens skip the layer.\n"
-) * 30
+pytestmark = [pytest.mark.slow]
+
+TEXT = shared.TEXT * 30
+CORPUS_DOCS, CORPUS_REPEATS = 4, 30  # the conftest corpus: 4 documents
 STEPS = 12
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("corpus")
-    for i in range(4):
-        (folder / f"doc{i}.txt").write_text(f"Document {i}.\n" + TEXT)
-    return folder
 
 
 @pytest.fixture(scope="module")

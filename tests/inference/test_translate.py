@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import io
 import json
-import random
 import sys
 from pathlib import Path
 
@@ -22,25 +21,9 @@ from switchformer.train.run import load_run
 
 sacrebleu = pytest.importorskip("sacrebleu")
 
-SOURCE_WORDS = "ka lu mi po re su ti vo ze bo da fe gi ho ju ne".split()
-TARGET_WORDS = "zap wol kin dret flum grop hask jilt mork norp plax quib rast snib tolk vurn".split()
-MAPPING = dict(zip(SOURCE_WORDS, TARGET_WORDS))
-TRAIN_FLAGS = ["--preset", "test", "--model", "t5", "--no-progress", "--set", "objective=seq2seq"]
-TRAIN_FLAGS += ["--set", "eval_every=1000", "--set", "checkpoint_every=1000", "--set", "log_every=100"]
+from shared import TRAIN_FLAGS, mapping_pairs, write_jsonl  # noqa: E402
 
-
-def mapping_pairs(n: int, seed: int) -> list[dict]:
-    rng = random.Random(seed)
-    rows = []
-    for _ in range(n):
-        words = [rng.choice(SOURCE_WORDS) for _ in range(rng.randint(3, 6))]
-        rows.append({"source": " ".join(words), "target": " ".join(MAPPING[w] for w in words)})
-    return rows
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
-    return path
+pytestmark = [pytest.mark.slow]
 
 
 def stderr_lines(captured) -> list[str]:

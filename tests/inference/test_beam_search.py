@@ -324,6 +324,7 @@ def hf_tokens(out: torch.Tensor) -> torch.Tensor:
     return out
 
 
+@pytest.mark.hf
 @pytest.mark.parametrize("kind", ["t5", "switch"])
 def test_same_tokens_as_hugging_face(kind):
     from switchformer.interop.hf import from_hf

@@ -22,6 +22,8 @@ from switchformer.interop.tokenizers import source_tokenizer  # noqa: E402
 from switchformer.train.init_from import FINE_TUNING_DEFAULTS  # noqa: E402
 from switchformer.train.run import load_run  # noqa: E402
 
+pytestmark = [pytest.mark.hf]
+
 TEXT = "Sparse experts route each token to one feed-forward network. A router sends tokens to experts.\n" * 60
 
 # a translation task a tiny model starts to learn in a few steps: word-by-word between two vocabularies
@@ -154,6 +156,7 @@ def test_init_from_a_hugging_face_checkpoint_takes_its_architecture_weights_and_
     assert metrics[0]["step"] == 1  # a fresh schedule from step 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["switch", "t5-spiece"])
 def test_fine_tuning_through_the_cli(kind, request, tmp_path, pairs_file, capsys):
     """A Switch checkpoint with tokenizer.json and a T5 v1.1 one with only spiece.model, fine-tuned on
@@ -280,6 +283,7 @@ def test_user_settings_beat_the_fine_tuning_defaults(hf_switch_dir, tmp_path, ca
     assert set(FINE_TUNING_DEFAULTS) == {"dropout", "expert_dropout", "optimizer", "lr", "schedule"}
 
 
+@pytest.mark.slow
 def test_init_from_a_run_and_contradicting_sizes(hf_switch_dir, tmp_path, capsys):
     folder, corpus = hf_switch_dir
     assert main(run_args(tmp_path, corpus, "base", "--init-from", str(folder))) == 0

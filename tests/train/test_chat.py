@@ -28,6 +28,8 @@ from switchformer.train.run import load_run
 from switchformer.train.sources import build_config
 from switchformer.train.trainer import Trainer
 
+pytestmark = [pytest.mark.slow]
+
 WORDS = "apple river stone cloud tiger lemon piano rocket garden silver".split()
 TINY = ["--set", "d_model=64", "--set", "d_ff=128", "--set", "num_heads=2", "--set", "vocab_size=400"]
 TINY += ["--set", "seq_len=48", "--set", "batch_size=16", "--set", "warmup_steps=10", "--set", "log_every=10"]

@@ -22,6 +22,8 @@ from switchformer import SwitchLM, SwitchLMConfig
 from switchformer.parallel import apply_expert_parallel, apply_fsdp, is_expert_parameter, make_groups
 from switchformer.train.optimizer import clip_grad_norm
 
+pytestmark = [pytest.mark.distributed]
+
 EIGHT = dict(CONFIG, num_experts=8)
 UNUSED = 5  # the expert no token reaches
 

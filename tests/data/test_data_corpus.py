@@ -11,6 +11,7 @@ from switchformer.train.data import tokenizer_sample
 from switchformer.train.sources import build_config
 
 
+@pytest.mark.slow
 def test_docs_plus_packages_adds_capped_package_source_in_a_stable_order():
     base = embedded_documents("docs+source")
     docs = embedded_documents("docs+packages", max_mb=2.0)

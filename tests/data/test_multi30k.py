@@ -11,15 +11,19 @@ import math
 from pathlib import Path
 
 import pytest
+from shared import SHARED_DATA
 
 from switchformer.cli import main
 
 sacrebleu = pytest.importorskip("sacrebleu")
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "multi30k"
-pytestmark = pytest.mark.skipif(
-    not (DATA / "train.de.gz").exists(), reason=f"Multi30k is not at {DATA} (see the issue's shared data)"
-)
+DATA = SHARED_DATA / "multi30k"
+pytestmark = [
+    pytest.mark.skipif(
+        not (DATA / "train.de.gz").exists(), reason=f"Multi30k is not at {DATA} (see the issue's shared data)"
+    ),
+    pytest.mark.slow,
+]
 
 TRAIN_LINES, VALID_LINES = 3000, 60
 

@@ -15,6 +15,8 @@ from switchformer.cli import main  # noqa: E402
 from switchformer.data.tokenizer import train_tokenizer  # noqa: E402
 from switchformer.train.run import load_run  # noqa: E402
 
+pytestmark = [pytest.mark.slow, pytest.mark.hf]
+
 TEXT = ["Sparse experts route each token to one feed-forward network.", "A router sends tokens to experts."] * 40
 
 

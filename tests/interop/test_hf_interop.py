@@ -22,6 +22,8 @@ from switchformer.interop.hf_weights import state_dict_from_hf  # noqa: E402
 from switchformer.models.t5 import SwitchT5, SwitchT5Config  # noqa: E402
 from switchformer.moe.experts import ACTIVATIONS  # noqa: E402
 
+pytestmark = [pytest.mark.hf]
+
 TINY = dict(vocab_size=64, d_model=16, d_kv=4, num_heads=2, d_ff=24, dropout_rate=0.0, decoder_start_token_id=0)
 SWITCH_BASE = dict(
     TINY,

@@ -11,6 +11,8 @@ import pytest
 
 from switchformer.cli import main
 
+pytestmark = [pytest.mark.slow]
+
 pytest.importorskip("sacrebleu")
 
 WORDS = {

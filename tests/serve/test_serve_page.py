@@ -14,7 +14,7 @@ pytest.importorskip("playwright", reason="playwright is not installed (dev extra
 import httpx  # noqa: E402
 from serve_helpers import make_app, serving, tiny_lm, tokenizer  # noqa: E402
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.timeout(120), pytest.mark.browser]
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 # as the machine's notes say: without the background-networking flags chromium keeps dialling out
 FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",

@@ -12,9 +12,10 @@ import math
 from pathlib import Path
 
 import pytest
+import shared
 import torch
 import torch.nn.functional as F
-from test_run_commands import TEXT, snapshot  # noqa: E402  (the same corpus and read-only check)
+from shared import snapshot
 
 from switchformer.cli import main
 from switchformer.lifecycle.distill import (
@@ -29,6 +30,9 @@ from switchformer.moe.layer import SwitchMoE, switch_layers
 from switchformer.train.evaluation import model_forward
 from switchformer.train.run import load_run
 from switchformer.train.trainer import Trainer
+
+TEXT = shared.TEXT * 30  # the corpus of the run tests
+CORPUS_DOCS, CORPUS_REPEATS = 0, 30  # the conftest corpus: one file of TEXT
 
 
 def one_line_error(capsys) -> str:
@@ -53,13 +57,6 @@ def tokenizer_cache(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("SWITCHFORMER_CACHE", str(tmp_path_factory.mktemp("cache")))
         yield
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("data") / "corpus.txt"
-    path.write_text(TEXT)
-    return path
 
 
 def train_run(root: Path, name: str, corpus: Path, *flags: str) -> Path:

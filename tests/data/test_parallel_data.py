@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from shared import SHARED_DATA
 
 from switchformer.cli import main
 from switchformer.data.files import DataError
@@ -21,7 +22,7 @@ from switchformer.data.pairs import language_of, load_pairs
 from switchformer.train.data import prepare_data, split_from_documents
 from switchformer.train.sources import build_config
 
-MULTI30K = Path(__file__).parents[2] / "shared/data/multi30k"
+MULTI30K = SHARED_DATA / "multi30k"
 
 # German-English pairs; one holds U+2028 and U+0085 (which str.splitlines would take for line ends)
 PAIRS = [

@@ -247,6 +247,7 @@ def test_generation_routes_with_eval_capacity_by_default_and_dropless_on_request
 # ----------------------------------------------------------------------------- learning
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["t5", "lm"])
 def test_models_learn_a_repetitive_dataset(family):
     torch.manual_seed(0)

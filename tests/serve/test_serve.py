@@ -329,6 +329,7 @@ def test_echo_and_its_logprob_offsets(lm_server, lm, tok):
             assert choice["text"][offset : offset + len(token)] == token
 
 
+@pytest.mark.slow
 def test_a_model_by_its_id_and_the_busy_servers_retry_after(lm, tok):
     app, engine = make_app(lm, tok, max_batch_size=1, max_queue=0)
     _slow(engine, 0.05)
@@ -398,6 +399,7 @@ def test_a_failure_inside_one_request_spares_the_others(lm, tok):
         assert httpx.get(url + "/health", timeout=30).json()["status"] == "ok"
 
 
+@pytest.mark.slow
 def test_a_full_queue_is_429_and_a_late_request_408(lm, tok):
     app, engine = make_app(lm, tok, max_batch_size=1, max_queue=1, request_timeout=1.0)
     _slow(engine, 0.05)
@@ -415,6 +417,7 @@ def test_a_full_queue_is_429_and_a_late_request_408(lm, tok):
         assert after.status_code == 200
 
 
+@pytest.mark.slow
 def test_bounded_load_loses_nothing_and_memory_stays_flat(lm, tok):
     """192 requests from 16 clients, loopback only, within the test's time limit: every one
     answered in full, no error, and the process's resident memory after the second half within

@@ -9,22 +9,12 @@ import shutil
 from pathlib import Path
 
 import pytest
+import shared
+from shared import snapshot
 
 from switchformer.cli import main
 
-TEXT = (
-    "The quick brown fox jumps over the lazy dog. Sparse experts route each token to one feed-forward network.\n"
-    "A router sends tokens to experts; capacity limits how many each expert takes. Dropped tokens skip the layer.\n"
-) * 30
-
-
-def snapshot(folder: Path) -> dict[str, str]:
-    """Every file under ``folder`` with its content hash and mode: what a read must not change."""
-    return {
-        str(p.relative_to(folder)): f"{hashlib.sha256(p.read_bytes()).hexdigest()} {oct(p.stat().st_mode)}"
-        for p in sorted(folder.rglob("*"))
-        if p.is_file()
-    }
+TEXT = shared.TEXT * 30
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,8 @@ from switchformer.inference.routing import inference_routing
 from switchformer.train.run import build_model
 from switchformer.train.sources import build_config
 
+pytestmark = [pytest.mark.slow]
+
 WORDS = {"de": "hund katze haus baum", "fr": "chien chat maison arbre", "en": "dog cat house tree"}
 
 

@@ -103,7 +103,7 @@ def test_config_and_tokenizer_files_with_a_byte_order_mark(tmp_path):
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    from test_translate import TRAIN_FLAGS, mapping_pairs, write_jsonl
+    from shared import TRAIN_FLAGS, mapping_pairs, write_jsonl
 
     from switchformer.cli import main
 

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import shared
 import torch
 from uneven_pairs import write_uneven_pairs
 
@@ -26,18 +27,7 @@ from switchformer.train.optimizer import learning_rate
 from switchformer.train.sources import build_config
 from switchformer.train.trainer import Trainer
 
-TEXT = (
-    "The quick brown fox jumps over the lazy dog. Sparse experts route each token to one feed-forward network.\n"
-    "A router sends tokens to experts; capacity limits how many each expert takes. Dropped tokens skip the layer.\n"
-) * 40
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("corpus")
-    for i in range(6):
-        (folder / f"doc{i}.txt").write_text(f"Document {i}.\n" + TEXT)
-    return folder
+TEXT = shared.TEXT * 40  # the conftest corpus's documents
 
 
 def quick(sets: list[str] | None = None, **overrides):
@@ -210,6 +200,7 @@ def _losses(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in _train_records(run_dir)}
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_exactly(tmp_path, corpus):
     """SIGKILL mid-run, then --resume: the losses equal those of an uninterrupted run."""
     args = [
@@ -266,6 +257,7 @@ def test_killed_run_resumes_exactly(tmp_path, corpus):
 # ----------------------------------------------------------------------------- commands
 
 
+@pytest.mark.slow
 def test_every_subcommand(tmp_path, corpus, capsys):
     run = tmp_path / "runs" / "cli"
     base = [

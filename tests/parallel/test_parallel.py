@@ -27,6 +27,8 @@ from switchformer.parallel import (
     reduce_gradients,
 )
 
+pytestmark = [pytest.mark.distributed]
+
 TIMEOUT_S = 120
 CONFIG = dict(
     vocab_size=50,

@@ -22,7 +22,7 @@ from serve_helpers import corpus, serving  # noqa: E402
 
 from switchformer.cli import build_parser, main  # noqa: E402
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = [pytest.mark.timeout(180), pytest.mark.slow]
 
 
 def free_port() -> int:

@@ -111,6 +111,7 @@ def test_matches_hugging_face_sparse_mlp():
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_torch_compile_matches_eager():
     torch.manual_seed(0)
     layer = SwitchMoE(16, 32, 4, capacity_factor=1.0, backend="padded")
