@@ -525,3 +525,23 @@ def test_a_checkpoint_in_the_pre_dcp_shard_layout_is_refused_naming_the_version(
     err = capsys.readouterr().err
     assert "hand-written shard layout (optimizer-rank*.pt)" in err and "resume it with that version" in err
     assert err.count("\n") == 1
+
+
+def test_the_configuration_reference_covers_every_field():
+    """The docs' configuration reference is generated from TrainConfig: every field has its line of
+    meaning, every bound and choice shows, and a bound shown is the one validation enforces."""
+    import dataclasses
+
+    from switchformer.train.config import FIELD_HELP, TRAIN_BOUNDS, TrainConfig, reference_rows
+
+    names = [f.name for f in dataclasses.fields(TrainConfig)]
+    assert set(FIELD_HELP) == set(names)
+    rows = {row["name"]: row for row in reference_rows()}
+    assert list(rows) == names and all(row["meaning"] for row in rows.values())
+    assert rows["capacity_factor"]["bound"] == "> 0 (or none: dropless)"
+    assert rows["optimizer"]["bound"].startswith("one of")
+    assert rows["seq_len"]["type"] == "int" and rows["data"]["default"] == "[]"
+    for name, bound in TRAIN_BOUNDS.items():  # below the low end: refused with the bound's words
+        if bound.low is not None and rows[name]["type"] in ("int", "float", "int | None", "float | None"):
+            with pytest.raises(ValueError, match=f"^{name}: must be"):
+                TrainConfig(**{name: bound.low - 1})

@@ -5,6 +5,7 @@ come from: :mod:`sources`."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import typing
 from dataclasses import dataclass, field
@@ -16,6 +17,16 @@ from switchformer.models.layers import CONFIG_BOUNDS
 from switchformer.moe.bounds import AT_LEAST_ONE, AT_LEAST_ZERO, FRACTION, OPEN_FRACTION, POSITIVE, Bound, check_bounds
 from switchformer.moe.layer import LAYER_BOUNDS
 from switchformer.train.model_settings import MODEL_SETTINGS, model_values, train_values
+
+OBJECTIVES = ("causal", "chat", "span_corruption", "seq2seq")
+CHOICES = {
+    "model": ("lm", "t5"),
+    "optimizer": ("adamw", "adafactor"),
+    "schedule": ("cosine", "inverse_sqrt", "constant"),
+    "precision": ("auto", "fp32", "bf16"),
+    "tokenizer_kind": ("bpe", "unigram"),
+    "corpus": CORPORA,
+}
 
 
 @dataclass
@@ -106,18 +117,10 @@ class TrainConfig:
         ranges and choices. Raises ``ValueError`` starting with the field's name."""
         for name, hint in _FIELD_TYPES.items():
             _check_type(name, getattr(self, name), hint)
-        choices = {
-            "model": ("lm", "t5"),
-            "optimizer": ("adamw", "adafactor"),
-            "schedule": ("cosine", "inverse_sqrt", "constant"),
-            "precision": ("auto", "fp32", "bf16"),
-            "tokenizer_kind": ("bpe", "unigram"),
-            "corpus": CORPORA,
-        }
-        for name, allowed in choices.items():
+        for name, allowed in CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}: unknown {getattr(self, name)!r}; choose one of {allowed}")
-        if self.objective not in (None, "causal", "chat", "span_corruption", "seq2seq"):
+        if self.objective not in (None, *OBJECTIVES):
             raise ValueError(f"objective: unknown {self.objective!r}")
         if self.model == "lm" and self.objective not in (None, "causal", "chat"):
             raise ValueError(f"objective: the lm model trains with 'causal' or 'chat', not {self.objective!r}")
@@ -255,3 +258,92 @@ def with_model_settings(train: dict, model: dict) -> dict:
     the architecture; an older run that stored them in both is read the same way)."""
     family = train.get("model", "lm")
     return {**train, **train_values(model, family)}
+
+
+# One line of meaning per field: the configuration reference of the docs is generated from these, the
+# types, the defaults, TRAIN_BOUNDS and CHOICES (a test holds every field to having a line).
+FIELD_HELP = {
+    "model": "model family: `lm` (decoder-only SwitchLM) or `t5` (encoder-decoder SwitchT5)",
+    "d_model": "width of the residual stream",
+    "num_layers": "blocks (per stack, for t5)",
+    "num_heads": "attention heads; d_model / num_heads is the head size",
+    "d_ff": "hidden width of each feed-forward network (each expert's, in a Switch layer)",
+    "activation": "feed-forward activation; none: swiglu for lm, relu for t5",
+    "num_experts": "experts per Switch layer",
+    "sparse_step": "a Switch layer every sparse_step layers; 0: the dense baseline",
+    "top_k": "experts each token is sent to (1: Switch routing)",
+    "normalize_gates": "with top_k > 1: gates renormalised over the chosen experts",
+    "routing": "`token_choice`, `expert_choice` or `aux_loss_free` (lm only for the last two)",
+    "capacity_factor": "training capacity: tokens per expert = ceil(tokens / experts x factor); none: dropless",
+    "eval_capacity_factor": "the same at evaluation and inference; none: dropless",
+    "group_size": "routing group in tokens (lm); none: each rank's whole batch",
+    "router_jitter_noise": "multiplicative noise U(1-eps, 1+eps) on the router input in training",
+    "expert_dropout": "dropout inside the experts (the paper fine-tunes with 0.4)",
+    "dropout": "dropout everywhere else",
+    "aux_loss_coef": "weight of the load-balancing loss (Switch: 0.01)",
+    "z_loss_coef": "weight of the router z-loss (ST-MoE: 0.001)",
+    "init_scale": "truncated-normal init with std sqrt(init_scale / fan_in) (the paper's 0.1)",
+    "data": "training files or folders (text, JSONL, TSV, line-aligned pairs, datasets); empty: the embedded corpus",
+    "corpus": "embedded corpus: `docs`, `docs+source` or `docs+packages`",
+    "corpus_max_mb": "with docs+packages: at most this many MB of package source",
+    "objective": "`causal`, `chat` (lm), `span_corruption`, `seq2seq` (t5); none: causal or span corruption",
+    "tokenizer": "an existing tokenizer.json; none: one is trained on the data and saved with the run",
+    "init_from": "start from these weights (a Hugging Face directory, a run or a checkpoint): architecture too",
+    "tokenizer_kind": "a trained tokenizer's kind: byte-level `bpe` or `unigram`",
+    "vocab_size": "size of a trained tokenizer (the model takes the tokenizer's)",
+    "seq_len": "tokens per training row (each side, for seq2seq)",
+    "batch_size": "rows per micro-batch on each process",
+    "validation_fraction": "share of the data held out for validation when valid_data is empty",
+    "valid_data": "validation files in data's formats; empty: carved from data",
+    "source_lang": "seq2seq: the source language(s) of line-aligned files, one code or several (de,fr,cs)",
+    "target_lang": "seq2seq: the target language",
+    "source_prefix": "seq2seq: the encoder's task prefix, a template of {source_lang}, {target_language}, ...",
+    "num_beams": "decoding default of translate, generate and eval --metric (1: greedy)",
+    "length_penalty": "beam search length penalty (score / length ** length_penalty)",
+    "no_repeat_ngram_size": "no n-gram of this many tokens twice in an output; 0: off",
+    "optimizer": "`adamw` or `adafactor`",
+    "lr": "peak learning rate",
+    "weight_decay": "decoupled weight decay (AdamW)",
+    "beta2": "second-moment decay of AdamW",
+    "schedule": "after the warmup: `cosine`, `inverse_sqrt` or `constant`",
+    "warmup_steps": "linear warmup steps",
+    "max_steps": "optimizer steps to train for",
+    "grad_accum": "micro-batches per optimizer step",
+    "grad_clip": "gradient norm clipped to this (over every shard)",
+    "label_smoothing": "of the training cross-entropy only; evaluation scores the plain one",
+    "bucket_by_length": "batches of rows of similar length (less padding; seq2seq and chat)",
+    "precision": "`auto` (bf16 autocast on GPUs that support it), `fp32` or `bf16`",
+    "seed": "initialisation, data order, dropout and jitter",
+    "expert_parallel": "under torchrun: each layer's experts split over this many ranks",
+    "fsdp": "under torchrun: shard weights, gradients and optimizer state (FSDP2); false: replicate them",
+    "dist_timeout_s": "seconds a process waits for the others before it ends with a message",
+    "out_dir": "parent folder of runs",
+    "run_name": "the run's folder name; none: the family and the time",
+    "log_every": "steps between metrics records",
+    "eval_every": "steps between evaluations",
+    "eval_batches": "evaluation batches (global batches) per evaluation",
+    "checkpoint_every": "steps between checkpoints",
+    "keep_last": "checkpoints kept",
+    "max_bad_steps": "non-finite steps in a row that end the run",
+    "tensorboard": "also write TensorBoard events (needs tensorboard)",
+    "sample_prompt": "prompt of the sample printed at the end of training",
+    "sample_tokens": "tokens of that sample; 0: none",
+}
+
+
+def reference_rows() -> list[dict]:
+    """Every TrainConfig field with its type, default, bound (or choices) and meaning: the
+    configuration reference of the docs (``docs/hooks/config_reference.py`` renders it)."""
+    rows = []
+    for f in dataclasses.fields(TrainConfig):
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        bound = TRAIN_BOUNDS[f.name].describe() if f.name in TRAIN_BOUNDS else ""
+        if f.name in CHOICES:
+            bound = "one of " + ", ".join(f"`{c}`" for c in CHOICES[f.name])
+        if f.name == "objective":
+            bound = "one of " + ", ".join(f"`{c}`" for c in OBJECTIVES) + " (or none)"
+        hint = _FIELD_TYPES[f.name]
+        hint = hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "")
+        rows.append({"name": f.name, "type": hint, "default": json.dumps(default), "bound": bound,
+                     "meaning": FIELD_HELP[f.name]})  # fmt: skip
+    return rows
