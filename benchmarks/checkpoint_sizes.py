@@ -1,4 +1,4 @@
-"""Google's checkpoints: parameters and memory of each, and which machine fits which (README,
+"""Google's checkpoints: parameters and memory of each, and which machine fits which (docs/models.md,
 "Google's checkpoints: sizes").
 
 Every model is built as switchformer's SwitchT5 on the meta device (no memory, no download) from
@@ -16,7 +16,7 @@ optimizer state is computed from its tensors' shapes:
 Activations come on top (they grow with batch and sequence length, not with the number of
 experts); the machine verdicts keep a quarter of the memory for them.
 
-    python benchmarks/checkpoint_sizes.py                      # the README table (markdown)
+    python benchmarks/checkpoint_sizes.py                      # the docs' table (markdown)
     python benchmarks/checkpoint_sizes.py --measure-cpu-step   # also time switch-base-8 steps here
 """
 

@@ -1,4 +1,4 @@
-"""The sparse life cycle measured on the embedded corpus (README, "Upcycling and distillation"):
+"""The sparse life cycle measured on the embedded corpus (docs/lifecycle.md):
 
 1. Upcycling (Komatsuzaki et al. 2022): a dense run (the preset's FLOP-matched dense twin,
    ``--base-steps``) is continued for ``--continue-steps`` more steps (a) as the dense model and

@@ -7,7 +7,7 @@ rotating order each round; we report medians and ratios to the dense FFN.
     python benchmarks/moe_layer.py                       # the issue's sizes, CPU, fp32
     python benchmarks/moe_layer.py --reuse-freed-memory  # with glibc keeping freed buffers (see runtime.py)
     python benchmarks/moe_layer.py --device cuda --dtype bfloat16 --d-model 768 --d-ff 3072 \
-        --tokens 32768 --experts 8 64 128                    # issue 19's GPU sizes (Switch-Base)
+        --tokens 32768 --experts 8 64 128                    # the GPU page's sizes (Switch-Base)
 
 Hugging Face's layer gets the Switch layer's router and expert weights, so both route every token to
 the same expert (checked: the largest output difference is printed). Routers stay float32 in every

@@ -1,5 +1,5 @@
 """Sentence pairs whose targets differ in length (2 to 17 label tokens with EOS): the data of the
-tests that a step's gradient does not depend on how its batch is split (issue 13, fault 1)."""
+tests that a step's gradient does not depend on how its batch is split."""
 
 from __future__ import annotations
 

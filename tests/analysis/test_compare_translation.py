@@ -1,4 +1,4 @@
-"""``compare`` on a translation task (issue 15, item 5): both models scored with BLEU and chrF on
+"""``compare`` on a translation task: both models scored with BLEU and chrF on
 the validation pairs, per source language for a multilingual task, the same figures ``eval
 --metric`` gives for each run."""
 

@@ -1,4 +1,4 @@
-"""Integration on real data (issue 15): a slice of Multi30k (../shared/data/multi30k, gzipped
+"""Integration on real data: a slice of Multi30k (../shared/data/multi30k, gzipped
 line-aligned captions) through the CLI: a multilingual {de, fr} -> en run trained a few hundred
 steps, ``translate``, ``eval --metric bleu chrf`` with per-language scores, ``report --by-language``.
 Skipped, saying why, when the data folder is absent."""

@@ -1,4 +1,4 @@
-"""Parallel data as users have it (issue 15, item 2): sentence pairs from JSONL, TSV and
+"""Parallel data as users have it: sentence pairs from JSONL, TSV and
 line-aligned (gzipped) text files, the pairing rule for files named by language, errors that name
 the file and line, counted truncation, and a user's own validation files (--valid)."""
 

@@ -1,4 +1,4 @@
-"""One routing truth per model (issue 13, fault 5): forward in eval, ``evaluate`` and ``generate``
+"""One routing truth per model: forward in eval, ``evaluate`` and ``generate``
 route the same way by default, with the model's own eval routing; dropless is an explicit choice."""
 
 from __future__ import annotations

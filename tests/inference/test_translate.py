@@ -1,4 +1,4 @@
-"""Translation (issue 15, items 3 and 4): ``translate`` (library and command), ``generate`` on a
+"""Translation: ``translate`` (library and command), ``generate`` on a
 seq2seq run, ``eval --metric bleu chrf``, the sacrebleu wrapper, and every bad input named in one
 line. A synthetic task that a small model learns in seconds: a word-by-word mapping between two
 invented vocabularies."""

@@ -1,4 +1,4 @@
-"""Converted runs (issue 14, fault 2): any checkpoint `from_hf` loads can be converted, evaluated,
+"""Converted runs: any checkpoint `from_hf` loads can be converted, evaluated,
 generated from, trained further and converted back, with the architecture of the checkpoint."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Hugging Face interop (issue 13, faults 4 and 9): what ``to_hf`` writes loads in ``transformers`` with
+"""Hugging Face interop: what ``to_hf`` writes loads in ``transformers`` with
 no missing or unexpected keys and the same logits; every tensor ``from_hf`` reads is used or refused by
 name; ``config.json`` is read field by field as transformers' own config classes and models read it."""
 

@@ -1,4 +1,4 @@
-"""The sparse model's life cycle (issue 17): ``switchformer upcycle`` (a dense checkpoint into a Switch
+"""The sparse model's life cycle: ``switchformer upcycle`` (a dense checkpoint into a Switch
 model whose experts copy each FFN; top-2 with renormalised gates keeps the dense function at step 0)
 and ``switchformer distill`` (a Switch teacher into a dense student, alpha * T^2 * soft CE +
 (1 - alpha) * hard CE). Every check compares against an independent reference: the dense model's
@@ -214,7 +214,7 @@ def test_top2_upcycling_copies_every_ffn_and_keeps_the_dense_function(family, st
 @pytest.mark.parametrize("family", ["lm", "t5"])
 def test_top1_upcycling_copies_the_ffns_but_not_the_function(family):
     """Switch's top-1 scales the chosen expert by its router probability: the copies are exact, the
-    function is not the dense one (the README's claim)."""
+    function is not the dense one (as the docs say)."""
     dense, sparse, _ = build_upcycled(family, 2, top_k=1)
     assert (sparse.config.top_k, sparse.config.normalize_gates) == (1, False)
     ffns, state = dense_ffn_weights(dense), sparse.state_dict()

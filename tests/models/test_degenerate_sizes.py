@@ -1,4 +1,4 @@
-"""Every degenerate size has a defined result or a ValueError naming the argument (issue 13, fault 7)."""
+"""Every degenerate size has a defined result or a ValueError naming the argument."""
 
 from __future__ import annotations
 

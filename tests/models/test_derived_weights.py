@@ -1,5 +1,5 @@
 """Derived weight copies (the transposed output matrix, the fused q/k/v matrix) never give a result
-other than recomputation, whatever changed the weights in between (issue 13, fault 6)."""
+other than recomputation, whatever changed the weights in between."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Router losses against the paper's formulas, and the mistakes DESIGN.md section 5 lists."""
+"""Router losses against the paper's formulas, and the mistakes others made (docs/layer.md)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Commands that read a run never write into it; every setting is validated once, from any source,
-with the field and the source named; --resume changes only what it may (issue 14, faults 1, 6, 7)."""
+with the field and the source named; --resume changes only what it may."""
 
 from __future__ import annotations
 

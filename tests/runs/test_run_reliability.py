@@ -1,4 +1,4 @@
-"""Run directories under failure (issue 14, faults 3, 4, 5 and file modes): kills at every phase of a
+"""Run directories under failure: kills at every phase of a
 run and of a checkpoint save, a full disk at each kind of write, every run file damaged in each way,
 two writers, and the modes of what a run writes.
 

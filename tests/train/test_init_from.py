@@ -1,4 +1,4 @@
-"""train --init-from (issue 15, item 1): a new run from a Hugging Face checkpoint or a run takes its
+"""train --init-from: a new run from a Hugging Face checkpoint or a run takes its
 architecture, weights and tokenizer (T5's spiece.model converted); optimizer and schedule start fresh
 with the paper's fine-tuning defaults; contradicting sizes are refused; the source is never written."""
 

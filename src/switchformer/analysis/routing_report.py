@@ -1,5 +1,5 @@
 """Which experts each group of inputs uses: for a multilingual translation run, the share of each
-source language's tokens that every expert of every Switch layer receives (issue 15, item 7).
+source language's tokens that every expert of every Switch layer receives.
 
 Expert specialisation is what users of a multilingual Switch model want to see (Fedus et al.
 2022, section 5.4, mSwitch). The counts are the router's choices: the model runs dropless

@@ -1,6 +1,6 @@
 """``SwitchMoE``: router + dispatch + experts, the sparse feed-forward layer of a Switch Transformer.
 
-One call, top to bottom (DESIGN.md section 2)::
+One call, top to bottom (docs/architecture.md, "One MoE call")::
 
     x [..., d]  --flatten, split into routing groups-->  [G, S, d]
     router      -> float32 logits/probs, each token's choice(s) and gate, in priority order

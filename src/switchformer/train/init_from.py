@@ -1,4 +1,4 @@
-"""``train --init-from SOURCE``: start a new run from pretrained weights (issue 15, item 1).
+"""``train --init-from SOURCE``: start a new run from pretrained weights.
 
 SOURCE is a Hugging Face T5/SwitchTransformers directory, a switchformer run (its latest
 checkpoint, or the weights of a converted run) or one checkpoint folder. The new run takes

@@ -61,19 +61,19 @@ PRESETS: dict[str, dict] = {
 }
 # Where the paper's effect shows on a laptop: the compare pair made small and trained long on the
 # larger corpus (6000 steps of 4096 tokens: about 6 passes over the 4.2M training tokens of
-# docs+source), with 64 experts, dropless routing and the paper's inverse-square-root decay; README.
+# docs+source), with 64 experts, dropless routing and the paper's inverse-square-root decay; docs/results/paper.md.
 PRESETS["compare-long"] = {
     **PRESETS["compare"],
     "d_model": 96,
     "d_ff": 256,
     # 64 experts in every other layer (compare's sparse_step 2, as Switch-Base); 16 experts in every
-    # layer reached the dense loss later (1.30x and 1.32x fewer steps against 1.34x and 1.58x; README)
+    # layer reached the dense loss later (1.30x and 1.32x fewer steps against 1.34x and 1.58x; docs/results/paper.md)
     "num_experts": 64,
     # Dropless in training and evaluation: each token still gets exactly one expert (same FLOPs per
     # token), but none is dropped. With 64 uneven experts, training at capacity 1.25 cost 0.03-0.05
     # validation loss at every step, and evaluating at 2.0 dropped 3-9% of a Switch layer's tokens
     # (11-22% for a model trained dropless); seed 0 reached the dense loss in 1.76x fewer steps
-    # instead of 1.34x (README).
+    # instead of 1.34x (docs/results/paper.md).
     "capacity_factor": None,
     "eval_capacity_factor": None,
     "max_steps": 6000,
@@ -84,7 +84,7 @@ PRESETS["compare-long"] = {
     "corpus": "docs+source",
 }
 
-# The paper's comparison at a size a CPU cannot train (issue 19; one H200, minutes per model): the
+# The paper's comparison at a size a CPU cannot train (one H200, minutes per model): the
 # compare-long recipe (64 experts every other layer, dropless, inverse-square-root decay) at
 # d_model 512 and 8 layers, 32k tokens a step, on the standard library and the installed packages'
 # source, which on a machine with PyTorch/JAX/transformers holds more tokens than a run reads.
@@ -109,7 +109,7 @@ PRESETS["compare-gpu"] = {
 }
 
 # Translation from scratch on tens of thousands of sentence pairs in at most 30 minutes of a 2-core
-# CPU (issue 15; Multi30k de->en: README, "Translation"). A T5 of d_model 256, 3+3 layers, 8
+# CPU (Multi30k de->en: docs/translation.md). A T5 of d_model 256, 3+3 layers, 8
 # experts in every other layer, routed dropless (small batches route unevenly, and a dropped token
 # is a lost word), label smoothing 0.1, dropout only inside the experts (0.1: the model underfits
 # in 30 minutes; no dropout elsewhere was 0.12 lower in validation loss after 1,000 steps), AdamW
@@ -144,7 +144,7 @@ PRESETS["mt-small"] = {
     "warmup_steps": 300,
     # the paper's reduced initialisation (init_scale 0.1) is kept: T5's own (1.0) led by step 250
     # (validation loss 5.72 against 6.53) but not from step 400 on, and 2000 steps of it ended at
-    # 4.0 where these 1500 ended at 3.79 (README, "Translation")
+    # 4.0 where these 1500 ended at 3.79 (docs/translation.md)
     # batches of similar length: 0.41 s a step instead of 0.62, so 3800 steps (8.4 epochs) fit
     # the 30 minutes: validation loss 3.19 and BLEU 18.7 where 1500 plain steps gave 3.76 and 15.1;
     # without dropout outside the experts a step is cheaper still, and 4000 fit: validation loss

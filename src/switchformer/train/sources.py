@@ -20,7 +20,7 @@ def parse_setting(name: str, text: str):
     hints = {f.name: str(f.type) for f in fields(TrainConfig)}
     if name not in hints:
         close = difflib.get_close_matches(name, hints, n=3)
-        hint = f"; did you mean {', '.join(close)}?" if close else "; the README's settings table lists them"
+        hint = f"; did you mean {', '.join(close)}?" if close else "; docs/configuration.md lists them"
         raise ValueError(f"{name}: no such config field{hint}")
     base = hints[name].replace("| None", "").strip()
     raw, text = text, text.strip()
