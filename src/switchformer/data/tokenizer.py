@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from switchformer.data.files import DataError, decode_text
-from switchformer.runs.files import RunFileError, one_line, write_text_atomic
+from switchformer.runs.files import RunFileError, short_message, write_text_atomic
 
 PAD, EOS, UNK = "<pad>", "</s>", "<unk>"
 
@@ -64,7 +64,7 @@ def load_tokenizer(path: str | Path):
     try:
         tok = Tokenizer.from_str(text)
     except Exception as err:  # the tokenizers library's parse errors are plain Exceptions
-        raise RunFileError(path, f"not a valid tokenizer file, or damaged ({one_line(err)})") from None
+        raise RunFileError(path, f"not a valid tokenizer file, or damaged ({short_message(err)})") from None
     if tok.get_vocab_size() == 0:
         raise RunFileError(path, "the tokenizer has no tokens")
     return tok

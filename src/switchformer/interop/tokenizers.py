@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 
 from switchformer.data.tokenizer import load_tokenizer
-from switchformer.runs.files import one_line
+from switchformer.runs.files import short_message
 
 # what converting T5's spiece.model needs: module -> the name pip installs it by
 CONVERTER_PACKAGES = {"transformers": "transformers", "sentencepiece": "sentencepiece", "google.protobuf": "protobuf"}
@@ -85,7 +85,7 @@ def convert_sentencepiece(folder: Path):
     try:
         converted = T5TokenizerFast.from_pretrained(str(folder), local_files_only=True)
     except Exception as err:  # transformers' and sentencepiece's errors have no common base
-        raise ValueError(f"{spiece}: transformers could not convert it ({one_line(err)})") from None
+        raise ValueError(f"{spiece}: transformers could not convert it ({short_message(err)})") from None
     tok = converted.backend_tokenizer
     if appends_special_tokens(tok):
         tok.post_processor = None

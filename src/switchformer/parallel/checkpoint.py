@@ -34,7 +34,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tenso
 from switchformer.parallel.expert import global_name, is_expert_parameter
 from switchformer.parallel.fsdp import local_tensor
 from switchformer.parallel.groups import ParallelState
-from switchformer.runs.files import RunFileError, one_line
+from switchformer.runs.files import RunFileError, short_message
 
 DCP_FOLDER = "dcp"
 
@@ -160,7 +160,7 @@ def read_metadata(directory: Path):
     except FileNotFoundError:
         raise RunFileError(file, "missing; DCP writes it last, so the checkpoint is incomplete") from None
     except Exception as err:  # refused, cut short, not a pickle
-        raise RunFileError(file, f"damaged or not a DCP checkpoint's metadata ({one_line(err)})") from None
+        raise RunFileError(file, f"damaged or not a DCP checkpoint's metadata ({short_message(err)})") from None
     if not isinstance(metadata, dcp.Metadata):
         raise RunFileError(file, f"not a DCP checkpoint's metadata (it holds a {type(metadata).__name__})")
     for key, entry in (metadata.state_dict_metadata or {}).items():

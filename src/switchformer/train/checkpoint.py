@@ -40,7 +40,7 @@ from switchformer.runs.files import (
     fsync_file,
     make_temp_dir,
     named_error,
-    one_line,
+    short_message,
     write_file_atomic,
     write_json_atomic,
     write_text_atomic,
@@ -247,7 +247,7 @@ def read_safetensors(file: Path) -> dict[str, torch.Tensor]:
     except OSError as err:
         raise named_error(err, file) from None
     except Exception as err:
-        reason = one_line(err).removeprefix("Error while deserializing header: ")
+        reason = short_message(err).removeprefix("Error while deserializing header: ")
         raise RunFileError(file, f"damaged or not a safetensors file ({reason})") from None
     for name, tensor in state.items():
         check_finite(file, name, tensor)
@@ -372,9 +372,9 @@ def read_optimizer_state(file: Path) -> dict:
     except OSError as err:
         if isinstance(err, FileNotFoundError) or err.errno is not None:
             raise named_error(err, file) from None
-        raise RunFileError(file, f"damaged or not a PyTorch checkpoint ({one_line(err)})") from None
+        raise RunFileError(file, f"damaged or not a PyTorch checkpoint ({short_message(err)})") from None
     except Exception as err:  # RuntimeError (zip reader), EOFError, ...
-        reason = one_line(err).split(". ")[0] or "it ends early"
+        reason = short_message(err).split(". ")[0] or "it ends early"
         raise RunFileError(file, f"damaged or not a PyTorch checkpoint ({reason})") from None
     if (
         not isinstance(saved, dict)
@@ -457,6 +457,6 @@ def _load_checkpoint(path: Path, model, optimizer) -> dict:
     try:
         optimizer.load_state_dict(saved)
     except (KeyError, RuntimeError, ValueError, TypeError, IndexError) as err:
-        raise RunFileError(file, f"does not fit this model's optimizer ({one_line(err)})") from None
+        raise RunFileError(file, f"does not fit this model's optimizer ({short_message(err)})") from None
     restore_rng(state)
     return state

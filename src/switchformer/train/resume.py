@@ -25,7 +25,7 @@ from switchformer.parallel import (
     load_dcp,
     load_full_state_into,
 )
-from switchformer.runs.files import RunFileError, one_line
+from switchformer.runs.files import RunFileError, short_message
 from switchformer.runs.state import no_checkpoint_message
 from switchformer.train.checkpoint import (
     load_checkpoint,
@@ -105,7 +105,7 @@ def load_one_process_checkpoint(checkpoint: Path, model, optimizer, parallel) ->
         for part in ("model", "optim"):
             load_full_state_into(flatten(targets[part]), flatten(full[part]))
     except (KeyError, IndexError, ValueError, RuntimeError) as err:
-        raise RunFileError(checkpoint, f"does not fit this model and optimizer ({one_line(err)})") from None
+        raise RunFileError(checkpoint, f"does not fit this model and optimizer ({short_message(err)})") from None
     restore_rng(state)
     return state
 
