@@ -3,7 +3,6 @@ with the field and the source named; --resume changes only what it may."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from pathlib import Path

@@ -7,7 +7,7 @@ import logging
 import os
 from pathlib import Path
 
-from switchformer.runs.files import read_at, named_error, to_json, write_all
+from switchformer.runs.files import named_error, read_at, to_json, write_all
 
 log = logging.getLogger("switchformer")
 

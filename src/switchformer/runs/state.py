@@ -9,7 +9,7 @@ import shutil
 from pathlib import Path
 
 from switchformer.runs.checkpoints import checkpoint_folders, damaged_checkpoint_error, has_complete_checkpoint
-from switchformer.runs.files import TEMP_FILE, CHECKPOINT_PREFIX, LOCK_NAME, RunInUseError
+from switchformer.runs.files import CHECKPOINT_PREFIX, LOCK_NAME, TEMP_FILE, RunInUseError
 from switchformer.runs.lock import RunLock, describe_holder, lock_holder
 
 log = logging.getLogger("switchformer")
