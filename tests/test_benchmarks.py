@@ -1,0 +1,87 @@
+"""Smoke tests of the translation benchmarks: the anchor (`benchmarks/mt_baseline.py`) runs end to
+end on a tiny slice, and the tuning split (`benchmarks/mt_tuning_split.py`) keeps languages aligned."""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def load(name: str):
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def write_lines(path: Path, rows: list[str]) -> Path:
+    with gzip.open(path, "wt", encoding="utf-8") as f:
+        f.write("\n".join(rows) + "\n")
+    return path
+
+
+def test_sinusoids_follow_the_paper_formula():
+    table = load("mt_baseline").sinusoids(10, 8)
+    for pos in (0, 3, 9):
+        for i in range(4):
+            angle = pos / 10000 ** (2 * i / 8)
+            assert table[pos, 2 * i].item() == pytest.approx(math.sin(angle), abs=1e-6)
+            assert table[pos, 2 * i + 1].item() == pytest.approx(math.cos(angle), abs=1e-6)
+
+
+def test_anchor_beam_search_of_one_beam_is_greedy():
+    mt = load("mt_baseline")
+    torch.manual_seed(0)
+    model = mt.Anchor(50, pad=0, d_model=32, num_heads=4, num_layers=1, d_ff=64, dropout=0.0).eval()
+    src = torch.randint(3, 50, (1, 7))
+    greedy = mt.greedy(model, src, eos=1, max_new=12)[0]
+    assert mt.beam(model, src, eos=1, max_new=12, num_beams=1, length_penalty=0.0) == greedy
+
+
+def test_anchor_runs_on_a_tiny_slice(tmp_path):
+    pytest.importorskip("sacrebleu")
+    mt = load("mt_baseline")
+    words = ["zap", "grop", "snib", "rast", "plim", "vorn"]
+    english = ["one", "two", "three", "four", "five", "six"]
+    src = [" ".join(words[(i + j) % 6] for j in range(1 + i % 4)) for i in range(60)]
+    tgt = [" ".join(english[(i + j) % 6] for j in range(1 + i % 4)) for i in range(60)]
+    paths = [write_lines(tmp_path / "train.xx.gz", src), write_lines(tmp_path / "train.en.gz", tgt)]
+    out = tmp_path / "anchor.json"
+    args = ["--data", *map(str, paths), "--valid", *map(str, paths), "--vocab-size", "400", "--max-steps", "6"]
+    args += ["--batch-size", "16", "--eval-every", "3", "--limit-valid", "8", "--num-beams", "2", "--out", str(out)]
+    result = mt.main(args)
+    assert result == json.loads(out.read_text())
+    assert result["steps"] == 6 and [point["step"] for point in result["curve"]] == [3, 6]
+    assert math.isfinite(result["valid_loss"]) and result["valid_loss"] > 0
+    assert set(result["beams_1"]) == {"bleu", "chrf"} and set(result["beams_2"]) == {"bleu", "chrf"}
+    assert "tok:13a" in result["signature"]
+
+
+def test_tuning_split_keeps_languages_aligned_and_duplicates_together(tmp_path):
+    split = load("mt_tuning_split")
+    english = [f"caption {i % 150}" for i in range(400)]  # duplicates: each caption 2-3 times
+    german = [f"bildunterschrift {i} ({e})" for i, e in enumerate(english)]
+    write_lines(tmp_path / "train.en.gz", english)
+    write_lines(tmp_path / "train.de.gz", german)
+    split.main([str(tmp_path), str(tmp_path / "out"), "--every", "5"])
+
+    def read(name):
+        return gzip.open(tmp_path / "out" / name, "rt", encoding="utf-8").read().splitlines()
+
+    tune_en, tune_de, rest_en = read("tune.en.gz"), read("tune.de.gz"), read("rest.en.gz")
+    assert len(tune_en) == len(tune_de) and len(tune_en) + len(rest_en) == 400
+    assert 40 < len(tune_en) < 130  # about one in five
+    assert all(de.endswith(f"({en})") for en, de in zip(tune_en, tune_de))  # the same rows in both languages
+    assert not set(tune_en) & set(rest_en)  # a duplicated caption never straddles the split
+    # the choice is a function of the text, not of the file's order
+    assert split.tuning_rows(english[::-1], 5) == split.tuning_rows(english, 5)[::-1]
