@@ -5,6 +5,7 @@ per subcommand, with its flags, examples and ``run``), and every error turned in
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import sys
@@ -38,6 +39,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# The operating system's errors in words a user acts on, where Python's own text is "[Errno 21] Is a
+# directory: 'x'": the path first, then what is wrong with it.
+_OS_ERRORS = {
+    errno.EISDIR: "is a folder; give a file",
+    errno.ENOTDIR: "is not a folder (a file is in its way)",
+    errno.EEXIST: "already exists; give another path or remove it",
+    errno.ENOENT: "no such file or folder",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+    errno.ENOSPC: "no space left on the device",
+    errno.EROFS: "on a read-only file system",
+}
+
+
+def os_error_message(err: Exception) -> str | None:
+    """``path: what is wrong`` for an operating-system error that carries Python's raw
+    ``[Errno N] ...`` text; None for any other error (messages of our own are kept as they are)."""
+    if not isinstance(err, OSError) or err.filename is None or not str(err).startswith("[Errno"):
+        return None
+    what = _OS_ERRORS.get(err.errno, (err.strerror or "failed").lower())
+    return f"{os.fsdecode(err.filename)}: {what}"
+
+
 def error_message(err: Exception) -> str:
     """One line for ``err``: a known kind as its message, another with its type; under torchrun, the
     rank that says it."""
@@ -47,7 +71,7 @@ def error_message(err: Exception) -> str:
 
     known = (ValueError, FileNotFoundError, FileExistsError, TrainingError, OSError)
     prefix = "" if isinstance(err, known) else f"{type(err).__name__}: "
-    message = failure_message(err) or f"{prefix}{err}"
+    message = failure_message(err) or os_error_message(err) or f"{prefix}{err}"
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not message.startswith("rank "):
         message = f"rank {os.environ.get('RANK', '?')}: {message}"  # which of the processes says it
     return message

@@ -49,7 +49,7 @@ def test_the_map_both_ways_is_the_identity_on_the_settings(family):
     config = TrainConfig(model=family, d_model=48, num_layers=3, num_heads=4, d_ff=96, num_experts=4, sparse_step=1,
                          top_k=2, normalize_gates=True, activation="gelu", capacity_factor=1.5,
                          eval_capacity_factor=None, router_jitter_noise=0.02, dropout=0.1, expert_dropout=0.3,
-                         aux_loss_coef=0.02, z_loss_coef=0.0005, init_scale=0.2)  # fmt: skip
+                         aux_loss_coef=0.02, z_loss_coef=0.0005, init_scale=0.2, tie_embeddings=False)  # fmt: skip
     model = config.model_config().to_dict()
     back = train_values(model, family)
     for setting in MODEL_SETTINGS:

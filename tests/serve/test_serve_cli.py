@@ -123,7 +123,7 @@ def test_serve_a_hugging_face_directory_equals_transformers_generate(tmp_path):
     "flags, message",
     [
         (["--port", "70000"], "--port: must be in 1-65535"),
-        (["--max-batch-size", "0"], "--max-batch-size: must be a finite number > 0"),
+        (["--max-batch-size", "0"], "--max-batch-size: must be an integer >= 1"),
         (["--request-timeout", "nan"], "--request-timeout: must be a finite number > 0"),
         (["--max-prompt-tokens", "500"], "--max-prompt-tokens: 500; the model's context is"),
         (["--max-tokens", "100000"], "--max-tokens: 100000; the model's context is"),
@@ -139,7 +139,7 @@ def test_bad_flags_are_one_line(lm_run, flags, message, capsys):
 
 def test_a_missing_source_is_named(tmp_path, capsys):
     assert main(["serve", str(tmp_path / "nothing")]) == 2
-    assert "nothing/config.json: not found" in capsys.readouterr().err
+    assert "nothing: not found" in capsys.readouterr().err
     (tmp_path / "chats.jsonl").write_text("{}\n")
     assert main(["serve", str(tmp_path / "chats.jsonl")]) == 2
     assert "chats.jsonl: a file; serve takes a run directory" in capsys.readouterr().err

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from switchformer.runs.directory import run_dir_of
 from switchformer.runs.metrics_log import read_json_lines
 
 
@@ -19,7 +20,7 @@ def _pyplot():
 
 def read_metrics(run_dir: Path) -> list[dict]:
     """Records of ``metrics.jsonl``; for steps logged twice (a resumed run), the last one wins."""
-    path = Path(run_dir) / "metrics.jsonl"
+    path = run_dir_of(run_dir) / "metrics.jsonl"  # names a missing run or a file given as one
     if not path.exists():
         raise FileNotFoundError(f"{path}: no metrics (is this a run directory?)")
 

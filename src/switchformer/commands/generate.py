@@ -50,9 +50,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args) -> int:
     from switchformer.inference.routing import routing_description
+    from switchformer.inference.sampling import SamplingConfig
     from switchformer.inference.text import generate_text
     from switchformer.train.run import load_run
 
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens: must be >= 1, got {args.max_new_tokens}")
+    given = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    given.update(repetition_penalty=args.repetition_penalty, no_repeat_ngram_size=args.no_repeat_ngram_size)
+    SamplingConfig(**{k: v for k, v in given.items() if v is not None})  # bad values refused before loading
     model, tokenizer, config = load_run(args.run)
     print(f"routing: {routing_description(model, args.routing)}", file=sys.stderr)
     from switchformer.data.files import read_stream_text
@@ -79,8 +85,6 @@ def run(args) -> int:
             )
     if seq2seq and not prompt.strip():
         raise ValueError("prompt: empty; give the sentence to translate (--prompt or standard input)")
-    if args.max_new_tokens is not None and args.max_new_tokens < 1:
-        raise ValueError(f"--max-new-tokens: must be >= 1, got {args.max_new_tokens}")
     produced: list[int] = []
     printed = ""
 

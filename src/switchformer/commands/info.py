@@ -41,6 +41,10 @@ def run(args) -> int:
 
     from switchformer.train.run import load_run
 
+    if args.no_fsdp and args.world_size is None:
+        raise ValueError("--no-fsdp: memory per rank needs --world-size W")
+    if args.source and args.preset:
+        raise ValueError(f"--preset: not used with a run ({args.source}); the run's own settings are shown")
     if args.source:
         model, _, train = load_run(args.source, need_tokenizer=False)
         title = f"{args.source}: {train.model}"
@@ -56,6 +60,15 @@ def run(args) -> int:
         if args.world_size is not None or args.expert_parallel is not None or args.no_fsdp:
             raise ValueError("--world-size: memory per rank needs a model: give a run directory or --preset")
         return _layer_info(args)
+    memory_lines = []  # computed first: a layout that cannot work is refused before anything is printed
+    if args.world_size is not None or args.expert_parallel is not None:
+        from switchformer.parallel.memory import memory_report
+
+        world = 1 if args.world_size is None else args.world_size
+        fsdp = getattr(train, "fsdp", True) and not args.no_fsdp and world > 1  # a run's own setting first
+        optimizer = getattr(train, "optimizer", "adamw")
+        expert_parallel = 1 if args.expert_parallel is None else args.expert_parallel
+        memory_lines = list(memory_report(model, world, expert_parallel, fsdp, optimizer))
     counts = model.num_parameters()
     config = model.config
     print(title)
@@ -69,17 +82,8 @@ def run(args) -> int:
     print(f"  experts per Switch layer: {config.num_experts}, top-{config.top_k}")
     print(f"  parameters: {counts['total']:,} total, {counts['active']:,} active per token")
     print(f"  forward FLOPs per token: {counts['flops_per_token']:,}")
-    if args.no_fsdp and args.world_size is None:
-        raise ValueError("--no-fsdp: memory per rank needs --world-size W")
-    if args.world_size is not None or args.expert_parallel is not None:
-        from switchformer.parallel.memory import memory_report
-
-        world = 1 if args.world_size is None else args.world_size
-        fsdp = getattr(train, "fsdp", True) and not args.no_fsdp and world > 1  # a run's own setting first
-        optimizer = getattr(train, "optimizer", "adamw")
-        expert_parallel = 1 if args.expert_parallel is None else args.expert_parallel
-        for line in memory_report(model, world, expert_parallel, fsdp, optimizer):
-            print(line)
+    for line in memory_lines:
+        print(line)
     return 0
 
 

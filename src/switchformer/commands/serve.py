@@ -90,7 +90,8 @@ def check_flags(args) -> None:
     for flag in ("max_batch_size", "max_prompt_tokens", "max_tokens", "request_timeout", "shutdown_timeout"):
         value = getattr(args, flag)
         if value is not None and not (math.isfinite(value) and value > 0):
-            raise ValueError(f"--{flag.replace('_', '-')}: must be a finite number > 0, got {value}")
+            what = "an integer >= 1" if isinstance(value, int) else "a finite number > 0"  # counts, or seconds
+            raise ValueError(f"--{flag.replace('_', '-')}: must be {what}, got {value}")
     for flag in ("api_key", "served_model_name"):
         value = getattr(args, flag)
         if value is not None and not value.strip():

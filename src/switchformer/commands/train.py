@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 from pathlib import Path
 
 from switchformer.commands.common import TRAIN_PRESET, add_config_arguments, config_from_args, run_dir_for
@@ -62,26 +63,37 @@ def run(args) -> int:
 
     check_start_layout(config, model_values)  # a layout that cannot work: refused before anything is written
     main_rank = int(os.environ.get("RANK", "0")) == 0
+    new_folder = not Path(run_dir).exists()
     # one writer per run directory (rank 0 locks it); under the lock, a fresh run over one holding a
     # checkpoint is refused (--resume it) and one over a run stopped before its first starts over
     lock = claim_run(run_dir, resume=bool(args.resume), main=main_rank)
-    if main_rank:
-        print(
-            f"training {config.model} ("
-            + (f"{config.num_experts} experts every {config.sparse_step} layers" if config.sparse_step else "dense")
-            + f") for {config.max_steps} steps -> {run_dir}",
-            flush=True,
-        )
     try:
-        trainer = Trainer(
-            config,
-            run_dir,
-            resume=bool(args.resume),
-            progress=not args.no_progress,
-            device=args.device,
-            model_config=model_values,
-            init_state=init_state,
-        )
+        try:
+            trainer = Trainer(
+                config,
+                run_dir,
+                resume=bool(args.resume),
+                progress=not args.no_progress,
+                device=args.device,
+                model_config=model_values,
+                init_state=init_state,
+            )
+        except BaseException:
+            # a run that could not start (its data, device or settings refused) leaves nothing behind:
+            # the folder this command made holds no checkpoint and no metrics of a step
+            if new_folder and main_rank:
+                if lock is not None:
+                    lock.release()
+                    lock = None
+                shutil.rmtree(run_dir, ignore_errors=True)
+            raise
+        if main_rank:
+            print(
+                f"training {config.model} ("
+                + (f"{config.num_experts} experts every {config.sparse_step} layers" if config.sparse_step else "dense")
+                + f") for {config.max_steps} steps -> {run_dir}",
+                flush=True,
+            )
         summary = trainer.train()
     finally:
         if lock is not None:

@@ -28,8 +28,14 @@ class Sections:
 
 
 def run_dir_of(source: str | Path) -> Path:
-    """The run directory of ``source``: itself, or the run holding the checkpoint ``source``."""
+    """The run directory of ``source``: itself, or the run holding the checkpoint ``source``.
+    ``FileNotFoundError`` when ``source`` does not exist, ``NotADirectoryError`` when it is a file
+    (each naming ``source``, not a file inside it)."""
     path = Path(source)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: not found (expected a run directory, a checkpoint or a model folder)")
+    if not path.is_dir():
+        raise NotADirectoryError(f"{path}: a file, not a run directory (give the folder a run was trained into)")
     return path.parent.parent if (path / "state.json").exists() else path
 
 

@@ -52,6 +52,7 @@ class TrainConfig:
     aux_loss_coef: float = 0.01
     z_loss_coef: float = 0.001
     init_scale: float = 0.1
+    tie_embeddings: bool = True  # one matrix for the input embeddings and the output layer
     # data
     data: list[str] = field(default_factory=list)  # files or folders; empty: the embedded corpus
     corpus: str = "docs"  # embedded corpus: "docs", "docs+source" or "docs+packages"
@@ -283,6 +284,8 @@ FIELD_HELP = {
     "aux_loss_coef": "weight of the load-balancing loss (Switch: 0.01)",
     "z_loss_coef": "weight of the router z-loss (ST-MoE: 0.001)",
     "init_scale": "truncated-normal init with std sqrt(init_scale / fan_in) (the paper's 0.1)",
+    "tie_embeddings": "one matrix for the input embeddings and the output layer (false: a separate output layer, "
+    "as T5 v1.1 and Google's Switch checkpoints)",
     "data": "training files or folders (text, JSONL, TSV, line-aligned pairs, datasets); empty: the embedded corpus",
     "corpus": "embedded corpus: `docs`, `docs+source` or `docs+packages`",
     "corpus_max_mb": "with docs+packages: at most this many MB of package source",

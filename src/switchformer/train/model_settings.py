@@ -41,6 +41,7 @@ MODEL_SETTINGS = (
     ModelSetting("normalize_gates", "normalize_gates", "normalize_gates", True),
     ModelSetting("activation", "activation", "activation", True),
     ModelSetting("routing", "routing", None, True),
+    ModelSetting("tie_embeddings", "tie_word_embeddings", "tie_word_embeddings", True),
     ModelSetting("capacity_factor", "capacity_factor", "capacity_factor", False),
     ModelSetting("eval_capacity_factor", "eval_capacity_factor", "eval_capacity_factor", False),
     ModelSetting("group_size", "group_size", None, False),

@@ -134,6 +134,11 @@ PRESETS["mt-small"] = {
     "label_smoothing": 0.1,
     "tokenizer_kind": "bpe",
     "vocab_size": 8000,
+    # a separate output layer (as T5 v1.1 and Google's Switch checkpoints): T5's tied one scales its
+    # input by d_model ** -0.5 and shares the embeddings' large init, so under AdamW the output
+    # logits move about ten times slower; at step 600 the tuning loss was 3.25 against 4.46 tied
+    # (benchmarks/mt_probe.py, docs/translation.md)
+    "tie_embeddings": False,
     "seq_len": 64,
     "batch_size": 64,
     "optimizer": "adamw",

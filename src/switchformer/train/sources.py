@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import re
 from dataclasses import fields
 from pathlib import Path
 
@@ -46,6 +47,8 @@ def read_config_file(path: str | Path) -> dict:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: config file not found")
+    if path.is_dir():
+        raise IsADirectoryError(f"--config: {path} is a folder; give a .toml, .yaml or .json file")
 
     text = decode_text(path.read_bytes(), path)  # as every text file is read: a leading BOM is no setting
     if path.suffix == ".toml":
@@ -109,8 +112,12 @@ def config_from_sources(values: dict, sources: dict[str, str]) -> TrainConfig:
     except ValueError as err:
         message = str(err)
         name = message.split(":", 1)[0]
-        if name in sources:
-            message = f"{message} (from {sources[name]})"
+        # every field the message names gets its source: a cross-field error ("num_heads: d_model=7
+        # must split ...") blames the value that came from the user, not only the field it is under
+        others = [n for n in dict.fromkeys(re.findall(r"\b([a-z_]+)=", message)) if n in sources and n != name]
+        where = ([sources[name]] if name in sources else []) + [f"{n} from {sources[n]}" for n in others]
+        if where:
+            message = f"{message} (from {'; '.join(where)})"
         raise ValueError(message) from None
 
 
@@ -142,7 +149,11 @@ def settings_given(config_file: str | None, sets: list[str] | None) -> tuple[dic
             raise ValueError(f"--set: expected key=value, got {item!r}")
         key, text = item.split("=", 1)
         key = key.strip()  # the value is kept as given: a source_prefix ends in a space
-        values[key], sources[key] = parse_setting(key, text), f"--set {item}"
+        try:
+            values[key] = parse_setting(key, text)
+        except ValueError as err:
+            raise ValueError(f"{err} (from --set {item})") from None
+        sources[key] = f"--set {item}"
     return values, sources
 
 
@@ -209,8 +220,9 @@ def resume_config(saved: dict, saved_source: str, changes: dict, change_sources:
     refused = [n for n, v in changes.items() if n not in RESUMABLE_FIELDS and v != current[n]]
     if refused:
         name = refused[0]
+        had = "the embedded corpus" if name == "data" and not current[name] else repr(current[name])
         raise ValueError(
-            f"{name}: --resume cannot change it (the run has {current[name]!r}, "
+            f"{name}: --resume cannot change it (the run has {had}, "
             f"{change_sources.get(name, 'settings')} gives {changes[name]!r}); --resume may change only "
             f"{', '.join(RESUMABLE_FIELDS)}; start a new run to change the rest"
         )
