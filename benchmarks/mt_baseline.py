@@ -248,7 +248,10 @@ def main(argv: list[str] | None = None) -> dict:
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / args.warmup_steps))
     loss_fn = nn.CrossEntropyLoss(ignore_index=pad, label_smoothing=args.label_smoothing)
     params = sum(p.numel() for p in model.parameters())
-    print(f"anchor: {params / 1e6:.2f}M parameters, {len(sources)} training pairs, {torch.get_num_threads()} threads")
+    print(
+        f"anchor: {params / 1e6:.2f}M parameters, {len(sources)} training pairs, {torch.get_num_threads()} threads",
+        flush=True,
+    )
 
     generator = torch.Generator().manual_seed(args.seed)
     curve, step, epoch = [], 0, 0
@@ -272,7 +275,10 @@ def main(argv: list[str] | None = None) -> dict:
             if step % args.eval_every == 0:
                 v = validation_loss(model, v_sources, v_targets, pad)
                 curve.append({"step": step, "seconds": round(elapsed, 1), "valid_loss": round(v, 4)})
-                print(f"step {step} epoch {epoch} {elapsed:.0f}s train loss {float(loss):.3f} valid loss {v:.4f}")
+                print(
+                    f"step {step} epoch {epoch} {elapsed:.0f}s train loss {float(loss):.3f} valid loss {v:.4f}",
+                    flush=True,
+                )
             if elapsed > budget or (args.max_steps and step >= args.max_steps):
                 stop = True
                 break
