@@ -373,7 +373,7 @@ def test_compare_runs_the_long_regime_by_default(tmp_path, monkeypatch, capsys):
 def test_command_errors_are_one_clear_line(tmp_path, capsys):
     assert main(["eval", str(tmp_path / "nowhere")]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("switchformer: error:") and "config.json" in err and "Traceback" not in err
+    assert err.startswith("switchformer: error:") and "nowhere: not found" in err and "Traceback" not in err
     assert main(["train", "--preset", "test", "--data", str(tmp_path / "missing.txt"), "--out-dir", str(tmp_path)]) == 2
     assert "missing.txt: no such file" in capsys.readouterr().err
     assert main(["train", "--set", "lr=fast", "--out-dir", str(tmp_path)]) == 2
