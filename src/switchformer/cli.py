@@ -48,7 +48,7 @@ _OS_ERRORS = {
     errno.ENOENT: "no such file or folder",
     errno.EACCES: "permission denied",
     errno.EPERM: "operation not permitted",
-    errno.ENOSPC: "no space left on the device",
+    errno.ENOSPC: "No space left on device",  # the words users search for
     errno.EROFS: "on a read-only file system",
 }
 
