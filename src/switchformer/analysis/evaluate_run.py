@@ -55,6 +55,7 @@ def evaluate_run(
     no_repeat_ngram_size: int | None = None,
     source_lang: str | None = None,
     progress: bool = False,
+    load_options: dict | None = None,
 ) -> dict:
     """``switchformer eval``: the run's (or checkpoint's) model on its validation split, or on every
     document of ``data``. Reads the run and writes nothing anywhere. Returns a JSON-ready dict
@@ -67,7 +68,9 @@ def evaluate_run(
     are several. With
     ``metrics``, every pair is evaluated (loss included) unless ``batches`` is given; ``progress``
     shows a bar while translating. ``source_lang``: the source language of ``data``'s pairs that
-    do not say theirs (one of the run's; a TSV or a pair of unnamed files)."""
+    do not say theirs (one of the run's; a TSV or a pair of unnamed files). ``load_options``:
+    ``load_run``'s ``dtype``, ``max_memory`` and ``device`` (``--dtype``, ``--max-memory``); the
+    report then holds the expert cache's statistics (``expert_cache``) when experts are offloaded."""
     if batches is not None and batches < 1:
         raise ValueError(f"--batches: must be >= 1, got {batches}")
     metrics = check_metrics(metrics or [])  # sacrebleu missing is said before any work
@@ -80,7 +83,7 @@ def evaluate_run(
         ):
             if value is not None:
                 raise ValueError(f"{flag}: used only to translate for --metric; give --metric bleu (or chrf) too")
-    model, tokenizer, config = load_run(source)
+    model, tokenizer, config = load_run(source, **(load_options or {}))
     if source_lang is not None:  # the language of --data's pairs that do not say theirs
         from dataclasses import replace
 
@@ -119,6 +122,7 @@ def evaluate_run(
         "tokens": result.tokens,
         "routing": result.routing,
         **scores,
+        **({"expert_cache": model.expert_cache.stats()} if getattr(model, "expert_cache", None) else {}),
     }
 
 
@@ -194,4 +198,10 @@ def format_eval(report: dict) -> str:
         for lang, group in report.get("by_source_lang", {}).items():
             scores = ", ".join(f"{'BLEU' if n == 'bleu' else 'chrF'} {v:.2f}" for n, v in group.items() if n != "pairs")
             lines.append(f"  {lang}: {scores} over {group['pairs']:,} pairs")
+    if "expert_cache" in report:
+        c = report["expert_cache"]
+        lines.append(
+            f"expert cache: {c['hits'] + c['misses']:,} fetches, hit rate {c['hit_rate']:.1%}, "
+            f"{c['bytes_read'] / 2**20:,.1f} MiB read"
+        )
     return "\n".join(lines)

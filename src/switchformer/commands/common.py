@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
@@ -49,6 +50,41 @@ def add_config_arguments(p: argparse.ArgumentParser, default_preset: str) -> Non
     p.add_argument("--run-name")
     p.add_argument("--device", help="cpu or cuda (default: cuda if available)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def add_inference_arguments(p: argparse.ArgumentParser) -> None:
+    """``--dtype`` and ``--max-memory``: how an inference command holds the weights."""
+    p.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16", "int8"],
+        help="float32 (default), bfloat16, or int8: experts quantised per output channel (weight-only), "
+        "activations float32 (bfloat16 on a GPU), routers float32 always",
+    )
+    p.add_argument(
+        "--max-memory",
+        metavar="SIZE",
+        help="memory budget, such as 20GiB or 512MiB: experts that do not fit stay in the checkpoint's files "
+        "and are read on use into a cache of the most recently used (default: no budget, all resident)",
+    )
+
+
+def inference_options(args, device=None) -> dict:
+    """``load_run``'s (and ``from_hf``'s) keyword arguments for ``--dtype`` and ``--max-memory``;
+    empty when neither is given (the model loads as trained)."""
+    if args.dtype is None and args.max_memory is None:
+        return {}
+    from switchformer.models.placement import parse_size
+    from switchformer.runtime import resolve_device
+
+    max_memory = parse_size(args.max_memory) if args.max_memory is not None else None
+    return {"dtype": args.dtype or "float32", "max_memory": max_memory, "device": resolve_device(device)}
+
+
+def report_expert_cache(model) -> None:
+    """The expert cache's hit rate and bytes read, on standard error (offloaded experts only)."""
+    cache = getattr(model, "expert_cache", None)
+    if cache is not None:
+        print(cache.summary(), file=sys.stderr)
 
 
 def config_from_args(args, default_preset: str):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from switchformer.commands.common import add_inference_arguments, inference_options
+
 # The library is imported inside run(), on use: the parser is built from every command module, and
 # `switchformer --help` should not load the library (models, tokenizers, plotting).
 
@@ -52,6 +54,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--source-lang", metavar="CODE", help="with --metric: the language of sources whose data does not say it"
     )
+    add_inference_arguments(parser)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar while translating")
 
 
@@ -71,6 +74,7 @@ def run(args) -> int:
         no_repeat_ngram_size=args.no_repeat_ngram_size,
         source_lang=args.source_lang,
         progress=not args.no_progress,
+        load_options=inference_options(args, args.device),
     )
     from switchformer.runs.files import to_json
 

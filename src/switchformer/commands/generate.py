@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from switchformer.commands.common import add_inference_arguments, inference_options, report_expert_cache
+
 # The library is imported inside run(), on use: the parser is built from every command module, and
 # `switchformer --help` should not load the library (models, tokenizers, plotting).
 
@@ -13,7 +15,8 @@ HELP = "generate text from a trained run, streaming tokens"
 EPILOG = """examples:
   switchformer generate runs/quick --prompt "The object"
   echo "Return the" | switchformer generate runs/quick --temperature 0.7 --top-p 0.9
-  switchformer generate runs/de-en --prompt "Ein Hund rennt."   # seq2seq run: its translation, greedy"""
+  switchformer generate runs/de-en --prompt "Ein Hund rennt."   # seq2seq run: its translation, greedy
+  switchformer generate runs/quick --prompt "The" --dtype int8 --max-memory 2GiB   # int8 experts, offloaded"""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -39,6 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--source-lang", metavar="CODE", help="seq2seq: the source language, when the prefix names it")
     parser.add_argument("--target-lang", metavar="CODE", help="seq2seq: the target language, when the prefix names it")
     parser.add_argument("--seed", type=int, default=0)
+    add_inference_arguments(parser)
     parser.add_argument(
         "--routing",
         choices=["eval", "dropless"],
@@ -59,7 +63,7 @@ def run(args) -> int:
     given = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     given.update(repetition_penalty=args.repetition_penalty, no_repeat_ngram_size=args.no_repeat_ngram_size)
     SamplingConfig(**{k: v for k, v in given.items() if v is not None})  # bad values refused before loading
-    model, tokenizer, config = load_run(args.run)
+    model, tokenizer, config = load_run(args.run, **inference_options(args))
     print(f"routing: {routing_description(model, args.routing)}", file=sys.stderr)
     from switchformer.data.files import read_stream_text
     from switchformer.data.formatting import lone_surrogate
@@ -122,4 +126,5 @@ def run(args) -> int:
     if not produced and not answer_only:
         sys.stdout.write(prompt)
     sys.stdout.write("\n")
+    report_expert_cache(model)
     return 0

@@ -7,6 +7,8 @@ import math
 import re
 import sys
 
+from switchformer.commands.common import add_inference_arguments
+
 # The library is imported inside run(), on use: the parser is built from every command module, and
 # `switchformer --help` should not load the library (models, tokenizers, plotting).
 
@@ -16,6 +18,7 @@ EPILOG = """examples:
   switchformer serve runs/chat                      # http://127.0.0.1:8000/ : the chat page; the OpenAI API under /v1
   switchformer serve runs/de-en --port 8080         # a translation run: /v1/completions translates the prompt
   switchformer serve path/to/hf-switch-dir --api-key secret --max-batch-size 32
+  switchformer serve google/switch-base-256 --dtype int8 --max-memory 20GiB   # experts offloaded to a cache
   curl -s localhost:8000/v1/completions -H 'Content-Type: application/json' \\
        -d '{"prompt": "Once upon a time", "max_tokens": 32, "temperature": 0}'"""
 
@@ -53,17 +56,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="how prompts are routed: the model's eval routing (default) or dropless; decoding steps never drop",
     )  # fmt: skip
     parser.add_argument("--device", help="cpu or cuda (default: cuda if available)")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="(default: float32)")
+    add_inference_arguments(parser)
     parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
 
 
 def run(args) -> int:
     from switchformer.inference.routing import routing_description
+    from switchformer.models.placement import parse_size
     from switchformer.serve.server import bind, build_server, run_server
 
     check_flags(args)
+    max_memory = parse_size(args.max_memory) if args.max_memory is not None else None
     server = build_server(
-        args.source, device=args.device, dtype=args.dtype, max_batch_size=args.max_batch_size,
+        args.source, device=args.device, dtype=args.dtype or "float32", max_memory=max_memory,
+        max_batch_size=args.max_batch_size,
         max_queue=args.max_queue, max_prompt_tokens=args.max_prompt_tokens, max_tokens=args.max_tokens,
         routing=args.routing, api_key=args.api_key, served_model_name=args.served_model_name,
         request_timeout=args.request_timeout, shutdown_timeout=args.shutdown_timeout, cors_origins=args.cors_origin,

@@ -24,6 +24,8 @@ import sys
 import time
 from pathlib import Path
 
+from switchformer.commands.common import add_inference_arguments, inference_options, report_expert_cache
+
 # The library is imported inside run(), on use: the parser is built from every command module, and
 # `switchformer --help` should not load the library (models, tokenizers, plotting).
 
@@ -80,6 +82,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "a translation",
     )
     parser.add_argument("--device", help="cpu or cuda (default: cuda if available)")
+    add_inference_arguments(parser)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -160,6 +163,7 @@ def run(args) -> int:
     rate = f", {written / seconds:.1f} sentences/s" if seconds > 0 and written else ""
     where = f" -> {target}" if target is not None else ""
     print(f"translated {written} lines in {seconds:.1f} s{rate}{where}", file=sys.stderr)
+    report_expert_cache(model)
     if sum(cut):
         print(
             f"translate: {sum(cut)} of {written} sources were longer than the run's seq_len - 1 = {config.seq_len - 1} "
@@ -175,7 +179,7 @@ def _checked_run(args):
     from switchformer.inference.translation import check_languages, check_settings, decoding_settings, require_seq2seq
     from switchformer.train.run import load_run
 
-    model, tokenizer, config = load_run(args.run)
+    model, tokenizer, config = load_run(args.run, **inference_options(args, args.device))
     require_seq2seq(config, "translate")
     settings = decoding_settings(
         config, args.num_beams, args.length_penalty, args.max_new_tokens, args.no_repeat_ngram_size

@@ -20,34 +20,57 @@ from torch import nn
 
 from switchformer.data.files import read_json
 from switchformer.interop.hf_config import config_from_hf, config_to_hf
-from switchformer.interop.hf_weights import load_directory_weights, state_dict_from_hf, state_dict_to_hf
+from switchformer.interop.hf_weights import (
+    expert_sources_from_hf,
+    load_directory_weights,
+    state_dict_from_hf,
+    state_dict_to_hf,
+)
+from switchformer.models.placement import place_weights, plan_placement
 from switchformer.models.t5 import SwitchT5
 from switchformer.runs.files import default_file_mode, write_text_atomic
 
 log = logging.getLogger("switchformer")
 
 
-def from_hf(source) -> SwitchT5:
-    """A :class:`SwitchT5` with the weights and outputs of a HF Switch/T5 model or checkpoint dir."""
+def from_hf(source, *, dtype: str | None = None, max_memory: int | None = None, device=None) -> SwitchT5:
+    """A :class:`SwitchT5` with the weights and outputs of a HF Switch/T5 model or checkpoint dir.
+
+    A directory is read memory-mapped into a model built on the meta device, so loading holds each
+    weight once. ``dtype`` (``float32``, ``bfloat16``, ``int8``: int8 experts; None: the checkpoint's
+    own) and ``max_memory`` (bytes; None: no budget) decide what is resident and what is offloaded
+    (:mod:`switchformer.models.placement`); ``device`` (default: the CPU) is where it is computed.
+    Raises ``FileNotFoundError`` / ``ValueError`` naming the file or setting that is wrong."""
     if isinstance(source, nn.Module):
+        if max_memory is not None or dtype == "int8":
+            raise ValueError(
+                "from_hf: --dtype int8 and --max-memory need a checkpoint directory, not a model in memory"
+            )
         hf_config = source.config.to_dict()
         hf_state = {k: v.detach() for k, v in source.state_dict().items()}
-    else:
-        path = Path(source)
-        config_file = path / "config.json"
-        if not config_file.exists():
-            raise FileNotFoundError(f"{config_file}: not found (expected a Hugging Face model directory)")
-        hf_config = read_json(config_file)
-        hf_state = load_directory_weights(path)
+        config = config_from_hf(hf_config)
+        state = state_dict_from_hf(hf_state, config, hf_config.get("model_type"))
+        with torch.device("meta"):
+            model = SwitchT5(config)
+        model.load_state_dict(state, strict=True, assign=True)
+        model = model.to(dtype=getattr(torch, dtype) if dtype else next(iter(state.values())).dtype)
+        return model.to(device) if device is not None else model
+    path = Path(source)
+    config_file = path / "config.json"
+    if not config_file.exists():
+        raise FileNotFoundError(f"{config_file}: not found (expected a Hugging Face model directory)")
+    hf_config = read_json(config_file)
+    hf_state = load_directory_weights(path)
     config = config_from_hf(hf_config)
     flavour = hf_config.get("model_type")
-    state = state_dict_from_hf(hf_state, config, flavour)
-    dtype = next(iter(state.values())).dtype
     with torch.device("meta"):
         model = SwitchT5(config)
-    model.load_state_dict(state, strict=True, assign=True)
-    # meta buffers (none today) would need materialising; parameters now hold the loaded tensors
-    return model.to(dtype)
+    if dtype is None:  # the checkpoint's own precision, as transformers' torch_dtype="auto"
+        dtype = str(hf_state.meta(next(iter(hf_state))).dtype).removeprefix("torch.")
+        dtype = dtype if dtype in ("float32", "bfloat16") else "float32"
+    placement = plan_placement(model, dtype, max_memory, device)
+    state = state_dict_from_hf(hf_state, config, flavour, experts=False)
+    return place_weights(model, placement, state, expert_sources_from_hf(hf_state, config, flavour))
 
 
 def to_hf(model: SwitchT5, out_dir) -> Path:

@@ -6,13 +6,16 @@ checkpoint directory's weights: ``model.safetensors``, a sharded index, or ``pyt
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from switchformer.models.t5 import SwitchT5, SwitchT5Config
+from switchformer.moe.offload import ExpertSource
 from switchformer.runs.files import read_json
+from switchformer.runs.lazy_tensors import LazyTensors
 
 log = logging.getLogger("switchformer")
 
@@ -130,9 +133,12 @@ def _embeddings_from_hf(hf_state: dict[str, Tensor], config: SwitchT5Config, fla
     return {"shared.weight": embed, "lm_head.weight": effective[_LM_HEAD].clone()}
 
 
-def state_dict_from_hf(hf_state: dict[str, Tensor], config: SwitchT5Config, flavour: str) -> dict[str, Tensor]:
+def state_dict_from_hf(
+    hf_state: Mapping[str, Tensor], config: SwitchT5Config, flavour: str, experts: bool = True
+) -> dict[str, Tensor]:
     """Convert HF weights to ours. Every tensor of ``hf_state`` is used or refused: missing or
-    unexpected keys raise listing them, and so does an embedding matrix our model cannot hold."""
+    unexpected keys raise listing them, and so does an embedding matrix our model cannot hold.
+    Without ``experts`` the Switch layers' experts are left out (see :func:`expert_sources_from_hf`)."""
     pairs = _key_pairs(config, flavour)
     expected = {key for _, keys, _ in pairs for key in keys}
     missing = sorted(expected - set(hf_state))
@@ -148,6 +154,8 @@ def state_dict_from_hf(hf_state: dict[str, Tensor], config: SwitchT5Config, flav
         log.info("from_hf: skipping %s (transformers' model has no such weight and skips it too)", sorted(ignored))
     state = _embeddings_from_hf(hf_state, config, flavour)
     for ours, keys, how in pairs:
+        if how == "experts_t" and not experts:
+            continue
         tensors = [hf_state[k] for k in keys]
         if how == "copy":
             state[ours] = tensors[0]
@@ -158,6 +166,23 @@ def state_dict_from_hf(hf_state: dict[str, Tensor], config: SwitchT5Config, flav
         else:
             state[ours] = torch.stack([t.t() for t in tensors]).contiguous()
     return state
+
+
+def expert_sources_from_hf(
+    hf_state: Mapping[str, Tensor], config: SwitchT5Config, flavour: str
+) -> dict[str, ExpertSource]:
+    """Switch layer name -> the source of its experts: expert ``e``'s ``(w_in, w_out)`` in our layout,
+    transposed views of HF's per-expert matrices (read when used)."""
+    keys: dict[str, dict[str, list[str]]] = {}
+    for ours, hf_keys, how in _key_pairs(config, flavour):
+        if how == "experts_t":
+            layer, weight = ours.rsplit(".experts.", 1)
+            keys.setdefault(layer, {})[weight] = hf_keys
+
+    def source(w_in: list[str], w_out: list[str]) -> ExpertSource:
+        return lambda e: (hf_state[w_in[e]].t(), hf_state[w_out[e]].t())
+
+    return {layer: source(k["w_in"], k["w_out"]) for layer, k in keys.items()}
 
 
 def state_dict_to_hf(model: SwitchT5) -> dict[str, Tensor]:
@@ -187,45 +212,27 @@ def state_dict_to_hf(model: SwitchT5) -> dict[str, Tensor]:
     return out
 
 
-def _load_safetensors(file: Path) -> dict[str, Tensor]:
-    """The tensors of ``file``; a damaged file is a ``ValueError`` naming it."""
-    from safetensors.torch import load_file
-
-    try:
-        return load_file(str(file))
-    except OSError:
-        raise
-    except Exception as err:  # safetensors' own error type (a Rust panic for a bad header)
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise ValueError(f"{file}: damaged or not a safetensors file ({reason})") from None
-
-
-def load_directory_weights(path: Path) -> dict[str, Tensor]:
+def weight_files(path: Path) -> list[Path]:
+    """The weight files of a Hugging Face directory: ``model.safetensors``, the shards of a sharded
+    index (safetensors or ``.bin``), or ``pytorch_model.bin``; a missing shard is named."""
     if (path / "model.safetensors").exists():
-        return _load_safetensors(path / "model.safetensors")
-    for index_name, loader in (
-        ("model.safetensors.index.json", _load_safetensors),
-        ("pytorch_model.bin.index.json", _load_bin),
-    ):
+        return [path / "model.safetensors"]
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         index = path / index_name
         if index.exists():
-            shards = sorted(set(read_json(index)["weight_map"].values()))
-            state = {}
+            weight_map = read_json(index).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise ValueError(f"{index}: expected a 'weight_map' object (tensor name -> shard file)")
+            shards = sorted(set(weight_map.values()))
             for shard in shards:
                 if not (path / shard).exists():
                     raise FileNotFoundError(f"{path / shard}: shard named in {index_name} is missing")
-                state.update(loader(path / shard))
-            return state
+            return [path / shard for shard in shards]
     if (path / "pytorch_model.bin").exists():
-        return _load_bin(path / "pytorch_model.bin")
+        return [path / "pytorch_model.bin"]
     raise FileNotFoundError(f"{path}: no model.safetensors, sharded index or pytorch_model.bin found")
 
 
-def _load_bin(file: Path) -> dict[str, Tensor]:
-    try:
-        return torch.load(file, map_location="cpu", weights_only=True)  # tensors only, no pickled code
-    except OSError:
-        raise
-    except Exception as err:  # a cut or foreign file: unpickling, zip or weights-only errors
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise ValueError(f"{file}: damaged, or holds more than tensors ({reason})") from None
+def load_directory_weights(path: Path) -> LazyTensors:
+    """The tensors of a Hugging Face directory by name, memory-mapped and read on access."""
+    return LazyTensors(weight_files(Path(path)))

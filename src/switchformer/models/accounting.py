@@ -10,13 +10,19 @@ from switchformer.moe.layer import SwitchMoE, switch_layers
 
 def _expert_params(layer: SwitchMoE) -> int:
     experts = getattr(layer.experts, "local", layer.experts)  # an expert-parallel shard holds `local`
-    return (experts.w_in.numel() + experts.w_out.numel()) // experts.num_experts
+    return experts.params_per_expert
 
 
 def _absent_expert_params(layer: SwitchMoE) -> int:
     """Parameters of experts other ranks hold (expert parallelism), so totals are global."""
     held = getattr(layer.experts, "local", layer.experts).num_experts
     return (layer.num_experts - held) * _expert_params(layer)
+
+
+def _holds_parameters(layer: SwitchMoE) -> bool:
+    """False for experts loaded for inference (int8 or offloaded: ``StoredExperts``), whose weights
+    are not parameters."""
+    return any(True for _ in layer.experts.parameters())
 
 
 def parameter_counts(model: nn.Module, context_len: int | None = None) -> dict[str, int]:
@@ -26,6 +32,7 @@ def parameter_counts(model: nn.Module, context_len: int | None = None) -> dict[s
     for SwitchT5); for the encoder-decoder, the mean of one encoder and one decoder token."""
     moe_layers = switch_layers(model)
     total = sum(p.numel() for p in model.parameters()) + sum(_absent_expert_params(m) for m in moe_layers)
+    total += sum(m.num_experts * _expert_params(m) for m in moe_layers if not _holds_parameters(m))
     inactive = sum((m.num_experts - m.top_k) * _expert_params(m) for m in moe_layers)
     config = model.config
     if context_len is None:

@@ -222,6 +222,12 @@ class SwitchLM(nn.Module):
         self.register_buffer("rope_sin", sin, persistent=False)
         self.reset_parameters()
 
+    def materialize_buffers(self, device, dtype: torch.dtype) -> None:
+        """The rotary tables again (they are not saved), for a model built on the meta device."""
+        config = self.config
+        cos, sin = rope_tables(config.max_seq_len, config.d_model // config.num_heads, config.rope_theta)
+        self.rope_cos, self.rope_sin = cos.to(device, dtype), sin.to(device, dtype)
+
     @torch.no_grad()
     def reset_parameters(self) -> None:
         s = self.config.init_scale

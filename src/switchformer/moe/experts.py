@@ -110,6 +110,8 @@ class _FusedLoopFFN(torch.autograd.Function):
 class Experts(nn.Module):
     """``E`` feed-forward experts; ``forward`` takes rows already sorted by expert."""
 
+    all_local = True  # every expert is computed here (SwitchMoE's few-token path may call forward_one)
+
     def __init__(
         self,
         num_experts: int,
@@ -133,6 +135,10 @@ class Experts(nn.Module):
         self.w_out = nn.Parameter(torch.empty(num_experts, d_ff, d_model))
         self.dropout = nn.Dropout(dropout)  # expert dropout: separate from the model's dropout
         self.reset_parameters()
+
+    @property
+    def params_per_expert(self) -> int:
+        return (self.w_in.numel() + self.w_out.numel()) // self.num_experts
 
     def reset_parameters(self) -> None:
         scaled_trunc_normal_(self.w_in, fan_in=self.d_model, scale=self.init_scale)

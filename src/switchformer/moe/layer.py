@@ -288,7 +288,7 @@ class SwitchMoE(nn.Module):
             and self.routing != "expert_choice"
             and (capacity is None or capacity >= group_len)
             and not torch.is_autocast_enabled(flat.device.type)
-            and isinstance(self.experts, Experts)  # all experts local (not expert-parallel)
+            and getattr(self.experts, "all_local", False)  # not expert-parallel
         )
 
     def _forward_few(self, flat: Tensor, routing: Routing) -> tuple[Tensor, DispatchPlan]:
@@ -314,8 +314,7 @@ def switch_layers(model: nn.Module) -> list[SwitchMoE]:
 
 def num_active_expert_params(layer: SwitchMoE) -> int:
     """Expert parameters one token uses (k experts) plus the router."""
-    per_expert = (layer.experts.w_in.numel() + layer.experts.w_out.numel()) // layer.num_experts
-    return layer.top_k * per_expert + layer.router.weight.numel()
+    return layer.top_k * layer.experts.params_per_expert + layer.router.weight.numel()
 
 
 __all__ = ["SwitchMoE", "MoEAux", "num_active_expert_params"]

@@ -229,6 +229,11 @@ class AuxLossFreeRouter(TokenChoiceRouter):
         # a loaded bias is the new reference: forget what was pending against the old one
         self.register_load_state_dict_post_hook(lambda module, _: module._forget_pending())
 
+    def materialize_buffers(self, device, dtype: torch.dtype) -> None:
+        """The unsaved counters again (zeros), for a model built on the meta device; float32 whatever ``dtype``."""
+        self.pending_load = torch.zeros(self.pending_load.shape, dtype=torch.long, device=device)
+        self.local_update = torch.zeros(self.local_update.shape, dtype=torch.float32, device=device)
+
     def selection_scores(self, probs: Tensor) -> Tensor:
         return probs + self.expert_bias
 

@@ -5,7 +5,8 @@ observed by the server; the scheduler's figures are read from the engine at each
 length, running batch size, prompt and generated tokens, tokens/s over the last 10 seconds (exact at any
 rate: a difference of totals), and
 for each Switch layer the tokens each expert received (``switchformer_expert_tokens_total``) and
-its share of the layer's tokens (``switchformer_expert_token_share``).
+its share of the layer's tokens (``switchformer_expert_token_share``); with experts offloaded
+(``--max-memory``), the expert cache's hits, misses, bytes read and bytes held.
 """
 
 from __future__ import annotations
@@ -51,6 +52,17 @@ class _EngineCollector:
                 share.add_metric([layer, str(expert)], value / total if total else 0.0)
         yield tokens
         yield share
+        cache = getattr(engine.model, "expert_cache", None)
+        if cache is not None:  # experts offloaded (--max-memory): what the cache saved and what it read
+            yield CounterMetricFamily("switchformer_expert_cache_hits", "Expert fetches the cache served", cache.hits)
+            yield CounterMetricFamily(
+                "switchformer_expert_cache_misses", "Expert fetches read from the checkpoint's files", cache.misses
+            )
+            yield CounterMetricFamily(
+                "switchformer_expert_cache_read_bytes", "Bytes of experts read from the checkpoint's files",
+                cache.bytes_read,
+            )  # fmt: skip
+            yield GaugeMetricFamily("switchformer_expert_cache_bytes", "Bytes the expert cache holds", cache.used_bytes)
 
 
 class ServerMetrics:

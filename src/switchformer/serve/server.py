@@ -45,20 +45,23 @@ class Served:
     name: str
 
 
-def load_source(source: str | Path) -> Served:
-    """Model, tokenizer and run config of a run, a checkpoint or a Hugging Face directory."""
+def load_source(source: str | Path, dtype: str = "float32", max_memory: int | None = None, device=None) -> Served:
+    """Model, tokenizer and run config of a run, a checkpoint or a Hugging Face directory, loaded
+    memory-mapped in ``dtype`` on ``device`` within ``max_memory`` bytes (experts offloaded when
+    they do not all fit; :mod:`switchformer.models.placement`)."""
     path = Path(source)
+    options = dict(dtype=dtype, max_memory=max_memory, device=resolve_device(device))
     if path.is_file():
         raise ValueError(f"{path}: a file; serve takes a run directory, a checkpoint or a Hugging Face directory")
     if is_hugging_face_source(path):
-        model = from_hf(path).eval()
+        model = from_hf(path, **options).eval()
         tokenizer_file, note = source_tokenizer(path)
         if note:
             log.info("tokenizer: %s", note)
         tokenizer = load_tokenizer(tokenizer_file)
         check_tokenizer_fits(tokenizer, model, tokenizer_file)
         return Served(model, tokenizer, None, path.resolve().name)
-    model, tokenizer, config = load_run(path)
+    model, tokenizer, config = load_run(path, **options)
     return Served(model, tokenizer, config, run_dir_of(path).resolve().name)
 
 
@@ -89,7 +92,8 @@ class Server:
 
 
 def build_server(
-    source: str | Path, *, device: str | None = None, dtype: str = "float32", max_batch_size: int = 16,
+    source: str | Path, *, device: str | None = None, dtype: str = "float32", max_memory: int | None = None,
+    max_batch_size: int = 16,
     max_queue: int = 256, max_prompt_tokens: int | None = None, max_tokens: int | None = None,
     routing: str = "eval", api_key: str | None = None, served_model_name: str | None = None,
     request_timeout: float = 600.0, shutdown_timeout: float = 10.0, cors_origins: list[str] | None = None,
@@ -97,8 +101,7 @@ def build_server(
     """The server of ``source`` (a run, a checkpoint or a Hugging Face directory) with these settings
     (``serve --help`` says each); ``api_key`` None: ``$SWITCHFORMER_API_KEY``, else none."""
     check_serve_installed()
-    served = load_source(source)
-    served.model.to(device=resolve_device(device), dtype={"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype])
+    served = load_source(source, dtype, max_memory, device)
     limits = limits_for(served, max_prompt_tokens, max_tokens)
     lm = limits.context is not None
     engine = Engine(

@@ -19,6 +19,7 @@ from switchformer.models import SwitchLM, SwitchLMConfig, SwitchT5, SwitchT5Conf
 from switchformer.runs.directory import read_sections
 from switchformer.train.checkpoint import latest_checkpoint, load_model_weights
 from switchformer.train.config import TrainConfig, with_model_settings
+from switchformer.train.inference_weights import load_placed_weights
 from switchformer.train.sources import config_from_sources
 
 
@@ -65,18 +66,28 @@ def build_model_from_dict(family: str, values: dict, file: Path | str):
         raise ValueError(f"{file}: model: {err}") from None
 
 
-def load_run(source: str | Path, need_tokenizer: bool = True):
+def load_run(
+    source: str | Path, need_tokenizer: bool = True, *, dtype: str | None = None, max_memory: int | None = None,
+    device=None,
+):  # fmt: skip
     """(model, tokenizer, train config) from a run directory (its latest checkpoint, else the
     ``model.safetensors`` of a converted run) or from one checkpoint directory. Reads only.
     Without ``need_tokenizer`` a run without ``tokenizer.json`` gives ``None`` for it (``info``,
-    ``convert``: a converted checkpoint may come without one)."""
+    ``convert``: a converted checkpoint may come without one). ``dtype`` (float32, bfloat16, int8)
+    and ``max_memory`` (bytes) load for inference as :mod:`switchformer.models.placement` plans,
+    memory-mapped, on ``device``; without them the model is float32 on the CPU, as trained."""
     path = Path(source)
     run = read_run_config(path)
-    model = run.build_model()
     weights = path if (path / "state.json").exists() else latest_checkpoint(run.run_dir)
     if weights is None:
         weights = run.run_dir / "model.safetensors"  # a converted or consolidated run
-    load_model_weights(model, weights)
+    if dtype is None and max_memory is None and device is None:
+        model = run.build_model()
+        load_model_weights(model, weights)
+    else:
+        with torch.device("meta"):
+            model = run.build_model()
+        model = load_placed_weights(model, weights, dtype or "float32", max_memory, device)
     tokenizer = None
     if need_tokenizer or (run.run_dir / "tokenizer.json").exists():
         tokenizer = load_tokenizer(run.run_dir)

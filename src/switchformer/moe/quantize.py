@@ -1,0 +1,54 @@
+"""Weight-only int8 quantisation of expert matrices, one scale per output channel.
+
+For a weight ``w [d_in, d_out]`` (our layout: ``y = x @ w``) the scale of output channel ``j`` is
+``s_j = max_i |w_ij| / 127`` and the stored weight ``q = round(w / s)`` in ``[-127, 127]``, kept
+transposed (``[d_out, d_in]``, the layout of the int8 matmul kernels); ``y = (x @ q.T) * s``
+(symmetric per-channel weight-only quantisation, as LLM.int8's weight path and torchao's
+``int8_weight_only`` do, without outlier handling). Activations stay float32 or bfloat16; the
+largest error of one weight is ``s_j / 2``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+INT8_MAX = 127
+
+
+@dataclass(frozen=True)
+class Int8Matrix:
+    """``qweight [d_out, d_in]`` int8 and ``scale [d_out]`` float32 of one weight ``[d_in, d_out]``."""
+
+    qweight: Tensor
+    scale: Tensor
+
+    @property
+    def nbytes(self) -> int:
+        return self.qweight.numel() * self.qweight.element_size() + self.scale.numel() * self.scale.element_size()
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        """The float weight ``[d_in, d_out]`` the matrix stands for."""
+        return (self.qweight.to(torch.float32) * self.scale[:, None]).t().to(dtype)
+
+
+def quantize_int8(w: Tensor) -> Int8Matrix:
+    """Per-output-channel int8 of ``w [d_in, d_out]`` (any float dtype; computed in float32)."""
+    if w.dim() != 2:
+        raise ValueError(f"quantize_int8: expected a matrix [d_in, d_out], got shape {tuple(w.shape)}")
+    wt = w.detach().t().to(torch.float32)
+    amax = wt.abs().amax(dim=1)
+    scale = torch.where(amax > 0, amax / INT8_MAX, torch.ones_like(amax))  # an all-zero channel stays 0
+    q = torch.round(wt / scale[:, None]).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
+    return Int8Matrix(q.contiguous(), scale.contiguous())
+
+
+def int8_matmul(x: Tensor, m: Int8Matrix) -> Tensor:
+    """``x [M, d_in] @ w`` for the weight ``m`` stands for; ``x`` float32 or bfloat16, the result in
+    ``x``'s dtype. On the CPU PyTorch's weight-only int8 kernel (``_weight_int8pack_mm``, which
+    dequantises inside the matmul), elsewhere a dequantised copy of the weight."""
+    if x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and x.dim() == 2:
+        return torch.ops.aten._weight_int8pack_mm(x.contiguous(), m.qweight, m.scale.to(x.dtype))
+    return (x @ m.qweight.t().to(x.dtype)) * m.scale.to(x.dtype)

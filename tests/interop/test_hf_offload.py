@@ -1,0 +1,145 @@
+"""Hugging Face directories loaded memory-mapped, with int8 and offloaded experts: a tiny Switch model
+saved as bfloat16 ``.bin`` shards (as Google's checkpoints are) and as safetensors, loaded under a
+budget that forces eviction, gives the resident model's logits and tokens exactly."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from test_hf_parity import hf_switch, inputs  # noqa: E402
+
+from switchformer.interop.hf import from_hf  # noqa: E402
+from switchformer.interop.hf_config import config_from_hf  # noqa: E402
+from switchformer.models.placement import minimum_budget, plan_placement, reserve_bytes  # noqa: E402
+from switchformer.models.t5 import SwitchT5  # noqa: E402
+
+pytestmark = [pytest.mark.hf]
+
+
+def write_bin_shards(hf, out, dtype=torch.bfloat16, shards=3):
+    """``pytorch_model-0000k-of-0000n.bin`` shards and their index, as Google's checkpoints come."""
+    out.mkdir()
+    hf.config.save_pretrained(out)
+    state = {k: v.to(dtype).clone() for k, v in hf.state_dict().items()}
+    keys = sorted(state)
+    weight_map = {}
+    for k in range(shards):
+        name = f"pytorch_model-{k + 1:05d}-of-{shards:05d}.bin"
+        part = keys[k::shards]
+        torch.save({key: state[key] for key in part}, out / name)
+        weight_map.update(dict.fromkeys(part, name))
+    (out / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return out
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    hf = hf_switch(experts=8)  # 2 Switch layers a stack, 8 experts each: 32 experts
+    root = tmp_path_factory.mktemp("hf")
+    hf.save_pretrained(root / "safetensors")
+    write_bin_shards(hf, root / "bin")
+    return hf, root
+
+
+def budget_for(directory, dtype: str, experts: int) -> int:
+    """A budget whose expert cache holds ``experts`` experts (and a half)."""
+    with torch.device("meta"):
+        model = SwitchT5(config_from_hf(json.loads((directory / "config.json").read_text())))
+    plan = plan_placement(model, dtype)
+    return math.ceil((plan.dense_bytes + (experts + 0.5) * plan.expert_bytes) * 8 / 7)
+
+
+def outputs(model):
+    ids, labels = inputs(batch=4)
+    with torch.no_grad():
+        return model(input_ids=ids, labels=labels).logits, model.generate(ids, max_new_tokens=10)
+
+
+@pytest.mark.parametrize("layout", ["safetensors", "bin"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int8"])
+def test_offloaded_experts_give_the_resident_models_outputs(checkpoints, layout, dtype):
+    _, root = checkpoints
+    directory = root / layout
+    resident = from_hf(directory, dtype=dtype).eval()
+    assert resident.expert_cache is None
+    budget = budget_for(directory, dtype, experts=3)
+    offloaded = from_hf(directory, dtype=dtype, max_memory=budget).eval()
+    cache = offloaded.expert_cache
+    assert cache is not None and cache.budget_bytes == budget - reserve_bytes(budget) - plan_dense(directory, dtype)
+    want_logits, want_tokens = outputs(resident)
+    got_logits, got_tokens = outputs(offloaded)
+    assert torch.equal(got_logits, want_logits)
+    assert torch.equal(got_tokens, want_tokens)
+    assert cache.evictions > 0 and len(cache) == 3, "the budget was meant to force eviction"
+    assert cache.peak_bytes <= cache.budget_bytes
+    assert want_logits.dtype == (torch.bfloat16 if dtype == "bfloat16" else torch.float32)
+
+
+def plan_dense(directory, dtype):
+    with torch.device("meta"):
+        model = SwitchT5(config_from_hf(json.loads((directory / "config.json").read_text())))
+    return plan_placement(model, dtype).dense_bytes
+
+
+@pytest.mark.parametrize("layout", ["safetensors", "bin"])
+def test_routers_stay_float32_and_int8_stays_near_float32(checkpoints, layout):
+    hf, root = checkpoints
+    for dtype in ("bfloat16", "int8"):
+        model = from_hf(root / layout, dtype=dtype)
+        routers = [p for n, p in model.named_parameters() if ".router." in n]
+        assert routers and all(p.dtype == torch.float32 for p in routers)
+    exact, _ = outputs(from_hf(root / layout, dtype="float32").eval())
+    int8, _ = outputs(from_hf(root / layout, dtype="int8").eval())
+    relative = float((int8 - exact).norm() / exact.norm())
+    assert 0 < relative < 0.02, relative  # measured about 0.3% on this random model
+
+
+def test_the_safetensors_directory_equals_the_model_in_memory(checkpoints):
+    hf, root = checkpoints
+    want, _ = outputs(from_hf(hf).eval())
+    got, _ = outputs(from_hf(root / "safetensors", dtype="float32", max_memory=budget_for(root / "safetensors",
+                                                                                          "float32", 2)).eval())  # fmt: skip
+    assert torch.equal(got, want)
+
+
+def test_a_budget_below_the_resident_part_is_refused_with_what_fits(checkpoints):
+    _, root = checkpoints
+    directory = root / "bin"
+    with torch.device("meta"):
+        model = SwitchT5(config_from_hf(json.loads((directory / "config.json").read_text())))
+    plan = plan_placement(model, "float32")
+    least = minimum_budget(plan.dense_bytes, plan.expert_bytes)
+    with pytest.raises(ValueError, match=r"^--max-memory: .* cannot hold this model: .* at least") as err:
+        from_hf(directory, dtype="float32", max_memory=least - 1)
+    assert "\n" not in str(err.value)
+    smallest = from_hf(directory, dtype="float32", max_memory=least)  # what the message names is enough
+    assert smallest.expert_cache is not None and smallest.expert_cache.budget_bytes >= plan.expert_bytes
+    outputs(smallest.eval())  # and runs, one expert at a time
+    assert smallest.expert_cache.peak_bytes <= plan.expert_bytes
+
+
+@pytest.mark.parametrize("layout", ["safetensors", "bin"])
+def test_a_truncated_shard_is_one_line_naming_it(checkpoints, layout, tmp_path):
+    import shutil
+
+    _, root = checkpoints
+    directory = tmp_path / layout
+    shutil.copytree(root / layout, directory)
+    shard = sorted(p for p in directory.iterdir() if p.suffix in (".bin", ".safetensors"))[0]
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    with pytest.raises(ValueError) as err:
+        from_hf(directory, dtype="float32", max_memory=budget_for(directory, "float32", 3))
+    message = str(err.value)
+    assert message.startswith(f"{shard}: damaged") and "\n" not in message
+
+
+def test_int8_and_a_budget_need_a_directory(checkpoints):
+    hf, _ = checkpoints
+    with pytest.raises(ValueError, match="need a checkpoint directory"):
+        from_hf(hf, dtype="int8")
