@@ -85,3 +85,36 @@ def test_tuning_split_keeps_languages_aligned_and_duplicates_together(tmp_path):
     assert not set(tune_en) & set(rest_en)  # a duplicated caption never straddles the split
     # the choice is a function of the text, not of the file's order
     assert split.tuning_rows(english[::-1], 5) == split.tuning_rows(english, 5)[::-1]
+
+
+@pytest.mark.hf
+def test_big_checkpoints_writes_a_directory_ours_and_transformers_read_alike(tmp_path):
+    """`benchmarks/big_checkpoints.py` end to end on a tiny Switch: random bf16 .bin shards in
+    Hugging Face's format, measured by ours (experts offloaded) and by transformers + accelerate;
+    both give the same greedy tokens, and the table reads the JSON."""
+    import subprocess
+
+    pytest.importorskip("accelerate")
+    script = str(BENCHMARKS / "big_checkpoints.py")
+    directory = tmp_path / "tiny"
+    subprocess.run([sys.executable, script, "write", "tiny", str(directory), "--format", "bin"], check=True)
+    index = json.loads((directory / "pytorch_model.bin.index.json").read_text())
+    assert "lm_head.weight" in index["weight_map"] and (directory / "config.json").exists()
+    results = {}
+    for impl, budget in (("ours", "1MiB"), ("transformers", "2GiB")):
+        out = tmp_path / f"{impl}.json"
+        command = [sys.executable, script, "measure", str(directory), "--impl", impl, "--dtype", "float32",
+                   "--max-memory", budget, "--no-cgroup", "--new-tokens", "4", "--threads", "1", "--json", str(out)]
+        if impl == "ours":
+            command += ["--concurrent", "2"]
+        subprocess.run(command, check=True, capture_output=True)
+        results[impl] = json.loads(out.read_text())
+        assert results[impl]["exit_code"] == 0 and results[impl]["load_s"] > 0
+    ours, theirs = results["ours"], results["transformers"]
+    cache = ours["expert_cache"]
+    assert cache["misses"] > 0 and cache["peak_bytes"] <= cache["budget_bytes"]
+    assert ours["concurrent_tokens_per_s"] > 0
+    assert ours["tokens"][1:] == theirs["tokens"][1:]  # after the decoder's start token (HF's own may differ)
+    table = subprocess.run([sys.executable, script, "table", str(tmp_path / "ours.json")], check=True,
+                           capture_output=True, text=True).stdout  # fmt: skip
+    assert "| tiny | ours | float32 | 1MiB | 0 |" in table

@@ -103,8 +103,8 @@ def test_routers_stay_float32_and_int8_stays_near_float32(checkpoints, layout):
 def test_the_safetensors_directory_equals_the_model_in_memory(checkpoints):
     hf, root = checkpoints
     want, _ = outputs(from_hf(hf).eval())
-    got, _ = outputs(from_hf(root / "safetensors", dtype="float32", max_memory=budget_for(root / "safetensors",
-                                                                                          "float32", 2)).eval())  # fmt: skip
+    budget = budget_for(root / "safetensors", "float32", 2)
+    got, _ = outputs(from_hf(root / "safetensors", dtype="float32", max_memory=budget).eval())
     assert torch.equal(got, want)
 
 

@@ -97,9 +97,9 @@ def test_parse_size():
 
 def test_the_commands_take_dtype_and_max_memory(run, capsys):
     budget = str(budget_for(run, "int8", experts=2))
-    assert main(["generate", str(run), "--prompt", "The river", "--greedy", "--max-new-tokens", "6", "--dtype", "int8"]) == 0
-    resident = capsys.readouterr().out
     args = ["generate", str(run), "--prompt", "The river", "--greedy", "--max-new-tokens", "6"]
+    assert main([*args, "--dtype", "int8"]) == 0
+    resident = capsys.readouterr().out
     assert main([*args, "--dtype", "int8", "--max-memory", budget]) == 0
     out = capsys.readouterr()
     assert out.out == resident
