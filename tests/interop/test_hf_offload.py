@@ -143,3 +143,60 @@ def test_int8_and_a_budget_need_a_directory(checkpoints):
     hf, _ = checkpoints
     with pytest.raises(ValueError, match="need a checkpoint directory"):
         from_hf(hf, dtype="int8")
+
+
+def test_the_streamed_safetensors_writer_writes_what_safetensors_reads(tmp_path):
+    from safetensors.torch import load_file
+
+    from switchformer.runs.files import write_file_atomic
+    from switchformer.runs.safetensors_stream import StreamedTensor, streamed_safetensors
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {
+        "a": torch.randn(3, 4, 5, generator=g),
+        "b": torch.randn(7, generator=g).to(torch.bfloat16),
+        "c": torch.randint(-128, 127, (2, 3), generator=g).to(torch.int8),
+        "d": torch.tensor(2.5),
+        "e": torch.zeros(0, 4),
+        "f": torch.tensor([True, False, True]),
+    }
+    entries = [
+        StreamedTensor(k, v.dtype, tuple(v.shape), (lambda v=v: list(v.unbind(0)) if v.dim() > 1 else [v]))
+        for k, v in tensors.items()
+    ]
+    write_file_atomic(tmp_path / "x.safetensors", streamed_safetensors(entries, {"format": "pt"}))
+    back = load_file(str(tmp_path / "x.safetensors"))
+    assert back.keys() == tensors.keys()
+    for k, v in tensors.items():
+        assert back[k].dtype == v.dtype and torch.equal(back[k], v), k
+    short = [StreamedTensor("a", torch.float32, (3, 4, 5), lambda: [tensors["a"][0]])]
+    with pytest.raises(ValueError, match=r"a: 80 bytes written, its shape \[3, 4, 5\] needs 240"):
+        write_file_atomic(tmp_path / "y.safetensors", streamed_safetensors(short))
+    assert not (tmp_path / "y.safetensors").exists() and not list(tmp_path.glob(".y*"))
+
+
+@pytest.mark.parametrize("dtype", [None, "bfloat16", "int8"])
+def test_convert_streams_a_directory_into_a_run_that_loads_as_the_directory(checkpoints, tmp_path, dtype):
+    from switchformer.lifecycle.convert import convert
+    from switchformer.train.run import load_run
+
+    _, root = checkpoints
+    convert(root / "bin", tmp_path / "run", dtype)  # bf16 .bin shards
+    compute = "int8" if dtype == "int8" else (dtype or "bfloat16")  # the run keeps the shards' bf16 by default
+    want, tokens = outputs(from_hf(root / "bin", dtype=compute).eval())
+    run, _, _ = load_run(tmp_path / "run", need_tokenizer=False, dtype=None if dtype == "int8" else compute)
+    got, got_tokens = outputs(run.eval())  # int8 runs load int8 by themselves
+    assert torch.equal(got, want) and torch.equal(got_tokens, tokens)
+    offloaded, _, _ = load_run(tmp_path / "run", need_tokenizer=False, dtype=compute,
+                               max_memory=budget_for(root / "bin", compute, 3))  # fmt: skip
+    assert torch.equal(outputs(offloaded.eval())[0], want)
+    assert offloaded.expert_cache.evictions > 0
+
+
+def test_int8_has_no_hugging_face_format(checkpoints, tmp_path):
+    from switchformer.lifecycle.convert import convert
+
+    _, root = checkpoints
+    convert(root / "safetensors", tmp_path / "run")
+    with pytest.raises(ValueError, match="--dtype: int8 experts have no Hugging Face format"):
+        convert(tmp_path / "run", tmp_path / "hf", "int8")

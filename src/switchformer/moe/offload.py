@@ -19,9 +19,9 @@ from switchformer.moe.dispatch import DispatchPlan
 from switchformer.moe.experts import apply_activation
 from switchformer.moe.quantize import Int8Matrix, int8_matmul, quantize_int8
 
-# expert -> (w_in [d_model, d_ff (x2 gated)], w_out [d_ff, d_model]) in the store's dtype: views of
-# memory-mapped files are fine, they are copied (or quantised) before use
-ExpertSource = Callable[[int], tuple[Tensor, Tensor]]
+# expert -> (w_in [d_model, d_ff (x2 gated)], w_out [d_ff, d_model]) in the store's dtype (views of
+# memory-mapped files are fine: they are copied or quantised before use), or both as Int8Matrix
+ExpertSource = Callable[[int], tuple]
 
 
 def format_size(n: int) -> str:
@@ -54,9 +54,16 @@ class ExpertWeights:
         return int8_matmul(h, self.w_out) if isinstance(self.w_out, Int8Matrix) else h @ self.w_out
 
 
-def prepare_expert(w_in: Tensor, w_out: Tensor, dtype: torch.dtype, quantize: bool, device=None) -> ExpertWeights:
+def prepare_expert(w_in, w_out, dtype: torch.dtype, quantize: bool, device=None) -> ExpertWeights:
     """The weights to compute with, in memory of their own (never a view of the store's file):
-    ``dtype`` copies, or int8 with per-channel scales when ``quantize``."""
+    ``dtype`` copies, or int8 with per-channel scales when ``quantize``. A store that holds int8
+    already (:class:`Int8Matrix`, ``convert --dtype int8``) is copied as it is, or dequantised."""
+    if isinstance(w_in, Int8Matrix):
+        if quantize:
+            own = [Int8Matrix(_own_copy(m.qweight, torch.int8, device), _own_copy(m.scale, torch.float32, device))
+                   for m in (w_in, w_out)]  # fmt: skip
+            return ExpertWeights(*own)
+        return ExpertWeights(*(_own_copy(m.dequantize(dtype), dtype, device) for m in (w_in, w_out)))
     if quantize:
         q_in, q_out = quantize_int8(w_in), quantize_int8(w_out)
         if device is not None:
@@ -166,7 +173,7 @@ class StoredExperts(nn.Module):
 
     def _load(self, expert: int) -> tuple[ExpertWeights, int]:
         w_in, w_out = self._source(expert)
-        read = w_in.numel() * w_in.element_size() + w_out.numel() * w_out.element_size()
+        read = _nbytes(w_in) + _nbytes(w_out)
         return prepare_expert(w_in, w_out, self.dtype, self.quantize, self.device), read
 
     def weights(self, expert: int) -> ExpertWeights:

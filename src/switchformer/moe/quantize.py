@@ -25,6 +25,10 @@ class Int8Matrix:
     qweight: Tensor
     scale: Tensor
 
+    def numel(self) -> int:
+        """Elements of the weight it stands for."""
+        return self.qweight.numel()
+
     @property
     def nbytes(self) -> int:
         return self.qweight.numel() * self.qweight.element_size() + self.scale.numel() * self.scale.element_size()

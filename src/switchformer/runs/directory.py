@@ -72,11 +72,12 @@ def read_sections(source: str | Path) -> Sections:
     return Sections(run_dir, file, saved["train"], saved["model"], extra)
 
 
-def write_run(run_dir: str | Path, train: dict, model: dict, *, weights: bytes | None = None,
+def write_run(run_dir: str | Path, train: dict, model: dict, *, weights=None,
               tokenizer: Path | None = None, extra: dict | None = None) -> None:  # fmt: skip
     """The one writer of a run's own files, each atomically: ``config.json`` (``train`` and ``model``
-    sections, then ``extra`` entries), ``model.safetensors`` when ``weights`` (its serialised bytes)
-    are given, and a copy of ``tokenizer``. ``run_dir`` is created if needed."""
+    sections, then ``extra`` entries), ``model.safetensors`` when ``weights`` (its serialised bytes,
+    or a function writing them to a file descriptor: :func:`~switchformer.runs.safetensors_stream.
+    streamed_safetensors`) are given, and a copy of ``tokenizer``. ``run_dir`` is created if needed."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     if weights is not None:

@@ -152,16 +152,20 @@ def fsync_dir(path) -> None:
         os.close(fd)
 
 
-def write_file_atomic(path, data: bytes) -> None:
-    """``data`` to a temporary file beside ``path`` (the user's umask), synced, then renamed over
-    ``path``: a kill or a full disk leaves the previous file (or none), never part of one, and on a
-    failure the temporary file is removed."""
+def write_file_atomic(path, data) -> None:
+    """``data`` (bytes, or a function that writes to a file descriptor with :func:`write_all`) to a
+    temporary file beside ``path`` (the user's umask), synced, then renamed over ``path``: a kill or
+    a full disk leaves the previous file (or none), never part of one, and on a failure the
+    temporary file is removed."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         try:
             os.chmod(tmp, default_file_mode())
-            write_all(fd, data, path)
+            if callable(data):
+                data(fd)
+            else:
+                write_all(fd, data, path)
             try:
                 os.fsync(fd)
             except OSError as err:

@@ -19,7 +19,7 @@ from switchformer.models import SwitchLM, SwitchLMConfig, SwitchT5, SwitchT5Conf
 from switchformer.runs.directory import read_sections
 from switchformer.train.checkpoint import latest_checkpoint, load_model_weights
 from switchformer.train.config import TrainConfig, with_model_settings
-from switchformer.train.inference_weights import load_placed_weights
+from switchformer.train.inference_weights import holds_int8_experts, load_placed_weights
 from switchformer.train.sources import config_from_sources
 
 
@@ -81,6 +81,8 @@ def load_run(
     weights = path if (path / "state.json").exists() else latest_checkpoint(run.run_dir)
     if weights is None:
         weights = run.run_dir / "model.safetensors"  # a converted or consolidated run
+    if dtype is None and holds_int8_experts(weights):  # stored int8 (convert --dtype int8): kept so
+        dtype = "int8"
     if dtype is None and max_memory is None and device is None:
         model = run.build_model()
         load_model_weights(model, weights)
