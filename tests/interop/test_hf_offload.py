@@ -200,3 +200,31 @@ def test_int8_has_no_hugging_face_format(checkpoints, tmp_path):
     convert(root / "safetensors", tmp_path / "run")
     with pytest.raises(ValueError, match="--dtype: int8 experts have no Hugging Face format"):
         convert(tmp_path / "run", tmp_path / "hf", "int8")
+
+
+def word_tokenizer(path):
+    """A word-level tokenizer of the tiny model's vocabulary (96 ids): <pad> 0, </s> 1, <unk> 2."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{f"w{i}": i for i in range(3, 96)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(path))
+
+
+def test_generate_reads_a_hugging_face_directory_within_a_budget(checkpoints, tmp_path, capsys):
+    import shutil
+
+    from switchformer.cli import main
+
+    _, root = checkpoints
+    directory = tmp_path / "hf"
+    shutil.copytree(root / "bin", directory)
+    word_tokenizer(directory / "tokenizer.json")
+    args = ["generate", str(directory), "--prompt", "w5 w17 w40 w3 w88", "--greedy", "--max-new-tokens", "8"]
+    assert main(args) == 0
+    resident = capsys.readouterr().out
+    assert len(resident.split()) > 5, resident  # the prompt's five words and what was generated
+    assert main([*args, "--max-memory", str(budget_for(directory, "float32", 3))]) == 0
+    out = capsys.readouterr()
+    assert out.out == resident and "expert cache:" in out.err

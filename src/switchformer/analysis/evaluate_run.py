@@ -42,21 +42,11 @@ def run_global_batch(source: str | Path, config: TrainConfig) -> int:
 
 
 def evaluate_run(
-    source: str | Path,
-    *,
-    data: list[str] | None = None,
-    batches: int | None = None,
-    routing: str = "eval",
-    device: str | None = None,
-    metrics: list[str] | None = None,
-    num_beams: int | None = None,
-    length_penalty: float | None = None,
-    max_new_tokens: int | None = None,
-    no_repeat_ngram_size: int | None = None,
-    source_lang: str | None = None,
-    progress: bool = False,
-    load_options: dict | None = None,
-) -> dict:
+    source: str | Path, *, data: list[str] | None = None, batches: int | None = None, routing: str = "eval",
+    device: str | None = None, metrics: list[str] | None = None, num_beams: int | None = None,
+    length_penalty: float | None = None, max_new_tokens: int | None = None, no_repeat_ngram_size: int | None = None,
+    source_lang: str | None = None, progress: bool = False, load_options: dict | None = None,
+) -> dict:  # fmt: skip
     """``switchformer eval``: the run's (or checkpoint's) model on its validation split, or on every
     document of ``data``. Reads the run and writes nothing anywhere. Returns a JSON-ready dict
     (NaN as ``None``).
@@ -68,9 +58,8 @@ def evaluate_run(
     are several. With
     ``metrics``, every pair is evaluated (loss included) unless ``batches`` is given; ``progress``
     shows a bar while translating. ``source_lang``: the source language of ``data``'s pairs that
-    do not say theirs (one of the run's; a TSV or a pair of unnamed files). ``load_options``:
-    ``load_run``'s ``dtype``, ``max_memory`` and ``device`` (``--dtype``, ``--max-memory``); the
-    report then holds the expert cache's statistics (``expert_cache``) when experts are offloaded."""
+    do not say theirs (one of the run's; a TSV or a pair of unnamed files). ``load_options``: for
+    ``load_run`` (``--dtype``, ``--max-memory``; offloaded experts add ``expert_cache`` statistics)."""
     if batches is not None and batches < 1:
         raise ValueError(f"--batches: must be >= 1, got {batches}")
     metrics = check_metrics(metrics or [])  # sacrebleu missing is said before any work
@@ -122,8 +111,13 @@ def evaluate_run(
         "tokens": result.tokens,
         "routing": result.routing,
         **scores,
-        **({"expert_cache": model.expert_cache.stats()} if getattr(model, "expert_cache", None) else {}),
+        **_cache_stats(model),
     }
+
+
+def _cache_stats(model) -> dict:
+    cache = getattr(model, "expert_cache", None)
+    return {"expert_cache": cache.stats()} if cache is not None else {}
 
 
 def translation_scores(model, tokenizer, config, pairs, metrics, settings, routing, source_lang, progress) -> dict:

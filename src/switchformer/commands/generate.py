@@ -20,7 +20,7 @@ EPILOG = """examples:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("run", help="run directory or checkpoint")
+    parser.add_argument("run", help="run directory, checkpoint or Hugging Face T5/Switch directory")
     parser.add_argument("--prompt", help="prompt text (default: standard input)")
     # defaults depend on the run: sampling (temperature 0.8, top-p 0.95, repetition penalty 1.1, 64 tokens)
     # for language models and span corruption; for seq2seq, the run's decoding (greedy or its num_beams, no
@@ -56,14 +56,14 @@ def run(args) -> int:
     from switchformer.inference.routing import routing_description
     from switchformer.inference.sampling import SamplingConfig
     from switchformer.inference.text import generate_text
-    from switchformer.train.run import load_run
+    from switchformer.lifecycle.sources import load_source
 
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens: must be >= 1, got {args.max_new_tokens}")
     given = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     given.update(repetition_penalty=args.repetition_penalty, no_repeat_ngram_size=args.no_repeat_ngram_size)
     SamplingConfig(**{k: v for k, v in given.items() if v is not None})  # bad values refused before loading
-    model, tokenizer, config = load_run(args.run, **inference_options(args))
+    model, tokenizer, config = load_source(args.run, **inference_options(args))
     print(f"routing: {routing_description(model, args.routing)}", file=sys.stderr)
     from switchformer.data.files import read_stream_text
     from switchformer.data.formatting import lone_surrogate
