@@ -210,6 +210,10 @@ def measure_child(args) -> dict:
     if cache is not None:
         result["expert_cache"] = cache.stats()
     result["memory"] = sampler.stop()
+    if args.impl != "ours":
+        import shutil
+
+        shutil.rmtree(offload, ignore_errors=True)  # accelerate's copy of the offloaded weights
     return result
 
 
@@ -248,10 +252,18 @@ def concurrent(model, n: int, prompt_tokens: int, new_tokens: int, vocab: int) -
 # ----------------------------------------------------------------------------- measuring (the parent)
 
 
-def cgroup_run(command: list[str], limit: int | None) -> tuple[int, int | None]:
+def _call(command: list[str], timeout: float | None, **kwargs) -> int:
+    """The exit code; 124 when ``timeout`` seconds passed first (the process is killed)."""
+    try:
+        return subprocess.run(command, timeout=timeout, **kwargs).returncode
+    except subprocess.TimeoutExpired:
+        return 124
+
+
+def cgroup_run(command: list[str], limit: int | None, timeout: float | None = None) -> tuple[int, int | None]:
     """``command`` in a fresh memory cgroup (v1 or v2) limited to ``limit`` bytes; (exit code, peak)."""
     if limit is None:
-        return subprocess.call(command), None
+        return _call(command, timeout), None
     v2 = Path("/sys/fs/cgroup/cgroup.controllers").exists()
     root = Path("/sys/fs/cgroup") if v2 else Path("/sys/fs/cgroup/memory")
     group = root / f"switchformer-bench-{os.getpid()}"
@@ -261,7 +273,7 @@ def cgroup_run(command: list[str], limit: int | None) -> tuple[int, int | None]:
         if not v2 and (group / "memory.memsw.limit_in_bytes").exists():
             (group / "memory.memsw.limit_in_bytes").write_text(str(limit))  # no escape into swap
         procs = group / "cgroup.procs"
-        code = subprocess.call(command, preexec_fn=lambda: procs.write_text(str(os.getpid())))
+        code = _call(command, timeout, preexec_fn=lambda: procs.write_text(str(os.getpid())))
         peak_file = group / ("memory.peak" if v2 else "memory.max_usage_in_bytes")
         peak = int(peak_file.read_text()) if peak_file.exists() else None
         return code, peak
@@ -280,7 +292,7 @@ def measure(args) -> None:
     Path("/proc/sys/vm/drop_caches").write_text("3\n") if os.access("/proc/sys/vm/drop_caches", os.W_OK) else None
     command = [sys.executable, __file__, *sys.argv[1:], "--child"]
     start = time.perf_counter()
-    code, peak = cgroup_run(command, limit)
+    code, peak = cgroup_run(command, limit, args.timeout)
     result = json.loads(Path(args.json).read_text()) if code == 0 and Path(args.json).exists() else {}
     result.update({"exit_code": code, "cgroup_peak_bytes": peak, "cgroup_limit_bytes": limit,
                    "wall_s": time.perf_counter() - start, "dir": str(args.dir), "impl": args.impl})  # fmt: skip
@@ -324,6 +336,7 @@ def main() -> None:
     m.add_argument("--concurrent", type=int, default=0, help="ours: this many requests through the scheduler too")
     m.add_argument("--threads", type=int, default=2)
     m.add_argument("--offload-dir", default=None, help="transformers: where accelerate's offload folder goes")
+    m.add_argument("--timeout", type=float, help="seconds before the measurement is stopped (exit 124)")
     m.add_argument("--json", required=True)
     m.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     t = sub.add_parser("table", help="the docs' table from measure's JSON files")
