@@ -191,6 +191,13 @@ def test_convert_streams_a_directory_into_a_run_that_loads_as_the_directory(chec
                                max_memory=budget_for(root / "bin", compute, 3))  # fmt: skip
     assert torch.equal(outputs(offloaded.eval())[0], want)
     assert offloaded.expert_cache.evictions > 0
+    if dtype == "int8":  # stored int8, computed in float32: dequantised alike resident and offloaded
+        resident, _, _ = load_run(tmp_path / "run", need_tokenizer=False, dtype="float32")
+        offloaded, _, _ = load_run(tmp_path / "run", need_tokenizer=False, dtype="float32",
+                                   max_memory=budget_for(root / "bin", "float32", 3))  # fmt: skip
+        dequantised, _ = outputs(resident.eval())
+        assert torch.equal(outputs(offloaded.eval())[0], dequantised)
+        torch.testing.assert_close(dequantised, want, rtol=1e-4, atol=1e-4)  # int8 weights either way
 
 
 def test_int8_has_no_hugging_face_format(checkpoints, tmp_path):

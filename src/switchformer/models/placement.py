@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from switchformer.moe.layer import SwitchMoE
 from switchformer.moe.offload import ExpertCache, ExpertSource, StoredExperts, expert_bytes, format_size
+from switchformer.moe.quantize import Int8Matrix
 
 DTYPES = ("float32", "bfloat16", "int8")
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|KiB|MiB|GiB|TiB)?\s*$")
@@ -187,11 +188,11 @@ def place_weights(
                 cache=cache, key=name, device=device,
             )  # fmt: skip
             continue
-        for index, weight in enumerate(("w_in", "w_out")):
-            stacked = torch.empty(getattr(e, weight).shape, dtype=activations, device=device)
-            for expert in range(e.num_experts):
-                stacked[expert].copy_(source(expert)[index])
-            state[f"{_experts_prefix(name)}{weight}"] = stacked
+        stacks = [torch.empty(w.shape, dtype=activations, device=device) for w in (e.w_in, e.w_out)]
+        for expert in range(e.num_experts):  # each expert read once
+            for stacked, w in zip(stacks, source(expert)):
+                stacked[expert].copy_(w.dequantize(activations) if isinstance(w, Int8Matrix) else w)
+        state[f"{_experts_prefix(name)}w_in"], state[f"{_experts_prefix(name)}w_out"] = stacks
     expected = model.state_dict()
     for name, t in resident.items():
         dtype = expected[name].dtype if not t.dtype.is_floating_point or keeps_float32(name) else activations
