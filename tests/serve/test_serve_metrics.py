@@ -5,6 +5,7 @@ token is counted once per request however rarely ``/metrics`` is scraped."""
 from __future__ import annotations
 
 import pytest
+import torch
 
 pytest.importorskip("prometheus_client")
 
@@ -61,3 +62,33 @@ def test_time_to_first_token_is_observed_once_per_request_without_a_scrape():
     text = metrics.render().decode()
     assert "switchformer_time_to_first_token_seconds_count 100000.0" in text
     assert generate_latest(metrics.registry).decode() == text  # a scrape changes nothing
+
+
+def test_the_expert_cache_is_exported_when_experts_are_offloaded():
+    from switchformer.moe.offload import ExpertCache, ExpertWeights
+    from switchformer.serve.metrics import ServerMetrics
+
+    cache = ExpertCache(100)
+    for key in (1, 2, 1, 3, 1):  # 3 misses of 32 bytes read each, 2 hits
+        cache.get(key, lambda: (ExpertWeights(torch.zeros(4), torch.zeros(4)), 32))
+
+    class Model:
+        expert_cache = cache
+
+    class Engine:
+        stats = EngineStats()
+        model = Model()
+
+        def queue_length(self):
+            return 0
+
+        def running(self):
+            return 0
+
+    text = ServerMetrics(Engine()).render().decode()
+    assert "switchformer_expert_cache_hits_total 2.0" in text
+    assert "switchformer_expert_cache_misses_total 3.0" in text
+    assert "switchformer_expert_cache_read_bytes_total 96.0" in text
+    assert f"switchformer_expert_cache_bytes {float(cache.used_bytes)}" in text
+    Model.expert_cache = None  # everything resident: no cache series at all
+    assert "expert_cache" not in ServerMetrics(Engine()).render().decode()

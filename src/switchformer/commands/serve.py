@@ -18,7 +18,7 @@ EPILOG = """examples:
   switchformer serve runs/chat                      # http://127.0.0.1:8000/ : the chat page; the OpenAI API under /v1
   switchformer serve runs/de-en --port 8080         # a translation run: /v1/completions translates the prompt
   switchformer serve path/to/hf-switch-dir --api-key secret --max-batch-size 32
-  switchformer serve google/switch-base-256 --dtype int8 --max-memory 20GiB   # experts offloaded to a cache
+  switchformer serve path/to/switch-base-256 --dtype int8 --max-memory 20GiB   # experts offloaded to a cache
   curl -s localhost:8000/v1/completions -H 'Content-Type: application/json' \\
        -d '{"prompt": "Once upon a time", "max_tokens": 32, "temperature": 0}'"""
 

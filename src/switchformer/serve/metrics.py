@@ -52,7 +52,7 @@ class _EngineCollector:
                 share.add_metric([layer, str(expert)], value / total if total else 0.0)
         yield tokens
         yield share
-        cache = getattr(engine.model, "expert_cache", None)
+        cache = getattr(getattr(engine, "model", None), "expert_cache", None)
         if cache is not None:  # experts offloaded (--max-memory): what the cache saved and what it read
             yield CounterMetricFamily("switchformer_expert_cache_hits", "Expert fetches the cache served", cache.hits)
             yield CounterMetricFamily(
