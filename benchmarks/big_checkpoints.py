@@ -172,17 +172,22 @@ def measure_child(args) -> dict:
     config = json.loads((Path(args.dir) / "config.json").read_text())
     ids = prompt_ids(1, args.prompt_tokens, config["vocab_size"])
     result = {"dir": str(args.dir), "impl": args.impl, "dtype": args.dtype, "max_memory": args.max_memory,
-              "threads": torch.get_num_threads(), "prompt_tokens": args.prompt_tokens}  # fmt: skip
+              "threads": torch.get_num_threads(), "prompt_tokens": args.prompt_tokens,
+              "no_repeat_ngram_size": args.no_repeat}  # fmt: skip
     if args.impl == "ours":  # imports before the clock starts: load_s is the loading alone
         from switchformer.interop.hf import from_hf
         from switchformer.models.placement import parse_size
+        from switchformer.runtime import return_freed_memory
+
+        return_freed_memory()  # as the commands do under --max-memory and --dtype int8
     else:
         import transformers
     start = time.perf_counter()
     if args.impl == "ours":
         budget = parse_size(args.max_memory) if args.max_memory else None
         model = from_hf(args.dir, dtype=args.dtype, max_memory=budget).eval()
-        generate = lambda ids, n, streamer=None: model.generate(ids, max_new_tokens=n, streamer=streamer)  # noqa: E731
+        def generate(ids, n, streamer=None):
+            return model.generate(ids, max_new_tokens=n, streamer=streamer, no_repeat_ngram_size=args.no_repeat)
     else:
         offload = tempfile.mkdtemp(prefix="hf-offload-", dir=args.offload_dir)
         model = transformers.SwitchTransformersForConditionalGeneration.from_pretrained(
@@ -192,7 +197,7 @@ def measure_child(args) -> dict:
 
         def generate(ids, n, streamer=None):
             return model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, num_beams=1,
-                                  streamer=streamer)  # fmt: skip
+                                  no_repeat_ngram_size=args.no_repeat, streamer=streamer)  # fmt: skip
 
     result["load_s"] = time.perf_counter() - start
     with torch.inference_mode():
@@ -231,7 +236,9 @@ def concurrent(model, n: int, prompt_tokens: int, new_tokens: int, vocab: int) -
         model, _Bytes(), max_batch_size=n, max_request_tokens=new_tokens + 1, max_source_tokens=prompt_tokens
     )
     for row in prompt_ids(n, prompt_tokens, vocab).tolist():
-        engine._waiting.append(Request(row, SamplingParams(max_tokens=new_tokens, temperature=0), lambda *a: None))
+        # greedy, each token at most once per answer (as --no-repeat 1): random weights repeat one token otherwise
+        params = SamplingParams(max_tokens=new_tokens, temperature=0, presence_penalty=100.0)
+        engine._waiting.append(Request(row, params, lambda *a: None))
     before = model.expert_cache.stats() if getattr(model, "expert_cache", None) else None
     with DecodingScope().active():
         start = time.perf_counter()
@@ -335,6 +342,12 @@ def main() -> None:
     m.add_argument("--new-tokens", type=int, default=16)
     m.add_argument("--concurrent", type=int, default=0, help="ours: this many requests through the scheduler too")
     m.add_argument("--threads", type=int, default=2)
+    m.add_argument(
+        "--no-repeat", type=int, default=1,
+        help="no_repeat_ngram_size of both libraries' greedy decoding (default 1: no token twice). Random weights "
+        "otherwise repeat one token, so every step would route alike and the expert cache would look better than "
+        "it is; 0: plain greedy",
+    )  # fmt: skip
     m.add_argument("--offload-dir", default=None, help="transformers: where accelerate's offload folder goes")
     m.add_argument("--timeout", type=float, help="seconds before the measurement is stopped (exit 124)")
     m.add_argument("--json", required=True)

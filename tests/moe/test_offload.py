@@ -3,6 +3,8 @@ reference, and StoredExperts against the Experts they replace."""
 
 from __future__ import annotations
 
+import os
+import sys
 from collections import OrderedDict
 
 import pytest
@@ -105,6 +107,14 @@ def test_stored_experts_compute_what_experts_compute(activation):
     assert cache.peak_bytes == 2 * bytes_one == prepare_expert(*source(0), torch.float32, False).nbytes * 2
 
 
+def test_stored_experts_refuse_training():
+    experts = Experts(2, 8, 16)
+    stored = StoredExperts(2, 8, 16, "relu", lambda e: (experts.w_in[e], experts.w_out[e]), dtype=torch.float32)
+    stored.eval()(torch.randn(3, 8), _plan([1, 2]))  # inference runs
+    with pytest.raises(RuntimeError, match="cannot be trained"):
+        stored.train()(torch.randn(3, 8), _plan([1, 2]))
+
+
 def test_int8_experts_within_the_bound_of_their_weights():
     torch.manual_seed(3)
     experts = Experts(3, 32, 48).eval()
@@ -126,3 +136,31 @@ def test_int8_experts_within_the_bound_of_their_weights():
     relative = float((got - exact).norm() / exact.norm())
     assert 0 < relative < 0.02, relative  # int8 of a Gaussian matrix: about 0.5% of the output's norm
     assert stored.weights(0).nbytes == expert_bytes(32, 48, 48, torch.float32, quantize=True)
+
+
+FRAGMENTS = """
+import sys, torch
+from switchformer.moe.quantize import quantize_int8
+from switchformer.runtime import return_freed_memory
+if sys.argv[1] == "returned":
+    assert return_freed_memory()
+def anon():
+    return int(next(l for l in open("/proc/self/status") if l.startswith("RssAnon")).split()[1]) * 1024
+source = torch.randn(768, 3072).bfloat16()
+before = anon()
+kept = [quantize_int8(source) for _ in range(120)]  # each frees a float32 copy between the int8 ones kept
+print((anon() - before) / sum(m.nbytes for m in kept))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator and /proc are Linux's")
+def test_freed_float_copies_do_not_stay_resident_between_kept_experts():
+    import subprocess
+
+    ratio = {}
+    for mode in ("default", "returned"):
+        out = subprocess.run([sys.executable, "-c", FRAGMENTS, mode], capture_output=True, text=True, check=True,
+                             env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+        ratio[mode] = float(out.stdout)
+    assert ratio["returned"] < 1.15, ratio  # resident growth is what is kept, not what was freed
+    assert ratio["default"] > ratio["returned"], ratio

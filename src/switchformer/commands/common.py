@@ -74,9 +74,11 @@ def inference_options(args, device=None) -> dict:
     if args.dtype is None and args.max_memory is None:
         return {}
     from switchformer.models.placement import parse_size
-    from switchformer.runtime import resolve_device
+    from switchformer.runtime import resolve_device, return_freed_memory
 
     max_memory = parse_size(args.max_memory) if args.max_memory is not None else None
+    if max_memory is not None or args.dtype == "int8":
+        return_freed_memory()  # freed experts leave the process at once (runtime.py says why)
     return {"dtype": args.dtype or "float32", "max_memory": max_memory, "device": resolve_device(device)}
 
 

@@ -67,6 +67,10 @@ def run(args) -> int:
 
     check_flags(args)
     max_memory = parse_size(args.max_memory) if args.max_memory is not None else None
+    if max_memory is not None or args.dtype == "int8":
+        from switchformer.runtime import return_freed_memory
+
+        return_freed_memory()  # freed experts leave the process at once (runtime.py says why)
     server = build_server(
         args.source, device=args.device, dtype=args.dtype or "float32", max_memory=max_memory,
         max_batch_size=args.max_batch_size,

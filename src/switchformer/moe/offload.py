@@ -168,6 +168,7 @@ class StoredExperts(nn.Module):
         w_in, w_out = source(0)  # shapes only (a view of the store: nothing is read)
         self.params_per_expert = w_in.numel() + w_out.numel()
         self._resident = None
+        self.eval()  # inference only: model.train() makes forward refuse
         if cache is None:  # one expert at a time, so the store's copy is never held whole beside ours
             self._resident = [self._load(e)[0] for e in range(num_experts)]
 
@@ -182,6 +183,11 @@ class StoredExperts(nn.Module):
         return self._cache.get((self._key, expert), lambda: self._load(expert))
 
     def forward(self, x: Tensor, plan: DispatchPlan) -> Tensor:
+        if self.training:  # their weights are no parameters: an optimizer would silently leave them as they are
+            raise RuntimeError(
+                "experts loaded for inference (int8 or offloaded, --dtype int8 / --max-memory) cannot be trained; "
+                "load the model without them to train it"
+            )
         x = x.to(self.dtype)
         out = x.new_empty(x.shape[0], self.d_model)
         start = 0
