@@ -21,18 +21,7 @@ def reuse_freed_memory(threshold_bytes: int = 1 << 30) -> bool:
     Returns True if applied. Affects the whole process; call it once, early, from a program's
     entry point (the trainer and the benchmarks do), never from library code.
     """
-    if not sys.platform.startswith("linux"):
-        return False
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return False
-    try:
-        libc = ctypes.CDLL(name)
-        return bool(libc.mallopt(_M_MMAP_THRESHOLD, threshold_bytes)) and bool(
-            libc.mallopt(_M_TRIM_THRESHOLD, 2 * threshold_bytes)
-        )
-    except (OSError, AttributeError):
-        return False
+    return _mallopt((_M_MMAP_THRESHOLD, threshold_bytes), (_M_TRIM_THRESHOLD, 2 * threshold_bytes))
 
 
 def return_freed_memory(threshold_bytes: int = 1 << 20) -> bool:
@@ -47,6 +36,11 @@ def return_freed_memory(threshold_bytes: int = 1 << 20) -> bool:
     (docs/big_checkpoints.md). Returns True if applied; process-wide, for entry points (``--max-memory``
     and ``--dtype int8`` in every inference command, the big-checkpoint benchmark), never library code.
     """
+    return _mallopt((_M_MMAP_THRESHOLD, threshold_bytes))
+
+
+def _mallopt(*settings: tuple[int, int]) -> bool:
+    """glibc's ``mallopt`` for each ``(parameter, value)``; False where there is no glibc."""
     if not sys.platform.startswith("linux"):
         return False
     name = ctypes.util.find_library("c")
@@ -54,7 +48,7 @@ def return_freed_memory(threshold_bytes: int = 1 << 20) -> bool:
         return False
     try:
         libc = ctypes.CDLL(name)
-        return bool(libc.mallopt(_M_MMAP_THRESHOLD, threshold_bytes))
+        return all(bool(libc.mallopt(parameter, value)) for parameter, value in settings)
     except (OSError, AttributeError):
         return False
 
