@@ -335,9 +335,7 @@ def test_argument_errors_are_one_line_pointing_to_help(capsys, argv, message):
     assert message in lines[0] and lines[0].startswith("switchformer") and lines[0].endswith("--help)")
 
 
-@pytest.mark.parametrize(
-    "command", [["translate", "{d}", "-i", "{d}/in.txt"], ["eval", "{d}"], ["generate", "{d}", "--prompt", "hi"]]
-)
+@pytest.mark.parametrize("command", [["translate", "{d}", "-i", "{d}/in.txt"], ["eval", "{d}"]])
 def test_a_hugging_face_directory_where_a_run_is_needed_says_how_to_make_one(tmp_path, capsys, command):
     hf = tmp_path / "switch-base-8"
     hf.mkdir()
@@ -349,3 +347,15 @@ def test_a_hugging_face_directory_where_a_run_is_needed_says_how_to_make_one(tmp
     assert len(err) == 1 and "a Hugging Face model directory, not a switchformer run" in err[0], err
     assert f"switchformer convert {hf} RUN" in err[0]
     assert sorted(p.name for p in hf.iterdir()) == ["config.json", "in.txt"]
+
+
+def test_generate_reads_a_hugging_face_directory_and_names_its_missing_weights(tmp_path, capsys):
+    # generate (like serve) takes a Hugging Face directory as it is: one without weights is one
+    # line naming what is missing, and the directory is left as it was
+    hf = tmp_path / "switch-base-8"
+    hf.mkdir()
+    (hf / "config.json").write_text(json.dumps({"model_type": "switch_transformers", "d_model": 8}))
+    assert main(["generate", str(hf), "--prompt", "hi"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line]
+    assert len(err) == 1 and str(hf) in err[0] and "model.safetensors" in err[0] and "pytorch_model.bin" in err[0], err
+    assert sorted(p.name for p in hf.iterdir()) == ["config.json"]
