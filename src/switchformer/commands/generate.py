@@ -16,7 +16,8 @@ EPILOG = """examples:
   switchformer generate runs/quick --prompt "The object"
   echo "Return the" | switchformer generate runs/quick --temperature 0.7 --top-p 0.9
   switchformer generate runs/de-en --prompt "Ein Hund rennt."   # seq2seq run: its translation, greedy
-  switchformer generate runs/quick --prompt "The" --dtype int8 --max-memory 2GiB   # int8 experts, offloaded"""
+  switchformer generate runs/quick --prompt "The" --dtype int8 --max-memory 2GiB   # int8 experts, offloaded
+  switchformer generate runs/quick --prompt "The" --cache static --compile          # a compiled static step"""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -44,6 +45,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     add_inference_arguments(parser)
     parser.add_argument(
+        "--cache",
+        choices=["dynamic", "static"],
+        default="dynamic",
+        help="the decoding cache: dynamic (grows with each token; default) or static (a fixed-size cache and a "
+        "decoding step of fixed shapes that reads nothing back to the host: the same tokens)",
+    )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="with --cache static: compile the decoding step whole (torch.compile; CUDA graphs on a GPU); the first "
+        "tokens wait for the compilation",
+    )
+    parser.add_argument(
         "--routing",
         choices=["eval", "dropless"],
         default="eval",
@@ -63,7 +77,13 @@ def run(args) -> int:
     given = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     given.update(repetition_penalty=args.repetition_penalty, no_repeat_ngram_size=args.no_repeat_ngram_size)
     SamplingConfig(**{k: v for k, v in given.items() if v is not None})  # bad values refused before loading
+    if args.compile and args.cache != "static":
+        raise ValueError("--compile: only the static decoding step compiles whole; add --cache static")
     model, tokenizer, config = load_source(args.run, **inference_options(args))
+    if args.cache == "static":
+        from switchformer.inference.static import check_static_model
+
+        check_static_model(model)  # before any output
     print(f"routing: {routing_description(model, args.routing)}", file=sys.stderr)
     from switchformer.data.files import read_stream_text
     from switchformer.data.formatting import lone_surrogate
@@ -122,6 +142,8 @@ def run(args) -> int:
         config=config,
         source_lang=args.source_lang,
         target_lang=args.target_lang,
+        cache_implementation=args.cache,
+        compile=args.compile,
     )
     if not produced and not answer_only:
         sys.stdout.write(prompt)

@@ -42,6 +42,7 @@ def beam_search(
     num_beams: int,
     length_penalty: float = 1.0,
     early_stopping: bool | str = False,
+    step=None,
 ) -> Tensor:
     """Beam search over ``model``'s decoder; returns each row's best hypothesis as decoder tokens
     ``[batch, 1 + new]`` (the ``decoder_start_token_id``, the new tokens, ``pad_token_id`` after a
@@ -84,7 +85,11 @@ def beam_search(
     them as copies scored -1e9, which can count towards its ``num_beams`` finished hypotheses, so
     there its result can differ). Raises ``ValueError`` naming the argument for a
     ``num_beams`` below 1, a non-finite ``length_penalty``, an unknown ``early_stopping`` or
-    ``do_sample`` (beam search is deterministic)."""
+    ``do_sample`` (beam search is deterministic).
+
+    ``step``: a static decoding step (``model.decode_step`` or its compiled form,
+    :func:`switchformer.inference.static.decode_step_fn`) over a static cache, whose buffers the
+    beams' reordering rewrites in place; the search itself is the same."""
     # long by design: one step loop of the algorithm, read top to bottom as the docstring tells it
     check_beam_arguments(num_beams, length_penalty, early_stopping)
     if cfg.do_sample:
@@ -97,15 +102,25 @@ def beam_search(
     expand = torch.arange(batch, device=device).repeat_interleave(num_beams)
     memory = model.encode(input_ids, attention_mask).index_select(0, expand)
     mask = None if attention_mask is None else attention_mask.index_select(0, expand)
-    cache = model.new_cache(memory, mask, steps + 1)
+    if step is None:
+        cache = model.new_cache(memory, mask, steps + 1)
+
+        def next_logits(tokens: Tensor) -> Tensor:
+            return model.project(model.decode(tokens[:, None], memory, mask, cache=cache)[:, -1])
+
+    else:
+        cache = model.new_static_cache(memory, mask, steps + 1)
+
+        def next_logits(tokens: Tensor) -> Tensor:
+            return step(tokens, cache)[0]
+
     sequences = decoder_start(model, batch * num_beams, device)
     scores = torch.full((batch, num_beams), float("-inf"), device=device)
     scores[:, 0] = 0.0  # one live beam to start from; the others empty until there are candidates
     finished: list[list[tuple[float, Tensor]]] = [[] for _ in range(batch)]
     done = [False] * batch
     for length in range(1, steps + 1):
-        h = model.decode(sequences[:, -1:], memory, mask, cache=cache)
-        logprobs = process_logits(model.project(h[:, -1]).float().log_softmax(-1), sequences, cfg)
+        logprobs = process_logits(next_logits(sequences[:, -1]).float().log_softmax(-1), sequences, cfg)
         vocab = logprobs.shape[-1]
         candidates = (scores.view(-1, 1) + logprobs).view(batch, num_beams * vocab)
         top_scores, top_index = candidates.topk(min(2 * num_beams, num_beams * vocab), dim=-1)

@@ -24,6 +24,7 @@ from switchformer.inference.inputs import check_mask, check_token_ids, decoder_s
 from switchformer.inference.routing import inference_routing
 from switchformer.inference.sampling import SamplingConfig, choose, process_logits
 from switchformer.inference.scope import DecodingScope
+from switchformer.inference.static import check_cache_options, check_static_model, decode_step_fn
 
 log = logging.getLogger("switchformer")
 
@@ -76,33 +77,41 @@ def _collect(first: Tensor, steps: Iterator[Tensor], streamer: Callable[[Tensor]
 # ----------------------------------------------------------------------------- encoder-decoder
 
 
-def _sample_steps(model, h: Tensor, generated: Tensor, next_hidden, cfg: SamplingConfig) -> Iterator[Tensor]:
-    """The decoding loop both families share: choose from the last hidden state, pad finished
-    rows, stop at EOS; ``next_hidden(tokens)`` feeds the chosen tokens (not after the last step)."""
+def _sample_steps(logits: Tensor, generated: Tensor, next_logits, cfg: SamplingConfig) -> Iterator[Tensor]:
+    """The decoding loop both families and both caches share: choose from the logits ``[B, vocab]``
+    (on the device), pad finished rows, stop at EOS; ``next_logits(tokens [B])`` feeds the chosen
+    tokens (not after the last step)."""
     finished = torch.zeros(generated.shape[0], dtype=torch.bool, device=generated.device)
     for step in range(cfg.max_new_tokens):
-        logits = process_logits(model.project(h[:, -1]), generated, cfg)
-        token = choose(logits, cfg).masked_fill(finished, cfg.pad_token_id)
+        token = choose(process_logits(logits, generated, cfg), cfg).masked_fill(finished, cfg.pad_token_id)
         generated = torch.cat([generated, token[:, None]], 1)
         yield token
         if cfg.eos_token_id is not None:
             finished |= token == cfg.eos_token_id
-            if bool(finished.all()):
+            if bool(finished.all()):  # between steps, never inside one
                 return
         if step + 1 < cfg.max_new_tokens:
-            h = next_hidden(token[:, None])
+            logits = next_logits(token)
 
 
-def _seq2seq_steps(model, input_ids, attention_mask, cfg: SamplingConfig) -> Iterator[Tensor]:
+def _seq2seq_steps(model, input_ids, attention_mask, cfg: SamplingConfig, static=False, compile=False):
     """Yields the next token of every row, one step at a time (finished rows yield padding)."""
     memory = model.encode(input_ids, attention_mask)
-    cache = model.new_cache(memory, attention_mask, cfg.max_new_tokens + 1)
     start = decoder_start(model, input_ids.shape[0], input_ids.device)
+    if static:
+        cache = model.new_static_cache(memory, attention_mask, cfg.max_new_tokens + 1)
+        step = decode_step_fn(model, compile)
 
-    def next_hidden(tokens):
-        return model.decode(tokens, memory, attention_mask, cache=cache)
+        def next_logits(tokens):
+            return step(tokens, cache)[0]
 
-    yield from _sample_steps(model, next_hidden(start), start, next_hidden, cfg)
+    else:
+        cache = model.new_cache(memory, attention_mask, cfg.max_new_tokens + 1)
+
+        def next_logits(tokens):
+            return model.project(model.decode(tokens[:, None], memory, attention_mask, cache=cache)[:, -1])
+
+    yield from _sample_steps(next_logits(start[:, 0]), start, next_logits, cfg)
 
 
 def _sampling_config(model, kwargs) -> SamplingConfig:
@@ -121,9 +130,15 @@ def generate_seq2seq(
     early_stopping: bool | str = False,
     routing: str = "eval",
     streamer: Callable[[Tensor], None] | None = None,
+    cache_implementation: str = "dynamic",
+    compile: bool = False,
     **sampling,
 ) -> Tensor:
     """Decoder tokens ``[batch, 1 + new]``, starting with ``decoder_start_token_id`` (as HF).
+
+    ``cache_implementation``: ``"dynamic"`` (default) or ``"static"``, the fixed-size cache of the
+    model's ``decode_step`` (the same tokens; :mod:`switchformer.inference.static`); ``compile``
+    compiles that step whole (``torch.compile(fullgraph=True)``; CUDA graphs on a GPU).
 
     ``num_beams > 1`` runs :func:`switchformer.inference.beam.beam_search` with ``length_penalty`` and
     ``early_stopping`` (``False``, ``True`` or ``"never"``, as Hugging Face's; what each does is
@@ -131,6 +146,9 @@ def generate_seq2seq(
     ``ValueError`` naming the argument for a ``num_beams`` below 1, a non-finite ``length_penalty``
     or an unknown ``early_stopping``, whatever ``num_beams`` is."""
     cfg = _sampling_config(model, sampling)
+    static = check_cache_options(cache_implementation, compile)
+    if static:
+        check_static_model(model)
     check_beam_arguments(num_beams, length_penalty, early_stopping)
     if num_beams > 1 and cfg.do_sample:
         raise ValueError("num_beams: beam search is deterministic; do not combine it with do_sample")
@@ -140,24 +158,38 @@ def generate_seq2seq(
         return _run(
             model,
             routing,
-            lambda: beam_search(model, input_ids, attention_mask, cfg, num_beams, length_penalty, early_stopping),
-        )
+            lambda: beam_search(
+                model, input_ids, attention_mask, cfg, num_beams, length_penalty, early_stopping,
+                step=decode_step_fn(model, compile) if static else None,
+            ),
+        )  # fmt: skip
     start = decoder_start(model, input_ids.shape[0], input_ids.device)
-    return _run(
-        model, routing, lambda: _collect(start, _seq2seq_steps(model, input_ids, attention_mask, cfg), streamer)
-    )
+    steps = _seq2seq_steps(model, input_ids, attention_mask, cfg, static, compile)
+    return _run(model, routing, lambda: _collect(start, steps, streamer))
 
 
-def stream_seq2seq(model, input_ids, attention_mask=None, *, routing: str = "eval", **sampling) -> Iterator[Tensor]:
+def stream_seq2seq(
+    model,
+    input_ids,
+    attention_mask=None,
+    *,
+    routing: str = "eval",
+    cache_implementation: str = "dynamic",
+    compile: bool = False,
+    **sampling,
+) -> Iterator[Tensor]:
     """Iterator over the new tokens ``[batch]`` of each step, as soon as each is chosen."""
     cfg = _sampling_config(model, sampling)
-    yield from _stream(model, routing, _seq2seq_steps(model, input_ids, attention_mask, cfg))
+    static = check_cache_options(cache_implementation, compile)
+    if static:
+        check_static_model(model)
+    yield from _stream(model, routing, _seq2seq_steps(model, input_ids, attention_mask, cfg, static, compile))
 
 
 # ----------------------------------------------------------------------------- decoder-only
 
 
-def _causal_steps(model, input_ids, attention_mask, cfg: SamplingConfig) -> Iterator[Tensor]:
+def _causal_steps(model, input_ids, attention_mask, cfg: SamplingConfig, static=False, compile=False):
     check_token_ids("input_ids", input_ids, model.config.vocab_size)  # before any cache is sized
     check_mask("attention_mask", attention_mask, input_ids)
     limit = model.config.max_seq_len
@@ -168,16 +200,28 @@ def _causal_steps(model, input_ids, attention_mask, cfg: SamplingConfig) -> Iter
             f"max_new_tokens: a prompt of {input_ids.shape[1]} tokens and {cfg.max_new_tokens} new ones exceed the "
             f"model's max_seq_len={limit} positions; ask for at most {max(limit - input_ids.shape[1], 0)}"
         )
-    cache = model.new_cache(input_ids.shape[0], input_ids.shape[1] + cfg.max_new_tokens)
-    h, _ = model.hidden_states(input_ids, attention_mask, cache=cache)
+    positions = input_ids.shape[1] + cfg.max_new_tokens
+    if static:
+        cache = model.new_static_cache(input_ids.shape[0], positions)
+    else:
+        cache = model.new_cache(input_ids.shape[0], positions)
+    h, _ = model.hidden_states(input_ids, attention_mask, cache=cache)  # the prompt: one ordinary pass
     generated = input_ids
     if attention_mask is not None:
         generated = input_ids.masked_fill(~attention_mask.bool(), cfg.pad_token_id)
+    if static:
+        cache.sync_column()
+        step = decode_step_fn(model, compile)
 
-    def next_hidden(tokens):
-        return model.hidden_states(tokens, None, cache=cache)[0]
+        def next_logits(tokens):
+            return step(tokens, cache)[0]
 
-    yield from _sample_steps(model, h, generated, next_hidden, cfg)
+    else:
+
+        def next_logits(tokens):
+            return model.project(model.hidden_states(tokens[:, None], None, cache=cache)[0][:, -1])
+
+    yield from _sample_steps(model.project(h[:, -1]), generated, next_logits, cfg)
 
 
 def generate_causal(
@@ -187,17 +231,34 @@ def generate_causal(
     *,
     routing: str = "eval",
     streamer: Callable[[Tensor], None] | None = None,
+    cache_implementation: str = "dynamic",
+    compile: bool = False,
     **sampling,
 ) -> Tensor:
     """Prompt plus new tokens, ``[batch, prompt + new]``. Prompts of different lengths are
-    left-padded, with ``attention_mask`` marking the real tokens."""
+    left-padded, with ``attention_mask`` marking the real tokens. ``cache_implementation`` and
+    ``compile``: as :func:`generate_seq2seq`'s."""
     cfg = _sampling_config(model, sampling)
-    return _run(
-        model, routing, lambda: _collect(input_ids, _causal_steps(model, input_ids, attention_mask, cfg), streamer)
-    )
+    static = check_cache_options(cache_implementation, compile)
+    if static:
+        check_static_model(model)
+    steps = _causal_steps(model, input_ids, attention_mask, cfg, static, compile)
+    return _run(model, routing, lambda: _collect(input_ids, steps, streamer))
 
 
-def stream_causal(model, input_ids, attention_mask=None, *, routing: str = "eval", **sampling) -> Iterator[Tensor]:
+def stream_causal(
+    model,
+    input_ids,
+    attention_mask=None,
+    *,
+    routing: str = "eval",
+    cache_implementation: str = "dynamic",
+    compile: bool = False,
+    **sampling,
+) -> Iterator[Tensor]:
     """Iterator over the new tokens ``[batch]`` of each step, as soon as each is chosen."""
     cfg = _sampling_config(model, sampling)
-    yield from _stream(model, routing, _causal_steps(model, input_ids, attention_mask, cfg))
+    static = check_cache_options(cache_implementation, compile)
+    if static:
+        check_static_model(model)
+    yield from _stream(model, routing, _causal_steps(model, input_ids, attention_mask, cfg, static, compile))

@@ -30,6 +30,8 @@ def generate_text(
     source_lang: str | None = None,
     target_lang: str | None = None,
     messages: list[dict] | None = None,
+    cache_implementation: str = "dynamic",
+    compile: bool = False,
 ) -> str:
     """Prompt in, continuation out, for either model family; ``routing`` as in
     :mod:`switchformer.inference.generation` (default: the model's own eval routing). A setting left ``None``
@@ -51,17 +53,20 @@ def generate_text(
       often repeats the question's words).
 
     ``no_repeat_ngram_size`` left ``None`` is the run's (``config``; 0 without it) for every
-    objective. Beam search cannot stream: its tokens go to ``streamer`` once the search has ended."""
+    objective. Beam search cannot stream: its tokens go to ``streamer`` once the search has ended.
+    ``cache_implementation`` and ``compile``: the decoding cache and step, as ``model.generate``'s
+    (:mod:`switchformer.inference.static`)."""
     # long by design: most of it is the signature and the contract of every objective's defaults
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed)
     if no_repeat_ngram_size is None:
         no_repeat_ngram_size = config.no_repeat_ngram_size if config is not None else 0
+    cache = dict(cache_implementation=cache_implementation, compile=compile)
     if config is not None and config.resolved_objective == "seq2seq":
         return _generate_seq2seq_text(
             model, tokenizer, prompt, max_new_tokens, config, generator, do_sample, temperature, top_k, top_p,
             repetition_penalty, num_beams, length_penalty, no_repeat_ngram_size, streamer, routing, source_lang,
-            target_lang,
+            target_lang, cache,
         )  # fmt: skip
     chat = config is not None and config.resolved_objective == "chat"
     if messages is not None and not chat:
@@ -86,6 +91,7 @@ def generate_text(
         generator=generator,
         streamer=streamer,
         routing=routing,
+        **cache,
     )
     if model.is_encoder_decoder:
         return _generate_span_text(model, tokenizer, ids, sampling, num_beams, length_penalty)
@@ -145,6 +151,7 @@ def _stream_after(tokens, streamer, eos: int, missed: bool) -> None:
 def _generate_seq2seq_text(
     model, tokenizer, prompt, max_new_tokens, config, generator, do_sample, temperature, top_k, top_p,
     repetition_penalty, num_beams, length_penalty, no_repeat_ngram_size, streamer, routing, source_lang, target_lang,
+    cache,
 ) -> str:  # fmt: skip
     """:func:`generate_text` on a seq2seq run (see there)."""
     given = _sampling_given(temperature, top_k, top_p)
@@ -167,6 +174,7 @@ def _generate_seq2seq_text(
         no_repeat_ngram_size=no_repeat_ngram_size,
         routing=routing,
         streamer=streamer if num_beams == 1 else None,
+        **cache,
     )
     if do_sample:
         settings.update(

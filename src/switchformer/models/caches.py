@@ -105,3 +105,65 @@ class DecoderCache:
         self.self_kv = [(k.index_select(0, index), v.index_select(0, index)) for k, v in self.self_kv]
         self.cross_kv = [(k.index_select(0, index), v.index_select(0, index)) for k, v in self.cross_kv]
         self.cross_bias = self.cross_bias.index_select(0, index)
+
+
+class StaticLMCache(LMCache):
+    """An :class:`LMCache` that a static decoding step (``SwitchLM.decode_step``) also writes: the
+    column the next token's keys go to is a one-element device tensor, ``column``, advanced on the
+    device by each step, as are ``next_position`` and ``key_valid``, so a step reads nothing back
+    to the host and its shapes never change. The prompt is prefilled by the ordinary cached
+    forward into the same buffers; :meth:`sync_column` then sets ``column`` from ``length``."""
+
+    def __init__(self, batch: int, config, max_length: int, device, dtype):
+        super().__init__(batch, config, max_length, device, dtype)
+        self.column = torch.zeros(1, dtype=torch.long, device=device)
+        mark_static(self.kv, self.key_valid, self.next_position, self.column)
+
+    def sync_column(self) -> None:
+        self.column.fill_(self.length)
+        self.next_position = _static_copy(self.next_position)
+
+
+class StaticDecoderCache(DecoderCache):
+    """The encoder-decoder's cache for a static decoding step (``SwitchT5.decode_step``): the
+    self-attention buffers of :class:`DecoderCache`, the write ``column`` as a one-element device
+    tensor (advanced on the device), and, for rows whose earlier columns are padding (a server's
+    batch), ``key_valid`` ``[B, L]``. The position bias of a step's query column is computed in the
+    step from ``column``, so no ``[L, L]`` table is held. :meth:`reorder` keeps the buffers in
+    place (beam search), so a captured step stays valid."""
+
+    def __init__(self, self_kv, cross_kv, cross_bias, key_valid: Tensor | None = None):
+        super().__init__(self_kv, cross_kv, cross_bias, None)
+        device = cross_bias.device
+        self.column = torch.zeros(1, dtype=torch.long, device=device)
+        self.key_valid = key_valid
+        mark_static(self.self_kv, self.cross_kv, self.cross_bias, self.column, key_valid)
+
+    def reorder(self, index: Tensor) -> None:
+        """Keep the batch rows ``index`` (beam search), copying into the same buffers."""
+        for pair in (*self.self_kv, *self.cross_kv):
+            for buf in pair:
+                buf.copy_(buf.index_select(0, index))
+        self.cross_bias.copy_(self.cross_bias.index_select(0, index))
+
+
+def _static_copy(t: Tensor) -> Tensor:
+    copy = t.clone()
+    mark_static(copy)
+    return copy
+
+
+def mark_static(*tensors) -> None:
+    """Tell ``torch.compile`` that these buffers keep their address across steps (what lets a
+    captured CUDA graph write into them instead of skipping capture; Hugging Face's StaticCache
+    does the same). Lists and tuples are walked; ``None`` is skipped."""
+    for t in tensors:
+        if t is None:
+            continue
+        if isinstance(t, (list, tuple)):
+            mark_static(*t)
+            continue
+        try:
+            torch._dynamo.mark_static_address(t)
+        except (AttributeError, RuntimeError):  # a build without dynamo: nothing to tell
+            pass

@@ -18,7 +18,7 @@ from switchformer.inference.generation import generate_causal
 from switchformer.inference.inputs import check_mask, check_token_ids
 from switchformer.inference.scope import DerivedWeight
 from switchformer.models.accounting import parameter_counts
-from switchformer.models.caches import LMCache
+from switchformer.models.caches import LMCache, StaticLMCache
 from switchformer.models.layers import (
     CONFIG_BOUNDS,
     Dropout,
@@ -164,6 +164,18 @@ class LMAttention(nn.Module):
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
         return self.o(out.transpose(1, 2).reshape(batch, seq, -1))
 
+    def forward_static(self, x, cos, sin, mask: Tensor, keys: Tensor, values: Tensor, column: Tensor) -> Tensor:
+        """One new position per row ``x [B, 1, d_model]`` in a static decoding step: its key and
+        value written at ``column`` (a one-element device tensor) of ``keys``/``values`` ``[B, heads,
+        L, head_dim]``, every column attended under ``mask`` ``[B, 1, 1, L]`` (bool)."""
+        batch = x.shape[0]
+        q, k, v = self.qkv(x).view(batch, 1, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        keys.index_copy_(2, column, k)
+        values.index_copy_(2, column, v)
+        out = decoding_attention(q, keys, values, mask)
+        return self.o(out.transpose(1, 2).reshape(batch, 1, -1))
+
 
 class LMBlock(nn.Module):
     def __init__(self, config: SwitchLMConfig, sparse: bool):
@@ -185,6 +197,17 @@ class LMBlock(nn.Module):
         h = h + self.dropout(self.attn(self.attn_norm(h), cos, sin, mask, cache, layer))
         y, aux = self.ffn(self.ffn_norm(h), token_mask)
         return h + self.dropout(y), aux
+
+    def forward_static(self, h, cos, sin, mask, cache: StaticLMCache, layer: int, token_mask):
+        """One block of a static decoding step: the hidden state and, for a Switch layer, its
+        tokens per expert (``None`` for a dense one)."""
+        keys, values = cache.kv[layer]
+        h = h + self.attn.forward_static(self.attn_norm(h), cos, sin, mask, keys, values, cache.column)
+        normed = self.ffn_norm(h)
+        if self.ffn.sparse:
+            y, counts = self.ffn.mlp.forward_static(normed, token_mask)
+            return h + y, counts
+        return h + self.ffn.mlp(normed), None
 
 
 def next_token_labels(labels: Tensor | None, attention_mask: Tensor | None) -> Tensor | None:
@@ -323,6 +346,44 @@ class SwitchLM(nn.Module):
     def new_cache(self, batch: int, max_length: int, device=None, dtype=None) -> LMCache:
         device = device or self.embed.weight.device
         return LMCache(batch, self.config, max_length, device, dtype or self.embed.weight.dtype)
+
+    def new_static_cache(self, batch: int, max_length: int, device=None, dtype=None) -> StaticLMCache:
+        """A :class:`StaticLMCache`: prefill it with :meth:`hidden_states`, call its ``sync_column``,
+        then step with :meth:`decode_step`."""
+        device = device or self.embed.weight.device
+        return StaticLMCache(batch, self.config, max_length, device, dtype or self.embed.weight.dtype)
+
+    def decode_step(
+        self, tokens: Tensor, cache: StaticLMCache, token_mask: Tensor | None = None
+    ) -> tuple[Tensor, list[Tensor]]:
+        """The static decoding step: logits ``[B, vocab]`` of the next token after feeding
+        ``tokens`` ``[B]`` at the cache's ``column`` and each row's ``next_position``, and each
+        Switch layer's tokens per expert (device tensors). Every shape is fixed by the cache and
+        nothing is read back to the host, so ``torch.compile(model.decode_step, fullgraph=True)``
+        captures it whole. The same tokens as :meth:`hidden_states` with an :class:`LMCache`
+        (``generate(cache_implementation="static")``). ``token_mask`` ``[B]`` (bool): idle rows (a
+        server's free slots) route nowhere. The caller keeps ``column`` below the cache size and
+        positions below ``max_seq_len`` (the step cannot check them)."""
+        column = cache.column
+        cache.key_valid.index_fill_(1, column, True)  # each row sees its own new key
+        positions = cache.next_position
+        cos = self.rope_cos[positions][:, None, None, :]
+        sin = self.rope_sin[positions][:, None, None, :]
+        mask = cache.key_valid[:, None, None, :]
+        h = self.embed(tokens[:, None])
+        routed = None if token_mask is None else token_mask[:, None]
+        counts = []
+        for i, block in enumerate(self.blocks):
+            h, layer_counts = block.forward_static(h, cos, sin, mask, cache, i, routed)
+            if layer_counts is not None:
+                counts.append(layer_counts)
+        h = self.final_norm(h)
+        positions.add_(1)
+        column.add_(1)
+        x, weight = self.output_head(h[:, -1])
+        if torch.compiler.is_compiling():
+            return x @ weight.t(), counts
+        return output_logits(x, weight, self._head_t), counts
 
     @torch.no_grad()
     def generate(self, input_ids: Tensor, attention_mask: Tensor | None = None, **kwargs) -> Tensor:

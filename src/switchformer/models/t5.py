@@ -10,30 +10,28 @@ Switch layer in place of the FFN every ``sparse_step`` layers (HF's layout).
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import asdict, dataclass, replace
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from switchformer.inference.generation import generate_seq2seq
 from switchformer.inference.inputs import check_mask, check_token_ids
 from switchformer.inference.scope import DerivedWeight
 from switchformer.models.accounting import parameter_counts
-from switchformer.models.caches import DecoderCache, check_cache_size
+from switchformer.models.caches import DecoderCache, StaticDecoderCache, check_cache_size
 from switchformer.models.layers import (
     CONFIG_BOUNDS,
     Dropout,
     FeedForward,
     RMSNorm,
     config_from_dict,
-    decoding_attention,
     is_sparse_layer,
     output_logits,
     transposed_copy,
 )
 from switchformer.models.outputs import ModelOutput, RouterStats, finish_output
+from switchformer.models.t5_attention import T5Attention, padding_bias
 from switchformer.moe.bounds import check_bounds
 from switchformer.moe.experts import ACTIVATIONS
 from switchformer.moe.initialization import scaled_trunc_normal_
@@ -127,98 +125,6 @@ def dense_twin_config(config):
     return replace(config, sparse_step=0)
 
 
-# ----------------------------------------------------------------------------- attention
-
-
-def relative_position_bucket(
-    relative_position: Tensor, bidirectional: bool, num_buckets: int, max_distance: int
-) -> Tensor:
-    """T5's bucketing of ``memory_position - query_position``: exact buckets for small distances,
-    logarithmic ones up to ``max_distance``, one bucket beyond; separate halves per direction when
-    bidirectional, only the past otherwise."""
-    buckets = torch.zeros_like(relative_position)
-    if bidirectional:
-        num_buckets //= 2
-        buckets = buckets + (relative_position > 0).long() * num_buckets
-        distance = relative_position.abs()
-    else:
-        distance = (-relative_position).clamp_min(0)
-    max_exact = num_buckets // 2
-    is_small = distance < max_exact
-    log_ratio = torch.log(distance.float() / max_exact) / math.log(max_distance / max_exact)
-    large = (max_exact + (log_ratio * (num_buckets - max_exact)).long()).clamp_max(num_buckets - 1)
-    return buckets + torch.where(is_small, distance, large)
-
-
-def _side_by_side(*weights: Tensor) -> Tensor:
-    return torch.cat(weights).t().contiguous()
-
-
-class T5Attention(nn.Module):
-    """Multi-head attention without query scaling (T5 folds it into the init); the additive bias
-    carries the relative positions and the mask."""
-
-    def __init__(self, config: SwitchT5Config, *, has_relative_bias: bool, bidirectional: bool):
-        super().__init__()
-        self.num_heads, self.d_kv = config.num_heads, config.d_kv
-        self.key_width = self.num_heads * self.d_kv  # what a score and a weighted value cost per key
-        inner = config.num_heads * config.d_kv
-        self.q = nn.Linear(config.d_model, inner, bias=False)
-        self.k = nn.Linear(config.d_model, inner, bias=False)
-        self.v = nn.Linear(config.d_model, inner, bias=False)
-        self.o = nn.Linear(inner, config.d_model, bias=False)
-        self.dropout = config.dropout_rate
-        self.bidirectional = bidirectional
-        self.num_buckets = config.relative_attention_num_buckets
-        self.max_distance = config.relative_attention_max_distance
-        self.relative_attention_bias = nn.Embedding(self.num_buckets, self.num_heads) if has_relative_bias else None
-        self._fused_qkv = DerivedWeight(_side_by_side)
-
-    def position_bias(self, query_len: int, key_len: int, offset: int = 0) -> Tensor:
-        """``[1, heads, query_len, key_len]``; queries start at position ``offset`` (cached decoding)."""
-        device = self.relative_attention_bias.weight.device
-        context = torch.arange(offset, offset + query_len, device=device)[:, None]
-        memory = torch.arange(key_len, device=device)[None, :]
-        bucket = relative_position_bucket(memory - context, self.bidirectional, self.num_buckets, self.max_distance)
-        return self.relative_attention_bias(bucket).permute(2, 0, 1).unsqueeze(0)
-
-    def split_heads(self, x: Tensor) -> Tensor:
-        return x.view(x.shape[0], x.shape[1], self.num_heads, self.d_kv).transpose(1, 2)
-
-    def project_kv(self, source: Tensor) -> tuple[Tensor, Tensor]:
-        return self.split_heads(self.k(source)), self.split_heads(self.v(source))
-
-    def fused_qkv_weight(self) -> Tensor:
-        """``[d_model, 3 * inner]``: the q, k and v projections side by side, so a decoding step
-        projects with one matmul. Separate weights stay the parameters (Hugging Face's layout)."""
-        return self._fused_qkv(self.q.weight, self.k.weight, self.v.weight)
-
-    def forward_cached(self, x: Tensor, bias: Tensor, cache: DecoderCache, layer: int) -> Tensor:
-        """Self-attention of new decoder positions against the cache; inference only (no autograd).
-        The same math as ``forward``, in fewer, larger ops: decoding runs it for every token."""
-        batch, length, d_model = x.shape
-        inner = self.num_heads * self.d_kv
-        qkv = torch.mm(x.reshape(batch * length, d_model), self.fused_qkv_weight())
-        q, k, v = qkv.view(batch, length, 3, self.num_heads, self.d_kv).permute(2, 0, 3, 1, 4).unbind(0)
-        k, v = cache.append(layer, k, v)
-        out = decoding_attention(q, k, v, bias.to(q.dtype), scale=1.0)
-        out = F.linear(out.transpose(1, 2).reshape(batch * length, inner), self.o.weight)
-        return out.view(batch, length, d_model)
-
-    def forward(self, x: Tensor, bias: Tensor | None, kv: tuple[Tensor, Tensor] | None = None) -> Tensor:
-        q = self.split_heads(self.q(x))
-        k, v = kv if kv is not None else self.project_kv(x)
-        if bias is not None:
-            bias = bias.to(q.dtype)
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=bias, dropout_p=self.dropout if self.training else 0.0, scale=1.0
-        )
-        return self.o(out.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1))
-
-
-# ----------------------------------------------------------------------------- cache
-
-
 # ----------------------------------------------------------------------------- blocks and stacks
 
 
@@ -254,6 +160,18 @@ class T5Block(nn.Module):
         y, aux = self.ffn(self.ffn_norm(h), token_mask)
         return h + self.dropout(y), aux
 
+    def forward_static(self, h, bias, cache: StaticDecoderCache, layer: int, token_mask):
+        """One decoder block of a static decoding step (see ``SwitchT5.decode_step``): the hidden
+        state and, for a Switch layer, its tokens per expert (``None`` for a dense one)."""
+        keys, values = cache.self_kv[layer]
+        h = h + self.attn.forward_static(self.attn_norm(h), bias, keys, values, cache.column)
+        h = h + self.cross_attn(self.cross_norm(h), cache.cross_bias, cache.cross_kv[layer])
+        normed = self.ffn_norm(h)
+        if self.ffn.sparse:
+            y, counts = self.ffn.mlp.forward_static(normed, token_mask)
+            return h + y, counts
+        return h + self.ffn.mlp(normed), None
+
 
 class T5Stack(nn.Module):
     def __init__(self, config: SwitchT5Config, *, decoder: bool):
@@ -273,13 +191,6 @@ class T5Stack(nn.Module):
             h, aux = block(h, bias, token_mask, layer=i, cache=cache, memory=memory, memory_bias=memory_bias)
             stats.add(f"{self.name}.{i}", aux)
         return self.dropout(self.final_norm(h))
-
-
-def padding_bias(mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
-    """``[B, 1, 1, S]`` additive bias: 0 where ``mask`` is true, the dtype's minimum elsewhere."""
-    if mask is None:
-        return None
-    return (1.0 - mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
 
 
 # ----------------------------------------------------------------------------- model
@@ -416,6 +327,55 @@ class SwitchT5(nn.Module):
         # position bias and causal mask for every (query, key) pair the cache can hold, computed once
         self_bias = self.decoder_self_bias(max_length, max_length, 0, None, memory.dtype)
         return DecoderCache(self_kv, cross_kv, cross_bias, self_bias)
+
+    def new_static_cache(
+        self, memory: Tensor, memory_mask: Tensor | None, max_length: int, key_valid: Tensor | None = None
+    ) -> StaticDecoderCache:
+        """A :class:`StaticDecoderCache` of ``max_length`` decoder positions for ``memory`` (the
+        encoder output ``[B, S, d_model]``), for :meth:`decode_step`."""
+        batch, heads, d_kv = memory.shape[0], self.config.num_heads, self.config.d_kv
+        shape = (batch, heads, max_length, d_kv)
+        size = memory.element_size()
+        check_cache_size(2 * len(self.decoder.blocks) * batch * heads * max_length * d_kv * size, max_length,
+                         memory.device)  # fmt: skip
+        self_kv = [(memory.new_zeros(shape), memory.new_zeros(shape)) for _ in self.decoder.blocks]
+        cross_kv = [block.cross_attn.project_kv(memory) for block in self.decoder.blocks]
+        cross_bias = padding_bias(memory_mask, memory.dtype)
+        if cross_bias is None:
+            cross_bias = memory.new_zeros(batch, 1, 1, memory.shape[1])
+        return StaticDecoderCache(self_kv, cross_kv, cross_bias, key_valid)
+
+    def decode_step(
+        self, tokens: Tensor, cache: StaticDecoderCache, token_mask: Tensor | None = None
+    ) -> tuple[Tensor, list[Tensor]]:
+        """The static decoding step: logits ``[B, vocab]`` of the next token after feeding
+        ``tokens`` ``[B]`` at the cache's ``column``, and each Switch layer's tokens per expert
+        (``[num_experts]``, device tensors). Every shape is fixed by the cache and nothing is read
+        back to the host, so ``torch.compile(model.decode_step, fullgraph=True)`` captures it whole
+        (and ``mode="reduce-overhead"`` replays it as a CUDA graph). The same tokens as
+        :meth:`decode` with a :class:`DecoderCache` (``generate(cache_implementation="static")``).
+        ``token_mask`` ``[B]`` (bool): rows that are idle (a server's free slots) route nowhere.
+        The caller keeps ``column`` below the cache size (the step cannot check it)."""
+        column, length = cache.column, cache.self_kv[0][0].shape[2]
+        h = self.shared(tokens[:, None])
+        dtype = h.dtype
+        bias = self.decoder.blocks[0].attn.position_bias(1, length, column).to(dtype)
+        future = torch.arange(length, device=h.device) > column
+        bias = bias.masked_fill(future, torch.finfo(dtype).min)
+        if cache.key_valid is not None:
+            bias = bias + padding_bias(cache.key_valid, dtype)
+        mask = None if token_mask is None else token_mask[:, None]
+        counts = []
+        for i, block in enumerate(self.decoder.blocks):
+            h, layer_counts = block.forward_static(h, bias, cache, i, mask)
+            if layer_counts is not None:
+                counts.append(layer_counts)
+        h = self.decoder.final_norm(h)
+        column.add_(1)
+        x, weight = self.output_head(h[:, -1])
+        if torch.compiler.is_compiling():
+            return x @ weight.t(), counts
+        return output_logits(x, weight, self._head_t), counts
 
     # -- forward -----------------------------------------------------------------------------
 

@@ -45,6 +45,7 @@ from switchformer.moe.routing import (
     router_entropy_and_confidence,
     router_z_loss,
 )
+from switchformer.moe.static import static_moe_forward
 
 # Up to this many (token, expert) assignments, inference runs each expert directly (see
 # SwitchMoE._few_assignments). Measured on CPU (d 256, f 1024, E 8 and 64): 140 us against 270 us
@@ -298,6 +299,12 @@ class SwitchMoE(nn.Module):
             rows[token] = y if rows[token] is None else rows[token] + y
         plan = DispatchPlan.for_counts(torch.bincount(routing.expert, minlength=self.num_experts))
         return torch.cat(rows).to(flat.dtype), plan
+
+    def forward_static(self, x: Tensor, token_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """``(y, tokens_per_expert)`` of a static-shape decoding step: the eval-mode result of
+        ``forward`` computed without reading any value back to the host, so that it can be
+        compiled whole and replayed as a CUDA graph (:func:`switchformer.moe.static.static_moe_forward`)."""
+        return static_moe_forward(self, x, token_mask)
 
     def extra_repr(self) -> str:
         return (
