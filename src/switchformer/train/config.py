@@ -79,6 +79,7 @@ class TrainConfig:
     # optimisation
     optimizer: str = "adamw"  # or "adafactor"
     lr: float = 3e-3
+    embedding_lr_scale: float = 1.0  # the embedding tables' learning rate, as a multiple of lr
     weight_decay: float = 0.01
     beta2: float = 0.95
     schedule: str = "cosine"  # "cosine", "inverse_sqrt" or "constant" (after warmup)
@@ -245,7 +246,7 @@ TRAIN_BOUNDS: dict[str, Bound] = {
     **dict.fromkeys(("seq_len", "batch_size", "max_steps", "grad_accum", "log_every", "eval_every", "eval_batches",
                      "checkpoint_every", "keep_last", "max_bad_steps", "num_beams", "expert_parallel"),
                     AT_LEAST_ONE),  # fmt: skip
-    **dict.fromkeys(("lr", "grad_clip", "dist_timeout_s"), POSITIVE),
+    **dict.fromkeys(("lr", "embedding_lr_scale", "grad_clip", "dist_timeout_s"), POSITIVE),
     **dict.fromkeys(("warmup_steps", "weight_decay", "aux_loss_coef", "z_loss_coef", "sample_tokens", "seed",
                      "no_repeat_ngram_size"), AT_LEAST_ZERO),  # fmt: skip
     "label_smoothing": FRACTION,
@@ -306,6 +307,8 @@ FIELD_HELP = {
     "no_repeat_ngram_size": "no n-gram of this many tokens twice in an output; 0: off",
     "optimizer": "`adamw` or `adafactor`",
     "lr": "peak learning rate",
+    "embedding_lr_scale": "learning rate of the embedding tables (token embeddings, T5's relative-position biases) "
+    "as a multiple of lr",
     "weight_decay": "decoupled weight decay (AdamW)",
     "beta2": "second-moment decay of AdamW",
     "schedule": "after the warmup: `cosine`, `inverse_sqrt` or `constant`",

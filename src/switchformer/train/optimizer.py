@@ -23,10 +23,28 @@ def learning_rate(config: TrainConfig, step: int) -> float:
     return config.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
 
 
+def embedding_tables(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The weights of every ``nn.Embedding``: token embeddings and T5's relative-position biases."""
+    return [m.weight for m in model.modules() if isinstance(m, torch.nn.Embedding)]
+
+
 def build_optimizer(config: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
-    decay = [p for p in model.parameters() if p.dim() >= 2]
+    """AdamW (or Adafactor) over three groups: matrices with weight decay, vectors without, and,
+    when ``embedding_lr_scale`` is not 1, the embedding tables with decay at ``lr_scale`` times the
+    schedule's rate (each group's ``lr_scale``; the trainer sets ``lr`` from it every step)."""
+    tables = {id(p) for p in embedding_tables(model)} if config.embedding_lr_scale != 1 else set()
+    decay = [p for p in model.parameters() if p.dim() >= 2 and id(p) not in tables]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if tables:
+        # Adam moves every element by about the learning rate a step, whatever its scale: the
+        # embeddings start at std sqrt(init_scale) (0.32) and a position bias must grow to a few
+        # units to order the words, so at the matrices' rate both learn slowly (docs/translation.md)
+        embedded = [p for p in model.parameters() if id(p) in tables]
+        scale = config.embedding_lr_scale
+        groups.append(
+            {"params": embedded, "weight_decay": config.weight_decay, "lr": config.lr * scale, "lr_scale": scale}
+        )
     if config.optimizer == "adafactor":
         return torch.optim.Adafactor(groups, lr=config.lr)
     # The fused kernel makes one pass over each tensor: with stacked [E, d, f] experts the

@@ -280,7 +280,7 @@ class Trainer:
         config = self.config
         lr = learning_rate(config, self.step)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         totals = {"loss": 0.0, "ce_loss": 0.0, "aux_loss": 0.0, "z_loss": 0.0}
         tokens = 0
         finite = True
