@@ -70,6 +70,15 @@ def test_every_read_command_leaves_the_run_byte_identical(trained, tmp_path, cap
     assert json.loads((run / "config.json").read_text())["train"]["data"] != [str(other)]
 
 
+@pytest.mark.parametrize("flags", [["--greedy"], ["--seed", "3"]], ids=["greedy", "sampled"])
+def test_generate_with_the_static_cache_prints_what_the_growing_cache_prints(trained, capsys, flags):
+    command = ["generate", str(trained), "--prompt", "The fox", "--max-new-tokens", "12", *flags]
+    assert main(command) == 0
+    growing = capsys.readouterr().out
+    assert main([*command, "--cache", "static"]) == 0
+    assert capsys.readouterr().out == growing and growing.startswith("The fox")
+
+
 def test_eval_reports_the_loss_training_reported(trained, capsys):
     summary = json.loads((trained / "summary.json").read_text())
     assert main(["eval", str(trained), "--json"]) == 0
@@ -268,6 +277,7 @@ def test_eval_on_a_users_file_scores_all_of_it(trained, tmp_path, capsys):
         (lambda run, tmp: ["train", "--resume", str(run), "--max-steps", "2"], "max_steps: 2 is below the step 4"),
         (lambda run, tmp: ["eval", str(run), "--device", "foo"], "--device: unknown device"),
         (lambda run, tmp: ["generate", str(run), "--prompt", "x", "--temperature", "nan"], "temperature:"),
+        (lambda run, tmp: ["generate", str(run), "--prompt", "x", "--compile"], "--compile: only the static"),
     ],
 )
 def test_misuse_is_refused_in_one_line_and_writes_nothing(trained, tmp_path, capsys, command, message):

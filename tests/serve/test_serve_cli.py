@@ -130,6 +130,7 @@ def test_serve_a_hugging_face_directory_equals_transformers_generate(tmp_path):
         (["--api-key", " "], "--api-key: empty"),
         (["--served-model-name", ""], "--served-model-name: empty"),
         (["--cors-origin", "https://a.example/app"], "--cors-origin: 'https://a.example/app' is not an origin"),
+        (["--compile"], "--compile: only the static decoding step compiles whole; add --cache static"),
     ],
 )
 def test_bad_flags_are_one_line(lm_run, flags, message, capsys):
@@ -158,3 +159,6 @@ def test_a_port_in_use_is_one_line(lm_run, capsys):
 def test_serve_flags_are_parsed(lm_run):
     args = build_parser().parse_args(["serve", str(lm_run)])
     assert isinstance(args, argparse.Namespace) and (args.host, args.port, args.routing) == ("127.0.0.1", 8000, "eval")
+    assert (args.cache, args.compile) == ("dynamic", False)
+    args = build_parser().parse_args(["serve", str(lm_run), "--cache", "static", "--compile"])
+    assert (args.cache, args.compile) == ("static", True)

@@ -55,6 +55,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--routing", choices=["eval", "dropless"], default="eval",
         help="how prompts are routed: the model's eval routing (default) or dropless; decoding steps never drop",
     )  # fmt: skip
+    parser.add_argument(
+        "--cache", choices=["dynamic", "static"], default="dynamic",
+        help="the decoding step: dynamic (attends to the filled columns; default) or static (fixed shapes per "
+        "power-of-two number of running requests, no host reads: what CUDA graphs capture); the same tokens",
+    )  # fmt: skip
+    parser.add_argument(
+        "--compile", action="store_true",
+        help="with --cache static: compile the step (torch.compile; CUDA graphs on a GPU); the first requests "
+        "of each batch size wait for it",
+    )  # fmt: skip
     parser.add_argument("--device", help="cpu or cuda (default: cuda if available)")
     add_inference_arguments(parser)
     parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
@@ -77,6 +87,7 @@ def run(args) -> int:
         max_queue=args.max_queue, max_prompt_tokens=args.max_prompt_tokens, max_tokens=args.max_tokens,
         routing=args.routing, api_key=args.api_key, served_model_name=args.served_model_name,
         request_timeout=args.request_timeout, shutdown_timeout=args.shutdown_timeout, cors_origins=args.cors_origin,
+        cache=args.cache, compile=args.compile,
     )  # fmt: skip
     sock = bind(args.host, args.port)
     limits = server.limits
@@ -113,3 +124,5 @@ def check_flags(args) -> None:
         raise ValueError(f"--max-queue: must be >= 0, got {args.max_queue}")
     if not 0 < args.port < 65536:
         raise ValueError(f"--port: must be in 1-65535, got {args.port}")
+    if args.compile and args.cache != "static":
+        raise ValueError("--compile: only the static decoding step compiles whole; add --cache static")

@@ -119,6 +119,17 @@ class StaticLMCache(LMCache):
         self.column = torch.zeros(1, dtype=torch.long, device=device)
         mark_static(self.kv, self.key_valid, self.next_position, self.column)
 
+    @classmethod
+    def over(cls, kv, key_valid: Tensor, next_position: Tensor, column: Tensor) -> StaticLMCache:
+        """A static cache over buffers the caller owns (views of a server's slots), all written in
+        place by each step: ``kv`` per layer ``[B, heads, L, head_dim]``, ``key_valid`` ``[B, L]``,
+        ``next_position`` ``[B]``, ``column`` ``[1]``."""
+        cache = cls.__new__(cls)
+        cache.kv, cache.key_valid, cache.next_position, cache.column = kv, key_valid, next_position, column
+        cache.length = 0  # unused by the static step: the column is ``column``
+        mark_static(kv, key_valid, next_position, column)
+        return cache
+
     def sync_column(self) -> None:
         self.column.fill_(self.length)
         self.next_position = _static_copy(self.next_position)
@@ -132,10 +143,10 @@ class StaticDecoderCache(DecoderCache):
     step from ``column``, so no ``[L, L]`` table is held. :meth:`reorder` keeps the buffers in
     place (beam search), so a captured step stays valid."""
 
-    def __init__(self, self_kv, cross_kv, cross_bias, key_valid: Tensor | None = None):
+    def __init__(self, self_kv, cross_kv, cross_bias, key_valid: Tensor | None = None, column: Tensor | None = None):
         super().__init__(self_kv, cross_kv, cross_bias, None)
         device = cross_bias.device
-        self.column = torch.zeros(1, dtype=torch.long, device=device)
+        self.column = torch.zeros(1, dtype=torch.long, device=device) if column is None else column
         self.key_valid = key_valid
         mark_static(self.self_kv, self.cross_kv, self.cross_bias, self.column, key_valid)
 

@@ -367,8 +367,10 @@ class SwitchLM(nn.Module):
         column = cache.column
         cache.key_valid.index_fill_(1, column, True)  # each row sees its own new key
         positions = cache.next_position
-        cos = self.rope_cos[positions][:, None, None, :]
-        sin = self.rope_sin[positions][:, None, None, :]
+        # a server's idle slots keep counting; the rows in use stay below max_seq_len (the caller's rule)
+        table_row = positions.clamp(max=self.config.max_seq_len - 1)
+        cos = self.rope_cos[table_row][:, None, None, :]
+        sin = self.rope_sin[table_row][:, None, None, :]
         mask = cache.key_valid[:, None, None, :]
         h = self.embed(tokens[:, None])
         routed = None if token_mask is None else token_mask[:, None]

@@ -9,6 +9,12 @@ copied in right-aligned; a prompt longer than ``length`` shifts every row right,
 ``length`` reaches ``columns`` every row shifts left by the padding all rows share. Positions stay
 each request's own: the decoder-only model takes them from each row's ``next_position``; the
 encoder-decoder's relative positions are differences of columns, which the shift does not change.
+
+**The static step** (``serve --cache static``): the model's ``decode_step`` over the first ``R``
+slots, ``R`` the running rows rounded up to a power of two (so a handful of shapes, each compiled
+or captured once), every column attended under the rows' masks, the idle slots routed nowhere.
+The buffers, the write column and the step's inputs are tensors allocated once, so a compiled step
+(CUDA graphs on a GPU) writes into the same memory every time. The same tokens as the growing step.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from switchformer.models.caches import DecoderCache, LMCache
+from switchformer.models.caches import DecoderCache, LMCache, StaticDecoderCache, StaticLMCache
 from switchformer.models.lm import SwitchLM
 from switchformer.models.outputs import RouterStats
 from switchformer.models.t5 import SwitchT5
@@ -47,6 +53,34 @@ class Batch:
         self.key_valid = torch.zeros(slots, columns, dtype=torch.bool, device=device)
         self.length = 0
         self.rows: list[Row] = []
+        # the static step's inputs, allocated once (their addresses are what a captured step reads)
+        self.column = torch.zeros(1, dtype=torch.long, device=device)
+        self.step_tokens = torch.zeros(slots, dtype=torch.long, device=device)
+        self.live = torch.zeros(slots, dtype=torch.bool, device=device)
+        self._static_caches: dict[int, object] = {}  # per row count R, the cache over the first R slots
+
+    def static_rows(self, n: int) -> int:
+        """``R``: ``n`` running rows rounded up to a power of two, at most ``slots``."""
+        return min(1 << max(n - 1, 0).bit_length(), self.slots)
+
+    def _static_inputs(self, n: int, tokens: list[int]) -> int:
+        """The step's inputs written into their buffers; returns ``R``."""
+        rows = self.static_rows(n)
+        self.column.fill_(self.length)
+        self.step_tokens[:n] = torch.tensor(tokens, dtype=torch.long)
+        self.live[:rows] = False
+        self.live[:n] = True
+        return rows
+
+    def static_step(self, n: int, tokens: list[int], step) -> tuple[Tensor, list[Tensor]]:
+        """Logits ``[n, vocab]`` of the first ``n`` rows after feeding each its next token, and each
+        Switch layer's tokens per expert, by ``step`` (``model.decode_step`` or its compiled form)."""
+        rows = self._static_inputs(n, tokens)
+        cache = self._static_caches.get(rows)
+        if cache is None:
+            cache = self._static_caches[rows] = self.static_cache(rows)
+        logits, counts = step(self.step_tokens[:rows], cache, self.live[:rows])
+        return logits[:n], counts
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -143,6 +177,12 @@ class LMBatch(Batch):
         self.next_position[rows] = cache.next_position
         return self.model.project(h[:, -1])
 
+    def static_cache(self, rows: int) -> StaticLMCache:
+        """A :class:`StaticLMCache` over the first ``rows`` slots (views of the batch's buffers)."""
+        pairs = range(len(self.self_kv) // 2)
+        kv = [(self.self_kv[2 * i][:rows], self.self_kv[2 * i + 1][:rows]) for i in pairs]
+        return StaticLMCache.over(kv, self.key_valid[:rows], self.next_position[:rows], self.column)
+
     def move_row(self, source: int, target: int) -> None:
         super().move_row(source, target)
         self.next_position[target] = self.next_position[source]
@@ -195,6 +235,22 @@ class T5Batch(Batch):
         mask = self.key_valid[rows, : self.length + 1]
         h = self.model.decode(ids, None, None, decoder_attention_mask=mask, cache=cache, stats=stats)
         return self.model.project(h[:, -1])
+
+    def static_step(self, n: int, tokens: list[int], step) -> tuple[Tensor, list[Tensor]]:
+        self.key_valid[: self.static_rows(n), self.length] = True  # idle slots too: no row attends to nothing
+        return super().static_step(n, tokens, step)
+
+    def static_cache(self, rows: int) -> StaticDecoderCache:
+        """A :class:`StaticDecoderCache` over the first ``rows`` slots: every decoder column under
+        the rows' key masks, every source column under their cross-attention masks."""
+        pairs = range(len(self.self_kv) // 2)
+        return StaticDecoderCache(
+            [(self.self_kv[2 * i][:rows], self.self_kv[2 * i + 1][:rows]) for i in pairs],
+            [(self.cross_kv[2 * i][:rows], self.cross_kv[2 * i + 1][:rows]) for i in pairs],
+            self.cross_bias[:rows],
+            self.key_valid[:rows],
+            column=self.column,
+        )
 
     def move_row(self, source: int, target: int) -> None:
         super().move_row(source, target)

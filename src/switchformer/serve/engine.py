@@ -32,6 +32,7 @@ from torch import Tensor
 
 from switchformer.inference.routing import inference_routing, routing_description
 from switchformer.inference.scope import DecodingScope
+from switchformer.inference.static import check_cache_options, check_static_model, decode_step_fn
 from switchformer.models.outputs import RouterStats
 from switchformer.models.t5 import SwitchT5
 from switchformer.moe.layer import switch_layers
@@ -121,7 +122,11 @@ class Engine:
     iteration before the running requests step again (at least one prompt); ``max_request_tokens``:
     the most positions one request may take (prompt and answer; the server's limits keep requests
     within it); ``columns``: cache positions per slot, more than ``max_request_tokens`` (default
-    twice it: fewer shifts). Raises ``ValueError`` for sizes that cannot hold a request."""
+    twice it: fewer shifts). ``cache``: ``"dynamic"`` (the step attends to the filled columns of
+    the running rows) or ``"static"`` (``decode_step``: fixed shapes, no host reads within a step;
+    :mod:`switchformer.serve.batch`), ``compile`` compiling that step whole (CUDA graphs on a GPU).
+    Raises ``ValueError`` for sizes that cannot hold a request, or for a model the static step
+    cannot run."""
 
     def __init__(
         self,
@@ -135,6 +140,8 @@ class Engine:
         max_source_tokens: int = 0,
         routing: str = "eval",
         columns: int | None = None,
+        cache: str = "dynamic",
+        compile: bool = False,
     ):
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size: must be >= 1, got {max_batch_size}")
@@ -157,8 +164,13 @@ class Engine:
             self.batch: Batch = T5Batch(model, max_batch_size, columns, max_source_tokens, self.device, dtype)
         else:
             self.batch = LMBatch(model, max_batch_size, columns, self.device, dtype)
+        self.static_step = None
+        if check_cache_options(cache, compile):
+            check_static_model(model)
+            self.static_step = decode_step_fn(model, compile)
         self.stats = EngineStats()
         self._moe_layers = switch_layers(model)  # walked once, not per step
+        self._step_layer_names = step_layer_names(model)  # what decode_step's counts belong to
         self._waiting: collections.deque[Request] = collections.deque()
         self._cond = threading.Condition()
         self._accepting = True
@@ -330,16 +342,23 @@ class Engine:
         tokens = [row.pending for row in self.batch.rows]
         self.batch.make_room()  # a column for this step's keys
         stats = RouterStats()
+        counts = None
         try:
             with self._routing("dropless"):
-                logits = self.batch.step(slice(0, n), tokens, stats)
+                if self.static_step is not None:
+                    logits, counts = self.batch.static_step(n, tokens, self.static_step)
+                else:
+                    logits = self.batch.step(slice(0, n), tokens, stats)
             self.batch.length += 1
         except Exception:
             log.exception("a batched step failed; stepping its rows one by one")
             self._step_rows_alone(tokens)
             return
         self.stats.steps += 1
-        self._count_experts(stats)
+        if counts is None:
+            self._count_experts(stats)
+        else:
+            self._add_expert_counts(zip(self._step_layer_names, counts))
         self._advance_all(logits)
 
     def _step_rows_alone(self, tokens: list[int]) -> None:
@@ -427,7 +446,18 @@ class Engine:
         return inference_routing(self.model, routing, decoding=True, layers=self._moe_layers)
 
     def _count_experts(self, stats: RouterStats) -> None:
-        for name, aux in stats.layers:
-            counts = aux.tokens_per_expert.detach()
+        self._add_expert_counts((name, aux.tokens_per_expert) for name, aux in stats.layers)
+
+    def _add_expert_counts(self, layers) -> None:
+        for name, counts in layers:
+            counts = counts.detach()
             total = self.stats.expert_tokens.get(name)
             self.stats.expert_tokens[name] = counts.clone() if total is None else total + counts
+
+
+def step_layer_names(model) -> list[str]:
+    """The names (as :class:`RouterStats` gives them) of the Switch layers a decoding step runs,
+    in ``decode_step``'s order of its tokens-per-expert counts."""
+    if isinstance(model, SwitchT5):
+        return [f"decoder.{i}" for i, block in enumerate(model.decoder.blocks) if block.ffn.sparse]
+    return [f"layers.{i}" for i, block in enumerate(model.blocks) if block.ffn.sparse]

@@ -97,6 +97,7 @@ def build_server(
     max_queue: int = 256, max_prompt_tokens: int | None = None, max_tokens: int | None = None,
     routing: str = "eval", api_key: str | None = None, served_model_name: str | None = None,
     request_timeout: float = 600.0, shutdown_timeout: float = 10.0, cors_origins: list[str] | None = None,
+    cache: str = "dynamic", compile: bool = False,
 ) -> Server:  # fmt: skip
     """The server of ``source`` (a run, a checkpoint or a Hugging Face directory) with these settings
     (``serve --help`` says each); ``api_key`` None: ``$SWITCHFORMER_API_KEY``, else none."""
@@ -112,6 +113,8 @@ def build_server(
         max_request_tokens=limits.context if lm else limits.max_tokens + 1,
         max_source_tokens=0 if lm else limits.max_prompt_tokens,
         routing=routing,
+        cache=cache,
+        compile=compile,
     )
     formatter = PromptFormatter(served.tokenizer, served.model, served.config)
     from switchformer.serve.app import create_app  # FastAPI: after check_serve_installed named what is missing
