@@ -257,6 +257,47 @@ def check_serving(device: torch.device) -> None:
     lm.float(), t5.float()
 
 
+def check_static_decoding(device: torch.device) -> None:
+    """The static decoding step on the device: the growing cache's tokens (fp32), no host sync
+    inside a step (``set_sync_debug_mode("error")`` raises at the first), and the step compiled into
+    CUDA graphs (``reduce-overhead``) giving the same tokens."""
+    hf = hf_model(8, 8192).to(device).eval()
+    model = from_hf(hf).to(device).eval()
+    ids = torch.randint(2, 8192, (4, 32), generator=torch.Generator().manual_seed(2)).to(device)
+    growing = model.generate(ids, max_new_tokens=16, eos_token_id=None)
+    static = model.generate(ids, max_new_tokens=16, eos_token_id=None, cache_implementation="static")
+    report("static decoding tokens", torch.equal(growing, static), f"{static.shape[1] - 1} new tokens, 4 rows")
+    if device.type == "cuda":
+        from switchformer.inference.routing import inference_routing
+
+        with torch.inference_mode(), inference_routing(model, "eval", decoding=True):
+            cache = model.new_static_cache(model.encode(ids), None, 8)
+            tokens = torch.zeros(4, dtype=torch.long, device=device)
+            model.decode_step(tokens, cache)  # warm-up
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                model.decode_step(tokens, cache)
+                report("static step host syncs", True, "none inside a step")
+            except RuntimeError as err:
+                report("static step host syncs", False, str(err).splitlines()[0])
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+    try:
+        start = time.perf_counter()
+        compiled = model.generate(
+            ids, max_new_tokens=16, eos_token_id=None, cache_implementation="static", compile=True
+        )
+        seconds = time.perf_counter() - start
+        report(
+            "compiled static step",
+            torch.equal(growing, compiled),
+            f"same tokens; first call (compiling) {seconds:.0f} s",
+        )
+    except Exception as err:  # noqa: BLE001 - a check reports what failed and goes on
+        report("compiled static step", False, f"{type(err).__name__}: {str(err).splitlines()[0]}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda")
@@ -276,6 +317,7 @@ def main() -> int:
     check_expert_grad_layout(device)
     check_bf16_training(device)
     check_serving(device)
+    check_static_decoding(device)
     if not args.skip_speed:
         check_speed(device, args.steps)
     print(f"{len(FAILURES)} failed ({', '.join(FAILURES) or 'none'}) in {time.perf_counter() - start:.0f} s")

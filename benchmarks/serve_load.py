@@ -60,6 +60,7 @@ def start_server(run: Path, port: int, args) -> subprocess.Popen:
                "--max-batch-size", str(args.max_batch_size), "--max-queue", "1024"]  # fmt: skip
     if args.device:
         command += ["--device", args.device]
+    command += ["--cache", args.cache[0]] + (["--compile"] if args.compile else [])
     env = dict(os.environ)
     if args.server_threads:  # the server's PyTorch threads (the clients need a core of their own here)
         env["OMP_NUM_THREADS"] = str(args.server_threads)
@@ -121,11 +122,13 @@ async def level(url: str, texts: list[str], clients: int, max_tokens: int) -> di
     return {"tokens_per_s": tokens / elapsed, "ttft": ttft, "tpot": tpot, "requests": len(results), "tokens": tokens}
 
 
-def engine_only(runs: dict[str, Path], levels: list[int], max_tokens: int, rounds: int) -> None:
+def engine_only(
+    runs: dict[str, Path], levels: list[int], max_tokens: int, rounds: int, caches=("dynamic",), compile=False
+) -> None:
     """The scheduler's decoding step without HTTP, in this process: ms per step with N requests
     decoding together (their prefills excluded), the ceiling of what batching gives end to end.
-    Several ``runs`` (name -> run) are measured in interleaved rounds, each level of each run once
-    a round; medians."""
+    Several ``runs`` (name -> run) and ``caches`` (the engine's decoding step: ``dynamic``,
+    ``static``) are measured in interleaved rounds, each level of each once a round; medians."""
     import torch
 
     from switchformer.inference.scope import DecodingScope
@@ -136,10 +139,11 @@ def engine_only(runs: dict[str, Path], levels: list[int], max_tokens: int, round
     served = {name: load_source(run) for name, run in runs.items()}
     texts = prompts(max(levels))
 
-    def step_ms(name: str, n: int) -> float:
+    def step_ms(name: str, cache: str, n: int) -> float:
         model, tok = served[name].model, served[name].tokenizer
         context = model.config.max_seq_len
-        engine = Engine(model, tok, max_batch_size=n, max_request_tokens=context)
+        engine = Engine(model, tok, max_batch_size=n, max_request_tokens=context, cache=cache,
+                        compile=compile and cache == "static")  # fmt: skip
         for text in texts[:n]:
             ids = tok.encode(text).ids[: context - max_tokens - 1]
             engine._waiting.append(Request(ids, SamplingParams(max_tokens=max_tokens, temperature=0), lambda *a: None))
@@ -151,20 +155,28 @@ def engine_only(runs: dict[str, Path], levels: list[int], max_tokens: int, round
                 steps += 1
         return (time.perf_counter() - start) / max(steps, 1) * 1e3
 
-    kept: dict[tuple[str, int], list[float]] = {(name, n): [] for name in runs for n in levels}
-    for _ in range(rounds):
-        for name in runs:
+    variants = [(name, cache) for name in runs for cache in caches]
+    kept: dict[tuple, list[float]] = {(name, cache, n): [] for name, cache in variants for n in levels}
+    if compile:  # the compiled step's first calls compile: one round that is not kept
+        for name, cache in variants:
             for n in levels:
-                kept[name, n].append(step_ms(name, n))
+                step_ms(name, cache, n)
+    for _ in range(rounds):
+        for name, cache in variants:
+            for n in levels:
+                kept[name, cache, n].append(step_ms(name, cache, n))
     threads = torch.get_num_threads()
     print(f"\nthe scheduler's decoding step alone (no HTTP, {threads} thread(s), interleaved, medians of {rounds}):\n")
-    print("| model | requests | ms per step | tokens/s | x one at a time |")
-    print("|---|---:|---:|---:|---:|")
-    for name in runs:
-        one = statistics.median(kept[name, 1])
+    print("| model | cache | requests | ms per step | tokens/s | x one at a time | x the dynamic step |")
+    print("|---|---|---:|---:|---:|---:|---:|")
+    for name, cache in variants:
+        one = statistics.median(kept[name, cache, 1])
         for n in levels:
-            ms = statistics.median(kept[name, n])
-            print(f"| {name} | {n} | {ms:.2f} | {n / ms * 1e3:.0f} | {n * one / ms:.2f}x |")
+            ms = statistics.median(kept[name, cache, n])
+            dynamic = statistics.median(kept[name, "dynamic", n]) if "dynamic" in caches else float("nan")
+            label = cache + (" (compiled)" if compile and cache == "static" else "")
+            rates = f"{n / ms * 1e3:.0f} | {n * one / ms:.2f}x | {dynamic / ms:.2f}x"
+            print(f"| {name} | {label} | {n} | {ms:.2f} | {rates} |")
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -192,7 +204,14 @@ def main() -> None:
         "--dense-twin", action="store_true",
         help="with --engine-only: the preset's FLOP-matched dense twin too (sparse_step=0), interleaved",
     )  # fmt: skip
+    parser.add_argument(
+        "--cache", nargs="+", choices=["dynamic", "static"], default=["dynamic"],
+        help="the server's --cache; with --engine-only several, interleaved (default: dynamic)",
+    )  # fmt: skip
+    parser.add_argument("--compile", action="store_true", help="the static step compiled (serve --compile)")
     args = parser.parse_args()
+    if len(args.cache) > 1 and not args.engine_only:
+        parser.error("--cache: one value, except with --engine-only")
     levels = sorted(set(args.clients) | {1})
     texts = prompts(args.requests)
     with tempfile.TemporaryDirectory() as tmp:
@@ -203,7 +222,7 @@ def main() -> None:
                 if args.run:
                     parser.error("--dense-twin: builds the --preset's dense twin; give --preset, not --run")
                 runs["dense twin"] = make_run(Path(tmp), args.preset, dense=True)
-            engine_only(runs, levels, args.max_tokens, args.rounds)
+            engine_only(runs, levels, args.max_tokens, args.rounds, args.cache, args.compile)
             return
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
@@ -228,7 +247,8 @@ def main() -> None:
                 server.kill()
     base = statistics.median(r["tokens_per_s"] for r in kept[1])
     print(f"\nserve load: {run.name if args.run else args.preset + ' preset model'}, {args.requests} requests of "
-          f"{args.max_tokens} new tokens per level, server --max-batch-size {args.max_batch_size} on "
+          f"{args.max_tokens} new tokens per level, server --max-batch-size {args.max_batch_size} --cache "
+          f"{args.cache[0]}{' --compile' if args.compile else ''} on "
           f"{args.server_threads} thread(s), "
           f"{os.cpu_count()} CPUs, medians of {args.rounds} rounds\n")  # fmt: skip
     print("| clients | tokens/s | x one at a time | p50 TTFT (ms) | p99 TTFT (ms) | p50 per token (ms) "

@@ -1,5 +1,6 @@
-"""Smoke tests of the translation benchmarks: the anchor (`benchmarks/mt_baseline.py`) runs end to
-end on a tiny slice, and the tuning split (`benchmarks/mt_tuning_split.py`) keeps languages aligned."""
+"""Smoke tests of the benchmarks: the translation anchor (`benchmarks/mt_baseline.py`) runs end to
+end on a tiny slice, the tuning split (`benchmarks/mt_tuning_split.py`) keeps languages aligned, the
+big-checkpoint writer's directories read alike, and the GPU suite's steps run at toy sizes."""
 
 from __future__ import annotations
 
@@ -118,3 +119,19 @@ def test_big_checkpoints_writes_a_directory_ours_and_transformers_read_alike(tmp
     table = subprocess.run([sys.executable, script, "table", str(tmp_path / "ours.json")], check=True,
                            capture_output=True, text=True).stdout  # fmt: skip
     assert "| tiny | ours | float32 | 1MiB | 0 |" in table
+
+
+@pytest.mark.slow
+@pytest.mark.hf
+def test_the_gpu_suite_runs_its_decoding_and_serving_steps_at_toy_sizes(tmp_path):
+    """`benchmarks/gpu_suite.py --smoke` on the CPU: the steps a lent GPU runs (here the static
+    decoding benchmark, which asserts equal tokens, and the server under load) run and log."""
+    pytest.importorskip("fastapi", reason="the serve extra is not installed")
+    suite = load("gpu_suite")
+    status = suite.main(["--smoke", "--device", "cpu", "--out", str(tmp_path), "--only", "static_decoding",
+                         "serve_load"])  # fmt: skip
+    rows = [json.loads(line) for line in (tmp_path / "gpu_suite.jsonl").read_text().splitlines()]
+    assert status == 0 and [(r["step"], r["status"]) for r in rows] == [("static_decoding", 0), ("serve_load", 0)]
+    log = (tmp_path / "gpu_suite.log").read_text()
+    assert "| t5 | 4 | 1 |" in log and "| lm | 4 | 2 |" in log  # the static decoding table, both families
+    assert "| clients | tokens/s |" in log
