@@ -153,3 +153,25 @@ def test_sync_free_dropless_plan_equals_the_masked_plan(num_experts, num_groups,
     assert sync_free.tokens_per_expert.tolist() == [int((expert == e).sum()) for e in range(num_experts)]
     # the plan lists each expert's assignments contiguously, in priority order within a group
     assert torch.equal(expert[sync_free.assignment], torch.sort(expert, stable=True).values)
+
+
+@settings(max_examples=40, deadline=None)
+@given(moe_cases(), st.sampled_from(["position", "router_prob"]))
+def test_gather_and_scatter_combines_agree_forward_and_backward(case, priority):
+    """Dispatch and combine by gathers in both directions (``dispatch.token_slots``) against the
+    scatters (``index_select`` + ``index_add_``): the same output, input and weight gradients."""
+    if case["config"]["routing"] == "expert_choice":
+        priority = "position"  # expert choice keeps the scatters (its assignments are no token layout)
+    results = []
+    for gather in (True, False):
+        torch.manual_seed(case["seed"])
+        layer = SwitchMoE(8, 12, init_scale=1.0, priority=priority, **case["config"]).train()
+        layer.gather_combine = gather
+        torch.manual_seed(case["seed"] + 1)
+        x = torch.randn(*case["shape"], 8, requires_grad=True)
+        mask = torch.rand(case["shape"]) > 0.25 if case["masked"] else None
+        y, aux = layer(x, token_mask=mask)
+        (y.square().sum() + aux.aux_loss).backward()
+        results.append((y.detach(), x.grad, layer.experts.w_in.grad, layer.router.weight.grad))
+    for name, a, b in zip(("output", "input gradient", "expert gradient", "router gradient"), *results):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")

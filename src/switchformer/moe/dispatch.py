@@ -121,11 +121,79 @@ def plan_dispatch(
     )
 
 
-def combine(expert_out: Tensor, plan: DispatchPlan, num_tokens: int) -> Tensor:
-    """Gate-weighted sum of each token's expert outputs, in token order; unprocessed tokens are 0."""
+def combine(expert_out: Tensor, plan: DispatchPlan, num_tokens: int, slots: Tensor | None = None) -> Tensor:
+    """Gate-weighted sum of each token's expert outputs, in token order; unprocessed tokens are 0.
+
+    With ``slots`` (:func:`token_slots`) each token gathers its own rows, and the backward gathers
+    too (:class:`_GatherCombine`); without, the rows are added into place (``index_add_``, whose
+    backward is a gather and forward a scatter, one atomic add per row on a GPU)."""
     weighted = expert_out * plan.gate.to(expert_out.dtype).unsqueeze(-1)
+    if slots is not None:
+        return _GatherCombine.apply(weighted, plan.token, slots)
     out = expert_out.new_zeros(num_tokens, expert_out.shape[-1])
     return out.index_add_(0, plan.token, weighted)
+
+
+def dispatch_rows(x: Tensor, plan: DispatchPlan, slots: Tensor | None = None) -> Tensor:
+    """``x[plan.token]``: the kept assignments' rows in expert-major order. With ``slots`` its
+    backward gathers each token's gradient from its rows (:class:`_GatherDispatch`) instead of
+    adding them into place."""
+    if slots is not None:
+        return _GatherDispatch.apply(x, plan.token, slots)
+    return x.index_select(0, plan.token)
+
+
+def token_slots(assignment_token: Tensor, plan: DispatchPlan, top_k: int, tokens_per_group: int) -> Tensor:
+    """``[tokens, top_k]`` int64: the row (among the plan's kept rows) of each token's choice of
+    each rank, or the number of kept rows where that choice was dropped or not routed: the inverse
+    of the sort, for token-choice routing, whose assignments are laid out ``[groups, top_k,
+    tokens_per_group]`` (``assignment_token``: the router's token of each assignment). No value
+    is read back to the host."""
+    kept = plan.assignment.numel()
+    count = assignment_token.numel()
+    index = torch.arange(count, device=assignment_token.device)
+    row_of = torch.full_like(index, kept).index_copy_(0, plan.assignment, index[:kept])
+    rank = torch.div(index, tokens_per_group, rounding_mode="floor") % top_k
+    slots = torch.empty_like(index).index_copy_(0, assignment_token * top_k + rank, row_of)
+    return slots.view(-1, top_k)
+
+
+def _gather_sum(rows: Tensor, slots: Tensor) -> Tensor:
+    """``out[t] = sum_j rows[slots[t, j]]``, a slot past the last row reading zero."""
+    padded = torch.cat([rows, rows.new_zeros(1, rows.shape[-1])])
+    picked = padded.index_select(0, slots.reshape(-1))
+    if slots.shape[1] == 1:
+        return picked
+    return picked.view(slots.shape[0], slots.shape[1], -1).sum(1)
+
+
+class _GatherCombine(torch.autograd.Function):
+    """Combine by gathering each token's rows (forward) and each row's token gradient (backward):
+    both directions read, neither scatters."""
+
+    @staticmethod
+    def forward(ctx, weighted: Tensor, token: Tensor, slots: Tensor) -> Tensor:
+        ctx.save_for_backward(token)
+        return _gather_sum(weighted, slots)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (token,) = ctx.saved_tensors
+        return grad.index_select(0, token), None, None
+
+
+class _GatherDispatch(torch.autograd.Function):
+    """``x[token]`` whose backward gathers (sums each token's rows' gradients) instead of scattering."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, token: Tensor, slots: Tensor) -> Tensor:
+        ctx.save_for_backward(slots)
+        return x.index_select(0, token)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (slots,) = ctx.saved_tensors
+        return _gather_sum(grad, slots), None, None
 
 
 # ----------------------------------------------------------------------------- grouped matmul

@@ -31,7 +31,7 @@ from switchformer.moe.bounds import (
     POSITIVE,
     check_bounds,
 )
-from switchformer.moe.dispatch import BACKENDS, DispatchPlan, combine, plan_dispatch
+from switchformer.moe.dispatch import BACKENDS, DispatchPlan, combine, dispatch_rows, plan_dispatch, token_slots
 from switchformer.moe.experts import ACTIVATIONS, Experts
 from switchformer.moe.routing import (
     PRIORITIES,
@@ -51,6 +51,10 @@ from switchformer.moe.static import static_moe_forward
 # SwitchMoE._few_assignments). Measured on CPU (d 256, f 1024, E 8 and 64): 140 us against 270 us
 # for one token, 250 against 400 us for two; from four tokens on the two paths cost the same.
 FEW_ASSIGNMENTS = 4
+
+# Token-choice layers dispatch and combine by gathering in both directions (dispatch.token_slots);
+# False: index_select forward and index_add_ combine (scatters). Chosen by benchmarks/moe_layer.py.
+GATHER_COMBINE = True
 
 
 class MoEAux:
@@ -191,6 +195,7 @@ class SwitchMoE(nn.Module):
         self.group_size = group_size
         self.routing = routing
         self.causal = causal
+        self.gather_combine = GATHER_COMBINE
 
         router_kwargs = dict(jitter_eps=jitter_eps, init_scale=init_scale)
         if routing == "expert_choice":
@@ -266,8 +271,11 @@ class SwitchMoE(nn.Module):
             capacity=None if self.routing == "expert_choice" else capacity,
             all_routed=mask is None and self.routing != "expert_choice",
         )
-        expert_out = self.experts(flat.index_select(0, plan.token), plan)
-        y = combine(expert_out, plan, flat.shape[0])
+        slots = None
+        if self.gather_combine and self.routing != "expert_choice":
+            slots = token_slots(routing.token, plan, self.top_k, group_len)
+        expert_out = self.experts(dispatch_rows(flat, plan, slots), plan)
+        y = combine(expert_out, plan, flat.shape[0], slots)
         if not torch.is_autocast_enabled(x.device.type):
             y = y.to(x.dtype)  # under autocast keep the compute dtype, as nn.Linear would
 
