@@ -42,7 +42,7 @@ def steps(device: str, smoke: bool) -> list[tuple[str, list[str], int]]:
         table = [
             ("cuda_check", f"cuda_check.py --device {device} --skip-speed", 300),
             ("moe_layer", f"moe_layer.py --device {device} --d-model 32 --d-ff 64 --tokens 256 --experts 4 "
-                          "--repeats 1 --warmup 1", 120),
+                          "--repeats 1 --warmup 1 --scatter-combine", 120),
             ("vs_transformers", f"vs_transformers.py --device {device} --experts 4 --steps 1 --gen-repeats 1 "
                                 "--batch 2 --seq 16 --new-tokens 4 --gen-batches 1 2", 300),
             ("static_decoding", f"static_decoding.py --device {device} --experts 4 --batches 1 2 --new-tokens 4 "
@@ -55,11 +55,11 @@ def steps(device: str, smoke: bool) -> list[tuple[str, list[str], int]]:
         table = [
             ("cuda_check", f"cuda_check.py --device {device} --skip-speed", 90),
             ("moe_layer", f"moe_layer.py {bf16} --d-model 768 --d-ff 3072 --tokens 32768 --experts 8 64 128 "
-                          "--repeats 10 --warmup 3", 60),
-            ("vs_transformers", f"vs_transformers.py {bf16} --size base --experts 8 --batch 16 --seq 512 --steps 8 "
-                                "--gen-repeats 3 --gen-batches 1 32", 110),
-            ("static_decoding", f"static_decoding.py {bf16} --size base --experts 8 --batches 1 32 --compile --hf "
-                                "--repeats 3 --new-tokens 64", 110),
+                          "--repeats 10 --warmup 3 --scatter-combine", 60),
+            ("vs_transformers", f"vs_transformers.py {bf16} --size base --experts 8 --vocab 32128 --batch 16 "
+                                "--seq 512 --steps 8 --gen-repeats 3 --gen-batches 1 32 --gen-weights bfloat16", 110),
+            ("static_decoding", f"static_decoding.py {bf16} --size base --experts 8 --vocab 32128 --batches 1 32 "
+                                "--compile --hf --repeats 3 --new-tokens 64", 110),
             ("serve_load", f"serve_load.py --device {device} --clients 1 16 64 --rounds 1 --requests 64", 50),
             ("serve_load_static", f"serve_load.py --device {device} --clients 1 16 64 --rounds 1 --requests 64 "
                                   "--cache static --compile", 60),

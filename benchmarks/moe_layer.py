@@ -94,6 +94,10 @@ def bench_size(tokens, d_model, d_ff, num_experts, args, device, dtype):
         ):
             continue
         candidates[f"switch[{backend}]"] = layer
+    if args.scatter_combine:  # the same layer combining by index_add_ (and scattering in backward)
+        layer = SwitchMoE(d_model, d_ff, num_experts, capacity_factor=args.capacity_factor)
+        layer.gather_combine = False
+        candidates["switch[auto, scatter]"] = layer
     capacity = candidates["switch[auto]"].train().capacity(tokens)
     hf = None if args.no_hf else hf_layer(d_model, d_ff, num_experts, capacity or tokens)  # dropless: no cap
     if hf is not None:
@@ -146,6 +150,10 @@ def main():
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--no-hf", action="store_true", help="skip Hugging Face's layer")
+    parser.add_argument(
+        "--scatter-combine", action="store_true",
+        help="also the layer with index_add_ dispatch/combine instead of the gathers (switch[auto, scatter])",
+    )  # fmt: skip
     parser.add_argument("--reuse-freed-memory", action="store_true", help="apply runtime.reuse_freed_memory()")
     args = parser.parse_args()
     if args.reuse_freed_memory:

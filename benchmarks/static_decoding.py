@@ -31,19 +31,18 @@ SIZES = {
     "small": dict(d_model=256, d_kv=64, d_ff=1024, num_layers=4, num_heads=4),
     "base": dict(d_model=768, d_kv=64, d_ff=3072, num_layers=12, num_heads=12),  # Switch-Base
 }
-VOCAB = 8192
 
 
-def build(family: str, size: str, experts: int, device, dtype) -> torch.nn.Module:
+def build(family: str, size: str, experts: int, device, dtype, vocab: int = 8192) -> torch.nn.Module:
     torch.manual_seed(0)
     shape = SIZES[size]
     if family == "t5":
-        config = SwitchT5Config(vocab_size=VOCAB, num_experts=experts, expert_capacity=64, dropout_rate=0.0,
+        config = SwitchT5Config(vocab_size=vocab, num_experts=experts, expert_capacity=64, dropout_rate=0.0,
                                 init_scale=1.0, **shape)  # fmt: skip
         model = SwitchT5(config)
     else:
         lm_shape = {k: v for k, v in shape.items() if k != "d_kv"}
-        model = SwitchLM(SwitchLMConfig(vocab_size=VOCAB, num_experts=experts, max_seq_len=512, init_scale=1.0,
+        model = SwitchLM(SwitchLMConfig(vocab_size=vocab, num_experts=experts, max_seq_len=512, init_scale=1.0,
                                         activation="relu", **lm_shape))  # fmt: skip
     return model.to(device=device, dtype=dtype).eval()
 
@@ -110,6 +109,7 @@ def main() -> None:
     parser.add_argument("--size", choices=sorted(SIZES), default="small")
     parser.add_argument("--experts", type=int, nargs="+", default=[8])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--vocab", type=int, default=8192)
     parser.add_argument("--prompt-tokens", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)
@@ -125,13 +125,17 @@ def main() -> None:
     rows = []
     for family in args.families:
         for experts in args.experts:
-            model = build(family, args.size, experts, device, dtype)
+            model = build(family, args.size, experts, device, dtype, args.vocab)
             hf = None
             if args.hf and family == "t5":
-                hf = hf_twin(build(family, args.size, experts, "cpu", torch.float32)).to(device=device, dtype=dtype)
+                hf = hf_twin(build(family, args.size, experts, "cpu", torch.float32, args.vocab)).to(
+                    device=device, dtype=dtype
+                )
                 hf.eval()
             for batch in args.batches:
-                ids = torch.randint(2, VOCAB, (batch, args.prompt_tokens), generator=torch.Generator().manual_seed(1))
+                ids = torch.randint(
+                    2, args.vocab, (batch, args.prompt_tokens), generator=torch.Generator().manual_seed(1)
+                )
                 ids = ids.to(device)
                 times, outputs = measure(variants(model, ids, args.new_tokens, args.compile, hf), args.repeats, device)
                 reference = outputs["dynamic"]
