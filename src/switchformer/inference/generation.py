@@ -24,7 +24,7 @@ from switchformer.inference.inputs import check_mask, check_token_ids, decoder_s
 from switchformer.inference.routing import inference_routing
 from switchformer.inference.sampling import SamplingConfig, choose, process_logits
 from switchformer.inference.scope import DecodingScope
-from switchformer.inference.static import check_cache_options, check_static_model, decode_step_fn
+from switchformer.inference.static import check_cache_options, decode_step_fn
 
 log = logging.getLogger("switchformer")
 
@@ -146,9 +146,7 @@ def generate_seq2seq(
     ``ValueError`` naming the argument for a ``num_beams`` below 1, a non-finite ``length_penalty``
     or an unknown ``early_stopping``, whatever ``num_beams`` is."""
     cfg = _sampling_config(model, sampling)
-    static = check_cache_options(cache_implementation, compile)
-    if static:
-        check_static_model(model)
+    static = check_cache_options(cache_implementation, compile, model)
     check_beam_arguments(num_beams, length_penalty, early_stopping)
     if num_beams > 1 and cfg.do_sample:
         raise ValueError("num_beams: beam search is deterministic; do not combine it with do_sample")
@@ -180,9 +178,7 @@ def stream_seq2seq(
 ) -> Iterator[Tensor]:
     """Iterator over the new tokens ``[batch]`` of each step, as soon as each is chosen."""
     cfg = _sampling_config(model, sampling)
-    static = check_cache_options(cache_implementation, compile)
-    if static:
-        check_static_model(model)
+    static = check_cache_options(cache_implementation, compile, model)
     yield from _stream(model, routing, _seq2seq_steps(model, input_ids, attention_mask, cfg, static, compile))
 
 
@@ -239,9 +235,7 @@ def generate_causal(
     left-padded, with ``attention_mask`` marking the real tokens. ``cache_implementation`` and
     ``compile``: as :func:`generate_seq2seq`'s."""
     cfg = _sampling_config(model, sampling)
-    static = check_cache_options(cache_implementation, compile)
-    if static:
-        check_static_model(model)
+    static = check_cache_options(cache_implementation, compile, model)
     steps = _causal_steps(model, input_ids, attention_mask, cfg, static, compile)
     return _run(model, routing, lambda: _collect(input_ids, steps, streamer))
 
@@ -258,7 +252,5 @@ def stream_causal(
 ) -> Iterator[Tensor]:
     """Iterator over the new tokens ``[batch]`` of each step, as soon as each is chosen."""
     cfg = _sampling_config(model, sampling)
-    static = check_cache_options(cache_implementation, compile)
-    if static:
-        check_static_model(model)
+    static = check_cache_options(cache_implementation, compile, model)
     yield from _stream(model, routing, _causal_steps(model, input_ids, attention_mask, cfg, static, compile))

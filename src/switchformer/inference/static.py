@@ -25,10 +25,11 @@ CACHE_IMPLEMENTATIONS = ("dynamic", "static")
 _compiled: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def check_cache_options(cache_implementation: str, compile: bool) -> bool:
+def check_cache_options(cache_implementation: str, compile: bool, model=None) -> bool:
     """True for the static cache. ``ValueError`` naming ``cache_implementation`` for an unknown
     one, or ``compile`` for a compiled step without the static cache (only a static step compiles
-    whole) or a ``compile`` that is not a bool."""
+    whole) or a ``compile`` that is not a bool; with ``model``, also for a model the static step
+    cannot run (:func:`check_static_model`), before anything is decoded."""
     if cache_implementation not in CACHE_IMPLEMENTATIONS:
         raise ValueError(
             f"cache_implementation: unknown {cache_implementation!r}; choose one of {CACHE_IMPLEMENTATIONS}"
@@ -37,7 +38,10 @@ def check_cache_options(cache_implementation: str, compile: bool) -> bool:
         raise ValueError(f"compile: expected True or False, got {compile!r}")
     if compile and cache_implementation != "static":
         raise ValueError("compile: only the static decoding step compiles whole; add cache_implementation='static'")
-    return cache_implementation == "static"
+    static = cache_implementation == "static"
+    if static and model is not None:
+        check_static_model(model)
+    return static
 
 
 def check_static_model(model) -> None:

@@ -32,7 +32,7 @@ from torch import Tensor
 
 from switchformer.inference.routing import inference_routing, routing_description
 from switchformer.inference.scope import DecodingScope
-from switchformer.inference.static import check_cache_options, check_static_model, decode_step_fn
+from switchformer.inference.static import check_cache_options, decode_step_fn
 from switchformer.models.outputs import RouterStats
 from switchformer.models.t5 import SwitchT5
 from switchformer.moe.layer import switch_layers
@@ -165,8 +165,7 @@ class Engine:
         else:
             self.batch = LMBatch(model, max_batch_size, columns, self.device, dtype)
         self.static_step = None
-        if check_cache_options(cache, compile):
-            check_static_model(model)
+        if check_cache_options(cache, compile, model):
             self.static_step = decode_step_fn(model, compile)
         self.stats = EngineStats()
         self._moe_layers = switch_layers(model)  # walked once, not per step
