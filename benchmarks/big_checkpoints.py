@@ -170,6 +170,9 @@ def measure_child(args) -> dict:
     torch.set_num_threads(args.threads)
     sampler = MemorySampler()
     config = json.loads((Path(args.dir) / "config.json").read_text())
+    run = "model_type" not in config  # a switchformer run (convert --dtype int8 writes one), not an HF directory
+    if run:
+        config = config["model"]
     ids = prompt_ids(1, args.prompt_tokens, config["vocab_size"])
     result = {"dir": str(args.dir), "impl": args.impl, "dtype": args.dtype, "max_memory": args.max_memory,
               "threads": torch.get_num_threads(), "prompt_tokens": args.prompt_tokens,
@@ -178,6 +181,7 @@ def measure_child(args) -> dict:
         from switchformer.interop.hf import from_hf
         from switchformer.models.placement import parse_size
         from switchformer.runtime import return_freed_memory
+        from switchformer.train.run import load_run
 
         return_freed_memory()  # as the commands do under --max-memory and --dtype int8
     else:
@@ -185,7 +189,10 @@ def measure_child(args) -> dict:
     start = time.perf_counter()
     if args.impl == "ours":
         budget = parse_size(args.max_memory) if args.max_memory else None
-        model = from_hf(args.dir, dtype=args.dtype, max_memory=budget).eval()
+        if run:
+            model = load_run(args.dir, False, dtype=args.dtype, max_memory=budget)[0].eval()
+        else:
+            model = from_hf(args.dir, dtype=args.dtype, max_memory=budget).eval()
         def generate(ids, n, streamer=None):
             return model.generate(ids, max_new_tokens=n, streamer=streamer, no_repeat_ngram_size=args.no_repeat)
     else:

@@ -5,6 +5,9 @@ that ``torch.compile(fullgraph=True)`` captures without a graph break."""
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import pytest
 import torch
 
@@ -226,6 +229,13 @@ def test_generate_with_a_step_compiled_by_inductor_gives_the_same_tokens(family)
     expected = model.generate(ids, mask, max_new_tokens=8)
     actual = model.generate(ids, mask, max_new_tokens=8, cache_implementation="static", compile=True)
     same_tokens(expected, actual, family)
+    again = model.generate(ids, mask, max_new_tokens=8, cache_implementation="static", compile=True)
+    same_tokens(expected, again, f"{family}, the kept compiled step")
+    # the kept compiled step does not keep the model alive
+    alive = weakref.ref(model)
+    del model
+    gc.collect()
+    assert alive() is None
 
 
 def test_bad_cache_options_are_refused_by_name():

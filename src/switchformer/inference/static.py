@@ -61,18 +61,21 @@ def compile_mode(device: torch.device) -> str | None:
 
 def decode_step_fn(model, compile: bool = False) -> Callable[..., tuple[Tensor, list[Tensor]]]:
     """``model.decode_step``, or its compiled form (``fullgraph=True``: a graph break is an error,
-    not a silent fallback), compiled once per model and kept while the model lives."""
+    not a silent fallback), compiled once per model. The compiled function is kept in a weak map
+    keyed by the model and holds no reference to it (the model is an argument), so a model that is
+    no longer used is freed with its compiled step."""
     if not compile:
         return model.decode_step
-    step = _compiled.get(model)
-    if step is None:
+    compiled = _compiled.get(model)
+    if compiled is None:
         device = next(model.parameters()).device
-        compiled = torch.compile(model.decode_step, fullgraph=True, mode=compile_mode(device))
+        compiled = torch.compile(type(model).decode_step, fullgraph=True, mode=compile_mode(device))
+        _compiled[model] = compiled
+    cuda = next(model.parameters()).device.type == "cuda"
 
-        def step(*args, **kwargs):
-            if device.type == "cuda":  # a new step: the previous replay's outputs may be overwritten
-                torch.compiler.cudagraph_mark_step_begin()
-            return compiled(*args, **kwargs)
+    def step(*args, **kwargs):
+        if cuda:  # a new step: the previous replay's outputs may be overwritten
+            torch.compiler.cudagraph_mark_step_begin()
+        return compiled(model, *args, **kwargs)
 
-        _compiled[model] = step
     return step

@@ -10,11 +10,13 @@ How the data-dependent parts become static:
   of the experts in priority order; an assignment at or past the capacity is kept in the
   computation but weighted by zero, so it adds exactly nothing (a dropped token's output is 0, as
   in :func:`switchformer.moe.dispatch.combine`).
-- **expert batches**: a few assignments (at most one per expert, ``A <= E``) multiply by their
-  own expert's matrices gathered per assignment (``[A, d, f]``: the bytes of the experts used, as
-  the eager few-token path reads); more assignments fill ``E`` padded slot blocks of ``C`` rows
-  (``C`` the capacity, or every assignment when dropless) multiplied by one batched matmul, which
-  reads every expert once, as the eager path does when a batch touches most experts.
+- **expert batches**: one assignment multiplies by its expert's matrices gathered (the bytes of
+  the one expert used, as the eager few-token path reads). More assignments are sorted by expert
+  (on the device) and run through ``grouped_mm`` with offsets computed on the device, which reads
+  only the experts used and does only the rows' work, where ``grouped_mm`` runs (GPUs in bfloat16;
+  the CPU outside ``torch.compile``, whose float32 fake kernel is missing in torch 2.13); elsewhere
+  they fill ``E`` padded blocks of ``C`` rows (``C`` the capacity, or every assignment when
+  dropless) multiplied by one batched matmul, which reads every expert once.
 - **padding rows** (a server's idle slots): ``token_mask`` False routes the row nowhere: no
   expert, zero output, not counted.
 """
@@ -22,8 +24,10 @@ How the data-dependent parts become static:
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
+from switchformer.moe.dispatch import grouped_mm_valid
 from switchformer.moe.experts import Experts, apply_activation
 
 
@@ -66,8 +70,10 @@ def static_moe_forward(layer, x: Tensor, token_mask: Tensor | None = None) -> tu
     safe_expert = expert.clamp(max=num_experts - 1)
     experts: Experts = layer.experts
     rows = flat.index_select(0, token).to(experts.w_in.dtype)
-    if expert.numel() <= num_experts:
+    if expert.numel() == 1:
         out = _gathered_ffn(experts, rows, safe_expert)
+    elif grouped_mm_valid(rows, experts.w_in):
+        out = _grouped_ffn(experts, rows, safe_expert)
     else:
         slots = capacity if capacity is not None else flat.shape[0]
         out = _padded_ffn(experts, rows, safe_expert, position.clamp(max=slots - 1), keep, slots)
@@ -99,6 +105,19 @@ def _gathered_ffn(experts: Experts, rows: Tensor, expert: Tensor) -> Tensor:
     h = torch.bmm(rows[:, None, :], experts.w_in.index_select(0, expert))
     h = apply_activation(h, experts.activation)
     return torch.bmm(h, experts.w_out.index_select(0, expert))[:, 0]
+
+
+def _grouped_ffn(experts: Experts, rows: Tensor, expert: Tensor) -> Tensor:
+    """Rows sorted by expert (stable, on the device), each expert's rows through its matrices with
+    ``grouped_mm`` (offsets: cumulative counts, computed without a host read), then unsorted.
+    Dropped assignments are computed too (their weight is zero): the shapes stay fixed."""
+    order = torch.argsort(expert, stable=True)
+    counts = (expert[:, None] == torch.arange(experts.num_experts, device=expert.device)).sum(0)
+    offsets = counts.cumsum(0).to(torch.int32)
+    h = F.grouped_mm(rows.index_select(0, order), experts.w_in, offs=offsets)
+    h = apply_activation(h, experts.activation)
+    out = F.grouped_mm(h, experts.w_out, offs=offsets)
+    return torch.empty_like(out).index_copy_(0, order, out)
 
 
 def _padded_ffn(experts: Experts, rows: Tensor, expert: Tensor, position: Tensor, keep: Tensor, slots: int) -> Tensor:
