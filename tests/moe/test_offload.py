@@ -34,6 +34,20 @@ def test_int8_error_is_at_most_half_a_step_per_weight():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_quantising_leaves_the_weight_alone_and_rounds_as_the_formula(dtype):
+    # quantisation works in place on its own copy: never on the caller's weight (a float32 weight's
+    # .to(float32) would be the weight itself)
+    torch.manual_seed(2)
+    w = (torch.randn(96, 40) * 3).to(dtype)
+    before = w.clone()
+    m = quantize_int8(w)
+    assert torch.equal(w, before)
+    scale = w.float().abs().amax(dim=0) / INT8_MAX
+    naive = torch.round(w.float() / scale).clamp(-INT8_MAX, INT8_MAX).to(torch.int8).t()
+    assert torch.equal(m.qweight, naive) and torch.equal(m.scale, scale)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_int8_matmul_is_the_dequantised_matmul(dtype):
     torch.manual_seed(1)
     w, x = torch.randn(64, 40), torch.randn(7, 64).to(dtype)

@@ -42,10 +42,12 @@ def quantize_int8(w: Tensor) -> Int8Matrix:
     """Per-output-channel int8 of ``w [d_in, d_out]`` (any float dtype; computed in float32)."""
     if w.dim() != 2:
         raise ValueError(f"quantize_int8: expected a matrix [d_in, d_out], got shape {tuple(w.shape)}")
-    wt = w.detach().t().to(torch.float32)
+    wt = w.detach().t().to(torch.float32, copy=True)  # our own copy: divided in place below
     amax = wt.abs().amax(dim=1)
     scale = torch.where(amax > 0, amax / INT8_MAX, torch.ones_like(amax))  # an all-zero channel stays 0
-    q = torch.round(wt / scale[:, None]).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
+    # in place: an offloaded expert is quantised on each cache miss, and three fewer passes over the
+    # matrix made that about twice as fast (the same values: the same division and rounding)
+    q = wt.div_(scale[:, None]).round_().clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
     return Int8Matrix(q.contiguous(), scale.contiguous())
 
 
