@@ -285,15 +285,16 @@ def check_static_decoding(device: torch.device) -> None:
                 torch.cuda.set_sync_debug_mode("default")
     try:
         start = time.perf_counter()
-        compiled = model.generate(
-            ids, max_new_tokens=16, eos_token_id=None, cache_implementation="static", compile=True
-        )
+        static = dict(max_new_tokens=16, eos_token_id=None, cache_implementation="static", compile=True)
+        compiled = model.generate(ids, **static)
         seconds = time.perf_counter() - start
-        report(
-            "compiled static step",
-            torch.equal(growing, compiled),
-            f"same tokens; first call (compiling) {seconds:.0f} s",
-        )
+        # a second call with other prompts, hence new cache buffers: a replayed graph must not read the
+        # first call's (transformers#30351: a compiled static cache "locked" to its first prompt)
+        other = torch.randint(2, 8192, (4, 32), generator=torch.Generator().manual_seed(3)).to(device)
+        again = model.generate(other, **static)
+        expected = model.generate(other, max_new_tokens=16, eos_token_id=None)
+        same = torch.equal(growing, compiled) and torch.equal(expected, again)
+        report("compiled static step", same, f"same tokens in two calls; first call (compiling) {seconds:.0f} s")
     except Exception as err:  # noqa: BLE001 - a check reports what failed and goes on
         report("compiled static step", False, f"{type(err).__name__}: {str(err).splitlines()[0]}")
 
