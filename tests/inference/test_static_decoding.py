@@ -229,8 +229,13 @@ def test_generate_with_a_step_compiled_by_inductor_gives_the_same_tokens(family)
     expected = model.generate(ids, mask, max_new_tokens=8)
     actual = model.generate(ids, mask, max_new_tokens=8, cache_implementation="static", compile=True)
     same_tokens(expected, actual, family)
-    again = model.generate(ids, mask, max_new_tokens=8, cache_implementation="static", compile=True)
-    same_tokens(expected, again, f"{family}, the kept compiled step")
+    # a second call with other prompts: the kept compiled step must read this call's cache, not the
+    # first call's (transformers#30351: a compiled static cache "locked" to its first prompt)
+    other, other_mask = prompts(rows=5, seed=7)
+    if family == "lm":
+        other_mask = other_mask.flip(1)
+    again = model.generate(other, other_mask, max_new_tokens=8, cache_implementation="static", compile=True)
+    same_tokens(model.generate(other, other_mask, max_new_tokens=8), again, f"{family}, the kept compiled step")
     # the kept compiled step does not keep the model alive
     alive = weakref.ref(model)
     del model
