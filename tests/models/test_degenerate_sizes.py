@@ -117,6 +117,17 @@ def test_no_tokens_report_what_all_masked_tokens_report(kwargs, shape, training)
         assert x.grad is not None and x.grad.shape == x.shape
 
 
+@pytest.mark.parametrize("kwargs", [k for k in LAYERS if k.get("routing") != "expert_choice"])
+@pytest.mark.parametrize("shape", [(0, 8), (0, 1, 8), (3, 0, 8)])
+def test_the_static_path_takes_no_tokens_too(kwargs, shape):
+    # a static step of no rows (a server with no request running never steps, but the layer's
+    # contract holds): an empty output of the input's shape, nothing counted
+    layer = SwitchMoE(8, 16, 4, **kwargs).eval()
+    with torch.inference_mode():
+        y, counts = layer.forward_static(torch.randn(*shape))
+    assert y.shape == shape and counts.tolist() == [0, 0, 0, 0]
+
+
 # ----------------------------------------------------------------------------- models and generation
 
 

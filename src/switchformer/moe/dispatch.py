@@ -164,7 +164,7 @@ def _gather_sum(rows: Tensor, slots: Tensor) -> Tensor:
     picked = padded.index_select(0, slots.reshape(-1))
     if slots.shape[1] == 1:
         return picked
-    return picked.view(slots.shape[0], slots.shape[1], -1).sum(1)
+    return picked.view(slots.shape[0], slots.shape[1], rows.shape[-1]).sum(1)  # (no -1: zero tokens)
 
 
 class _GatherCombine(torch.autograd.Function):

@@ -129,5 +129,5 @@ def _padded_ffn(experts: Experts, rows: Tensor, expert: Tensor, position: Tensor
     blocks = rows.new_zeros(spare + 1, d_model).index_copy(0, slot, rows)
     h = torch.bmm(blocks[:spare].view(num_experts, slots, d_model), experts.w_in)
     h = apply_activation(h, experts.activation)
-    out = torch.bmm(h, experts.w_out).view(spare, -1)
+    out = torch.bmm(h, experts.w_out).view(spare, d_model)  # (no -1: zero rows)
     return torch.cat([out, out.new_zeros(1, out.shape[1])]).index_select(0, slot)
