@@ -85,30 +85,10 @@ def run(args) -> int:
 
         check_static_model(model)  # before any output
     print(f"routing: {routing_description(model, args.routing)}", file=sys.stderr)
-    from switchformer.data.files import read_stream_text
-    from switchformer.data.formatting import lone_surrogate
-
-    prompt = args.prompt if args.prompt is not None else read_stream_text(sys.stdin)
-
-    if (position := lone_surrogate(prompt)) is not None:  # bytes that are not UTF-8 arrive as lone surrogates
-        where = "--prompt" if args.prompt is not None else "standard input"
-        raise ValueError(f"prompt: {where} is not valid UTF-8 (character {position})")
-    if not prompt.strip() and args.prompt is None:
-        raise ValueError("prompt: give --prompt or text on standard input")
     seq2seq = config.resolved_objective == "seq2seq"  # the prompt is a source: its translation alone is printed
     chat = config.resolved_objective == "chat"  # the prompt is a user message: the answer alone is printed
     answer_only = seq2seq or chat
-    if chat and args.prompt is None:  # standard input's last newline is no part of the message
-        prompt = prompt.removesuffix("\n").removesuffix("\r")
-    if seq2seq and args.prompt is None:
-        prompt = prompt.rstrip("\r\n")  # standard input's last newline is no part of the sentence
-        if "\n" in prompt:
-            raise ValueError(
-                f"prompt: {prompt.count(chr(10)) + 1} lines on standard input; generate translates one source "
-                "(switchformer translate translates a file line by line)"
-            )
-    if seq2seq and not prompt.strip():
-        raise ValueError("prompt: empty; give the sentence to translate (--prompt or standard input)")
+    prompt = read_prompt(args, seq2seq, chat)
     produced: list[int] = []
     printed = ""
 
@@ -150,3 +130,30 @@ def run(args) -> int:
     sys.stdout.write("\n")
     report_expert_cache(model)
     return 0
+
+
+def read_prompt(args, seq2seq: bool, chat: bool) -> str:
+    """The prompt of ``--prompt`` or standard input, checked: valid UTF-8, not empty; a seq2seq
+    run's source one line (its last newline dropped), a chat message without its last newline."""
+    from switchformer.data.files import read_stream_text
+    from switchformer.data.formatting import lone_surrogate
+
+    prompt = args.prompt if args.prompt is not None else read_stream_text(sys.stdin)
+
+    if (position := lone_surrogate(prompt)) is not None:  # bytes that are not UTF-8 arrive as lone surrogates
+        where = "--prompt" if args.prompt is not None else "standard input"
+        raise ValueError(f"prompt: {where} is not valid UTF-8 (character {position})")
+    if not prompt.strip() and args.prompt is None:
+        raise ValueError("prompt: give --prompt or text on standard input")
+    if chat and args.prompt is None:  # standard input's last newline is no part of the message
+        prompt = prompt.removesuffix("\n").removesuffix("\r")
+    if seq2seq and args.prompt is None:
+        prompt = prompt.rstrip("\r\n")  # standard input's last newline is no part of the sentence
+        if "\n" in prompt:
+            raise ValueError(
+                f"prompt: {prompt.count(chr(10)) + 1} lines on standard input; generate translates one source "
+                "(switchformer translate translates a file line by line)"
+            )
+    if seq2seq and not prompt.strip():
+        raise ValueError("prompt: empty; give the sentence to translate (--prompt or standard input)")
+    return prompt
