@@ -4,6 +4,7 @@ the file or the setting at fault; nothing printed as if the work had started; no
 from __future__ import annotations
 
 import errno
+import io
 import os
 
 import pytest
@@ -118,10 +119,19 @@ def test_a_run_path_that_is_missing_or_a_file_is_named(tmp_path, capsys, command
 
 
 def test_generate_refuses_bad_sampling_before_loading_anything(run, capsys):
-    for flags in (["--temperature", "-1"], ["--top-p", "2"], ["--max-new-tokens", "0"]):
+    flag_sets = (["--temperature", "-1"], ["--top-p", "2"], ["--max-new-tokens", "0"], ["--num-beams", "0"],
+                 ["--seed", str(2**64)], ["--seed", str(-(2**63) - 1)])  # fmt: skip
+    for flags in flag_sets:
         assert main(["generate", str(run), "--prompt", "hi", *flags]) == 2
         err = capsys.readouterr().err
         assert "routing" not in err and err.count("\n") == 1, err
+        assert flags[0].removeprefix("--").replace("-", "_") in err.replace("-", "_"), err  # the flag named
+
+
+def test_generate_refuses_empty_standard_input_before_loading(run, capsys, monkeypatch):
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b"  \n")))
+    line = error_of(capsys, ["generate", str(run)])
+    assert "prompt: give --prompt or text on standard input" in line
 
 
 def test_info_refuses_a_layout_before_printing_it(run, capsys):

@@ -14,7 +14,7 @@ import torch
 import switchformer as sf
 from switchformer.inference.routing import inference_routing
 from switchformer.moe.layer import SwitchMoE
-from switchformer.moe.offload import StoredExperts
+from switchformer.moe.offload import ExpertCache, StoredExperts
 from tests.tolerances import assert_close
 
 T5_CASES = {
@@ -254,16 +254,20 @@ def test_bad_cache_options_are_refused_by_name():
         model.generate(ids, max_new_tokens=2, cache_implementation="static", compile="yes")
 
 
-def test_offloaded_or_int8_experts_are_refused_before_decoding():
-    # their experts come from a store with host reads; the step says so before any token is chosen
+@pytest.mark.parametrize("kind", ["int8", "offloaded"])
+def test_offloaded_or_int8_experts_are_refused_before_decoding_naming_why(kind):
+    # their experts come from a store with host reads; the refusal names the cause and the way out,
+    # before any token is chosen
     model = lm(sparse_step=1)
     layer = model.blocks[0].ffn.mlp
     experts = layer.experts
+    store = dict(quantize=True) if kind == "int8" else dict(cache=ExpertCache(1 << 20), key="layer0")
     layer.experts = StoredExperts(4, 32, 64, experts.activation, lambda e: (experts.w_in[e], experts.w_out[e]),
-                                  dtype=torch.float32, quantize=True)  # fmt: skip
+                                  dtype=torch.float32, **store)  # fmt: skip
+    cause = r"int8-stored experts \(--dtype int8\)" if kind == "int8" else r"offloaded experts \(--max-memory\)"
     ids, _ = prompts()
     streamed = []
-    with pytest.raises(ValueError, match="static decoding: needs every expert resident"):
+    with pytest.raises(ValueError, match=f"static decoding needs every expert resident .*; {cause} .*--cache dynamic"):
         model.generate(ids, max_new_tokens=2, cache_implementation="static", streamer=streamed.append)
     assert streamed == []
     model.generate(ids, max_new_tokens=2)  # the growing cache still runs them

@@ -111,7 +111,8 @@ def test_a_model_the_static_step_cannot_run_is_refused_before_serving(tok):
     experts = layer.experts
     layer.experts = StoredExperts(4, 64, 128, experts.activation, lambda e: (experts.w_in[e], experts.w_out[e]),
                                   dtype=experts.w_in.dtype, quantize=True)  # fmt: skip
-    with pytest.raises(ValueError, match="static decoding: needs every expert resident"):
+    message = r"static decoding needs every expert resident .*; int8-stored experts \(--dtype int8\) .*--cache dynamic"
+    with pytest.raises(ValueError, match=message):
         Engine(lm, tok, max_request_tokens=64, cache="static")
     with pytest.raises(ValueError, match="compile: only the static decoding step compiles whole"):
         Engine(tiny_lm(), tok, max_request_tokens=64, compile=True)

@@ -42,7 +42,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--source-lang", metavar="CODE", help="seq2seq: the source language, when the prefix names it")
     parser.add_argument("--target-lang", metavar="CODE", help="seq2seq: the target language, when the prefix names it")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--seed", type=int, default=0, help="the sampling's random seed (default: 0, so a sampled output repeats)"
+    )
     add_inference_arguments(parser)
     parser.add_argument(
         "--cache",
@@ -79,6 +81,11 @@ def run(args) -> int:
     SamplingConfig(**{k: v for k, v in given.items() if v is not None})  # bad values refused before loading
     if args.compile and args.cache != "static":
         raise ValueError("--compile: only the static decoding step compiles whole; add --cache static")
+    if args.num_beams is not None and args.num_beams < 1:
+        raise ValueError(f"--num-beams: must be >= 1, got {args.num_beams}")
+    if not -(2**63) <= args.seed < 2**64:  # what a torch.Generator takes
+        raise ValueError(f"--seed: must be in [-2**63, 2**64), got {args.seed}")
+    text = read_text(args)  # before loading: a bad or empty input is said at once
     model, tokenizer, config = load_source(args.run, **inference_options(args))
     if args.cache == "static":
         from switchformer.inference.static import check_static_model
@@ -88,7 +95,7 @@ def run(args) -> int:
     seq2seq = config.resolved_objective == "seq2seq"  # the prompt is a source: its translation alone is printed
     chat = config.resolved_objective == "chat"  # the prompt is a user message: the answer alone is printed
     answer_only = seq2seq or chat
-    prompt = read_prompt(args, seq2seq, chat)
+    prompt = prompt_of(text, args.prompt is None, seq2seq, chat)
     produced: list[int] = []
     printed = ""
 
@@ -132,22 +139,27 @@ def run(args) -> int:
     return 0
 
 
-def read_prompt(args, seq2seq: bool, chat: bool) -> str:
-    """The prompt of ``--prompt`` or standard input, checked: valid UTF-8, not empty; a seq2seq
-    run's source one line (its last newline dropped), a chat message without its last newline."""
+def read_text(args) -> str:
+    """The text of ``--prompt`` or standard input, checked: valid UTF-8, and standard input not empty."""
     from switchformer.data.files import read_stream_text
     from switchformer.data.formatting import lone_surrogate
 
-    prompt = args.prompt if args.prompt is not None else read_stream_text(sys.stdin)
-
-    if (position := lone_surrogate(prompt)) is not None:  # bytes that are not UTF-8 arrive as lone surrogates
+    text = args.prompt if args.prompt is not None else read_stream_text(sys.stdin)
+    if (position := lone_surrogate(text)) is not None:  # bytes that are not UTF-8 arrive as lone surrogates
         where = "--prompt" if args.prompt is not None else "standard input"
         raise ValueError(f"prompt: {where} is not valid UTF-8 (character {position})")
-    if not prompt.strip() and args.prompt is None:
+    if not text.strip() and args.prompt is None:
         raise ValueError("prompt: give --prompt or text on standard input")
-    if chat and args.prompt is None:  # standard input's last newline is no part of the message
+    return text
+
+
+def prompt_of(text: str, from_stdin: bool, seq2seq: bool, chat: bool) -> str:
+    """The prompt the run's objective takes: a seq2seq run's source is one line (standard input's
+    last newline dropped) and not empty; a chat message loses standard input's last newline."""
+    prompt = text
+    if chat and from_stdin:  # standard input's last newline is no part of the message
         prompt = prompt.removesuffix("\n").removesuffix("\r")
-    if seq2seq and args.prompt is None:
+    if seq2seq and from_stdin:
         prompt = prompt.rstrip("\r\n")  # standard input's last newline is no part of the sentence
         if "\n" in prompt:
             raise ValueError(

@@ -93,7 +93,8 @@ def run(args) -> int:
     limits = server.limits
     family = "encoder-decoder (text-to-text)" if limits.context is None else "decoder-only"
     print(
-        f"serving {server.name!r}: {family}, routing {routing_description(server.served.model, args.routing)}, up to "
+        f"serving {server.name!r}: {family}, routing {routing_description(server.served.model, args.routing)}, "
+        f"decoding step {args.cache}{' (compiled)' if args.compile else ''}, up to "
         f"{args.max_batch_size} requests at once, prompts up to {limits.max_prompt_tokens} tokens, max_tokens up to "
         f"{limits.max_tokens}{', API key required' if server.api_key else ''}\n"
         f"  http://{args.host}:{args.port}/  (chat page), /v1/completions, /v1/chat/completions, /metrics",

@@ -90,14 +90,28 @@ def check_static(layer) -> None:
 
 
 def check_static_layer(layer) -> None:
-    """``ValueError`` for a layer whose routing or experts the static step cannot run, whatever the mode."""
+    """``ValueError`` for a layer whose routing or experts the static step cannot run, whatever
+    the mode, naming the cause and the way out (the growing cache runs them all)."""
     if layer.routing == "expert_choice":
-        raise ValueError("routing: expert_choice ranks tokens across the step; static decoding supports token choice")
-    if type(layer.experts) is not Experts:
         raise ValueError(
-            "static decoding: needs every expert resident (not offloaded under --max-memory, not int8-stored, "
-            "not expert-parallel)"
+            "cache_implementation: expert_choice routing ranks tokens across the step; decode with the growing cache "
+            "(--cache dynamic)"
         )
+    experts = layer.experts
+    if type(experts) is Experts:
+        return
+    if getattr(experts, "quantize", False):
+        cause = "int8-stored experts (--dtype int8) are converted on use"
+    elif getattr(experts, "_cache", None) is not None:
+        cause = "offloaded experts (--max-memory) are read from their files on use"
+    elif not getattr(experts, "all_local", False):
+        cause = "expert-parallel experts exchange tokens between processes"
+    else:
+        cause = f"{type(experts).__name__} experts are not resident float weights"
+    raise ValueError(
+        f"cache_implementation: static decoding needs every expert resident in float32 or bfloat16; {cause}: decode "
+        "with the growing cache (--cache dynamic)"
+    )
 
 
 def _gathered_ffn(experts: Experts, rows: Tensor, expert: Tensor) -> Tensor:

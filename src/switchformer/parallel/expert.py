@@ -52,6 +52,8 @@ class ExpertParallelExperts(nn.Module):
     to them by any rank of the EP group. ``forward(x, plan)`` has the same contract: rows sorted by
     global expert in, expert outputs in the same order out."""
 
+    all_local = False  # tokens go to other ranks (SwitchMoE's few-token path and the static step need local)
+
     def __init__(self, experts: Experts, state: ParallelState):
         super().__init__()
         num_experts, p = experts.num_experts, state.expert_parallel_size
