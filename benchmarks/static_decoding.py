@@ -158,7 +158,7 @@ def main() -> None:
     print(
         "\n| family | E | batch | "
         + " | ".join(k.removesuffix("_ms_per_token") for k in rows[0] if k.endswith("_ms_per_token"))
-        + " | static / dynamic |"
+        + " | speed-up of static (dynamic ms / static ms) |"
     )
     print("|---|---:|---:|" + "---:|" * (sum(k.endswith("_ms_per_token") for k in rows[0]) + 1))
     for row in rows:
