@@ -117,6 +117,57 @@ def write(name: str, out: Path, fmt: str, seed: int) -> None:
     print(f"{out}: {total / 2**30:.1f} GiB in {index - 1} shards, {time.perf_counter() - start:.0f} s")
 
 
+def write_int8_run(name: str, out: Path, seed: int) -> None:
+    """Random weights for ``name``'s architecture as the switchformer run that ``convert --dtype
+    int8`` makes of a bfloat16 checkpoint (int8 experts with float32 scales, routers float32, the
+    rest bfloat16), written directly: converting a written checkpoint needs both on the disk at once
+    (49 + 27 GiB for switch-large-128). ``tests/test_benchmarks.py`` checks the layout against a real
+    conversion's."""
+    from switchformer.interop.hf_config import config_from_hf
+    from switchformer.lifecycle.convert import train_settings_of
+    from switchformer.models.placement import keeps_float32
+    from switchformer.models.t5 import SwitchT5
+    from switchformer.runs.directory import write_run
+    from switchformer.runs.safetensors_stream import StreamedTensor, streamed_safetensors
+
+    config = config_from_hf(hf_config(name))
+    with torch.device("meta"):
+        shapes = {k: tuple(v.shape) for k, v in SwitchT5(config).state_dict().items()}
+    g = torch.Generator().manual_seed(seed)
+    uniform_std = 127 / 3**0.5  # of integers uniform on [-127, 127]
+
+    def experts(count, d_out, d_in):
+        for _ in range(count):
+            yield torch.randint(-127, 128, (d_out, d_in), generator=g, dtype=torch.int8)
+
+    def dense(key, shape):
+        if key.endswith("norm.weight"):
+            return torch.ones(shape, dtype=torch.bfloat16)
+        if keeps_float32(key):
+            return torch.randn(shape, generator=g)  # routers N(0, 1): tokens spread over the experts
+        wide = key == "shared.weight" or "relative" in key
+        fan_in = shape[0] if key.endswith((".w_in", ".w_out")) else shape[-1]  # the FFN's are [in, out]
+        return (torch.randn(shape, generator=g) * (1.0 if wide else fan_in**-0.5)).to(torch.bfloat16)
+
+    entries = []
+    for key, shape in shapes.items():
+        if ".experts." in key:
+            count, d_in, d_out = shape
+            entries.append(StreamedTensor(f"{key}.qweight", torch.int8, (count, d_out, d_in),
+                                          lambda c=count, o=d_out, i=d_in: experts(c, o, i)))  # fmt: skip
+            scale = torch.full((count, d_out), d_in**-0.5 / uniform_std)
+            entries.append(StreamedTensor(f"{key}.scale", torch.float32, (count, d_out), lambda t=scale: [t]))
+        else:
+            entries.append(StreamedTensor(key, torch.float32 if keeps_float32(key) else torch.bfloat16, shape,
+                                          lambda k=key, s=shape: [dense(k, s)]))  # fmt: skip
+    start = time.perf_counter()
+    out.mkdir(parents=True, exist_ok=False)
+    weights = streamed_safetensors(entries, {"format": "pt", "experts": "int8"})
+    write_run(out, train_settings_of(config).run_section(), config.to_dict(), weights=weights)
+    size = (out / "model.safetensors").stat().st_size
+    print(f"{out}: an int8 run of {size / 2**30:.1f} GiB, {time.perf_counter() - start:.0f} s")
+
+
 # ----------------------------------------------------------------------------- measuring (the child)
 
 
@@ -337,7 +388,8 @@ def main() -> None:
     w = sub.add_parser("write", help="random weights of a checkpoint's architecture, in Hugging Face's format")
     w.add_argument("name", help="google/switch-base-128, google/switch-base-256, google/switch-large-128, ...")
     w.add_argument("out", type=Path)
-    w.add_argument("--format", choices=["bin", "safetensors"], default="bin")
+    w.add_argument("--format", choices=["bin", "safetensors", "int8-run"], default="bin",
+                   help="int8-run: the switchformer run that convert --dtype int8 makes of it")
     w.add_argument("--seed", type=int, default=0)
     m = sub.add_parser("measure", help="load and decode in a fresh process under a memory cgroup")
     m.add_argument("dir", type=Path)
@@ -363,7 +415,10 @@ def main() -> None:
     t.add_argument("files", nargs="+")
     args = parser.parse_args()
     if args.what == "write":
-        write(args.name, args.out, args.format, args.seed)
+        if args.format == "int8-run":
+            write_int8_run(args.name, args.out, args.seed)
+        else:
+            write(args.name, args.out, args.format, args.seed)
     elif args.what == "measure":
         if args.impl == "transformers" and (args.dtype == "int8" or not args.max_memory):
             raise SystemExit("--impl transformers: give --max-memory, and --dtype float32 or bfloat16")

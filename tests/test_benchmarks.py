@@ -121,6 +121,43 @@ def test_big_checkpoints_writes_a_directory_ours_and_transformers_read_alike(tmp
     assert "| tiny | ours | float32 | 1MiB | 0 |" in table
 
 
+def test_big_checkpoints_int8_run_has_the_layout_convert_writes(tmp_path):
+    """`write --format int8-run` (random weights written directly as an int8 run) holds the tensors,
+    dtypes, shapes, metadata and model config that `convert --dtype int8` writes of the same
+    architecture's bf16 checkpoint, and `measure` decodes it with experts offloaded."""
+    import subprocess
+
+    from safetensors import safe_open
+
+    from switchformer.lifecycle.convert import convert
+
+    script = str(BENCHMARKS / "big_checkpoints.py")
+    subprocess.run([sys.executable, script, "write", "tiny", str(tmp_path / "hf"), "--format", "safetensors"],
+                   check=True, capture_output=True)  # fmt: skip
+    convert(tmp_path / "hf", tmp_path / "converted", dtype="int8")
+    subprocess.run([sys.executable, script, "write", "tiny", str(tmp_path / "direct"), "--format", "int8-run"],
+                   check=True, capture_output=True)  # fmt: skip
+
+    def layout(run):
+        with safe_open(str(run / "model.safetensors"), "pt") as f:
+            return f.metadata(), {k: (f.get_slice(k).get_dtype(), tuple(f.get_slice(k).get_shape())) for k in f.keys()}
+
+    assert layout(tmp_path / "direct") == layout(tmp_path / "converted")
+    config = lambda run: json.loads((run / "config.json").read_text())  # noqa: E731
+    assert config(tmp_path / "direct")["model"] == config(tmp_path / "converted")["model"]
+    with safe_open(str(tmp_path / "direct" / "model.safetensors"), "pt") as f:
+        q = f.get_tensor("encoder.blocks.1.ffn.mlp.experts.w_in.qweight").float()
+        scale = f.get_tensor("encoder.blocks.1.ffn.mlp.experts.w_in.scale")
+    weight_std = (q * scale[..., None]).std().item()
+    assert weight_std == pytest.approx(64**-0.5, rel=0.05)  # N(0, 1/fan_in)-sized, as the bf16 writer's
+    out = tmp_path / "m.json"
+    subprocess.run([sys.executable, script, "measure", str(tmp_path / "direct"), "--dtype", "int8", "--max-memory",
+                    "1MiB", "--no-cgroup", "--new-tokens", "4", "--threads", "1", "--json", str(out)],
+                   check=True, capture_output=True)  # fmt: skip
+    result = json.loads(out.read_text())
+    assert result["exit_code"] == 0 and len(result["tokens"]) == 5 and result["expert_cache"]["misses"] > 0
+
+
 @pytest.mark.slow
 @pytest.mark.hf
 def test_the_gpu_suite_runs_its_decoding_and_serving_steps_at_toy_sizes(tmp_path):
