@@ -116,3 +116,26 @@ def test_a_model_the_static_step_cannot_run_is_refused_before_serving(tok):
         Engine(lm, tok, max_request_tokens=64, cache="static")
     with pytest.raises(ValueError, match="compile: only the static decoding step compiles whole"):
         Engine(tiny_lm(), tok, max_request_tokens=64, compile=True)
+
+
+def test_a_static_step_that_fails_is_dropped_once_and_the_growing_cache_answers(tok, caplog):
+    # the step raising (a compile error, an out-of-memory) must not cost a request nor be retried at
+    # every step: one logged failure, then the growing cache's tokens
+    lm = tiny_lm()
+    app, engine = make_app(lm, tok, max_batch_size=4, limits=Limits(60, 60, 64), max_request_tokens=64, cache="static")
+    calls = []
+
+    def failing_step(*args, **kwargs):
+        calls.append(1)
+        raise RuntimeError("no graph for you")
+
+    engine.static_step = failing_step
+    with caplog.at_level("ERROR", logger="switchformer"), serving(app) as url:
+        c = client(url)
+        got = _concurrently(
+            lambda i: c.completions.create(model="tiny", prompt=PROMPTS[i], max_tokens=6, temperature=0), range(4)
+        )
+    for i, out in enumerate(got):
+        assert out.choices[0].text == reference_lm(lm, tok, PROMPTS[i], 6)[0], f"request {i}"
+    assert len(calls) == 1 and engine.static_step is None
+    assert sum("static decoding step failed" in r.getMessage() for r in caplog.records) == 1

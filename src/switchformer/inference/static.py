@@ -63,15 +63,20 @@ def decode_step_fn(model, compile: bool = False) -> Callable[..., tuple[Tensor, 
     """``model.decode_step``, or its compiled form (``fullgraph=True``: a graph break is an error,
     not a silent fallback), compiled once per model. The compiled function is kept in a weak map
     keyed by the model and holds no reference to it (the model is an argument), so a model that is
-    no longer used is freed with its compiled step."""
+    no longer used is freed with its compiled step. (Dynamo's own cache of guarded graphs lives on
+    the shared ``decode_step`` code, so its recompile limit counts every model, batch and cache
+    length together.) On CUDA each step is one CUDA graph replay; a new cache (each ``generate``
+    call allocates one) is recorded anew, which costs a warm-up per call."""
     if not compile:
         return model.decode_step
-    compiled = _compiled.get(model)
-    if compiled is None:
-        device = next(model.parameters()).device
-        compiled = torch.compile(type(model).decode_step, fullgraph=True, mode=compile_mode(device))
-        _compiled[model] = compiled
-    cuda = next(model.parameters()).device.type == "cuda"
+    check_static_model(model)  # also probes grouped_mm eagerly, which the graph only reads
+    device = next(model.parameters()).device
+    mode = compile_mode(device)
+    compiled = _compiled.get(model, {}).get(mode)
+    if compiled is None:  # per mode: a model compiled on a CPU and moved to a GPU gets its CUDA graphs
+        compiled = torch.compile(type(model).decode_step, fullgraph=True, mode=mode)
+        _compiled.setdefault(model, {})[mode] = compiled
+    cuda = device.type == "cuda"
 
     def step(*args, **kwargs):
         if cuda:  # a new step: the previous replay's outputs may be overwritten

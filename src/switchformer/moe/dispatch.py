@@ -13,7 +13,6 @@ The algorithm, as named functions:
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -313,9 +312,19 @@ def _grouped_mm(x: Tensor, weight: Tensor, plan: DispatchPlan) -> Tensor:
 _IMPLEMENTATIONS = {"loop": _loop, "padded": _padded, "grouped_mm": _grouped_mm}
 
 
-@functools.cache
+_PROBED: dict[tuple[str, torch.dtype], bool] = {}
+
+
 def grouped_mm_available(device_type: str, dtype: torch.dtype) -> bool:
-    """Feature detection: does this PyTorch run ``F.grouped_mm`` forward and backward here?"""
+    """Feature detection: does this PyTorch run ``F.grouped_mm`` forward and backward here? Probed
+    once per device type and dtype, eagerly (see :func:`grouped_mm_valid`)."""
+    key = (device_type, dtype)
+    if key not in _PROBED:
+        _PROBED[key] = _probe_grouped_mm(device_type, dtype)
+    return _PROBED[key]
+
+
+def _probe_grouped_mm(device_type: str, dtype: torch.dtype) -> bool:
     if not hasattr(F, "grouped_mm"):
         return False
     try:
@@ -330,12 +339,17 @@ def grouped_mm_available(device_type: str, dtype: torch.dtype) -> bool:
 
 
 def grouped_mm_valid(x: Tensor, weight: Tensor) -> bool:
-    """grouped_mm needs row strides that are multiples of 16 bytes, and a supported device/dtype."""
-    if torch.compiler.is_compiling() and x.dtype != torch.bfloat16:
-        return False  # torch 2.13's fake-tensor kernel of grouped_mm accepts bf16 only
+    """grouped_mm needs row strides that are multiples of 16 bytes, and a supported device/dtype.
+    Inside ``torch.compile`` only an earlier eager probe's answer is read (a probe traced into a
+    graph would put a backward pass in it); unprobed counts as unavailable."""
     size = x.element_size()
     aligned = (weight.shape[1] * size) % 16 == 0 and (weight.shape[2] * size) % 16 == 0
-    return aligned and x.dtype == weight.dtype and grouped_mm_available(x.device.type, x.dtype)
+    if not (aligned and x.dtype == weight.dtype):
+        return False
+    if torch.compiler.is_compiling():
+        # torch 2.13's fake-tensor kernel of grouped_mm accepts bf16 only
+        return x.dtype == torch.bfloat16 and _PROBED.get((x.device.type, x.dtype), False)
+    return grouped_mm_available(x.device.type, x.dtype)
 
 
 def resolve_backend(backend: str, x: Tensor, weight: Tensor) -> str:

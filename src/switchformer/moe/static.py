@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from switchformer.moe.dispatch import grouped_mm_valid
+from switchformer.moe.dispatch import grouped_mm_available, grouped_mm_valid
 from switchformer.moe.experts import Experts, apply_activation
 
 
@@ -72,7 +72,7 @@ def static_moe_forward(layer, x: Tensor, token_mask: Tensor | None = None) -> tu
     rows = flat.index_select(0, token).to(experts.w_in.dtype)
     if expert.numel() == 1:
         out = _gathered_ffn(experts, rows, safe_expert)
-    elif grouped_mm_valid(rows, experts.w_in):
+    elif grouped_mm_valid(rows, experts.w_in) and grouped_mm_valid(rows, experts.w_out):  # gated: w_in is 2x wide
         out = _grouped_ffn(experts, rows, safe_expert)
     else:
         slots = capacity if capacity is not None else flat.shape[0]
@@ -99,6 +99,8 @@ def check_static_layer(layer) -> None:
         )
     experts = layer.experts
     if type(experts) is Experts:
+        # probed here, eagerly: a compiled step only reads the answer (grouped_mm_valid)
+        grouped_mm_available(experts.w_in.device.type, experts.w_in.dtype)
         return
     if getattr(experts, "quantize", False):
         cause = "int8-stored experts (--dtype int8) are converted on use"

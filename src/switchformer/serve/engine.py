@@ -350,7 +350,11 @@ class Engine:
                     logits = self.batch.step(slice(0, n), tokens, stats)
             self.batch.length += 1
         except Exception:
-            log.exception("a batched step failed; stepping its rows one by one")
+            if self.static_step is not None:  # once, not at every step: the growing cache from here on
+                log.exception("the static decoding step failed; the engine decodes with the growing cache from now on")
+                self.static_step = None
+            else:
+                log.exception("a batched step failed; stepping its rows one by one")
             self._step_rows_alone(tokens)
             return
         self.stats.steps += 1

@@ -308,7 +308,7 @@ FIELD_HELP = {
     "optimizer": "`adamw` or `adafactor`",
     "lr": "peak learning rate",
     "embedding_lr_scale": "learning rate of the embedding tables (token embeddings, T5's relative-position biases) "
-    "as a multiple of lr",
+    "as a multiple of lr; AdamW's decoupled decay scales with it, and a tied output layer is the embedding table",
     "weight_decay": "decoupled weight decay (AdamW)",
     "beta2": "second-moment decay of AdamW",
     "schedule": "after the warmup: `cosine`, `inverse_sqrt` or `constant`",

@@ -31,7 +31,10 @@ def embedding_tables(model: torch.nn.Module) -> list[torch.nn.Parameter]:
 def build_optimizer(config: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
     """AdamW (or Adafactor) over three groups: matrices with weight decay, vectors without, and,
     when ``embedding_lr_scale`` is not 1, the embedding tables with decay at ``lr_scale`` times the
-    schedule's rate (each group's ``lr_scale``; the trainer sets ``lr`` from it every step)."""
+    schedule's rate (each group's ``lr_scale``; the trainer sets ``lr`` from it every step). AdamW's
+    decoupled decay is ``lr x weight_decay``, so the tables also decay ``lr_scale`` times faster (a
+    row no batch touches shrinks by about e^-1.3 over mt-small's schedule), and a tied output layer,
+    being the token table, trains at the scaled rate too; mt-small's figures were measured so."""
     tables = {id(p) for p in embedding_tables(model)} if config.embedding_lr_scale != 1 else set()
     decay = [p for p in model.parameters() if p.dim() >= 2 and id(p) not in tables]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
