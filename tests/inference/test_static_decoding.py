@@ -271,3 +271,26 @@ def test_offloaded_or_int8_experts_are_refused_before_decoding_naming_why(kind):
         model.generate(ids, max_new_tokens=2, cache_implementation="static", streamer=streamed.append)
     assert streamed == []
     model.generate(ids, max_new_tokens=2)  # the growing cache still runs them
+
+
+def test_a_static_decoder_cache_reorders_every_per_row_buffer_in_place():
+    # beam search keeps the buffers' addresses (a captured step stays valid) and moves every
+    # per-row tensor, a row's key mask included
+    from switchformer.models.caches import StaticDecoderCache
+
+    rows = torch.arange(4.0)[:, None, None, None]
+    self_kv = [(rows.expand(4, 2, 5, 3).clone(), rows.expand(4, 2, 5, 3).clone() + 10)]
+    cross_kv = [(rows.expand(4, 2, 6, 3).clone(), rows.expand(4, 2, 6, 3).clone() + 20)]
+    cross_bias = rows.expand(4, 1, 1, 6).clone()
+    key_valid = torch.tensor([[True] * 5, [False] * 5, [True, False] * 2 + [True], [False, True] * 2 + [False]])
+    cache = StaticDecoderCache(self_kv, cross_kv, cross_bias, key_valid.clone())
+    def addresses():
+        return [t.data_ptr() for t in (*cache.self_kv[0], *cache.cross_kv[0], cache.cross_bias, cache.key_valid)]
+
+    before = addresses()
+    index = torch.tensor([2, 2, 0, 3])
+    cache.reorder(index)
+    assert addresses() == before
+    for t, offset in ((cache.self_kv[0][1], 10), (cache.cross_kv[0][0], 0), (cache.cross_bias, 0)):
+        assert torch.equal(t[:, 0, 0, 0], index.float() + offset)
+    assert torch.equal(cache.key_valid, key_valid[index])

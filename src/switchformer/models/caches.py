@@ -156,6 +156,8 @@ class StaticDecoderCache(DecoderCache):
             for buf in pair:
                 buf.copy_(buf.index_select(0, index))
         self.cross_bias.copy_(self.cross_bias.index_select(0, index))
+        if self.key_valid is not None:  # the same for every beam in generate; a row's own elsewhere
+            self.key_valid.copy_(self.key_valid.index_select(0, index))
 
 
 def _static_copy(t: Tensor) -> Tensor:
