@@ -42,11 +42,9 @@ class _Safetensors:
             self.keys = list(self._handle.keys())
         except OSError:
             raise
-        except RuntimeError as err:
+        except Exception as err:  # safetensors' own error type (a Rust panic for a bad header)
             if _too_big_to_map(err):
                 raise _TooBigToMap from None
-            raise ValueError(f"{file}: damaged or not a safetensors file ({_reason(err)})") from None
-        except Exception as err:  # safetensors' own error type (a Rust panic for a bad header)
             raise ValueError(f"{file}: damaged or not a safetensors file ({_reason(err)})") from None
 
     def get(self, key: str) -> Tensor:
